@@ -1,0 +1,208 @@
+"""The backend registry: who can run this call, and why not.
+
+Every op family (`vitkern.ops.*`) registers one `Implementation` per backend. An implementation
+answers `not_supported_reasons(call)` for a concrete call (its keyword arguments), so the
+dispatcher can say exactly why a backend was not used:
+
+* an explicit `backend="triton"` (or ``VITKERN_BACKEND=triton``) that cannot run the call raises
+  `BackendUnavailableError` listing every reason;
+* `backend="auto"` walks the preference order of the op on the inputs' device and takes the first
+  implementation that can run the call; when it skips one it says why, once, at debug level.
+
+The preference order is a small table: measured winners per device (filled from benchmark
+records in `benchmarks/results/`) and, until a device has records, the order the design predicts.
+Nothing here queries a device at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger("vitkern.dispatch")
+
+BACKENDS = ("eager", "triton", "cuda")
+OPS = ("patch_embed", "layer_norm", "ln_linear", "attention", "linear")
+
+Call = Mapping[str, Any]
+ReasonsFn = Callable[[Call], List[str]]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the call; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One op on one backend: the function to call and the test of whether it can run a call."""
+
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    supports: Optional[ReasonsFn] = None
+
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        reasons = list(backend_unavailable_reasons(self.backend))
+        if not reasons and self.supports is not None:
+            reasons += self.supports(call)
+        return reasons
+
+
+_REGISTRY: Dict[str, Dict[str, Implementation]] = {op: {} for op in OPS}
+
+
+def register(op: str, backend: str, fn: Callable[..., Any], supports: Optional[ReasonsFn] = None) -> Implementation:
+    """Register `fn` as `backend`'s implementation of `op` (replacing an earlier one)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+    impl = Implementation(op, backend, fn, supports)
+    _REGISTRY[op][backend] = impl
+    return impl
+
+
+def implementations(op: str) -> Dict[str, Implementation]:
+    return dict(_REGISTRY[op])
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-backend availability (cached: it does not change within a process)
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at triton import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton; Linux only)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        return f"importing triton failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> Optional[str]:
+    from vitkern.kernels import cuda as cuda_kernels
+
+    return cuda_kernels.load_error()
+
+
+def backend_unavailable_reasons(backend: str) -> List[str]:
+    """Why `backend` cannot run anything in this process (empty when it can run something)."""
+    if backend == "eager":
+        return []
+    if backend == "triton":
+        error = _triton_import_error()
+        if error:
+            return [error]
+        if not triton_interpret() and not torch.cuda.is_available():
+            return ["no CUDA device is visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"]
+        return []
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return ["no CUDA device is visible (torch.cuda.is_available() is False)"]
+        error = _cuda_extension_error()
+        return [error] if error else []
+    raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+
+
+def available_backends() -> Dict[str, Tuple[bool, List[str]]]:
+    """For each backend: (usable here, reasons it is not). A backend usable here may still decline
+    particular calls (dtype, shape); `vitkern.ops.*` says why when asked for it explicitly."""
+    out = {}
+    for backend in BACKENDS:
+        reasons = backend_unavailable_reasons(backend)
+        if not reasons:
+            missing = [op for op in OPS if backend not in _REGISTRY[op]]
+            if len(missing) == len(OPS):
+                reasons = ["no op is implemented for this backend in this build"]
+        out[backend] = (not reasons, reasons)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Preference order for backend="auto"
+
+# Measured winners: {device-name substring: {op: (backend, ...)}}; filled from benchmark records.
+MEASURED_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+
+# Until a device has records: fused kernels beat eager; hand-tuned CUDA is predicted to beat Triton
+# where it exists (cuBLASLt GEMMs with fused epilogues, wgmma attention), per DESIGN.md.
+PREDICTED_ORDER: Tuple[str, ...] = ("cuda", "triton", "eager")
+
+
+def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
+    """Backends to try, best first, for `op` on `device`. CPU tensors run eagerly (the Triton
+    interpreter is a test vehicle, not a fast path: ask for backend="triton" to use it)."""
+    if device.type != "cuda":
+        return ("eager",)
+    name = torch.cuda.get_device_name(device)
+    for key, table in MEASURED_ORDER.items():
+        if key in name and op in table:
+            return table[op]
+    return PREDICTED_ORDER
+
+
+def requested_backend(backend: str) -> str:
+    """`backend` unless it is "auto" and VITKERN_BACKEND names one."""
+    if backend == "auto":
+        env = os.environ.get("VITKERN_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"VITKERN_BACKEND must be one of {('auto',) + BACKENDS}, got {env!r}")
+            return env
+        return "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
+_LOGGED: set = set()
+
+
+def select(op: str, backend: str, device: torch.device, call: Call) -> Implementation:
+    """The implementation of `op` that runs `call` (its keyword arguments) on `device`."""
+    backend = requested_backend(backend)
+    impls = _REGISTRY[op]
+    if backend != "auto":
+        impl = impls.get(backend)
+        reasons = (
+            [f"vitkern has no {backend} implementation of {op} in this build"]
+            if impl is None
+            else impl.not_supported_reasons(call)
+        )
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend={backend!r} cannot run vitkern.ops.{op} here:\n  - " + "\n  - ".join(reasons)
+            )
+        return impl
+    skipped: List[str] = []
+    for name in auto_order(op, device):
+        impl = impls.get(name)
+        reasons = ["not implemented"] if impl is None else impl.not_supported_reasons(call)
+        if not reasons:
+            if skipped:
+                _log_once(op, name, skipped)
+            return impl
+        skipped.append(f"{name}: " + "; ".join(reasons))
+    raise BackendUnavailableError(f"no backend can run vitkern.ops.{op} here:\n  - " + "\n  - ".join(skipped))
+
+
+def _log_once(op: str, chosen: str, skipped: Sequence[str]) -> None:
+    key = (op, chosen, tuple(skipped))
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.debug("vitkern.ops.%s: auto chose %s; skipped %s", op, chosen, " | ".join(skipped))

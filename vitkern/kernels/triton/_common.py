@@ -1,0 +1,55 @@
+"""Helpers every Triton kernel file uses: output allocation (poisoned under test), the autotune
+config list (one config in the interpreter), and the spec a kernel gives `vitkern.audit`.
+
+Importing this module imports triton; the ops layer imports kernel files only when triton is
+importable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1 at triton's import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, but filled with NaN when VITKERN_POISON_OUTPUTS=1 (the tests set it), so an
+    element a kernel forgets to write fails the comparison instead of passing by luck."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("VITKERN_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def autotune_configs(configs: List[triton.Config]) -> List[triton.Config]:
+    """The configs to autotune over: all of them on a GPU, the first one in the interpreter
+    (which cannot benchmark several). The kernel code is the same either way; list the config
+    that suits small test shapes first."""
+    return configs[:1] if interpreting() else configs
+
+
+@dataclass
+class KernelSpec:
+    """One compilable instance of a kernel, for `python -m vitkern.audit`.
+
+    `signature` maps every non-constexpr argument to its Triton type ("*fp16", "i32", "fp32", ...);
+    `constexprs` gives every tl.constexpr argument. `gemm_like` kernels must use wgmma on sm_90.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    dtype: str = "fp16"
+    gemm_like: bool = False
+    label: str = field(default="")

@@ -1,0 +1,448 @@
+"""The Vision Transformer as `nn.Module`s with timm's parameter names.
+
+`ViT.state_dict()` has exactly the keys of timm's `VisionTransformer` (`patch_embed.proj.*`,
+`cls_token`, `pos_embed`, `blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*`,
+`norm.*` or `fc_norm.*`, `head.*`), so timm checkpoints load unchanged. The modules own the
+parameters; every computation goes through `vitkern.ops`, which dispatches to eager PyTorch,
+Triton or CUDA kernels. A block is four fused ops:
+
+    qkv = ln_linear(x, norm1, qkv)                  [B, T, D] -> [B, T, 3D]
+    x   = linear(attention(qkv), proj, residual=x)  [B, T, 3D] -> [B, T, D] -> [B, T, D]
+    h   = ln_linear(x, norm2, fc1, gelu)            [B, T, D] -> [B, T, 4D]
+    x   = linear(h, fc2, residual=x)                [B, T, 4D] -> [B, T, D]
+
+Dropout and stochastic depth (training only) are applied between the ops; when they are active
+the residual add runs outside the GEMM, because it must add the dropped-out branch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkern import ops
+from vitkern.config import ViTConfig, to_2tuple
+from vitkern.weights import resample_pos_embed
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class PatchEmbed(nn.Module):
+    """Image (or a hybrid backbone's feature map) -> patch tokens, as a strided Conv2d `proj`.
+
+    With `backbone`, images go through it first and `proj` runs on its feature map
+    [batch, feature_dim, H', W'] (the paper's hybrid; patch size 1 by default).
+    """
+
+    def __init__(
+        self,
+        img_size: Tuple[int, int],
+        patch_size: Tuple[int, int],
+        in_chans: int,
+        embed_dim: int,
+        *,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        backbone: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        self.backbone = backbone
+        feature_chans, feature_size = in_chans, img_size
+        if backbone is not None:
+            feature_chans, feature_size = _probe_backbone(backbone, in_chans, img_size)
+        self.feature_size = feature_size
+        self.grid_size = (
+            -(-feature_size[0] // patch_size[0]) if dynamic_img_pad else feature_size[0] // patch_size[0],
+            -(-feature_size[1] // patch_size[1]) if dynamic_img_pad else feature_size[1] // patch_size[1],
+        )
+        if self.grid_size[0] == 0 or self.grid_size[1] == 0:
+            raise ValueError(f"patch_size {patch_size} is larger than the {'feature map' if backbone else 'image'} {feature_size}")
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(feature_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Validate the image, run the hybrid backbone, pad to whole patches: -> [batch, chans, H, W]."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be an image batch [batch, chans, height, width], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"x must have in_chans={self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        height, width = x.shape[-2:]
+        if not self.dynamic_img_size and (height, width) != self.img_size:
+            raise ValueError(
+                f"x's height and width must equal img_size={self.img_size}, got {(height, width)} "
+                "(build the model with dynamic_img_size=True to accept other sizes)"
+            )
+        if self.backbone is not None:
+            x = self.backbone(x)
+            if isinstance(x, (list, tuple)):
+                x = x[-1]  # timm's feature extractors return every stage; the last is the map
+        ph, pw = self.patch_size
+        height, width = x.shape[-2:]
+        if height % ph or width % pw:
+            if not self.dynamic_img_pad:
+                raise ValueError(
+                    f"x's height and width {(height, width)} must be multiples of patch_size={self.patch_size} "
+                    "(build the model with dynamic_img_pad=True to pad)"
+                )
+            x = F.pad(x, (0, (pw - width % pw) % pw, 0, (ph - height % ph) % ph))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tokens without class token or position embedding: [batch, patches, dim] (timm's PatchEmbed)."""
+        x = self.prepare(x)
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, backend=_backend_of(self))
+
+
+def _probe_backbone(backbone: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
+    """(channels, (H', W')) of the backbone's feature map, from one dummy forward, as timm does."""
+    was_training = backbone.training
+    param = next(backbone.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, in_chans, *img_size, device=device, dtype=dtype))
+    finally:
+        backbone.train(was_training)
+    if isinstance(out, (list, tuple)):
+        out = out[-1]
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        raise ValueError(
+            "hybrid_backbone must map [batch, chans, H, W] images to a feature map [batch, C', H', W'], "
+            f"got {type(out).__name__} {tuple(out.shape) if isinstance(out, Tensor) else ''}"
+        )
+    return out.shape[1], (out.shape[2], out.shape[3])
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameters: `qkv` Linear(dim, 3 dim), `proj` Linear(dim, dim).
+
+    `forward(x)` takes the already normalized tokens, as timm's does; `Block` calls the pieces
+    itself to fuse LN1 into the QKV projection and the residual into `proj`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim must be divisible by num_heads: dim={dim}, num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def core(self, qkv: Tensor) -> Tensor:
+        """Packed qkv [batch, tokens, 3 dim] -> [batch, tokens, dim], before the output projection."""
+        if self.training and self.attn_drop > 0:
+            # Attention dropout is a training-only regularizer the fused kernels do not implement;
+            # torch's SDPA applies it on the probabilities exactly as timm does.
+            b, t, _ = qkv.shape
+            q, k, v = qkv.reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop, scale=self.scale)
+            return out.transpose(1, 2).reshape(b, t, -1)
+        return ops.attention(qkv, self.num_heads, scale=self.scale, backend=_backend_of(self))
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = _backend_of(self)
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
+        return self.proj_drop(ops.linear(self.core(qkv), self.proj.weight, self.proj.bias, backend=backend))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout, with timm's names `fc1`, `fc2`."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = _backend_of(self)
+        h = self.drop1(ops.linear(x, self.fc1.weight, self.fc1.bias, activation="gelu", backend=backend))
+        return self.drop2(ops.linear(h, self.fc2.weight, self.fc2.bias, backend=backend))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (paper eqs. 2-3), four fused ops in eval mode."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden_dim: int,
+        *,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_hidden_dim, proj_drop)
+        self.drop_path2 = DropPath(drop_path)
+
+    def _residual_branch_is_identity(self, dropout: nn.Dropout, drop_path: DropPath) -> bool:
+        return not self.training or (dropout.p == 0.0 and drop_path.drop_prob == 0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = _backend_of(self)
+        attn, mlp = self.attn, self.mlp
+        qkv = ops.ln_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                            eps=self.norm1.eps, backend=backend)
+        a = attn.core(qkv)
+        if self._residual_branch_is_identity(attn.proj_drop, self.drop_path1):
+            x = ops.linear(a, attn.proj.weight, attn.proj.bias, residual=x, backend=backend)
+        else:
+            x = x + self.drop_path1(attn.proj_drop(ops.linear(a, attn.proj.weight, attn.proj.bias, backend=backend)))
+        h = ops.ln_linear(x, self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+                          eps=self.norm2.eps, activation="gelu", backend=backend)
+        h = mlp.drop1(h)
+        if self._residual_branch_is_identity(mlp.drop2, self.drop_path2):
+            return ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x, backend=backend)
+        return x + self.drop_path2(mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=backend)))
+
+
+def _backend_of(module: nn.Module) -> str:
+    return getattr(module, "backend", "auto")
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al., 2020), a drop-in for timm's `VisionTransformer`.
+
+    Arguments have timm's names and meaning (see `ViTConfig`); in addition `representation_size`
+    adds the paper's pre-training head (`pre_logits`: Linear + tanh), `hybrid_backbone` runs a CNN
+    first and embeds its feature map (patch size 1 unless given), and `backend` picks the kernels
+    ("auto", "eager", "triton", "cuda"; changeable later through `model.backend`).
+
+    forward: images [batch, in_chans, H, W] -> logits [batch, num_classes] (pooled features when
+    num_classes == 0; every token's features when global_pool == '').
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        fc_norm: Optional[bool] = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        representation_size: Optional[int] = None,
+        hybrid_backbone: Optional[nn.Module] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if hybrid_backbone is not None and not isinstance(hybrid_backbone, nn.Module):
+            raise TypeError(f"hybrid_backbone must be an nn.Module, got {type(hybrid_backbone).__name__}")
+        if patch_size is None:
+            patch_size = 1 if hybrid_backbone is not None else 16
+        cfg = ViTConfig(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token, fc_norm=fc_norm,
+            drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
+            dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad,
+            representation_size=representation_size, backend=backend,
+        )
+        self.config = cfg
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self._backend = backend
+
+        self.patch_embed = PatchEmbed(
+            to_2tuple(img_size, "img_size"), to_2tuple(patch_size, "patch_size"), in_chans, embed_dim,
+            dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad, backbone=hybrid_backbone,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        drop_path_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, cfg.mlp_hidden_dim, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_eps=norm_eps)
+            for i in range(depth)
+        ])
+        use_fc_norm = cfg.use_fc_norm
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        if representation_size:
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, representation_size), act=nn.Tanh()))
+            self.num_features = representation_size
+        else:
+            self.pre_logits = nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.backend = backend
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        """Set the backend of the model and every submodule that runs ops."""
+        ViTConfig(backend=value)  # validates the name
+        self._backend = value
+        self.config.backend = value
+        for module in self.modules():
+            if isinstance(module, (PatchEmbed, Attention, Mlp, Block)):
+                module.backend = value
+
+    def init_weights(self) -> None:
+        """timm's default init: trunc_normal(0.02) Linear weights, zero biases, pos_embed
+        trunc_normal(0.02), cls_token normal(1e-6); the Conv2d keeps PyTorch's default; a hybrid
+        backbone is left as given."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        backbone = self.patch_embed.backbone
+        skip = set(backbone.modules()) if backbone is not None else set()
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module not in skip:
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh Linear(num_features, num_classes) (Identity for 0)."""
+        if global_pool is not None:
+            self.config = self.config.replace(global_pool=global_pool)
+            self.global_pool = global_pool
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.config.num_classes = num_classes
+        device = self.pos_embed.device
+        dtype = self.pos_embed.dtype
+        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    # ----------------------------------------------------------------------------------------
+    def _pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
+        """pos_embed for a patch grid; resampled in 2-D when it differs from the built one."""
+        if grid == self.patch_embed.grid_size:
+            return self.pos_embed
+        if not self.dynamic_img_size:
+            raise ValueError(f"the patch grid {grid} differs from the model's {self.patch_embed.grid_size}")
+        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        x = self.patch_embed.prepare(x)
+        ph, pw = self.patch_embed.patch_size
+        grid = (x.shape[-2] // ph, x.shape[-1] // pw)
+        proj = self.patch_embed.proj
+        z = ops.patch_embed(x, proj.weight, proj.bias, self.cls_token, self._pos_embed_for(grid), backend=self.backend)
+        return self.pos_drop(z)
+
+    def _blocks(self, z: Tensor) -> Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                z = checkpoint(blk, z, use_reentrant=False)
+            else:
+                z = blk(z)
+        return z
+
+    def _norm(self, z: Tensor) -> Tensor:
+        if isinstance(self.norm, nn.LayerNorm):
+            return ops.layer_norm(z, self.norm.weight, self.norm.bias, self.norm.eps, backend=self.backend)
+        return z
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images [batch, in_chans, H, W] -> normalized tokens [batch, tokens, embed_dim]."""
+        return self._norm(self._blocks(self._embed(x)))
+
+    def _pool(self, z: Tensor) -> Tensor:
+        if self.global_pool == "avg":
+            return z[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            return z[:, 0]
+        return z
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens [batch, tokens, embed_dim] -> logits [batch, num_classes] (pooled features with pre_logits)."""
+        y = self._pool(x)
+        if isinstance(self.fc_norm, nn.LayerNorm):
+            y = ops.layer_norm(y, self.fc_norm.weight, self.fc_norm.bias, self.fc_norm.eps, backend=self.backend)
+        y = self.pre_logits(y)
+        y = self.head_drop(y)
+        return y if pre_logits else self.head(y)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self._blocks(self._embed(x))
+        if self.global_pool == "token":
+            # LayerNorm acts per token: normalizing only the class token gives the same logits.
+            z = z[:, :1]
+        return self.forward_head(self._norm(z))
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

@@ -1,0 +1,222 @@
+"""The eager oracle of every vitkern op: plain PyTorch, readable, no tricks.
+
+Each function computes in the dtype of its inputs, except the two places where eager PyTorch
+itself keeps fp32 for low-precision inputs (LayerNorm statistics and the softmax), so that
+
+* called on float64 tensors it is the exact oracle the kernel tests compare against, and
+* called on bf16/fp16 tensors it is "eager PyTorch in the same low dtype", the yardstick of the
+  ratio test (a kernel's error may be at most 2x the error of this function in that dtype).
+
+Autograd flows through everything, so the gradients of these functions are the gradient oracle too.
+Parameter names in `vit_forward` are timm's `VisionTransformer` state-dict keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = (None, "gelu")
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    """fp64 stays fp64; every other float dtype keeps its statistics in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (the paper's and timm's default)."""
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def patchify(x: Tensor, patch_size: Tuple[int, int]) -> Tensor:
+    """Image [batch, chans, H, W] -> patches [batch, (H/ph)*(W/pw), chans*ph*pw].
+
+    Patches are in row-major grid order and each patch is flattened as (chans, ph, pw), the same
+    order as a Conv2d weight [dim, chans, ph, pw] flattened, so `patchify(x) @ w.flatten(1).T` is the
+    strided convolution. H and W must be multiples of the patch size.
+    """
+    b, c, h, w = x.shape
+    ph, pw = patch_size
+    x = x.reshape(b, c, h // ph, ph, w // pw, pw)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # [b, gh, gw, c, ph, pw]
+    return x.reshape(b, (h // ph) * (w // pw), c * ph * pw)
+
+
+def patch_embed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    cls_token: Optional[Tensor] = None,
+    pos_embed: Optional[Tensor] = None,
+) -> Tensor:
+    """Patch embedding, eq. (1) of the paper: [x_cls; patches(x) E + b] + E_pos.
+
+    x: [batch, chans, H, W]; weight: [dim, chans, ph, pw] (the Conv2d weight); bias: [dim];
+    cls_token: [1, 1, dim] prepended as token 0; pos_embed: [1, tokens, dim] added to every token
+    (class token included, timm's default). Returns [batch, tokens, dim] in x's dtype.
+    """
+    dim, _, ph, pw = weight.shape
+    tokens = patchify(x, (ph, pw)) @ weight.reshape(dim, -1).t()
+    if bias is not None:
+        tokens = tokens + bias
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim: (x - mean) * rstd * weight + bias, statistics in fp32 (fp64 for fp64)."""
+    xf = x.to(_stats_dtype(x))
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mean).square().mean(dim=-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
+
+
+def layer_norm_stats(x: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    """Per-row (mean, rstd) of x [..., dim] in fp32 (fp64 for fp64): what fused kernels save for backward."""
+    xf = x.to(_stats_dtype(x))
+    mean = xf.mean(dim=-1)
+    var = (xf - mean.unsqueeze(-1)).square().mean(dim=-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _check_activation(activation: Optional[str]) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """y = act(x @ weight.T + bias) + residual.
+
+    x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features];
+    residual: [..., out_features] added after the activation (the block's skip connection).
+    """
+    _check_activation(activation)
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    if activation == "gelu":
+        y = gelu(y)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def ln_linear(
+    x: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    eps: float = 1e-6,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """LayerNorm then Linear (then GELU): LN1 + QKV and LN2 + fc1 of a block.
+
+    x: [..., dim]; ln_weight, ln_bias: [dim]; weight: [out_features, dim]; bias: [out_features].
+    """
+    return linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, activation=activation)
+
+
+def attention(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: Optional[float] = None,
+    return_probs: bool = False,
+):
+    """Multi-head self-attention from the packed QKV projection, with an explicit softmax.
+
+    qkv: [batch, tokens, 3 * dim] in timm's order (3, heads, head_dim) along the last dim.
+    Returns out [batch, tokens, dim] (heads concatenated, ready for the output projection), and
+    with `return_probs` also the probabilities [batch, heads, tokens, tokens] in fp32 (fp64 for fp64).
+    The softmax runs in fp32 for low-precision inputs, as eager PyTorch does.
+    """
+    b, t, three_dim = qkv.shape
+    dim = three_dim // 3
+    head_dim = dim // num_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    q, k, v = qkv.reshape(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, t, d]
+    scores = (q @ k.transpose(-2, -1)).to(_stats_dtype(qkv)) * scale
+    probs = scores.softmax(dim=-1)
+    out = probs.to(qkv.dtype) @ v  # [b, h, t, d]
+    out = out.transpose(1, 2).reshape(b, t, dim)
+    return (out, probs) if return_probs else out
+
+
+def block(
+    x: Tensor,
+    params: Mapping[str, Tensor],
+    num_heads: int,
+    *,
+    eps: float = 1e-6,
+    prefix: str = "",
+) -> Tensor:
+    """One pre-norm transformer block, eqs. (2)-(3): z' = z + proj(MSA(LN1 z)); z = z' + MLP(LN2 z').
+
+    x: [batch, tokens, dim]; params: timm's names under `prefix` (e.g. "blocks.0.").
+    """
+    p = lambda name: params.get(prefix + name)  # noqa: E731
+    qkv = ln_linear(x, p("norm1.weight"), p("norm1.bias"), p("attn.qkv.weight"), p("attn.qkv.bias"), eps=eps)
+    x = linear(attention(qkv, num_heads), p("attn.proj.weight"), p("attn.proj.bias"), residual=x)
+    h = ln_linear(x, p("norm2.weight"), p("norm2.bias"), p("mlp.fc1.weight"), p("mlp.fc1.bias"), eps=eps, activation="gelu")
+    return linear(h, p("mlp.fc2.weight"), p("mlp.fc2.bias"), residual=x)
+
+
+def vit_forward(
+    x: Tensor,
+    params: Mapping[str, Tensor],
+    *,
+    num_heads: int,
+    eps: float = 1e-6,
+    global_pool: str = "token",
+    pre_logits: bool = False,
+) -> Tensor:
+    """The whole ViT forward (eval mode, eq. 1-4) from a timm-style state dict.
+
+    x: [batch, chans, H, W] at the checkpoint's resolution; params: timm's `VisionTransformer`
+    state-dict keys (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.N.*`, `norm.*` or
+    `fc_norm.*`, optional `pre_logits.fc.*` (Linear+tanh) and `head.*`).
+    Returns logits [batch, num_classes] (or the pooled features with `pre_logits=True`;
+    with global_pool='' the normalized tokens [batch, tokens, dim]).
+    """
+    z = patch_embed(x, params["patch_embed.proj.weight"], params.get("patch_embed.proj.bias"),
+                    params.get("cls_token"), params.get("pos_embed"))
+    depth = 1 + max(int(k.split(".")[1]) for k in params if k.startswith("blocks."))
+    for i in range(depth):
+        z = block(z, params, num_heads, eps=eps, prefix=f"blocks.{i}.")
+    if "norm.weight" in params:
+        z = layer_norm(z, params["norm.weight"], params["norm.bias"], eps)
+    num_prefix = 1 if "cls_token" in params else 0
+    if global_pool == "token":
+        y = z[:, 0]
+    elif global_pool == "avg":
+        y = z[:, num_prefix:].mean(dim=1)
+    else:
+        y = z
+    if "fc_norm.weight" in params:
+        y = layer_norm(y, params["fc_norm.weight"], params["fc_norm.bias"], eps)
+    if "pre_logits.fc.weight" in params:
+        y = torch.tanh(linear(y, params["pre_logits.fc.weight"], params["pre_logits.fc.bias"]))
+    if pre_logits or "head.weight" not in params:
+        return y
+    return linear(y, params["head.weight"], params.get("head.bias"))

@@ -40,3 +40,95 @@ def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, bac
 
 
 dispatch.register("attention", "eager", reference.attention)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: two torch.library ops (forward, backward) around the launchers, tied together by an
+# autograd Function. The op schemas are shared with the CUDA extension's cuda_attention_fwd/_bwd.
+
+if dispatch.triton_importable():
+    from typing import List, Tuple
+
+    import torch
+
+    from vitkern.kernels.triton import attention as _triton_attention
+    from vitkern.ops._checks import fused_backend_reasons
+
+    TRITON_MIN_HEAD_DIM = 16  # tl.dot's smallest K
+    TRITON_MAX_HEAD_DIM = 128  # q, k, v and the accumulators of one head stay in registers/shared memory
+
+    def _library_op(name: str):
+        """torch.library.triton_op on a GPU (torch.compile then sees the kernels themselves). In the
+        interpreter wrap_triton hands back the interpreted kernel, which cannot be traced, so the
+        op becomes an opaque custom op whose fake implementation is the same function (the
+        launchers skip the launch on fake tensors there). The kernel code is the same either way."""
+        if not dispatch.triton_interpret():
+            return torch.library.triton_op(name, mutates_args=())
+
+        def register(fn):
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+
+        return register
+
+    @_library_op("vitkern::attention_fwd")
+    def attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> Tuple[Tensor, Tensor]:
+        """qkv: [batch, tokens, 3 * dim] (stride(-1) == 1) -> (out [batch, tokens, dim] in qkv's
+        dtype, lse [batch, heads, tokens] fp32 natural-log log-sum-exp of each softmax row)."""
+        return _triton_attention.attention_fwd(qkv, num_heads, scale)
+
+    @_library_op("vitkern::attention_bwd")
+    def attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float) -> Tensor:
+        """dout, out: [batch, tokens, dim]; qkv: [batch, tokens, 3 * dim]; lse: [batch, heads, tokens]
+        fp32 from attention_fwd -> dqkv [batch, tokens, 3 * dim] in qkv's packed layout and dtype."""
+        return _triton_attention.attention_bwd(dout, qkv, out, lse, num_heads, scale)
+
+    class AttentionFn(torch.autograd.Function):
+        """out = attention(qkv); saves qkv, out and the fp32 lse, and recomputes the probabilities
+        in the backward (no [tokens, tokens] matrix is ever stored)."""
+
+        @staticmethod
+        def forward(ctx, qkv: Tensor, num_heads: int, scale: float) -> Tensor:
+            out, lse = torch.ops.vitkern.attention_fwd(qkv, num_heads, scale)
+            ctx.save_for_backward(qkv, out, lse)
+            ctx.num_heads = num_heads
+            ctx.scale = scale
+            return out
+
+        @staticmethod
+        def backward(ctx, dout: Tensor):
+            qkv, out, lse = ctx.saved_tensors
+            if dout.stride(-1) != 1:
+                # The kernels read rows of dout with a unit feature stride (e.g. autograd hands an
+                # expanded zero-stride gradient for out.sum()); any other row strides are fine.
+                dout = dout.contiguous()
+            dqkv = torch.ops.vitkern.attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale)
+            return dqkv, None, None
+
+    def _attention_triton(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
+        head_dim = qkv.shape[-1] // 3 // num_heads
+        scale = head_dim ** -0.5 if scale is None else float(scale)
+        if qkv.stride(-1) != 1:
+            # Only a feature-strided qkv is copied (never produced by the projection); batch and
+            # token strides are read as they are.
+            qkv = qkv.contiguous()
+        return AttentionFn.apply(qkv, num_heads, scale)
+
+    def _attention_triton_reasons(call) -> List[str]:
+        reasons = fused_backend_reasons(
+            call,
+            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            allow_cpu=dispatch.triton_interpret(),
+            backend="triton",
+        )
+        qkv, num_heads = call["qkv"], call["num_heads"]
+        head_dim = qkv.shape[-1] // 3 // num_heads
+        if not TRITON_MIN_HEAD_DIM <= head_dim <= TRITON_MAX_HEAD_DIM:
+            reasons.append(
+                f"head_dim = qkv.shape[-1] / 3 / num_heads = {head_dim}; the triton attention supports "
+                f"{TRITON_MIN_HEAD_DIM} <= head_dim <= {TRITON_MAX_HEAD_DIM}"
+            )
+        return reasons
+
+    dispatch.register("attention", "triton", _attention_triton, supports=_attention_triton_reasons)

@@ -1,0 +1,478 @@
+"""Flash-style multi-head self-attention on the packed QKV projection, forward and backward.
+
+Layouts (the contract of DESIGN.md section 1, no split, permute or copy of q, k, v):
+
+    qkv  [batch, tokens, 3 * dim]   timm's order: column c * dim + h * head_dim + j is
+                                     (c = 0 q, 1 k, 2 v) of head h, feature j
+    out  [batch, tokens, dim]        head h at columns h * head_dim ... (ready for the projection)
+    lse  [batch, heads, tokens]      fp32 natural-log log-sum-exp of each softmax row
+    dqkv [batch, tokens, 3 * dim]    same layout as qkv, consumed by the QKV projection's backward
+
+Kernels (one program per (batch, head, row block), 1-D grid with the row block fastest so the
+programs that share a head's K/V run next to each other and hit L2):
+
+    _attention_fwd_kernel           online softmax over key blocks in fp32 with exp2 (log2(e)
+                                    folded into the scale); writes out and lse.
+    _attention_bwd_preprocess_kernel delta = rowsum(dout * out) in fp32, [batch, heads, tokens].
+    _attention_bwd_dkdv_kernel      per key block: recompute P^T from lse, accumulate dV and dK
+                                    over all query blocks; writes the k and v columns of dqkv.
+    _attention_bwd_dq_kernel        per query block: accumulate dQ over all key blocks; writes the
+                                    q columns of dqkv. Separate from dK/dV so nothing is atomic:
+                                    the result is deterministic.
+
+Any token count works: key columns past `T` get -inf scores, query rows past `T` are masked on
+load and store. head_dim is padded to BLOCK_D = next power of two (>= 16) with masked loads.
+The probabilities of any row can be recomputed later from q, k and the saved lse (a
+`return_cls_probs` kernel needs only row 0: exp(q_0 k_j * scale - lse_0)).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels.triton import _common
+
+LOG2E = 1.4426950408889634
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (tf32 would miss the fp32 tolerance); for fp16/bf16 the
+    # setting does not apply and the dot runs on tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    QKV,  # [B, T, 3 * H * HEAD_DIM], last dim contiguous
+    OUT,  # [B, T, H * HEAD_DIM], contiguous
+    LSE,  # [B, H, T] fp32, contiguous
+    T,
+    H,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_out_b,
+    stride_out_t,
+    qk_scale,  # scale * log2(e): scores go straight into exp2
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    dim = H * HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < T
+    d_mask = offs_d < HEAD_DIM
+
+    head = QKV + b * stride_qkv_b + h * HEAD_DIM
+    q_ptrs = head + offs_m[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = head + dim
+    v_base = head + 2 * dim
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        offs_kn = start_n + offs_n
+        n_mask = offs_kn < T
+        kv_off = offs_kn[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # The first key block always holds key 0, so m_new is finite from the first iteration on
+        # and exp2(m_i - m_new) never sees (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = OUT + b * stride_out_b + offs_m[:, None].to(tl.int64) * stride_out_t + h * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    # Natural-log LSE so the saved statistic means the same thing to every consumer.
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    OUT,  # [B, T, H * HEAD_DIM], contiguous
+    DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
+    DELTA,  # [B, H, T] fp32, contiguous
+    T,
+    H,
+    stride_out_b,
+    stride_out_t,
+    stride_dout_b,
+    stride_dout_t,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < T
+    mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(OUT + b * stride_out_b + rows * stride_out_t + h * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOUT + b * stride_dout_b + rows * stride_dout_t + h * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=m_mask)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    QKV,  # [B, T, 3 * H * HEAD_DIM], last dim contiguous
+    DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
+    LSE,  # [B, H, T] fp32, contiguous
+    DELTA,  # [B, H, T] fp32, contiguous
+    DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the k and v columns
+    T,
+    H,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_dout_b,
+    stride_dout_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    scale,
+    qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(T, BLOCK_N)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    dim = H * HEAD_DIM
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < T
+    d_mask = offs_d[None, :] < HEAD_DIM
+
+    head = QKV + b * stride_qkv_b + h * HEAD_DIM
+    kv_off = offs_n[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+    kv_mask = n_mask[:, None] & d_mask
+    k = tl.load(head + dim + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(head + 2 * dim + kv_off, mask=kv_mask, other=0.0)
+    dout_head = DOUT + b * stride_dout_b + h * HEAD_DIM
+    stats = pid_bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, T, BLOCK_M):
+        offs_qm = start_m + offs_m
+        m_mask = offs_qm < T
+        rows = offs_qm[:, None].to(tl.int64)
+        q_mask = m_mask[:, None] & d_mask
+        q = tl.load(head + rows * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(dout_head + rows * stride_dout_t + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stats + offs_qm, mask=m_mask, other=0.0)
+        # Transposed scores [BLOCK_N, BLOCK_M] keep the accumulators in the key-row layout. Key
+        # rows past T only pollute dk/dv rows that are never stored; query columns past T are
+        # zeroed so they add nothing to the valid rows.
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk = dk * scale
+    d_head = DQKV + b * stride_dqkv_b + h * HEAD_DIM
+    d_off = offs_n[:, None].to(tl.int64) * stride_dqkv_t + offs_d[None, :]
+    tl.store(d_head + dim + d_off, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(d_head + 2 * dim + d_off, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    QKV,  # [B, T, 3 * H * HEAD_DIM], last dim contiguous
+    DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
+    LSE,  # [B, H, T] fp32, contiguous
+    DELTA,  # [B, H, T] fp32, contiguous
+    DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the q columns
+    T,
+    H,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_dout_b,
+    stride_dout_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    scale,
+    qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    dim = H * HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < T
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q_mask = m_mask[:, None] & d_mask
+    rows = offs_m[:, None].to(tl.int64)
+
+    head = QKV + b * stride_qkv_b + h * HEAD_DIM
+    q = tl.load(head + rows * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t + offs_d[None, :], mask=q_mask, other=0.0)
+    stats = pid_bh.to(tl.int64) * T
+    # Query rows past T are computed on zeros and never stored; their statistics only need to be finite.
+    lse2 = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stats + offs_m, mask=m_mask, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        offs_kn = start_n + offs_n
+        n_mask = offs_kn < T
+        kv_off = offs_kn[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask
+        k = tl.load(head + dim + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(head + 2 * dim + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        # Zero-filled keys past T would score 0, not -inf: mask them out of P.
+        p = tl.where(n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * scale
+    d_ptrs = DQKV + b * stride_dqkv_b + rows * stride_dqkv_t + h * HEAD_DIM + offs_d[None, :]
+    tl.store(d_ptrs, dq.to(DQKV.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs. Tiles are chosen for ViT's short sequences (T = 197 at 224 px, 577 at 384 px): the
+# first config of each list is the one the interpreter runs, the rest are what the GPU autotunes
+# over. Keys are the token count and the head size, never the batch.
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+]
+_BWD_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+]
+_BWD_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+]
+_PREPROCESS_BLOCK_M = 64
+
+_attention_fwd = triton.autotune(_common.autotune_configs(_FWD_CONFIGS), key=["T", "HEAD_DIM"])(_attention_fwd_kernel)
+_attention_bwd_dkdv = triton.autotune(_common.autotune_configs(_BWD_DKDV_CONFIGS), key=["T", "HEAD_DIM"])(
+    _attention_bwd_dkdv_kernel
+)
+_attention_bwd_dq = triton.autotune(_common.autotune_configs(_BWD_DQ_CONFIGS), key=["T", "HEAD_DIM"])(
+    _attention_bwd_dq_kernel
+)
+
+
+def block_d(head_dim: int) -> int:
+    """The padded head size the kernels tile with: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers: validate nothing (vitkern.ops.attention did), allocate, grid, launch. Launches go
+# through torch.library.wrap_triton so the torch.library.triton_op wrappers trace under
+# torch.compile; outside tracing wrap_triton launches directly.
+
+
+def _tracing_in_interpreter(*tensors: torch.Tensor) -> bool:
+    """True when the interpreter would be handed fake tensors (a triton_op's fake/meta pass under
+    torch.compile or opcheck): torch.library.wrap_triton returns interpreted kernels unwrapped, so
+    the launch must be skipped here; the outputs are already allocated with the right metadata.
+    On a GPU wrap_triton itself turns the launch into a traceable no-op and this is never True."""
+    if not _common.interpreting():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(t) for t in tensors)
+
+
+def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """qkv: [batch, tokens, 3 * dim] fp16/bf16/fp32 with stride(-1) == 1.
+
+    Returns out [batch, tokens, dim] in qkv's dtype and lse [batch, heads, tokens] fp32.
+    """
+    b, t, three_dim = qkv.shape
+    dim = three_dim // 3
+    head_dim = dim // num_heads
+    out = _common.empty((b, t, dim), dtype=qkv.dtype, device=qkv.device)
+    lse = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
+
+    if _tracing_in_interpreter(qkv):
+        return out, lse
+
+    def grid(meta):
+        return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
+
+    torch.library.wrap_triton(_attention_fwd)[grid](
+        qkv, out, lse, t, num_heads,
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT_PRECISION=_dot_precision(qkv.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_bwd(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """dout, out: [batch, tokens, dim] (stride(-1) == 1); qkv: [batch, tokens, 3 * dim]
+    (stride(-1) == 1); lse: [batch, heads, tokens] fp32 contiguous, from `attention_fwd`.
+
+    Returns dqkv [batch, tokens, 3 * dim] contiguous, in qkv's dtype.
+    """
+    b, t, three_dim = qkv.shape
+    dim = three_dim // 3
+    head_dim = dim // num_heads
+    bd = block_d(head_dim)
+    precision = _dot_precision(qkv.dtype)
+    delta = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
+    dqkv = _common.empty((b, t, three_dim), dtype=qkv.dtype, device=qkv.device)
+
+    if _tracing_in_interpreter(dout, qkv, out, lse):
+        return dqkv
+
+    pre_grid = (b * num_heads * triton.cdiv(t, _PREPROCESS_BLOCK_M),)
+    torch.library.wrap_triton(_attention_bwd_preprocess_kernel)[pre_grid](
+        out, dout, delta, t, num_heads,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M,
+    )  # fmt: skip
+
+    def dkdv_grid(meta):
+        return (b * num_heads * triton.cdiv(t, meta["BLOCK_N"]),)
+
+    torch.library.wrap_triton(_attention_bwd_dkdv)[dkdv_grid](
+        qkv, dout, lse, delta, dqkv, t, num_heads,
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+        scale, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=bd, DOT_PRECISION=precision,
+    )  # fmt: skip
+
+    def dq_grid(meta):
+        return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
+
+    torch.library.wrap_triton(_attention_bwd_dq)[dq_grid](
+        qkv, dout, lse, delta, dqkv, t, num_heads,
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+        scale, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=bd, DOT_PRECISION=precision,
+    )  # fmt: skip
+    return dqkv
+
+
+# --------------------------------------------------------------------------------------------
+# AOT specs for `python -m vitkern.audit`: every kernel x every config x dtype, at ViT-B/16's
+# head size 64 and at 80 (ViT-H/14, padded to BLOCK_D 128).
+
+_AUDIT_HEAD_DIMS = (64, 80)
+_AUDIT_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _specs() -> List[_common.KernelSpec]:
+    specs: List[_common.KernelSpec] = []
+    ints = {"T": "i32", "H": "i32"}
+
+    def strides(*names: str) -> dict:
+        return {f"stride_{n}_{a}": "i32" for n in names for a in ("b", "t")}
+
+    for dtype in _AUDIT_DTYPES:
+        ptr = f"*{dtype}"
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        for head_dim in _AUDIT_HEAD_DIMS:
+            shape = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim)}
+            for cfg in _FWD_CONFIGS:
+                sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "qk_scale": "fp32"}
+                specs.append(_common.KernelSpec(
+                    "_attention_fwd_kernel", _attention_fwd_kernel, sig,
+                    {**shape, **cfg.kwargs, "DOT_PRECISION": precision},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype, gemm_like=True,
+                    label=f"d{head_dim} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
+                ))  # fmt: skip
+            sig = {"OUT": ptr, "DOUT": ptr, "DELTA": "*fp32", **ints, **strides("out", "dout")}
+            specs.append(_common.KernelSpec(
+                "_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, sig,
+                {**shape, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1, dtype=dtype,
+                label=f"d{head_dim} M{_PREPROCESS_BLOCK_M}",
+            ))  # fmt: skip
+            for name, fn, configs in (
+                ("_attention_bwd_dkdv_kernel", _attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS),
+                ("_attention_bwd_dq_kernel", _attention_bwd_dq_kernel, _BWD_DQ_CONFIGS),
+            ):
+                for cfg in configs:
+                    sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr, **ints,
+                           **strides("qkv", "dout", "dqkv"), "scale": "fp32", "qk_scale": "fp32"}  # fmt: skip
+                    specs.append(_common.KernelSpec(
+                        name, fn, sig, {**shape, **cfg.kwargs, "DOT_PRECISION": precision},
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype, gemm_like=True,
+                        label=f"d{head_dim} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
+                    ))  # fmt: skip
+    return specs
+
+
+AUDIT_SPECS: List[_common.KernelSpec] = _specs()
+
+__all__ = ["attention_fwd", "attention_bwd", "block_d", "AUDIT_SPECS", "LOG2E"]

@@ -1,16 +1,34 @@
 """Checkpoint conversion: timm, Hugging Face transformers, the original JAX .npz files, and the
 2-D resampling of position embeddings when a checkpoint's resolution differs from the model's.
+
+    model = vitkern.from_timm(timm_model)                   # or a timm model name
+    model = vitkern.load_hf(hf_vit_model)                   # ViTModel / ViTForImageClassification
+    vitkern.load_jax_npz("ViT-B_16.npz", model)             # google-research/vision_transformer
+
+Every loader converts to timm's state-dict layout (the layout of `vitkern.ViT`) and loads through
+one checked path: a missing or unexpected key, or a shape that does not fit, raises `ValueError`
+naming the key and both shapes before any parameter is written.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import copy
+import math
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 RESAMPLE_MODES = ("bicubic", "bilinear")
+
+__all__ = ["resample_pos_embed", "from_timm", "load_hf", "load_jax_npz", "timm_config"]
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings
 
 
 def resample_pos_embed(
@@ -23,15 +41,23 @@ def resample_pos_embed(
 ) -> Tensor:
     """Resample position embeddings [1, prefix + old_h * old_w, dim] to a new patch grid.
 
-    The prefix tokens (class token) keep their embedding; the grid part is interpolated in 2-D in
-    fp32 and cast back. `mode="bicubic", antialias=True` matches timm; `mode="bilinear",
-    antialias=False` matches the original JAX code's `scipy.ndimage.zoom`-free resize closely.
-    Returns [1, prefix + new_h * new_w, dim] in pos_embed's dtype.
+    The prefix tokens (class token) keep their embedding; the grid part is interpolated in 2-D
+    (fp32, or fp64 for fp64 input) and cast back. `mode="bicubic", antialias=True` is timm's
+    `resample_abs_pos_embed`; `mode="bilinear"` is closest to the original JAX code, which
+    zooms the grid with linear interpolation. Returns [1, prefix + new_h * new_w, dim] in
+    pos_embed's dtype (the input itself when the grids are equal).
     """
     if mode not in RESAMPLE_MODES:
         raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
+    if not isinstance(pos_embed, Tensor):
+        raise TypeError(f"pos_embed must be a torch.Tensor, got {type(pos_embed).__name__}")
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must have shape [1, tokens, dim], got {tuple(pos_embed.shape)}")
+    for name, grid in (("new_grid", new_grid), ("old_grid", old_grid)):
+        if len(grid) != 2 or any(not isinstance(g, int) or g <= 0 for g in grid):
+            raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {grid!r}")
+    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
     old_h, old_w = old_grid
     new_h, new_w = new_grid
     expected = num_prefix_tokens + old_h * old_w
@@ -44,7 +70,640 @@ def resample_pos_embed(
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
-    grid = grid.float().reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    # interpolate has no half-precision CPU kernels; fp64 stays fp64 so the float64 oracle stays exact.
+    work = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    grid = grid.to(work).reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_h, new_w), mode=mode, antialias=antialias, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The one checked load path
+
+
+def _shape(value: Any) -> Tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _load_checked(model: nn.Module, state: Mapping[str, Tensor], *, source: str, strict: bool = True,
+                  skip_prefixes: Tuple[str, ...] = ()) -> None:
+    """Copy `state` (timm layout) into `model` after checking every key and shape.
+
+    With `strict`, keys the model has but `state` lacks, and keys `state` has but the model
+    lacks, are errors; otherwise only the common keys are loaded. Model keys under
+    `skip_prefixes` are never required (e.g. a hybrid backbone loaded separately).
+    """
+    target = model.state_dict()
+    missing = [k for k in target if k not in state and not k.startswith(skip_prefixes)]
+    unexpected = [k for k in state if k not in target]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing from the {source} weights: {_preview(missing)}")
+        if unexpected:
+            parts.append(f"not in the vitkern model: {_preview(unexpected)}")
+        raise ValueError(f"cannot load the {source} weights: " + "; ".join(parts))
+    for key, value in state.items():
+        if key in target and _shape(value) != _shape(target[key]):
+            raise ValueError(
+                f"{key}: the {source} weights have shape {_shape(value)} but the model's parameter has "
+                f"shape {_shape(target[key])}"
+            )
+    common = {k: v for k, v in state.items() if k in target}
+    model.load_state_dict(common, strict=False)
+
+
+def _preview(keys: List[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _match_source(model: nn.Module, like: Optional[Tensor], training: bool) -> nn.Module:
+    """Put the converted model on the source's device and dtype and in its train/eval mode."""
+    if like is not None:
+        model.to(device=like.device, dtype=like.dtype)
+    return model.train(training)
+
+
+def _build(config: "Any", hybrid_backbone: Optional[nn.Module] = None):
+    from vitkern.model import ViT
+
+    return ViT(hybrid_backbone=hybrid_backbone, **vars(config))
+
+
+# --------------------------------------------------------------------------------------------
+# timm
+
+# Overrides `from_timm` accepts: they change how the model runs, not the shape of its weights,
+# except img_size (pos_embed is resampled) and num_classes (a fresh head).
+_TIMM_OVERRIDABLE = (
+    "backend", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
+    "dynamic_img_size", "dynamic_img_pad", "img_size", "num_classes", "global_pool",
+)
+
+
+def _timm_refusals(tm: nn.Module) -> List[str]:
+    """Every feature of timm model `tm` that vitkern does not implement (empty when it converts)."""
+    from timm.layers import Mlp as TimmMlp
+    from timm.layers.attention import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    why: List[str] = []
+
+    def is_identity(m: Any) -> bool:
+        return m is None or isinstance(m, nn.Identity)
+
+    def is_plain_layer_norm(m: Any) -> bool:
+        # timm's LayerNorm subclasses nn.LayerNorm with the same math; LayerNormFp32, RmsNorm, ... differ.
+        return (isinstance(m, nn.LayerNorm) and type(m).__name__ == "LayerNorm" and m.elementwise_affine
+                and m.bias is not None and len(m.normalized_shape) == 1)
+
+    if getattr(tm, "reg_token", None) is not None:
+        why.append(f"register tokens (reg_tokens={tm.reg_token.shape[1]})")
+    for name in ("dist_token",):
+        if getattr(tm, name, None) is not None:
+            why.append(f"a distillation token ({name})")
+    if getattr(tm, "no_embed_class", False):
+        why.append("position embeddings that skip the class token (no_embed_class=True)")
+    if getattr(tm, "pos_embed", None) is None:
+        why.append("no learned position embedding (pos_embed='none')")
+    if not is_identity(getattr(tm, "norm_pre", None)):
+        why.append("a norm before the blocks (pre_norm=True)")
+    if not is_identity(getattr(tm, "patch_drop", None)):
+        why.append("patch dropout (patch_drop_rate > 0)")
+    if tm.global_pool not in ("token", "avg", ""):
+        why.append(f"global_pool={tm.global_pool!r} (vitkern has 'token', 'avg' and '')")
+    if getattr(tm, "attn_pool", None) is not None:
+        why.append("attention pooling (attn_pool)")
+    if getattr(tm, "pool_include_prefix", False):
+        why.append("pooling over the prefix tokens (pool_include_prefix=True)")
+    norm, fc_norm = getattr(tm, "norm", None), getattr(tm, "fc_norm", None)
+    if is_identity(norm) and is_identity(fc_norm):
+        why.append("no final norm (final_norm=False)")
+    for name, m in (("norm", norm), ("fc_norm", fc_norm)):
+        if not is_identity(m) and not is_plain_layer_norm(m):
+            why.append(f"{name} is {type(m).__name__}, not LayerNorm")
+    if not isinstance(tm.head, (nn.Linear, nn.Identity)):
+        why.append(f"head is {type(tm.head).__name__}, not Linear")
+
+    pe = tm.patch_embed
+    proj = getattr(pe, "proj", None)
+    if not isinstance(proj, nn.Conv2d):
+        why.append(f"patch_embed.proj is {type(proj).__name__}, not Conv2d")
+    elif proj.bias is None:
+        why.append("a patch embedding without bias (pre_norm models)")
+    if not is_identity(getattr(pe, "norm", None)):
+        why.append("a norm inside the patch embedding (embed_norm_layer)")
+    if type(pe).__name__ not in ("PatchEmbed", "HybridEmbed"):
+        why.append(f"patch_embed is {type(pe).__name__} (vitkern has PatchEmbed and HybridEmbed)")
+
+    eps = {m.eps for m in tm.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) > 1:
+        why.append(f"LayerNorms with different eps {sorted(eps)}")
+    dims = set()
+    # Block-level refusals are reported once with the blocks they occur in, not once per block.
+    block_why: Dict[str, List[int]] = {}
+
+    def note(message: str) -> None:
+        block_why.setdefault(message, []).append(i)
+
+    for i, blk in enumerate(tm.blocks):
+        where = "blocks.*"
+        if type(blk) is not TimmBlock:
+            note(f"{where} is {type(blk).__name__} (vitkern has the pre-norm Block)")
+            continue
+        for name in ("norm1", "norm2"):
+            if not is_plain_layer_norm(getattr(blk, name)):
+                note(f"{where}.{name} is {type(getattr(blk, name)).__name__}, not LayerNorm")
+        if not is_identity(blk.ls1) or not is_identity(blk.ls2):
+            note(f"layer scale ({where}.ls1/ls2; timm's init_values)")
+        attn, mlp = blk.attn, blk.mlp
+        if type(attn) is not TimmAttention:
+            note(f"{where}.attn is {type(attn).__name__}, not timm's Attention")
+        else:
+            if not is_identity(attn.q_norm) or not is_identity(attn.k_norm):
+                note(f"qk normalization ({where}.attn.q_norm/k_norm; qk_norm=True)")
+            if not is_identity(getattr(attn, "norm", None)):
+                note(f"a norm on the attention output ({where}.attn.norm; scale_attn_norm=True)")
+            if getattr(attn, "gate", None) is not None:
+                note(f"gated attention ({where}.attn.gate)")
+            if attn.proj.bias is None:
+                note(f"an attention projection without bias ({where}.attn.proj; proj_bias=False)")
+            if attn.qkv.out_features != 3 * attn.qkv.in_features or attn.proj.out_features != attn.qkv.in_features:
+                note(f"an attention width different from the embedding width ({where}.attn)")
+            elif abs(attn.scale - attn.head_dim ** -0.5) > 1e-12:
+                note(f"an attention scale other than head_dim ** -0.5 ({where}.attn.scale={attn.scale})")
+            dims.add(("heads", attn.num_heads))
+            dims.add(("qkv_bias", attn.qkv.bias is not None))
+        if type(mlp) is not TimmMlp:
+            note(f"{where}.mlp is {type(mlp).__name__}, not timm's Mlp")
+        else:
+            act = mlp.act
+            exact_gelu = type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "none"
+            if not exact_gelu:
+                detail = f"(approximate={act.approximate!r})" if hasattr(act, "approximate") else ""
+                note(f"{where}.mlp.act is {type(act).__name__}{detail}, not the exact (erf) GELU")
+            if not is_identity(getattr(mlp, "norm", None)):
+                note(f"a norm inside the MLP ({where}.mlp.norm; scale_mlp_norm=True)")
+            if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+                note(f"{where}.mlp uses {type(mlp.fc1).__name__} layers, not Linear")
+            elif mlp.fc1.bias is None or mlp.fc2.bias is None:
+                note(f"MLP layers without bias ({where}.mlp; proj_bias=False)")
+            else:
+                dims.add(("mlp", mlp.fc1.out_features))
+    for message, indices in block_why.items():
+        why.append(f"{message} [blocks {_ranges(indices)}]")
+    for what in ("heads", "qkv_bias", "mlp"):
+        values = {v for k, v in dims if k == what}
+        if len(values) > 1:
+            why.append(f"blocks with different {what} {sorted(values)}")
+    return why
+
+
+def _ranges(indices: List[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: List[List[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def timm_config(timm_model: nn.Module) -> Tuple["Any", Optional[nn.Module]]:
+    """The `ViTConfig` of a timm `VisionTransformer` and its hybrid backbone (None if not hybrid).
+
+    Raises NotImplementedError listing every feature of the timm model vitkern does not
+    implement, and TypeError when `timm_model` is not a timm VisionTransformer.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitkern.config import ViTConfig
+
+    if not isinstance(timm_model, VisionTransformer):
+        raise TypeError(
+            f"timm_model_or_name must be a timm VisionTransformer or a timm model name, got {type(timm_model).__name__}"
+        )
+    why = _timm_refusals(timm_model)
+    if why:
+        raise NotImplementedError(
+            f"vitkern cannot convert this timm {type(timm_model).__name__}: it uses\n  - " + "\n  - ".join(why)
+        )
+    tm = timm_model
+    pe = tm.patch_embed
+    blk = tm.blocks[0]
+    embed_dim = tm.embed_dim
+    backbone = getattr(pe, "backbone", None)
+    drop_path = tm.blocks[-1].drop_path1
+    config = ViTConfig(
+        img_size=tuple(pe.img_size),
+        patch_size=tuple(pe.patch_size),
+        in_chans=int(getattr(tm, "in_chans", None) or pe.proj.in_channels),
+        num_classes=tm.num_classes,
+        global_pool=tm.global_pool,
+        embed_dim=embed_dim,
+        depth=len(tm.blocks),
+        num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / embed_dim,
+        qkv_bias=blk.attn.qkv.bias is not None,
+        class_token=tm.cls_token is not None,
+        fc_norm=isinstance(tm.fc_norm, nn.LayerNorm),
+        drop_rate=tm.head_drop.p,
+        pos_drop_rate=tm.pos_drop.p,
+        proj_drop_rate=blk.attn.proj_drop.p,
+        attn_drop_rate=blk.attn.attn_drop.p,
+        drop_path_rate=float(getattr(drop_path, "drop_prob", 0.0)),
+        norm_eps=blk.norm1.eps,
+        dynamic_img_size=bool(tm.dynamic_img_size),
+        dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+    )
+    return config, backbone
+
+
+def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any):
+    """A `vitkern.ViT` with the architecture and the weights of a timm `VisionTransformer`.
+
+    timm_model_or_name: a timm VisionTransformer (plain or hybrid, e.g. `vit_small_r26_s32_224`)
+    or a timm model name, built with `timm.create_model(name, pretrained=False)` (random weights:
+    vitkern never downloads). overrides: any of img_size (the position embedding is resampled
+    bicubically, as timm does), num_classes (a freshly initialized head replaces timm's),
+    global_pool, backend, dynamic_img_size, dynamic_img_pad and the dropout rates.
+
+    The returned model has timm's device, dtype and train/eval mode; a hybrid backbone is deep
+    copied, so the two models share no parameters. Raises NotImplementedError listing the timm
+    features vitkern does not implement (register tokens, qk_norm, layer scale, no_embed_class,
+    pre_norm, non-LayerNorm norms, non-GELU activations, ...).
+    """
+    if isinstance(timm_model_or_name, str):
+        import timm
+
+        timm_model = timm.create_model(timm_model_or_name, pretrained=False)
+    else:
+        timm_model = timm_model_or_name
+    refused = sorted(set(overrides) - set(_TIMM_OVERRIDABLE))
+    if refused:
+        raise ValueError(
+            f"from_timm cannot override {refused}: they change the architecture the weights were made for; "
+            f"overridable: {list(_TIMM_OVERRIDABLE)}"
+        )
+    config, backbone = timm_config(timm_model)
+    old_grid = tuple(timm_model.patch_embed.grid_size)
+    config = config.replace(**overrides) if overrides else config
+    state = dict(timm_model.state_dict())
+    model = _build(config, copy.deepcopy(backbone) if backbone is not None else None)
+    new_grid = tuple(model.patch_embed.grid_size)
+    if new_grid != old_grid:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_grid, old_grid, model.num_prefix_tokens)
+    if config.num_classes != timm_model.num_classes:
+        # A new label set: timm's head does not apply; keep the freshly initialized one.
+        for key in ("head.weight", "head.bias"):
+            state.pop(key, None)
+            if key in model.state_dict():
+                state[key] = model.state_dict()[key]
+    _load_checked(model, state, source="timm")
+    like = next(timm_model.parameters(), None)
+    return _match_source(model, like, timm_model.training)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face transformers
+
+# The hub's (pre-v5) names -> the current module names of transformers' ViT; both are accepted.
+_HF_LEGACY = [
+    (re.compile(r"^encoder\.layer\.(\d+)\."), r"layers.\1."),
+    (re.compile(r"\.attention\.attention\.(query|key|value)\."), lambda m: f".attention.{m.group(1)[0]}_proj."),
+    (re.compile(r"\.attention\.output\.dense\."), ".attention.o_proj."),
+    (re.compile(r"\.intermediate\.dense\."), ".mlp.fc1."),
+    (re.compile(r"^(layers\.\d+)\.output\.dense\."), r"\1.mlp.fc2."),
+]
+
+_HF_BLOCK = {
+    "layernorm_before": "norm1",
+    "attention.o_proj": "attn.proj",
+    "layernorm_after": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "pooler.dense.weight": "pre_logits.fc.weight",
+    "pooler.dense.bias": "pre_logits.fc.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+
+# Keys of transformers' ViT that have no counterpart in an image classifier.
+_HF_IGNORED = ("embeddings.mask_token",)
+
+
+def _hf_normalize(key: str) -> str:
+    if key.startswith("vit."):
+        key = key[len("vit."):]
+    for pattern, repl in _HF_LEGACY:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def hf_to_timm(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """transformers ViT state dict (current or hub names, with or without the `vit.` prefix)
+    -> timm layout. q, k, v [dim, dim] each are stacked into qkv [3 * dim, dim] (timm's order:
+    3, heads, head_dim along the rows, which is also how transformers splits heads)."""
+    norm = {_hf_normalize(k): v for k, v in state.items() if _hf_normalize(k) not in _HF_IGNORED}
+    out: Dict[str, Tensor] = {}
+    used = set()
+    for src, dst in _HF_TOP.items():
+        if src in norm:
+            out[dst] = norm[src]
+            used.add(src)
+    layers = sorted({int(m.group(1)) for k in norm for m in [re.match(r"^layers\.(\d+)\.", k)] if m})
+    for i in layers:
+        p = f"layers.{i}."
+        for src, dst in _HF_BLOCK.items():
+            for leaf in ("weight", "bias"):
+                if p + f"{src}.{leaf}" in norm:
+                    out[f"blocks.{i}.{dst}.{leaf}"] = norm[p + f"{src}.{leaf}"]
+                    used.add(p + f"{src}.{leaf}")
+        for leaf in ("weight", "bias"):
+            parts = [p + f"attention.{n}_proj.{leaf}" for n in "qkv"]
+            present = [k in norm for k in parts]
+            if all(present):
+                shapes = {_shape(norm[k]) for k in parts}
+                if len(shapes) != 1:
+                    raise ValueError(f"{p}attention.{{q,k,v}}_proj.{leaf} have different shapes {sorted(shapes)}")
+                out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([norm[k] for k in parts], dim=0)
+                used.update(parts)
+            elif any(present):
+                missing = [k for k, ok in zip(parts, present) if not ok]
+                raise ValueError(f"incomplete attention projection in the HF weights: missing {missing}")
+    unknown = [k for k in norm if k not in used]
+    if unknown:
+        raise ValueError(f"HF weights have keys vitkern does not know: {_preview(unknown)}")
+    return out
+
+
+def _hf_vitkern_config(hf_config: Any, state: Mapping[str, Tensor]):
+    """vitkern ViTConfig from a transformers ViTConfig and the converted (timm-layout) weights."""
+    from vitkern.config import ViTConfig
+
+    act = getattr(hf_config, "hidden_act", "gelu")
+    if act != "gelu":
+        raise NotImplementedError(f"hidden_act={act!r}: vitkern's MLP uses the exact GELU (HF's 'gelu') only")
+    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is not None and head_dim * heads != hidden:
+        raise NotImplementedError(f"head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}")
+    representation_size = None
+    if "pre_logits.fc.weight" in state:
+        pooler_act = getattr(hf_config, "pooler_act", "tanh")
+        if pooler_act != "tanh":
+            raise NotImplementedError(f"pooler_act={pooler_act!r}: vitkern's pre-logits head is Linear + tanh")
+        representation_size = int(state["pre_logits.fc.weight"].shape[0])
+    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+    img, patch = hf_config.image_size, hf_config.patch_size
+    return ViTConfig(
+        img_size=tuple(img) if isinstance(img, (list, tuple)) else img,
+        patch_size=tuple(patch) if isinstance(patch, (list, tuple)) else patch,
+        in_chans=hf_config.num_channels,
+        num_classes=num_classes,
+        global_pool="token",
+        embed_dim=hidden,
+        depth=hf_config.num_hidden_layers,
+        num_heads=heads,
+        mlp_ratio=hf_config.intermediate_size / hidden,
+        qkv_bias=bool(getattr(hf_config, "qkv_bias", True)),
+        class_token=True,
+        fc_norm=False,
+        # HF drops after the attention output and the MLP output; timm also after fc1 (eval unaffected).
+        pos_drop_rate=float(hf_config.hidden_dropout_prob),
+        proj_drop_rate=float(hf_config.hidden_dropout_prob),
+        attn_drop_rate=float(hf_config.attention_probs_dropout_prob),
+        norm_eps=float(hf_config.layer_norm_eps),
+        representation_size=representation_size,
+    )
+
+
+def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], config: Any = None):
+    """A `vitkern.ViT` with the weights of a transformers `ViTModel` or `ViTForImageClassification`.
+
+    hf_model_or_state_dict: the HF model, or its state dict (current names such as
+    `layers.N.attention.q_proj.weight` or the hub's `encoder.layer.N.attention.attention.query.weight`,
+    with or without the `vit.` prefix). config: a `vitkern.ViTConfig` or a transformers
+    `ViTConfig`; required for a bare state dict, else taken from the model.
+
+    The mapping: q, k, v -> one fused `qkv` (timm's order); `layernorm_before/after` -> `norm1/2`
+    with HF's `layer_norm_eps` (1e-12 by default) as `norm_eps`; `layernorm` -> `norm`; the
+    pooler (dense + tanh on the class token) -> the paper's pre-logits head
+    (`representation_size`, `pre_logits.fc`); `classifier` -> `head`. So for a `ViTModel`,
+    `model.forward_features(x)` is HF's `last_hidden_state` and `model(x)` its `pooler_output`;
+    for a `ViTForImageClassification`, `model(x)` is HF's logits.
+    """
+    from vitkern.config import ViTConfig
+
+    if isinstance(hf_model_or_state_dict, nn.Module):
+        module = hf_model_or_state_dict
+        raw = module.state_dict()
+        hf_config = getattr(module, "config", None)
+        training = module.training
+    elif isinstance(hf_model_or_state_dict, Mapping):
+        module, raw, hf_config, training = None, hf_model_or_state_dict, None, True
+    else:
+        raise TypeError(
+            "hf_model_or_state_dict must be a transformers ViT model or its state dict, "
+            f"got {type(hf_model_or_state_dict).__name__}"
+        )
+    state = hf_to_timm(raw)
+    if config is None and hf_config is None:
+        raise ValueError("config is required when hf_model_or_state_dict is a bare state dict "
+                         "(a vitkern.ViTConfig or a transformers ViTConfig)")
+    config = config if config is not None else hf_config
+    if isinstance(config, ViTConfig):
+        vk_config = config
+    elif hasattr(config, "hidden_size"):
+        vk_config = _hf_vitkern_config(config, state)
+    else:
+        raise TypeError(f"config must be a vitkern.ViTConfig or a transformers ViTConfig, got {type(config).__name__}")
+    model = _build(vk_config)
+    _load_checked(model, state, source="HF")
+    like = next((v for v in raw.values() if isinstance(v, Tensor) and v.is_floating_point()), None)
+    return _match_source(model, like, training)
+
+
+# --------------------------------------------------------------------------------------------
+# The original JAX checkpoints (google-research/vision_transformer .npz)
+
+_JAX_PREFIXES = ("", "opt/target/", "params/")
+
+
+def _jax_prefix(keys: List[str]) -> str:
+    for prefix in _JAX_PREFIXES:
+        if prefix + "embedding/kernel" in keys:
+            return prefix
+    raise ValueError("not a ViT .npz checkpoint: no 'embedding/kernel' key (found e.g. "
+                     f"{_preview(sorted(keys), 5)})")
+
+
+def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: str = "bicubic",
+                resample_antialias: bool = True, strict: bool = True) -> Dict[str, Tensor]:
+    """The arrays of a JAX ViT checkpoint -> timm-layout tensors shaped for `model`.
+
+    Transposes: the patch kernel HWIO [ph, pw, C, D] -> OIHW [D, C, ph, pw]; Dense kernels
+    [in, out] -> Linear weights [out, in]; query/key/value kernels [D, heads, head_dim] -> rows of
+    qkv [3 * D, D] (row s * D + h * head_dim + j holds kernel[:, h, j] of q, k or v for s = 0, 1, 2);
+    the out kernel [heads, head_dim, D] -> proj [D, D] (column h * head_dim + j). The position
+    embedding is resampled in 2-D (`resample_mode`: "bicubic" as timm, "bilinear" as the JAX
+    code) when its grid differs from the model's. A shape that does not fit raises ValueError
+    naming the checkpoint key, its shape and the expected shape.
+    """
+    keys = list(arrays)
+    prefix = _jax_prefix(keys)
+    target = model.state_dict()
+    used = set()
+    out: Dict[str, Tensor] = {}
+
+    def take(key: str, expected: Tuple[int, ...], dest: str) -> Optional[Tensor]:
+        full = prefix + key
+        if full not in arrays:
+            return None
+        used.add(full)
+        value = torch.from_numpy(_to_numpy_float(arrays[full], full))
+        if tuple(value.shape) != tuple(expected):
+            raise ValueError(f"{full}: the checkpoint has shape {tuple(value.shape)} but {dest} needs {tuple(expected)}")
+        return value
+
+    def put(dest: str, value: Optional[Tensor]) -> None:
+        if value is not None:
+            out[dest] = value
+
+    proj_w = target["patch_embed.proj.weight"]
+    dim, chans, ph, pw = proj_w.shape
+    w = take("embedding/kernel", (ph, pw, chans, dim), "patch_embed.proj.weight (as HWIO)")
+    put("patch_embed.proj.weight", None if w is None else w.permute(3, 2, 0, 1))
+    put("patch_embed.proj.bias", take("embedding/bias", (dim,), "patch_embed.proj.bias"))
+    put("cls_token", take("cls", (1, 1, dim), "cls_token"))
+
+    pos_key = prefix + "Transformer/posembed_input/pos_embedding"
+    if pos_key in arrays:
+        used.add(pos_key)
+        pos = torch.from_numpy(_to_numpy_float(arrays[pos_key], pos_key))
+        num_prefix = getattr(model, "num_prefix_tokens", 1)
+        want = tuple(target["pos_embed"].shape)
+        if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != dim:
+            raise ValueError(f"{pos_key}: the checkpoint has shape {tuple(pos.shape)} but pos_embed needs {want}")
+        side = math.isqrt(max(pos.shape[1] - num_prefix, 0))
+        if side * side != pos.shape[1] - num_prefix or side == 0:
+            raise ValueError(
+                f"{pos_key}: the checkpoint has shape {tuple(pos.shape)}, which is not {num_prefix} prefix token(s) "
+                f"plus a square grid; pos_embed needs {want}"
+            )
+        grid = tuple(model.patch_embed.grid_size)
+        if (side, side) != grid:
+            pos = resample_pos_embed(pos, grid, (side, side), num_prefix, mode=resample_mode, antialias=resample_antialias)
+        out["pos_embed"] = pos
+
+    depth = len(model.blocks)
+    heads = model.blocks[0].attn.num_heads
+    head_dim = dim // heads
+    hidden = model.blocks[0].mlp.fc1.out_features
+    for i in range(depth):
+        b = f"Transformer/encoderblock_{i}/"
+        t = f"blocks.{i}."
+        for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            put(t + f"{name}.weight", take(b + f"{ln}/scale", (dim,), t + f"{name}.weight"))
+            put(t + f"{name}.bias", take(b + f"{ln}/bias", (dim,), t + f"{name}.bias"))
+        a = b + "MultiHeadDotProductAttention_1/"
+        kernels = [take(a + f"{n}/kernel", (dim, heads, head_dim), t + "attn.qkv.weight (per q/k/v)")
+                   for n in ("query", "key", "value")]
+        if all(k is not None for k in kernels):
+            # [D_in, heads, head_dim] -> [heads * head_dim, D_in]: the Linear weight of q, k or v.
+            out[t + "attn.qkv.weight"] = torch.cat([k.reshape(dim, dim).t() for k in kernels], dim=0)
+        biases = [take(a + f"{n}/bias", (heads, head_dim), t + "attn.qkv.bias (per q/k/v)")
+                  for n in ("query", "key", "value")]
+        if all(v is not None for v in biases):
+            out[t + "attn.qkv.bias"] = torch.cat([v.reshape(dim) for v in biases], dim=0)
+        o = take(a + "out/kernel", (heads, head_dim, dim), t + "attn.proj.weight")
+        put(t + "attn.proj.weight", None if o is None else o.reshape(dim, dim).t())
+        put(t + "attn.proj.bias", take(a + "out/bias", (dim,), t + "attn.proj.bias"))
+        m = b + "MlpBlock_3/"
+        k0 = take(m + "Dense_0/kernel", (dim, hidden), t + "mlp.fc1.weight (as [in, out])")
+        put(t + "mlp.fc1.weight", None if k0 is None else k0.t())
+        put(t + "mlp.fc1.bias", take(m + "Dense_0/bias", (hidden,), t + "mlp.fc1.bias"))
+        k1 = take(m + "Dense_1/kernel", (hidden, dim), t + "mlp.fc2.weight (as [in, out])")
+        put(t + "mlp.fc2.weight", None if k1 is None else k1.t())
+        put(t + "mlp.fc2.bias", take(m + "Dense_1/bias", (dim,), t + "mlp.fc2.bias"))
+
+    # The JAX encoder norm acts on every token before pooling: timm's `norm`, never `fc_norm`.
+    put("norm.weight", take("Transformer/encoder_norm/scale", (dim,), "norm.weight"))
+    put("norm.bias", take("Transformer/encoder_norm/bias", (dim,), "norm.bias"))
+    if "pre_logits.fc.weight" in target:
+        rep = target["pre_logits.fc.weight"].shape[0]
+        k = take("pre_logits/kernel", (dim, rep), "pre_logits.fc.weight (as [in, out])")
+        put("pre_logits.fc.weight", None if k is None else k.t())
+        put("pre_logits.fc.bias", take("pre_logits/bias", (rep,), "pre_logits.fc.bias"))
+    if "head.weight" in target:
+        classes, features = target["head.weight"].shape
+        k = take("head/kernel", (features, classes), "head.weight (as [in, out])")
+        put("head.weight", None if k is None else k.t())
+        put("head.bias", take("head/bias", (classes,), "head.bias"))
+
+    leftover = [k for k in keys if k not in used]
+    if strict and leftover:
+        hybrid = [k for k in leftover if k[len(prefix):].startswith(("conv_root", "gn_root", "block"))]
+        if hybrid:
+            raise NotImplementedError(
+                "this .npz holds a ResNet hybrid backbone (e.g. " + _preview(hybrid, 3) + "), which load_jax_npz does "
+                "not convert; load the backbone's weights yourself and call load_jax_npz(..., strict=False)"
+            )
+        raise ValueError(f"the .npz has keys the model has no place for: {_preview(leftover)} "
+                         "(pass strict=False to skip them)")
+    return out
+
+
+def _to_numpy_float(value: Any, key: str):
+    import numpy as np
+
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{key}: expected a floating-point array, got dtype {array.dtype}")
+    # float16 checkpoints load as they are; anything else goes through fp32 (torch.from_numpy needs a copy).
+    return np.ascontiguousarray(array if array.dtype in (np.float16, np.float32, np.float64) else array.astype(np.float32))
+
+
+def load_jax_npz(
+    path: Union[str, "os.PathLike[str]", Any],
+    model: nn.Module,
+    *,
+    resample_mode: str = "bicubic",
+    resample_antialias: bool = True,
+    strict: bool = True,
+):
+    """Load an original google-research/vision_transformer `.npz` checkpoint into `model` in place.
+
+    path: a file name or file object of the `.npz` (keys `embedding/kernel`, `cls`,
+    `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_N/...`,
+    `Transformer/encoder_norm`, `pre_logits`, `head`; an `opt/target/` or `params/` prefix is
+    accepted). model: a `vitkern.ViT` of the checkpoint's width, depth and heads, at any
+    resolution (the position embedding is resampled with `resample_mode`, "bicubic" as timm or
+    "bilinear" for parity with the JAX code). With `strict=False`, checkpoint keys the model has no
+    place for (and model parameters the checkpoint lacks, e.g. a head) are skipped.
+    Returns `model`.
+    """
+    import numpy as np
+
+    if resample_mode not in RESAMPLE_MODES:
+        raise ValueError(f"resample_mode must be one of {RESAMPLE_MODES}, got {resample_mode!r}")
+    if not isinstance(model, nn.Module) or not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        raise TypeError(f"model must be a vitkern.ViT, got {type(model).__name__}")
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    state = jax_to_timm(arrays, model, resample_mode=resample_mode, resample_antialias=resample_antialias, strict=strict)
+    backbone_keys = ("patch_embed.backbone.",) if getattr(model.patch_embed, "backbone", None) is not None and not strict else ()
+    _load_checked(model, state, source=".npz", strict=strict, skip_prefixes=backbone_keys)
+    return model

@@ -44,3 +44,96 @@ def linear(
 
 
 dispatch.register("linear", "eager", reference.linear)
+
+
+if dispatch.triton_importable():
+    from typing import List, Tuple
+
+    import torch
+
+    from vitkern.kernels.triton import linear as _triton_linear
+    from vitkern.ops._checks import fused_backend_reasons
+
+    def _library_op(name: str):
+        """torch.library.triton_op on a GPU (torch.compile then sees the kernels themselves). In the
+        interpreter wrap_triton hands back the interpreted kernel, which cannot be traced, so the op
+        is an opaque custom op whose fake implementation is the same function (the launchers skip
+        the launch on fake tensors). The kernel code is the same either way."""
+        if not dispatch.triton_interpret():
+            return torch.library.triton_op(name, mutates_args=())
+
+        def register(fn):
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+
+        return register
+
+    @_library_op("vitkern::linear_fwd")
+    def linear_fwd(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str]
+    ) -> Tuple[Tensor, Tensor]:
+        """x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None; one dtype.
+        Returns (y [M, N], pre): y = act(x @ weight^T + bias) + residual, and pre the pre-activation
+        [M, N] kept for the backward when activation == "gelu" (else an empty [0] tensor)."""
+        return _triton_linear.linear_fwd(x, weight, bias, residual, activation)
+
+    @_library_op("vitkern::linear_bwd")
+    def linear_bwd(
+        dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, activation: Optional[str],
+        has_bias: bool, need_dx: bool, need_dw: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; pre: from
+        linear_fwd. Returns (dx [M, K], dweight [N, K], dbias [N]) in dy's dtype; a gradient not
+        asked for (need_dx, need_dw, has_bias) is an empty [0] tensor."""
+        return _triton_linear.linear_bwd(dy, x, weight, pre, activation, has_bias, need_dx, need_dw)
+
+    class LinearFn(torch.autograd.Function):
+        """act(x @ weight^T + bias) + residual on [M, K] rows. Saves x, weight and, with GELU, the
+        pre-activation (one extra [M, N] write instead of recomputing a GEMM in the backward)."""
+
+        @staticmethod
+        def forward(ctx, x2d, weight, bias, residual2d, activation):
+            y, pre = torch.ops.vitkern.linear_fwd(x2d, weight, bias, residual2d, activation)
+            ctx.save_for_backward(x2d, weight, pre)
+            ctx.activation = activation
+            ctx.has_bias = bias is not None
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x2d, weight, pre = ctx.saved_tensors
+            need_x, need_w, need_b, need_res, _ = ctx.needs_input_grad
+            if ctx.activation == "gelu" and not dy.is_contiguous():
+                # The GELU-derivative kernel walks dy flat; the GEMMs themselves take any strides.
+                dy = dy.contiguous()
+            dx = dw = db = None
+            if need_x or need_w or need_b:
+                dx, dw, db = torch.ops.vitkern.linear_bwd(
+                    dy, x2d, weight, pre, ctx.activation, ctx.has_bias and need_b, need_x, need_w
+                )
+            return (
+                dx if need_x else None,
+                dw if need_w else None,
+                db if need_b else None,
+                dy if need_res else None,
+                None,
+            )
+
+    def _linear_triton(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+        activation: Optional[str] = None, residual: Optional[Tensor] = None,
+    ) -> Tensor:
+        lead = x.shape[:-1]
+        n, k = weight.shape
+        x2d = x.reshape(-1, k)
+        residual2d = residual.reshape(-1, n) if residual is not None else None
+        return LinearFn.apply(x2d, weight, bias, residual2d, activation).reshape(*lead, n)
+
+    def _linear_triton_reasons(call) -> List[str]:
+        return fused_backend_reasons(
+            call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            allow_cpu=dispatch.triton_interpret(), backend="triton",
+        )
+
+    dispatch.register("linear", "triton", _linear_triton, supports=_linear_triton_reasons)

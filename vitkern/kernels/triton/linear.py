@@ -1,0 +1,426 @@
+"""Tiled GEMM with fused epilogues for `vitkern.ops.linear`, and the pieces `ln_linear` reuses.
+
+Forward: y[M, N] = act(x[M, K] @ w[N, K]^T + bias) + residual, one kernel; the epilogue works on the
+fp32 accumulator and rounds once when storing. With GELU the pre-activation is stored as well (in
+the input dtype) for the backward: recomputing it would cost a whole GEMM, storing it one extra
+write of M x N (see docs/perf/linear.md).
+
+Backward, with dy' = dy * GELU'(pre) when the forward had GELU (else dy' = dy):
+  * `_linear_bwd_dgelu_kernel`: dy' materialized once (elementwise), so that neither GEMM below
+    re-evaluates erf/exp per tile (that would cost as much as the GEMM on the CUDA cores);
+  * dx = dy' @ w: the forward kernel with no epilogue and w read through swapped strides;
+  * `_linear_bwd_dw_kernel`: dw = dy'^T @ x reading dy' and x through strides (no transposed copy);
+    the programs of the first output-column tile also sum their dy'^T tiles, which gives
+    db = sum_rows(dy') deterministically (no atomics, no extra pass over dy').
+
+Index arithmetic: row offsets are int64 before they meet a stride (M * N exceeds 2^31 at batch 4096
+of ViT-B); the K loop advances pointers, which are 64-bit, by BLOCK_K * stride.
+Autotuning is keyed on (N, K) and the epilogue flags, never on M (the batch).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels.triton import _common
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers (ln_linear's kernels call them too)
+
+
+@triton.jit
+def _gelu(z):
+    """Exact GELU of fp32 z: z * Phi(z)."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(z):
+    """d GELU / dz of fp32 z: Phi(z) + z * phi(z)."""
+    return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _grouped_tile(pid, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
+    """(row tile, column tile) of program `pid` over an R x C output, visiting GROUP_R row tiles
+    column by column so that the programs running together share their A rows and B columns in L2."""
+    tiles_r = tl.cdiv(R, BLOCK_R)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    per_group = GROUP_R * tiles_c
+    group = pid // per_group
+    first_r = group * GROUP_R
+    rows_here = tl.minimum(tiles_r - first_r, GROUP_R)
+    local = pid - group * per_group
+    return first_r + local % rows_here, local // rows_here
+
+
+@triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs get exact fp32 products (not TF32); fp16/bf16 take the tensor-core path.
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _mainloop(
+    a_ptr, b_ptr, offs_r, offs_c, R, C, L,
+    stride_ar, stride_al, stride_bl, stride_bc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    IEEE: tl.constexpr, ROWSUM: tl.constexpr,
+):
+    """acc[r, c] = sum_l A[r, l] B[l, c] in fp32 for one tile (A and B addressed through strides),
+    and with ROWSUM also rowsum[r] = sum_l A[r, l] in fp32 (else zeros)."""
+    offs_l = tl.arange(0, BLOCK_L)
+    a_ptrs = a_ptr + (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l * stride_al)[None, :]
+    b_ptrs = b_ptr + (offs_l * stride_bl)[:, None] + (offs_c.to(tl.int64) * stride_bc)[None, :]
+    r_ok = offs_r < R
+    c_ok = offs_c < C
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        l_ok = offs_l < L - l0
+        a = tl.load(a_ptrs, mask=r_ok[:, None] & l_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=l_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _dot_acc(a, b, acc, IEEE)
+        if ROWSUM:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += BLOCK_L * stride_al
+        b_ptrs += BLOCK_L * stride_bl
+    return acc, rowsum
+
+
+@triton.jit
+def _epilogue_store(
+    acc, offs_m, offs_n, M, N,
+    bias_ptr, res_ptr, stride_rm, stride_rn, pre_ptr, y_ptr,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+):
+    """y = act(acc + bias) + residual on the fp32 accumulator, one rounding at the store.
+    pre and y are contiguous [M, N]; the residual is read through its strides."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    rows = offs_m.to(tl.int64)
+    out_offs = (rows * N)[:, None] + offs_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT_GELU:
+        if SAVE_PRE:
+            tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        acc = _gelu(acc)
+    if HAS_RES:
+        res = tl.load(res_ptr + (rows * stride_rm)[:, None] + (offs_n * stride_rn)[None, :], mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr,     # [M, K] any strides
+    w_ptr,     # [N, K] any strides (B[k, n] = w[n, k])
+    bias_ptr,  # [N]; read only if HAS_BIAS
+    res_ptr,   # [M, N] any strides; read only if HAS_RES
+    pre_ptr,   # [M, N] contiguous, out: bias-added pre-activation; written only if ACT_GELU and SAVE_PRE
+    y_ptr,     # [M, N] contiguous, out
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, _ = _mainloop(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, pre_ptr, y_ptr,
+                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_PRE)
+
+
+@triton.jit
+def _linear_bwd_dgelu_kernel(
+    dy_ptr,   # [numel] contiguous
+    pre_ptr,  # [numel] contiguous
+    out_ptr,  # [numel] contiguous, out: dy * GELU'(pre)
+    numel,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (dy * _gelu_grad(z)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _linear_bwd_dw_kernel(
+    dy_ptr,  # [M, N] any strides (dy', the gradient after the activation's derivative)
+    x_ptr,   # [M, K] any strides
+    dw_ptr,  # [N, K] contiguous, out
+    db_ptr,  # [N], out; written only if HAS_DB
+    N, K, M,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    HAS_DB: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Output tile [BLOCK_M rows of N, BLOCK_N cols of K]; the reduction runs over the M tokens in
+    # steps of BLOCK_K. (Meta-parameter names follow the output tile so the configs are shared.)
+    pid_r, pid_c = _grouped_tile(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Two loop copies rather than a branch inside one loop, so each stays a plain pipelined loop.
+    if HAS_DB:
+        if pid_c == 0:
+            acc, db = _mainloop(dy_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
+                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
+            tl.store(db_ptr + offs_r, db.to(db_ptr.dtype.element_ty), mask=offs_r < N)
+        else:
+            acc, _ = _mainloop(dy_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
+                               BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+    else:
+        acc, _ = _mainloop(dy_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
+                           BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+    mask = (offs_r < N)[:, None] & (offs_c < K)[None, :]
+    tl.store(dw_ptr + (offs_r.to(tl.int64) * K)[:, None] + offs_c[None, :], acc.to(dw_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and autotuned entry points
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first entry is the one the interpreter
+# runs (small, so the tests cross tile edges); the others are the usual Hopper/Ampere GEMM tiles.
+# 128 x 256 is left out: with the GELU epilogue it spills on sm_80 and sm_90 (ptxas -v).
+_TC_TILES = [
+    (64, 64, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+# Exact fp32 dots run on the CUDA cores (FMA): smaller tiles keep the operands in registers.
+_F32_TILES = [
+    (64, 64, 16, 4, 2),
+    (128, 64, 16, 8, 2),
+]
+GROUP_M = 8
+
+
+def _configs(tiles) -> List[triton.Config]:
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in tiles
+    ]
+
+
+TC_CONFIGS = _common.autotune_configs(_configs(_TC_TILES))
+F32_CONFIGS = _common.autotune_configs(_configs(_F32_TILES))
+
+_FWD_KEY = ["N", "K", "HAS_BIAS", "ACT_GELU", "HAS_RES", "SAVE_PRE"]
+_linear_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FWD_KEY)(_linear_fwd_kernel)
+_linear_fwd_f32 = triton.autotune(configs=F32_CONFIGS, key=_FWD_KEY)(_linear_fwd_kernel)
+_DW_KEY = ["N", "K", "HAS_DB"]
+_linear_bwd_dw_tc = triton.autotune(configs=TC_CONFIGS, key=_DW_KEY)(_linear_bwd_dw_kernel)
+_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_linear_bwd_dw_kernel)
+
+DGELU_BLOCK = 1024
+
+
+def is_f32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def tiles_grid(rows: int, cols: int):
+    """Grid for a kernel whose program id enumerates BLOCK_M x BLOCK_N tiles of a rows x cols output."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def _on_fake_tensors(args) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(a, torch.Tensor) and (is_fake(a) or a.device.type == "meta") for a in args)
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through wrap_triton, so that inside torch.library.triton_op the launch is traced
+    (torch.compile, opcheck) and outside tracing it is a plain launch. In the interpreter
+    wrap_triton hands back the interpreted kernel, which must not run on the fake tensors of
+    torch.library's fake path: there the outputs' allocation is all the fake path needs."""
+    if _common.interpreting() and _on_fake_tensors(list(args) + list(kwargs.values())):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (inputs already validated by vitkern.ops.linear)
+
+
+def linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+    activation: Optional[str], save_pre: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y = act(x @ weight^T + bias) + residual.
+
+    x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None (any strides);
+    activation: None or "gelu". All one dtype. Returns (y [M, N], pre), both contiguous in x's
+    dtype; pre is the bias-added pre-activation [M, N] when activation == "gelu" and save_pre,
+    else an empty [0] tensor.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    gelu = activation == "gelu"
+    keep_pre = gelu and save_pre
+    y = _common.empty((M, N), dtype=x.dtype, device=x.device)
+    pre = _common.empty((M, N) if keep_pre else (0,), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y, pre
+    res = residual if residual is not None else y
+    kernel = _linear_fwd_f32 if is_f32(x.dtype) else _linear_fwd_tc
+    _launch(
+        kernel, tiles_grid(M, N),
+        x, weight, bias if bias is not None else y, res, pre if keep_pre else y, y,
+        M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
+        HAS_BIAS=bias is not None, ACT_GELU=gelu, HAS_RES=residual is not None, SAVE_PRE=keep_pre,
+        IEEE=is_f32(x.dtype),
+    )
+    return y, pre
+
+
+def linear_bwd_dgelu(dy: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """dy * GELU'(pre), computed in fp32, returned in dy's dtype. dy, pre: [M, N] contiguous."""
+    out = _common.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    numel = dy.numel()
+    if numel == 0:
+        return out
+    _launch(_linear_bwd_dgelu_kernel, (triton.cdiv(numel, DGELU_BLOCK),), dy, pre, out, numel,
+            BLOCK=DGELU_BLOCK, num_warps=4)
+    return out
+
+
+def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dx = dy @ weight. dy: [M, N] (any strides); weight: [N, K]. Returns [M, K] contiguous in dy's dtype."""
+    M, N = dy.shape
+    K = weight.shape[1]
+    dx = _common.empty((M, K), dtype=dy.dtype, device=dy.device)
+    if M == 0 or K == 0:
+        return dx
+    kernel = _linear_fwd_f32 if is_f32(dy.dtype) else _linear_fwd_tc
+    # The forward kernel computes x @ w^T with w read as w[n, k]; passing weight's strides swapped
+    # makes it read weight^T, i.e. compute dy @ weight with no copy.
+    _launch(
+        kernel, tiles_grid(M, K),
+        dy, weight, dx, dx, dx, dx,
+        M, K, N,
+        dy.stride(0), dy.stride(1), weight.stride(1), weight.stride(0), 0, 0,
+        HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_PRE=False, IEEE=is_f32(dy.dtype),
+    )
+    return dx
+
+
+def linear_bwd_dw(dy: torch.Tensor, x: torch.Tensor, has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dw = dy^T @ x and db = dy summed over rows (fp32 accumulation).
+
+    dy: [M, N]; x: [M, K] (any strides, one dtype). Returns (dw [N, K] contiguous, db [N], or an
+    empty [0] tensor when not has_bias), in dy's dtype.
+    """
+    M, N = dy.shape
+    K = x.shape[1]
+    dw = _common.empty((N, K), dtype=dy.dtype, device=dy.device)
+    db = _common.empty((N,) if has_bias else (0,), dtype=dy.dtype, device=dy.device)
+    if N == 0:
+        return dw, db
+    if K == 0:
+        # No dw tile exists to carry the bias reduction.
+        if has_bias:
+            db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        return dw, db
+    kernel = _linear_bwd_dw_f32 if is_f32(dy.dtype) else _linear_bwd_dw_tc
+    _launch(
+        kernel, tiles_grid(N, K),
+        dy, x, dw, db if has_bias else dw,
+        N, K, M,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        HAS_DB=has_bias, IEEE=is_f32(dy.dtype),
+    )
+    return dw, db
+
+
+def linear_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, activation: Optional[str],
+    has_bias: bool, need_dx: bool = True, need_dw: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of linear_fwd with respect to x, weight and bias (the residual's is dy itself).
+
+    dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; pre: the
+    forward's pre-activation [M, N] when activation == "gelu". Returns (dx [M, K], dw [N, K],
+    db [N]); a gradient not asked for (need_dx, need_dw, has_bias) is an empty [0] tensor.
+    """
+    dyp = linear_bwd_dgelu(dy, pre) if activation == "gelu" else dy
+    empty = lambda: _common.empty((0,), dtype=dy.dtype, device=dy.device)  # noqa: E731
+    dx = linear_bwd_dx(dyp, weight) if need_dx else empty()
+    if need_dw:
+        dw, db = linear_bwd_dw(dyp, x, has_bias)
+    else:
+        dw = empty()
+        db = dyp.sum(0, dtype=torch.float32).to(dy.dtype) if has_bias else empty()
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit specs: every kernel x every config the launchers can pick x dtype, ViT-B/16 flags
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _audit_specs() -> List["_common.KernelSpec"]:
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = _TRITON_DTYPE[dtype]
+        tiles = _F32_TILES if dtype == torch.float32 else _TC_TILES
+        for bm, bn, bk, warps, stages in tiles:
+            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+            cfg = f"{bm}x{bn}x{bk} w{warps} s{stages}"
+            common = dict(num_warps=warps, num_stages=stages, dtype=t, gemm_like=True)
+            # fc1 (bias + GELU, pre saved) and proj/fc2 (bias + residual): the two ViT epilogues.
+            for flags, what in (
+                (dict(HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_PRE=True), "bias+gelu+pre"),
+                (dict(HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_PRE=False), "bias+residual"),
+            ):
+                specs.append(_common.KernelSpec(
+                    name="_linear_fwd_kernel", fn=_linear_fwd_kernel,
+                    signature={"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "res_ptr": f"*{t}",
+                               "pre_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+                               "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32",
+                               "stride_rm": "i32", "stride_rn": "i32"},
+                    constexprs=dict(flags, IEEE=dtype == torch.float32, **meta),
+                    label=f"{cfg} {what}", **common))
+            specs.append(_common.KernelSpec(
+                name="_linear_bwd_dw_kernel", fn=_linear_bwd_dw_kernel,
+                signature={"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
+                           "N": "i32", "K": "i32", "M": "i32", "stride_dym": "i32", "stride_dyn": "i32",
+                           "stride_xm": "i32", "stride_xk": "i32"},
+                constexprs=dict(HAS_DB=True, IEEE=dtype == torch.float32, **meta),
+                label=f"{cfg} db", **common))
+        specs.append(_common.KernelSpec(
+            name="_linear_bwd_dgelu_kernel", fn=_linear_bwd_dgelu_kernel,
+            signature={"dy_ptr": f"*{t}", "pre_ptr": f"*{t}", "out_ptr": f"*{t}", "numel": "i64"},
+            constexprs=dict(BLOCK=DGELU_BLOCK), num_warps=4, num_stages=1, dtype=t, gemm_like=False,
+            label=f"BLOCK {DGELU_BLOCK}"))
+    return specs
+
+
+AUDIT_SPECS: List[_common.KernelSpec] = _audit_specs()

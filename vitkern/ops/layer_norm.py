@@ -30,3 +30,73 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6, *, ba
 
 
 dispatch.register("layer_norm", "eager", reference.layer_norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton implementation: torch.library ops (traceable by torch.compile, checkable by opcheck)
+# around the launchers of vitkern.kernels.triton.layer_norm, and the autograd Function.
+
+if dispatch.triton_importable():
+    from typing import List, Optional, Tuple
+
+    import torch
+
+    from vitkern.kernels.triton import layer_norm as _tln
+    from vitkern.ops._checks import fused_backend_reasons
+
+    @torch.library.triton_op("vitkern::layer_norm_fwd", mutates_args=())
+    def _layer_norm_fwd_op(
+        x2d: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x2d: [rows, dim] -> (y [rows, dim] x2d.dtype, mean [rows] fp32, rstd [rows] fp32)."""
+        return _tln.layer_norm_fwd(x2d, weight, bias, eps)
+
+    @torch.library.triton_op("vitkern::layer_norm_bwd", mutates_args=())
+    def _layer_norm_bwd_op(
+        dy2d: torch.Tensor, x2d: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dy2d, x2d: [rows, dim]; mean, rstd: [rows] fp32 -> (dx [rows, dim], dweight [dim], dbias [dim])."""
+        return _tln.layer_norm_bwd(dy2d, x2d, weight, mean, rstd)
+
+    class LayerNormFn(torch.autograd.Function):
+        """LayerNorm over the last dim through the Triton ops; saves x, mean and rstd (fp32)."""
+
+        @staticmethod
+        def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+            x2d = x.reshape(-1, x.shape[-1])
+            y, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x2d, weight, bias, eps)
+            ctx.save_for_backward(x2d, weight, mean, rstd)
+            ctx.x_shape = x.shape
+            ctx.has_weight = weight is not None
+            ctx.has_bias = bias is not None
+            return y.view(x.shape)
+
+        @staticmethod
+        def backward(ctx, dy: Tensor):
+            x2d, weight, mean, rstd = ctx.saved_tensors
+            dx, dweight, dbias = torch.ops.vitkern.layer_norm_bwd(dy.reshape(x2d.shape), x2d, weight, mean, rstd)
+            return (
+                dx.view(ctx.x_shape),
+                dweight if ctx.has_weight else None,
+                dbias if ctx.has_bias else None,
+                None,
+            )
+
+    def _layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+        return LayerNormFn.apply(x, weight, bias, eps)
+
+    def _layer_norm_triton_reasons(call) -> List[str]:
+        reasons = fused_backend_reasons(
+            call,
+            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            allow_cpu=dispatch.triton_interpret(),
+            backend="triton",
+        )
+        dim = call["x"].shape[-1]
+        if dim == 0:
+            reasons.append("x's last dim is 0; the triton LayerNorm needs at least one element per row")
+        if dim > _tln.MAX_N:
+            reasons.append(f"x's last dim is {dim}; the triton LayerNorm keeps a row in registers and takes at most {_tln.MAX_N}")
+        return reasons
+
+    dispatch.register("layer_norm", "triton", _layer_norm_triton, supports=_layer_norm_triton_reasons)

@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from vitkern.kernels.triton import _common
@@ -111,7 +112,7 @@ def _layer_norm_bwd_kernel(
     Mean,  # [M] fp32
     Rstd,  # [M] fp32
     DX,  # [M, N] x.dtype, contiguous
-    DW_partial,  # [num_programs, N] fp32 (unused when not HAS_WEIGHT)
+    DW_partial,  # [num_programs, N] fp32
     DB_partial,  # [num_programs, N] fp32
     M,
     N,
@@ -153,20 +154,18 @@ def _layer_norm_bwd_kernel(
         dw_acc += dy * xhat
         db_acc += dy
     out = pid.to(tl.int64) * N + cols
-    if HAS_WEIGHT:
-        tl.store(DW_partial + out, tl.sum(dw_acc, axis=0), mask=col_mask)
+    tl.store(DW_partial + out, tl.sum(dw_acc, axis=0), mask=col_mask)
     tl.store(DB_partial + out, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 @triton.jit
 def _layer_norm_bwd_reduce_kernel(
-    DW_partial,  # [G, N] fp32 (unused when not HAS_WEIGHT)
+    DW_partial,  # [G, N] fp32
     DB_partial,  # [G, N] fp32
-    DW,  # [N] weight.dtype (unused when not HAS_WEIGHT)
+    DW,  # [N] weight.dtype
     DB,  # [N] weight.dtype
     G,
     N,
-    HAS_WEIGHT: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -179,12 +178,35 @@ def _layer_norm_bwd_reduce_kernel(
         g = start + tl.arange(0, BLOCK_G)
         mask = (g < G)[:, None] & col_mask[None, :]
         offs = g.to(tl.int64)[:, None] * N + cols[None, :]
-        if HAS_WEIGHT:
-            dw += tl.load(DW_partial + offs, mask=mask, other=0.0)
+        dw += tl.load(DW_partial + offs, mask=mask, other=0.0)
         db += tl.load(DB_partial + offs, mask=mask, other=0.0)
-    if HAS_WEIGHT:
-        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
     tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+class _InterpretedLaunch:
+    """kernel[grid](...) that does nothing on fake tensors.
+
+    Under TRITON_INTERPRET, wrap_triton hands back the interpreted kernel itself, which would
+    try to run on the fake tensors that torch.library's fake/meta path (opcheck,
+    torch.compile tracing) passes to the launchers; on a GPU, wrap_triton's wrapper does this."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if any(is_fake(t) or t.device.type == "meta" for t in tensors):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _launcher(kernel):
+    """How every launch here goes: traceable by torch.library on a GPU, fake-safe in the interpreter."""
+    return _InterpretedLaunch(kernel) if _common.interpreting() else wrap_triton(kernel)
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -202,7 +224,7 @@ def _launch_fwd(x2d, weight, bias, eps, write_y):
     block_m, block_n, num_warps = fwd_config(n)
     grid = (triton.cdiv(m, block_m),)
     if m > 0:
-        wrap_triton(_layer_norm_fwd_kernel)[grid](
+        _launcher(_layer_norm_fwd_kernel)[grid](
             x2d,
             y,
             weight if weight is not None else mean,
@@ -248,13 +270,14 @@ def layer_norm_bwd(
     weight: Optional[torch.Tensor],
     mean: torch.Tensor,
     rstd: torch.Tensor,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of y = (x - mean) * rstd * weight + bias.
 
     dy2d, x2d: [rows, dim] (unit column stride, else copied); weight: [dim] or None; mean, rstd:
-    [rows] fp32 from `layer_norm_fwd`. Returns (dx [rows, dim] in x2d's dtype, dweight [dim] in
-    weight's dtype or None without weight, dbias [dim] in weight's dtype (x2d's without weight)),
-    dweight and dbias summed over rows in fp32 in a fixed order (deterministic).
+    [rows] fp32 from `layer_norm_fwd`. Returns (dx [rows, dim] in x2d's dtype, dweight [dim],
+    dbias [dim]), dweight and dbias in weight's dtype (x2d's without weight; dweight is then the
+    gradient a weight of ones would get), summed over rows in fp32 in a fixed order
+    (deterministic: the same bits for the same shape and values).
     """
     dy2d = _rows_contiguous(dy2d)
     x2d = _rows_contiguous(x2d)
@@ -263,15 +286,15 @@ def layer_norm_bwd(
     param_dtype = weight.dtype if weight is not None else x2d.dtype
     has_weight = weight is not None
     dx = _common.empty((m, n), dtype=x2d.dtype, device=device)
-    dweight = _common.empty((n,), dtype=param_dtype, device=device) if has_weight else None
+    dweight = _common.empty((n,), dtype=param_dtype, device=device)
     dbias = _common.empty((n,), dtype=param_dtype, device=device)
     block_m, block_n, num_warps = bwd_config(n)
     programs = max(1, min(triton.cdiv(m, block_m), BWD_PROGRAMS))
     # Zero-filled (not poisoned): with m == 0 no program runs and the sums must be 0.
     db_partial = torch.zeros((programs, n), dtype=torch.float32, device=device)
-    dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=device) if has_weight else db_partial
+    dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=device)
     if m > 0:
-        wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
+        _launcher(_layer_norm_bwd_kernel)[(programs,)](
             dy2d,
             x2d,
             weight if has_weight else mean,
@@ -289,14 +312,13 @@ def layer_norm_bwd(
             BLOCK_N=block_n,
             num_warps=num_warps,
         )
-    wrap_triton(_layer_norm_bwd_reduce_kernel)[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+    _launcher(_layer_norm_bwd_reduce_kernel)[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         dw_partial,
         db_partial,
-        dweight if has_weight else dbias,
+        dweight,
         dbias,
         programs,
         n,
-        HAS_WEIGHT=has_weight,
         BLOCK_G=REDUCE_BLOCK_G,
         BLOCK_N=REDUCE_BLOCK_N,
         num_warps=4,
@@ -357,7 +379,7 @@ def _audit_specs() -> List[KernelSpec]:
                 name="_layer_norm_bwd_reduce_kernel",
                 fn=_layer_norm_bwd_reduce_kernel,
                 signature={"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": p, "DB": p, "G": "i32", "N": "i32"},
-                constexprs=dict(HAS_WEIGHT=True, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N),
+                constexprs=dict(BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N),
                 num_warps=4,
                 num_stages=1,
                 dtype=dtype,

@@ -1,0 +1,455 @@
+// The torch layer of the CUDA extension: schemas (TORCH_LIBRARY_FRAGMENT), input checks, output
+// allocation, and the calls into the kernel files (vitkern_kernels.h). The only file that includes
+// torch headers, and only the light ones (no torch/extension.h, no pybind11), to keep its compile short.
+//
+// Every op is functional: it allocates and returns its outputs (so torch.compile sees plain ops with
+// fake implementations, registered in vitkern/ops/_cuda.py). Inputs are 2-D row-major where the
+// Python layer flattens leading dims. With VITKERN_POISON_OUTPUTS=1 (the test suite sets it) every
+// output is NaN-filled before the kernels run, so an element a kernel forgets to write fails a test.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "vitkern_kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+bool poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("VITKERN_POISON_OUTPUTS");
+    return v != nullptr && std::string(v) != "" && std::string(v) != "0";
+  }();
+  return on;
+}
+
+Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  Tensor t = at::empty(shape, opts);
+  if (poison_outputs() && t.numel() > 0) t.fill_(std::nan(""));
+  return t;
+}
+
+int dtype_code(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+void check_input(const char* op, const char* name, const Tensor& t, const Tensor& like, int64_t ndim) {
+  TORCH_CHECK(t.is_cuda(), "vitkern::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "vitkern::", op, ": ", name,
+              " must be float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "vitkern::", op, ": ", name, " must have dtype ",
+              like.scalar_type(), " (like the first input), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "vitkern::", op, ": ", name, " must be on ", like.device(), ", got ",
+              t.device());
+  TORCH_CHECK(ndim < 0 || t.dim() == ndim, "vitkern::", op, ": ", name, " must have ", ndim, " dims, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "vitkern::", op, ": ", name, " must be contiguous, got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
+void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "vitkern::", op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void check_stats(const char* op, const char* name, const Tensor& t, const Tensor& like, at::IntArrayRef expected) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "vitkern::", op, ": ", name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "vitkern::", op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "vitkern::", op, ": ", name, " must be contiguous");
+  check_shape(op, name, t, expected);
+}
+
+void check_cuda(const char* op, cudaError_t e) {
+  TORCH_CHECK(e == cudaSuccess, "vitkern::", op, ": kernel launch failed: ", cudaGetErrorString(e));
+}
+
+void check_gemm(const char* op, const char* what, int status) {
+  TORCH_CHECK(status == 0, "vitkern::", op, ": cuBLASLt GEMM for ", what, " failed: ", vk_status_string(status),
+              " (status ", status, ")");
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+const void* ptr_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+Tensor gemm_workspace(const Tensor& like) {
+  return at::empty({static_cast<int64_t>(vk_gemm_workspace_bytes())}, like.options().dtype(at::kByte));
+}
+
+// D[m, n] = A @ B (+ bias) (+ C), see vk_gemm. dbias_a: also the sum over k of A (length m).
+void gemm(const char* op, const char* what, const Tensor& like, bool a_trans, bool b_trans, int64_t m, int64_t n,
+          int64_t k, const Tensor& A, const Tensor& B, const void* bias, const void* C, Tensor& D, void* dbias_a) {
+  Tensor ws = gemm_workspace(like);
+  Tensor colsum_ws;
+  float* colsum_ptr = nullptr;
+  if (dbias_a != nullptr) {
+    colsum_ws = at::empty({vk_colsum_workspace_floats(k, m)}, like.options().dtype(at::kFloat));
+    colsum_ptr = colsum_ws.data_ptr<float>();
+  }
+  check_gemm(op, what,
+             vk_gemm(dtype_code(like), a_trans, b_trans, m, n, k, A.data_ptr(), B.data_ptr(), bias, C, D.data_ptr(),
+                     dbias_a, colsum_ptr, ws.data_ptr(), vk_gemm_workspace_bytes(), stream()));
+}
+
+// ---------------------------------------------------------------------------------------------- LayerNorm
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                  double eps) {
+  const char* op = "cuda_layer_norm_fwd";
+  check_input(op, "x", x, x, 2);
+  check_input(op, "weight", weight, x, 1);
+  check_input(op, "bias", bias, x, 1);
+  const int64_t rows = x.size(0), dim = x.size(1);
+  check_shape(op, "weight", weight, {dim});
+  check_shape(op, "bias", bias, {dim});
+  TORCH_CHECK(dim >= 1 && dim <= vk_layer_norm_max_dim(), "vitkern::", op, ": x's last dim must be in [1, ",
+              vk_layer_norm_max_dim(), "], got ", dim);
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = new_output({rows, dim}, x.options());
+  Tensor mean = new_output({rows}, x.options().dtype(at::kFloat));
+  Tensor rstd = new_output({rows}, x.options().dtype(at::kFloat));
+  check_cuda(op, vk_layer_norm_fwd(dtype_code(x), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, int(dim),
+                                   static_cast<float>(eps), stream()));
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dout, const Tensor& x, const Tensor& weight,
+                                                  const Tensor& mean, const Tensor& rstd) {
+  const char* op = "cuda_layer_norm_bwd";
+  check_input(op, "x", x, x, 2);
+  check_input(op, "dout", dout, x, 2);
+  check_input(op, "weight", weight, x, 1);
+  const int64_t rows = x.size(0), dim = x.size(1);
+  check_shape(op, "dout", dout, x.sizes());
+  check_shape(op, "weight", weight, {dim});
+  check_stats(op, "mean", mean, x, {rows});
+  check_stats(op, "rstd", rstd, x, {rows});
+  TORCH_CHECK(dim >= 1 && dim <= vk_layer_norm_max_dim(), "vitkern::", op, ": x's last dim must be in [1, ",
+              vk_layer_norm_max_dim(), "], got ", dim);
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor dx = new_output({rows, dim}, x.options());
+  Tensor dw = new_output({dim}, x.options());
+  Tensor db = new_output({dim}, x.options());
+  Tensor partial = at::empty({vk_layer_norm_bwd_blocks(rows), 2, dim}, x.options().dtype(at::kFloat));
+  check_cuda(op, vk_layer_norm_bwd(dtype_code(x), dout.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr(),
+                                   db.data_ptr(), partial.data_ptr<float>(), rows, int(dim), stream()));
+  return {dx, dw, db};
+}
+
+// ---------------------------------------------------------------------------------------------- linear
+
+void check_linear_args(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  check_input(op, "x", x, x, 2);
+  check_input(op, "weight", weight, x, 2);
+  TORCH_CHECK(weight.size(1) == x.size(1), "vitkern::", op, ": weight must have shape (out_features, ", x.size(1),
+              "), got ", weight.sizes());
+  if (bias.has_value()) {
+    check_input(op, "bias", *bias, x, 1);
+    check_shape(op, "bias", *bias, {weight.size(0)});
+  }
+}
+
+// out = act(x @ W^T + b) (+ residual). Returns (out, preact); preact is the pre-activation when
+// gelu (saved for the backward), else an empty tensor.
+std::tuple<Tensor, Tensor> linear_impl(const char* op, const Tensor& x, const Tensor& weight,
+                                       const std::optional<Tensor>& bias, const std::optional<Tensor>& residual,
+                                       bool gelu) {
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  Tensor out = new_output({m, n}, x.options());
+  if (!gelu) {
+    gemm(op, "x @ weight^T", x, false, true, m, n, k, x, weight, ptr_or_null(bias), ptr_or_null(residual), out,
+         nullptr);
+    return {out, at::empty({0}, x.options())};
+  }
+  Tensor preact = new_output({m, n}, x.options());
+  gemm(op, "x @ weight^T", x, false, true, m, n, k, x, weight, ptr_or_null(bias), nullptr, preact, nullptr);
+  check_cuda(op, vk_gelu_fwd(dtype_code(x), preact.data_ptr(), ptr_or_null(residual), out.data_ptr(), m * n,
+                             stream()));
+  return {out, preact};
+}
+
+std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                      const std::optional<Tensor>& residual, bool gelu) {
+  const char* op = "cuda_linear_fwd";
+  check_linear_args(op, x, weight, bias);
+  if (residual.has_value()) {
+    check_input(op, "residual", *residual, x, 2);
+    check_shape(op, "residual", *residual, {x.size(0), weight.size(0)});
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  return linear_impl(op, x, weight, bias, residual, gelu);
+}
+
+// Gradients of act(x @ W^T + b) given dout: (dx, dweight, dbias); dbias is empty without a bias.
+std::tuple<Tensor, Tensor, Tensor> linear_grads(const char* op, const Tensor& dout, const Tensor& x,
+                                                const Tensor& weight, const Tensor& preact, bool has_bias, bool gelu) {
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  Tensor dh = dout;
+  if (gelu) {
+    check_input(op, "preact", preact, x, 2);
+    check_shape(op, "preact", preact, {m, n});
+    dh = new_output({m, n}, x.options());
+    check_cuda(op, vk_gelu_bwd(dtype_code(x), dout.data_ptr(), preact.data_ptr(), dh.data_ptr(), m * n, stream()));
+  }
+  Tensor dx = new_output({m, k}, x.options());
+  Tensor dw = new_output({n, k}, x.options());
+  Tensor db = has_bias ? new_output({n}, x.options()) : at::empty({0}, x.options());
+  gemm(op, "dx = dh @ weight", x, false, false, m, k, n, dh, weight, nullptr, nullptr, dx, nullptr);
+  gemm(op, "dweight = dh^T @ x", x, true, false, n, k, m, dh, x, nullptr, nullptr, dw,
+       has_bias ? db.data_ptr() : nullptr);
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& dout, const Tensor& x, const Tensor& weight,
+                                              const Tensor& preact, bool has_bias, bool gelu) {
+  const char* op = "cuda_linear_bwd";
+  check_linear_args(op, x, weight, std::nullopt);
+  check_input(op, "dout", dout, x, 2);
+  check_shape(op, "dout", dout, {x.size(0), weight.size(0)});
+  c10::cuda::CUDAGuard guard(x.device());
+  return linear_grads(op, dout, x, weight, preact, has_bias, gelu);
+}
+
+// ---------------------------------------------------------------------------------------------- ln_linear
+
+// Returns (out, ln_out, mean, rstd, preact): ln_out = LayerNorm(x) in x's dtype (the GEMM's A operand,
+// saved for dweight); preact as in linear_fwd.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_fwd(const Tensor& x, const Tensor& ln_weight,
+                                                                 const Tensor& ln_bias, const Tensor& weight,
+                                                                 const std::optional<Tensor>& bias, double eps,
+                                                                 bool gelu) {
+  const char* op = "cuda_ln_linear_fwd";
+  check_linear_args(op, x, weight, bias);
+  check_input(op, "ln_weight", ln_weight, x, 1);
+  check_input(op, "ln_bias", ln_bias, x, 1);
+  check_shape(op, "ln_weight", ln_weight, {x.size(1)});
+  check_shape(op, "ln_bias", ln_bias, {x.size(1)});
+  auto [ln_out, mean, rstd] = layer_norm_fwd(x, ln_weight, ln_bias, eps);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto [out, preact] = linear_impl(op, ln_out, weight, bias, std::nullopt, gelu);
+  return {out, ln_out, mean, rstd, preact};
+}
+
+// Returns (dx, dln_weight, dln_bias, dweight, dbias).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_bwd(const Tensor& dout, const Tensor& x,
+                                                                 const Tensor& ln_weight, const Tensor& weight,
+                                                                 const Tensor& ln_out, const Tensor& mean,
+                                                                 const Tensor& rstd, const Tensor& preact,
+                                                                 bool has_bias, bool gelu) {
+  const char* op = "cuda_ln_linear_bwd";
+  check_linear_args(op, x, weight, std::nullopt);
+  check_input(op, "dout", dout, x, 2);
+  check_shape(op, "dout", dout, {x.size(0), weight.size(0)});
+  check_input(op, "ln_out", ln_out, x, 2);
+  check_shape(op, "ln_out", ln_out, x.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  auto [dln, dw, db] = linear_grads(op, dout, ln_out, weight, preact, has_bias, gelu);
+  auto [dx, dlnw, dlnb] = layer_norm_bwd(dln, x, ln_weight, mean, rstd);
+  return {dx, dlnw, dlnb, dw, db};
+}
+
+// ---------------------------------------------------------------------------------------------- attention
+
+void check_qkv(const char* op, const Tensor& qkv, int64_t num_heads) {
+  TORCH_CHECK(qkv.is_cuda(), "vitkern::", op, ": qkv must be a CUDA tensor, got device ", qkv.device());
+  TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, "vitkern::", op,
+              ": qkv must be float16 or bfloat16, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.dim() == 3, "vitkern::", op, ": qkv must be [batch, tokens, 3 * dim], got shape ", qkv.sizes());
+  TORCH_CHECK(num_heads > 0 && qkv.size(2) % (3 * num_heads) == 0, "vitkern::", op,
+              ": qkv's last dim must be 3 * num_heads * head_dim with num_heads = ", num_heads, ", got ",
+              qkv.size(2));
+  const int64_t head_dim = qkv.size(2) / (3 * num_heads);
+  TORCH_CHECK(vk_attention_supports_head_dim(int(head_dim)), "vitkern::", op,
+              ": head_dim must be 64, 80 or 128, got ", head_dim);
+  TORCH_CHECK(qkv.stride(2) == 1, "vitkern::", op, ": qkv's last dim must be contiguous, got strides ",
+              qkv.strides());
+  TORCH_CHECK(qkv.stride(0) % 8 == 0 && qkv.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0,
+              "vitkern::", op, ": qkv rows must start 16-byte aligned (strides multiples of 8), got strides ",
+              qkv.strides());
+  TORCH_CHECK(qkv.size(1) <= 65535 * 64, "vitkern::", op, ": at most ", 65535 * 64, " tokens, got ", qkv.size(1));
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, double scale) {
+  const char* op = "cuda_attention_fwd";
+  check_qkv(op, qkv, num_heads);
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
+  c10::cuda::CUDAGuard guard(qkv.device());
+  Tensor out = new_output({batch, tokens, dim}, qkv.options());
+  Tensor lse = new_output({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
+  check_cuda(op, vk_attention_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
+                                  lse.data_ptr<float>(), int(batch), int(tokens), int(num_heads), int(head_dim),
+                                  static_cast<float>(scale), stream()));
+  return {out, lse};
+}
+
+Tensor attention_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out, const Tensor& lse, int64_t num_heads,
+                     double scale) {
+  const char* op = "cuda_attention_bwd";
+  check_qkv(op, qkv, num_heads);
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
+  check_input(op, "dout", dout, qkv, 3);
+  check_shape(op, "dout", dout, {batch, tokens, dim});
+  check_input(op, "out", out, qkv, 3);
+  check_shape(op, "out", out, {batch, tokens, dim});
+  check_stats(op, "lse", lse, qkv, {batch, num_heads, tokens});
+  c10::cuda::CUDAGuard guard(qkv.device());
+  Tensor dqkv = new_output({batch, tokens, 3 * dim}, qkv.options());
+  Tensor delta = at::empty({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
+  check_cuda(op, vk_attention_bwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
+                                  dout.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dqkv.data_ptr(),
+                                  int(batch), int(tokens), int(num_heads), int(head_dim), static_cast<float>(scale),
+                                  stream()));
+  return dqkv;
+}
+
+// ---------------------------------------------------------------------------------------------- patch_embed
+
+void check_patch_args(const char* op, const Tensor& x, const Tensor& weight) {
+  check_input(op, "x", x, x, 4);
+  check_input(op, "weight", weight, x, 4);
+  TORCH_CHECK(x.size(1) == weight.size(1), "vitkern::", op, ": x must have ", weight.size(1),
+              " channels (weight is [dim, chans, ph, pw] = ", weight.sizes(), "), got ", x.size(1));
+  TORCH_CHECK(x.size(2) % weight.size(2) == 0 && x.size(3) % weight.size(3) == 0, "vitkern::", op,
+              ": x's height and width must be multiples of the patch size (", weight.size(2), ", ", weight.size(3),
+              "), got (", x.size(2), ", ", x.size(3), ")");
+}
+
+Tensor patchify(const char* op, const Tensor& x, const Tensor& weight) {
+  const int64_t batch = x.size(0), chans = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t ph = weight.size(2), pw = weight.size(3);
+  Tensor patches = new_output({batch * (h / ph) * (w / pw), chans * ph * pw}, x.options());
+  check_cuda(op, vk_patchify(dtype_code(x), x.data_ptr(), patches.data_ptr(), int(batch), int(chans), int(h), int(w),
+                             int(ph), int(pw), stream()));
+  return patches;
+}
+
+Tensor patch_embed_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& cls_token, const std::optional<Tensor>& pos_embed) {
+  const char* op = "cuda_patch_embed_fwd";
+  check_patch_args(op, x, weight);
+  const int64_t batch = x.size(0), dim = weight.size(0);
+  const int64_t num_patches = (x.size(2) / weight.size(2)) * (x.size(3) / weight.size(3));
+  const int64_t tokens = (cls_token.has_value() ? 1 : 0) + num_patches;
+  if (bias.has_value()) {
+    check_input(op, "bias", *bias, x, 1);
+    check_shape(op, "bias", *bias, {dim});
+  }
+  if (cls_token.has_value()) {
+    check_input(op, "cls_token", *cls_token, x, 3);
+    check_shape(op, "cls_token", *cls_token, {1, 1, dim});
+  }
+  if (pos_embed.has_value()) {
+    check_input(op, "pos_embed", *pos_embed, x, 3);
+    check_shape(op, "pos_embed", *pos_embed, {1, tokens, dim});
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor patches = patchify(op, x, weight);
+  const int64_t m = patches.size(0), k = patches.size(1);
+  Tensor proj = new_output({m, dim}, x.options());
+  gemm(op, "patches @ weight^T", x, false, true, m, dim, k, patches, weight, ptr_or_null(bias), nullptr, proj,
+       nullptr);
+  Tensor out = new_output({batch, tokens, dim}, x.options());
+  check_cuda(op, vk_patch_embed_epilogue(dtype_code(x), proj.data_ptr(), ptr_or_null(cls_token),
+                                         ptr_or_null(pos_embed), out.data_ptr(), int(batch), int(num_patches),
+                                         int(dim), stream()));
+  return out;
+}
+
+// Returns (dx, dweight, dbias, dcls, dpos); a gradient that was not asked for is an empty tensor.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor& dout, const Tensor& x,
+                                                                   const Tensor& weight, bool has_bias, bool has_cls,
+                                                                   bool has_pos, bool needs_dx) {
+  const char* op = "cuda_patch_embed_bwd";
+  check_patch_args(op, x, weight);
+  const int64_t batch = x.size(0), dim = weight.size(0);
+  const int64_t num_patches = (x.size(2) / weight.size(2)) * (x.size(3) / weight.size(3));
+  const int64_t n_cls = has_cls ? 1 : 0, tokens = n_cls + num_patches;
+  check_input(op, "dout", dout, x, 3);
+  check_shape(op, "dout", dout, {batch, tokens, dim});
+  c10::cuda::CUDAGuard guard(x.device());
+  const Tensor none = at::empty({0}, x.options());
+  Tensor dpos = none, dcls = none, dx = none;
+  if (has_pos) {
+    dpos = new_output({1, tokens, dim}, x.options());
+    Tensor ws = at::empty({vk_colsum_workspace_floats(batch, tokens * dim)}, x.options().dtype(at::kFloat));
+    check_cuda(op, vk_colsum(dtype_code(x), dout.data_ptr(), batch, tokens * dim, tokens * dim, dpos.data_ptr(),
+                             ws.data_ptr<float>(), stream()));
+  }
+  if (has_cls) {
+    dcls = new_output({1, 1, dim}, x.options());
+    Tensor ws = at::empty({vk_colsum_workspace_floats(batch, dim)}, x.options().dtype(at::kFloat));
+    check_cuda(op, vk_colsum(dtype_code(x), dout.data_ptr(), batch, dim, tokens * dim, dcls.data_ptr(),
+                             ws.data_ptr<float>(), stream()));
+  }
+  // The patch rows of dout as a dense [batch * num_patches, dim] GEMM operand.
+  const Tensor dproj = (has_cls ? dout.narrow(1, 1, num_patches).contiguous() : dout).reshape({-1, dim});
+  const Tensor patches = patchify(op, x, weight);
+  const int64_t m = patches.size(0), k = patches.size(1);
+  Tensor dw = new_output(weight.sizes(), x.options());
+  Tensor db = has_bias ? new_output({dim}, x.options()) : none;
+  gemm(op, "dweight = dproj^T @ patches", x, true, false, dim, k, m, dproj, patches, nullptr, nullptr, dw,
+       has_bias ? db.data_ptr() : nullptr);
+  if (needs_dx) {
+    Tensor dpatches = new_output({m, k}, x.options());
+    gemm(op, "dpatches = dproj @ weight", x, false, false, m, k, dim, dproj, weight, nullptr, nullptr, dpatches,
+         nullptr);
+    dx = new_output(x.sizes(), x.options());
+    check_cuda(op, vk_unpatchify(dtype_code(x), dpatches.data_ptr(), dx.data_ptr(), int(batch), int(x.size(1)),
+                                 int(x.size(2)), int(x.size(3)), int(weight.size(2)), int(weight.size(3)), stream()));
+  }
+  return {dx, dw, db, dcls, dpos};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vitkern, m) {
+  m.def("cuda_layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu) -> (Tensor, Tensor)");
+  m.def("cuda_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor preact, bool has_bias, bool gelu) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_ln_linear_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, Tensor? bias, float eps, bool gelu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_ln_linear_bwd(Tensor dout, Tensor x, Tensor ln_weight, Tensor weight, Tensor ln_out, Tensor mean, Tensor rstd, Tensor preact, bool has_bias, bool gelu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
+  m.def("cuda_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor");
+  m.def("cuda_patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed) -> Tensor");
+  m.def("cuda_patch_embed_bwd(Tensor dout, Tensor x, Tensor weight, bool has_bias, bool has_cls, bool has_pos, bool needs_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vitkern, CUDA, m) {
+  m.impl("cuda_layer_norm_fwd", &layer_norm_fwd);
+  m.impl("cuda_layer_norm_bwd", &layer_norm_bwd);
+  m.impl("cuda_linear_fwd", &linear_fwd);
+  m.impl("cuda_linear_bwd", &linear_bwd);
+  m.impl("cuda_ln_linear_fwd", &ln_linear_fwd);
+  m.impl("cuda_ln_linear_bwd", &ln_linear_bwd);
+  m.impl("cuda_attention_fwd", &attention_fwd);
+  m.impl("cuda_attention_bwd", &attention_bwd);
+  m.impl("cuda_patch_embed_fwd", &patch_embed_fwd);
+  m.impl("cuda_patch_embed_bwd", &patch_embed_bwd);
+}
+
+// A Python module so that `import vitkern._C` (the setup.py build) loads the library and runs the
+// registrations above; the just-in-time build loads the same file with torch.ops.load_library.
+#define VK_CONCAT_(a, b) a##b
+#define VK_CONCAT(a, b) VK_CONCAT_(a, b)
+#define VK_STR_(a) #a
+#define VK_STR(a) VK_STR_(a)
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+extern "C" PyMODINIT_FUNC VK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, VK_STR(TORCH_EXTENSION_NAME),
+                            "vitkern CUDA kernels; ops are under torch.ops.vitkern.cuda_*", -1, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,61 @@
+// Host entry points of the kernel files: raw pointers, sizes, strides (elements) and a stream.
+// This header is all bindings.cpp sees of the kernels, so the torch layer never compiles device code
+// and the kernel files never compile torch headers. Dtype codes are VkDtype (common.cuh): 0 fp16, 1 bf16.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+// ---- LayerNorm (layernorm.cu): x, y, dy, dx [rows, dim] contiguous; weight, bias [dim]; mean, rstd [rows] fp32.
+int vk_layer_norm_max_dim();
+// Number of CTAs of the backward, i.e. the rows of its fp32 workspace `partial` [blocks, 2, dim].
+int vk_layer_norm_bwd_blocks(int64_t rows);
+cudaError_t vk_layer_norm_fwd(int dtype, const void* x, const void* weight, const void* bias, void* y, float* mean,
+                              float* rstd, int64_t rows, int dim, float eps, cudaStream_t stream);
+cudaError_t vk_layer_norm_bwd(int dtype, const void* dy, const void* x, const void* weight, const float* mean,
+                              const float* rstd, void* dx, void* dweight, void* dbias, float* partial,
+                              int64_t rows, int dim, cudaStream_t stream);
+
+// ---- GEMM with fused epilogues through cuBLASLt (gemm_epilogue.cu). Row-major view:
+//   D[m, n] = A[m, k] @ B[k, n] (+ bias[n]) (+ C[m, n])
+// A is stored [m, k] (a_trans = 0) or [k, m] (a_trans = 1); B is stored [k, n] (b_trans = 0) or
+// [n, k] (b_trans = 1); all dense with leading dims equal to their row lengths. C (nullable) is
+// [m, n], added with beta = 1 (the residual). dbias_a (nullable): also write sum over k of A, [m]
+// (the bias gradient of a weight-gradient GEMM; CUBLASLT_EPILOGUE_BGRADB, or a reduction kernel when
+// cuBLASLt has no algorithm for it, which then needs `colsum_ws` of vk_colsum_workspace_floats(k, m)).
+// Returns 0 or a status for vk_status_string.
+int vk_gemm(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t k, const void* A, const void* B,
+            const void* bias, const void* C, void* D, void* dbias_a, float* colsum_ws, void* workspace,
+            size_t workspace_bytes, cudaStream_t stream);
+size_t vk_gemm_workspace_bytes();
+const char* vk_status_string(int status);
+
+// out = gelu(h) (+ residual), elementwise over n elements (exact erf GELU).
+cudaError_t vk_gelu_fwd(int dtype, const void* h, const void* residual, void* out, int64_t n, cudaStream_t stream);
+// dh = dout * gelu'(h).
+cudaError_t vk_gelu_bwd(int dtype, const void* dout, const void* h, void* dh, int64_t n, cudaStream_t stream);
+// out[c] = sum_r in[r * ld + c] for r < rows, c < cols (fixed order; fp32 accumulation).
+int64_t vk_colsum_workspace_floats(int64_t rows, int64_t cols);
+cudaError_t vk_colsum(int dtype, const void* in, int64_t rows, int64_t cols, int64_t ld, void* out, float* ws,
+                      cudaStream_t stream);
+
+// ---- Attention (attention.cu). qkv: [batch, tokens, 3, heads, head_dim] with element strides
+// (stride_b, stride_t) for its first two dims and the rest contiguous; out, dout, dqkv: [batch,
+// tokens, heads * head_dim] contiguous; lse, delta: [batch, heads, tokens] fp32. head_dim in {64, 80, 128}.
+bool vk_attention_supports_head_dim(int head_dim);
+cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
+                             int batch, int tokens, int heads, int head_dim, float scale, cudaStream_t stream);
+// dqkv is written whole (q, k and v parts), contiguous [batch, tokens, 3 * heads * head_dim].
+cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* out,
+                             const void* dout, const float* lse, float* delta, void* dqkv, int batch, int tokens,
+                             int heads, int head_dim, float scale, cudaStream_t stream);
+
+// ---- Patch embedding (patch_embed.cu). x: [batch, chans, H, W] contiguous; patches:
+// [batch * gh * gw, chans * ph * pw]; tokens: [batch, gh * gw, dim]; out: [batch, (cls ? 1 : 0) + gh * gw, dim].
+cudaError_t vk_patchify(int dtype, const void* x, void* patches, int batch, int chans, int height, int width, int ph,
+                        int pw, cudaStream_t stream);
+cudaError_t vk_unpatchify(int dtype, const void* patches, void* x, int batch, int chans, int height, int width,
+                          int ph, int pw, cudaStream_t stream);
+// out[b, t] = (t < n_cls ? cls : tokens[b, t - n_cls]) + pos[t]; cls, pos nullable.
+cudaError_t vk_patch_embed_epilogue(int dtype, const void* tokens, const void* cls, const void* pos, void* out,
+                                    int batch, int num_patches, int dim, cudaStream_t stream);

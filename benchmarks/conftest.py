@@ -1,0 +1,45 @@
+"""Fixtures of the pytest-benchmark suites; the settings live in `_benchcommon` (see there)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, Tuple
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _benchcommon import _BUDGET, DEVICE, DTYPE, GRID  # noqa: E402
+from vitkern import _timing, bench  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
+def env_info() -> Dict[str, Any]:
+    """Device name, torch/triton/CUDA versions and git commit, once per session."""
+    env = _timing.environment(DEVICE)
+    return {k: env.get(k) for k in ("device", "torch", "triton", "cuda", "git_commit", "timm", "transformers")}
+
+
+@pytest.fixture(scope="session")
+def settings() -> bench.Settings:
+    """Timing policy and the peak MFU is computed against (datasheet for known GPUs, else measured)."""
+    return bench.default_settings(DEVICE, DTYPE)
+
+
+@pytest.fixture(scope="session")
+def baselines() -> Dict[Tuple, float]:
+    """Baseline ms per step measured in this session, keyed per case (timm eager for models,
+    the torch composition for ops): speedups are always against the same run."""
+    return {}
+
+
+def pytest_report_header(config):
+    return (f"vitkern benchmarks on {_timing.device_name(DEVICE)} ({str(DTYPE).replace('torch.', '')}), "
+            f"grid {GRID if DEVICE.type == 'cuda' else 'cpu-small'}, budget {_BUDGET or 'none'} s")

@@ -81,21 +81,21 @@ def _attention_fwd_kernel(
     m_mask = offs_m < T
     d_mask = offs_d < HEAD_DIM
 
+    # The batch offset is the one that passes 2^31 (B * T * 3D); it is added in int64 to the
+    # scalar base, and offsets inside one sample (< T * 3D) stay int32 so the per-element address
+    # math is cheap. The ops layer refuses samples whose own extent passes 2^31.
     head = QKV + b * stride_qkv_b + h * HEAD_DIM
-    q_ptrs = head + offs_m[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    k_base = head + dim
-    v_base = head + 2 * dim
+    q = tl.load(head + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
+    v_ptrs = k_ptrs + dim
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
-        offs_kn = start_n + offs_n
-        n_mask = offs_kn < T
-        kv_off = offs_kn[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+        n_mask = (start_n + offs_n) < T
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # The first key block always holds key 0, so m_new is finite from the first iteration on
@@ -104,13 +104,15 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_qkv_t
+        v_ptrs += BLOCK_N * stride_qkv_t
 
     out = acc / l_i[:, None]
-    o_ptrs = OUT + b * stride_out_b + offs_m[:, None].to(tl.int64) * stride_out_t + h * HEAD_DIM + offs_d[None, :]
+    o_ptrs = OUT + b * stride_out_b + h * HEAD_DIM + offs_m[:, None] * stride_out_t + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     # Natural-log LSE so the saved statistic means the same thing to every consumer.
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
@@ -147,7 +149,7 @@ def _attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < T
     mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
+    rows = offs_m[:, None]
     o = tl.load(OUT + b * stride_out_b + rows * stride_out_t + h * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DOUT + b * stride_dout_b + rows * stride_dout_t + h * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
@@ -192,11 +194,12 @@ def _attention_bwd_dkdv_kernel(
     d_mask = offs_d[None, :] < HEAD_DIM
 
     head = QKV + b * stride_qkv_b + h * HEAD_DIM
-    kv_off = offs_n[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+    kv_off = offs_n[:, None] * stride_qkv_t + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask
     k = tl.load(head + dim + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(head + 2 * dim + kv_off, mask=kv_mask, other=0.0)
-    dout_head = DOUT + b * stride_dout_b + h * HEAD_DIM
+    q_ptrs = head + offs_m[:, None] * stride_qkv_t + offs_d[None, :]
+    do_ptrs = DOUT + b * stride_dout_b + h * HEAD_DIM + offs_m[:, None] * stride_dout_t + offs_d[None, :]
     stats = pid_bh.to(tl.int64) * T
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -204,10 +207,9 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, T, BLOCK_M):
         offs_qm = start_m + offs_m
         m_mask = offs_qm < T
-        rows = offs_qm[:, None].to(tl.int64)
         q_mask = m_mask[:, None] & d_mask
-        q = tl.load(head + rows * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(dout_head + rows * stride_dout_t + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + stats + offs_qm, mask=m_mask, other=0.0)
         # Transposed scores [BLOCK_N, BLOCK_M] keep the accumulators in the key-row layout. Key
@@ -220,10 +222,12 @@ def _attention_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qkv_t
+        do_ptrs += BLOCK_M * stride_dout_t
 
     dk = dk * scale
     d_head = DQKV + b * stride_dqkv_b + h * HEAD_DIM
-    d_off = offs_n[:, None].to(tl.int64) * stride_dqkv_t + offs_d[None, :]
+    d_off = offs_n[:, None] * stride_dqkv_t + offs_d[None, :]
     tl.store(d_head + dim + d_off, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
     tl.store(d_head + 2 * dim + d_off, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
 
@@ -265,7 +269,7 @@ def _attention_bwd_dq_kernel(
     m_mask = offs_m < T
     d_mask = offs_d[None, :] < HEAD_DIM
     q_mask = m_mask[:, None] & d_mask
-    rows = offs_m[:, None].to(tl.int64)
+    rows = offs_m[:, None]
 
     head = QKV + b * stride_qkv_b + h * HEAD_DIM
     q = tl.load(head + rows * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -275,20 +279,22 @@ def _attention_bwd_dq_kernel(
     lse2 = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stats + offs_m, mask=m_mask, other=0.0)
 
+    k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
+    v_ptrs = k_ptrs + dim
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
-        offs_kn = start_n + offs_n
-        n_mask = offs_kn < T
-        kv_off = offs_kn[:, None].to(tl.int64) * stride_qkv_t + offs_d[None, :]
+        n_mask = (start_n + offs_n) < T
         kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(head + dim + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(head + 2 * dim + kv_off, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         # Zero-filled keys past T would score 0, not -inf: mask them out of P.
         p = tl.where(n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_qkv_t
+        v_ptrs += BLOCK_N * stride_qkv_t
 
     dq = dq * scale
     d_ptrs = DQKV + b * stride_dqkv_b + rows * stride_dqkv_t + h * HEAD_DIM + offs_d[None, :]

@@ -51,3 +51,75 @@ def patch_embed(
 
 
 dispatch.register("patch_embed", "eager", reference.patch_embed)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton implementation: torch.library ops (traceable by torch.compile, checkable by opcheck)
+# around the launchers of vitkern.kernels.triton.patch_embed, and the autograd Function.
+
+if dispatch.triton_importable():
+    from typing import List, Tuple
+
+    import torch
+
+    from vitkern.kernels.triton import patch_embed as _tpe
+    from vitkern.ops._checks import fused_backend_reasons
+
+    @torch.library.triton_op("vitkern::patch_embed_fwd", mutates_args=())
+    def _patch_embed_fwd_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        cls_token: Optional[torch.Tensor],
+        pos_embed: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """x: [batch, chans, H, W]; weight: [dim, chans, ph, pw] -> tokens [batch, tokens, dim]."""
+        return _tpe.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
+
+    @torch.library.triton_op("vitkern::patch_embed_bwd", mutates_args=())
+    def _patch_embed_bwd_op(
+        dtokens: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_cls: bool, compute_dx: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dtokens: [batch, tokens, dim] -> (dx [batch, chans, H, W] or [0], dweight, dbias [dim], dpos [1, tokens, dim])."""
+        return _tpe.patch_embed_bwd(dtokens, x, weight, has_cls, compute_dx)
+
+    class PatchEmbedFn(torch.autograd.Function):
+        """Patch embedding through the Triton ops; saves x and weight (the image is re-gathered
+        by the dW GEMM, so no patch tensor is kept)."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, cls_token, pos_embed):
+            weight = weight.contiguous()
+            pos = pos_embed.contiguous() if pos_embed is not None else None
+            tokens = torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos)
+            ctx.save_for_backward(x, weight)
+            ctx.present = (bias is not None, cls_token is not None, pos_embed is not None)
+            return tokens
+
+        @staticmethod
+        def backward(ctx, dtokens):
+            x, weight = ctx.saved_tensors
+            has_bias, has_cls, has_pos = ctx.present
+            dx, dweight, dbias, dpos = torch.ops.vitkern.patch_embed_bwd(
+                dtokens.contiguous(), x, weight, has_cls, bool(ctx.needs_input_grad[0])
+            )
+            return (
+                dx if ctx.needs_input_grad[0] else None,
+                dweight,
+                dbias if has_bias else None,
+                dpos[:, :1].clone() if has_cls else None,
+                dpos if has_pos else None,
+            )
+
+    def _patch_embed_triton(x, weight, bias, cls_token=None, pos_embed=None):
+        return PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed)
+
+    def _patch_embed_triton_reasons(call) -> List[str]:
+        return fused_backend_reasons(
+            call,
+            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            allow_cpu=dispatch.triton_interpret(),
+            backend="triton",
+        )
+
+    dispatch.register("patch_embed", "triton", _patch_embed_triton, supports=_patch_embed_triton_reasons)

@@ -1,0 +1,517 @@
+"""Patch embedding (eq. 1 of the paper) as one implicit GEMM, forward and backward, in Triton.
+
+Forward: tokens[b, prefix + p, :] = patches(x)[b, p, :] @ W^T + bias + pos_embed[prefix + p] with
+M = batch * patches, N = dim, K = chans * ph * pw. The A tile is gathered straight from the image
+(im2col inside the operand load; K ordered (c, i, j) like the Conv2d weight [dim, chans, ph, pw]
+flattened), so no patch tensor is ever written; the epilogue adds bias and position embedding and
+writes the token row. The class-token rows (cls_token + pos_embed[0]) are written by extra
+programs of the same launch (the last cdiv(batch, BLOCK_M) row-programs).
+
+Backward (the gradients are what autograd would compute for the eager reference):
+* dW [dim, K] = dtokens_patches^T @ patches(x): a GEMM whose reduction runs over M, with the same
+  gather for the B operand; split over M into a fixed number of fp32 partials (the output is
+  only dim x K, too few tiles to fill a GPU) and then summed in a fixed order (deterministic).
+* S [tokens, dim] = sum over batch of dtokens (fp32, one program per column block, a fixed-order
+  loop over the batch): dpos = S, dcls = S[0], dbias = column sum of S's patch rows.
+* dx (only when asked) = dtokens_patches @ W, scattered into the image layout: patches do not
+  overlap and tile the image, so every pixel is written exactly once.
+
+Index arithmetic that meets a stride is int64 (batch 4096 of ViT-B: the image alone is ~2^31
+elements and the tokens more).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels.triton import _common
+from vitkern.kernels.triton._common import KernelSpec
+from vitkern.kernels.triton.layer_norm import _launcher
+
+# Most fp32 partials of dW: the split over M is min(DW_MAX_SPLITS, cdiv(M, DW_ROWS_PER_SPLIT)),
+# a function of the shape only (deterministic). ViT-B/16 at batch 256: M = 50176 -> 7 splits x
+# 36 output tiles of 128 x 128 = 252 programs (about two waves on 132 SMs) and 7 x 2.4 MB of
+# partials, small next to the 77 MB of dtokens and the 77 MB image the GEMM reads.
+DW_MAX_SPLITS = 8
+DW_ROWS_PER_SPLIT = 8192
+SUM_BLOCK_R = 4
+SUM_BLOCK_L = 512
+DPOS_BLOCK = 1024
+
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first suits the small test
+# shapes and is the only one the interpreter runs. Rows of 16 or more elements along K per patch
+# row (pw >= 8 in fp16) give 16-byte gathers; the tiles are the usual wgmma-friendly sizes.
+_GEMM_TILES = [
+    (64, 64, 32, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+]
+# dW tiles (BLOCK_N, BLOCK_K, BLOCK_M [the reduction step], num_warps, num_stages).
+_DW_TILES = [
+    (64, 64, 32, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+]
+
+
+def _gemm_configs():
+    return _common.autotune_configs(
+        [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for m, n, k, w, s in _GEMM_TILES]
+    )
+
+
+def _dw_configs():
+    return _common.autotune_configs(
+        [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, BLOCK_M=m), num_warps=w, num_stages=s) for n, k, m, w, s in _DW_TILES]
+    )
+
+
+@triton.jit
+def _patch_rows(offs_m, P, GW, PH: tl.constexpr, PW: tl.constexpr, stride_b, stride_h, stride_w):
+    """For GEMM rows m = b * P + p: (image index b, patch index p, offset of the patch's top-left
+    pixel in a tensor with the given batch/row/col strides, int64)."""
+    b = offs_m // P
+    p = offs_m % P
+    py = p // GW
+    px = p % GW
+    off = b.to(tl.int64) * stride_b + (py * PH).to(tl.int64) * stride_h + (px * PW).to(tl.int64) * stride_w
+    return b, p, off
+
+
+@triton.jit
+def _patch_cols(offs_k, PH: tl.constexpr, PW: tl.constexpr, stride_c, stride_h, stride_w):
+    """For GEMM columns k = (c * PH + i) * PW + j: the pixel's offset inside its patch (int64)."""
+    c = offs_k // (PH * PW)
+    r = offs_k % (PH * PW)
+    i = r // PW
+    j = r % PW
+    return c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "PH", "PW"])
+@triton.jit
+def _patch_embed_fwd_kernel(
+    X,  # [B, C, H, W] image, strides stride_x*
+    Wt,  # [N, K] weight (Conv2d [N, C, PH, PW] flattened), contiguous
+    Bias,  # [N] (unused when not HAS_BIAS)
+    Cls,  # [N] (unused when not HAS_CLS)
+    Pos,  # [T, N] contiguous (unused when not HAS_POS)
+    Out,  # [B, T, N] contiguous, x.dtype
+    B,
+    M,  # B * P
+    P,  # patches per image
+    GW,  # patches per image row
+    T,  # tokens per image = P + (1 if HAS_CLS)
+    N,
+    K,
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    if pid_m < num_m_blocks:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        b, p, row_off = _patch_rows(offs_m, P, GW, PH, PW, stride_xb, stride_xh, stride_xw)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            col_off = _patch_cols(offs_k, PH, PW, stride_xc, stride_xh, stride_xw)
+            a = tl.load(X + row_off[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(
+                Wt + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0
+            )
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if HAS_CLS:
+            tok = p + 1  # the class token is row 0 of each image's token block
+        else:
+            tok = p
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_POS:
+            pos = tl.load(Pos + tok[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0.0)
+            acc += pos.to(tl.float32)
+        out_row = b.to(tl.int64) * T + tok
+        tl.store(Out + out_row[:, None] * N + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+    else:
+        if HAS_CLS:
+            offs_b = (pid_m - num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+            b_mask = offs_b < B
+            cls = tl.load(Cls + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_POS:
+                cls += tl.load(Pos + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cls[None, :]
+            out_row = offs_b.to(tl.int64) * T
+            tl.store(
+                Out + out_row[:, None] * N + offs_n[None, :],
+                val.to(Out.dtype.element_ty),
+                mask=b_mask[:, None] & n_mask[None, :],
+            )
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "PH", "PW"])
+@triton.jit
+def _patch_embed_bwd_dx_kernel(
+    DT,  # [B, T, N] dtokens, contiguous
+    Wt,  # [N, K] weight, contiguous
+    DX,  # [B, C, H, W] x.dtype, strides stride_d*
+    M,  # B * P
+    P,
+    GW,
+    T,
+    N,
+    K,
+    stride_db,
+    stride_dc,
+    stride_dh,
+    stride_dw,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PREFIX: tl.constexpr,  # 1 with a class token, else 0
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Tiles over (M, K) here: BLOCK_N is the reduction step over the embedding dim.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    b, p, row_off = _patch_rows(offs_m, P, GW, PH, PW, stride_db, stride_dh, stride_dw)
+    dt_row = (b.to(tl.int64) * T + p + PREFIX) * N
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        dt = tl.load(DT + dt_row[:, None] + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(
+            Wt + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        acc = tl.dot(dt, w, acc, input_precision=DOT_PRECISION)
+    col_off = _patch_cols(offs_k, PH, PW, stride_dc, stride_dh, stride_dw)
+    tl.store(
+        DX + row_off[:, None] + col_off[None, :], acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :]
+    )
+
+
+@triton.autotune(configs=_dw_configs(), key=["N", "K", "PH", "PW"])
+@triton.jit
+def _patch_embed_bwd_dw_kernel(
+    DT,  # [B, T, N] dtokens, contiguous
+    X,  # [B, C, H, W] image, strides stride_x*
+    DWp,  # [SPLITS, N, K] fp32 partials
+    M,  # B * P
+    P,
+    GW,
+    T,
+    N,
+    K,
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PREFIX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    col_off = _patch_cols(offs_k, PH, PW, stride_xc, stride_xh, stride_xw)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for mb in range(split, tl.cdiv(M, BLOCK_M), splits):
+        offs_m = tl.arange(0, BLOCK_M) + mb * BLOCK_M
+        m_mask = offs_m < M
+        b, p, row_off = _patch_rows(offs_m, P, GW, PH, PW, stride_xb, stride_xh, stride_xw)
+        dt_row = (b.to(tl.int64) * T + p + PREFIX) * N
+        dt_t = tl.load(DT + dt_row[None, :] + offs_n[:, None], mask=n_mask[:, None] & m_mask[None, :], other=0.0)
+        a = tl.load(X + row_off[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(dt_t, a, acc, input_precision=DOT_PRECISION)
+    out = (split.to(tl.int64) * N + offs_n[:, None]) * K + offs_k[None, :]
+    tl.store(DWp + out, acc, mask=n_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_dpos_kernel(
+    DT,  # [B, T * N] dtokens, contiguous
+    S,  # [T * N] fp32: sum over the batch
+    B,
+    L,  # T * N
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Advance a pointer per image: b * L would overflow int32 for large batches.
+    ptrs = DT + offs
+    for _ in range(0, B):
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        ptrs += L
+    tl.store(S + offs, acc, mask=mask)
+
+
+@triton.jit
+def _patch_embed_bwd_sum_kernel(
+    Src,  # [R, L] fp32, contiguous
+    Dst,  # [L], Dst's dtype
+    R,
+    L,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    # Column sums in a fixed order: the dW split reduction and dbias from the batch sums.
+    offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_mask = offs_l < L
+    acc = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask = (offs_r < R)[:, None] & l_mask[None, :]
+        acc += tl.load(Src + offs_r.to(tl.int64)[:, None] * L + offs_l[None, :], mask=mask, other=0.0)
+    tl.store(Dst + offs_l, tl.sum(acc, axis=0).to(Dst.dtype.element_ty), mask=l_mask)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (no TF32) so fp32 matches the fp64 oracle to ~1e-6.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def dw_splits(m: int) -> int:
+    return max(1, min(DW_MAX_SPLITS, triton.cdiv(m, DW_ROWS_PER_SPLIT)))
+
+
+def _geometry(x: torch.Tensor, weight: torch.Tensor, has_cls: bool):
+    batch, _, height, width = x.shape
+    dim, chans, ph, pw = weight.shape
+    gh, gw = height // ph, width // pw
+    patches = gh * gw
+    tokens = patches + (1 if has_cls else 0)
+    return batch, dim, chans, ph, pw, gw, patches, tokens, chans * ph * pw
+
+
+def patch_embed_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    cls_token: Optional[torch.Tensor],
+    pos_embed: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """tokens = [cls_token; patches(x) @ weight^T + bias] + pos_embed.
+
+    x: [batch, chans, H, W] (any strides; H, W multiples of the patch); weight: [dim, chans, ph,
+    pw] (contiguous); bias: [dim] or None; cls_token: [1, 1, dim] or None; pos_embed: [1, tokens,
+    dim] (contiguous) or None; all one dtype (fp16/bf16/fp32). Returns [batch, tokens, dim] in x's
+    dtype, tokens = (1 if cls_token) + (H / ph) * (W / pw).
+    """
+    has_cls = cls_token is not None
+    batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, has_cls)
+    out = _common.empty((batch, tokens, dim), dtype=x.dtype, device=x.device)
+    m = batch * patches
+    if batch == 0 or dim == 0:
+        return out
+
+    def grid(meta):
+        rows = triton.cdiv(m, meta["BLOCK_M"]) + (triton.cdiv(batch, meta["BLOCK_M"]) if has_cls else 0)
+        return (rows, triton.cdiv(dim, meta["BLOCK_N"]))
+
+    _launcher(_patch_embed_fwd_kernel)[grid](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        cls_token if has_cls else weight,
+        pos_embed if pos_embed is not None else weight,
+        out,
+        batch,
+        m,
+        patches,
+        gw,
+        tokens,
+        dim,
+        k,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        PH=ph,
+        PW=pw,
+        HAS_BIAS=bias is not None,
+        HAS_CLS=has_cls,
+        HAS_POS=pos_embed is not None,
+        DOT_PRECISION=_dot_precision(x.dtype),
+    )
+    return out
+
+
+def patch_embed_bwd(
+    dtokens: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    has_cls: bool,
+    compute_dx: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `patch_embed_fwd`.
+
+    dtokens: [batch, tokens, dim] contiguous, x's dtype; x, weight: as in the forward; has_cls:
+    whether token 0 is the class token; compute_dx: whether to compute dx. Returns (dx [batch,
+    chans, H, W] contiguous (a [0]-shaped tensor when not compute_dx), dweight [dim, chans, ph, pw],
+    dbias [dim], dpos [1, tokens, dim]), the last three in weight's dtype. dpos is the batch sum
+    of dtokens, so dcls = dpos[:, :1] with a class token. Sums are fp32 in a fixed order.
+    """
+    batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, has_cls)
+    prefix = 1 if has_cls else 0
+    m = batch * patches
+    device = x.device
+    precision = _dot_precision(x.dtype)
+
+    dx = _common.empty(tuple(x.shape) if compute_dx else (0,), dtype=x.dtype, device=device)
+    if compute_dx and m > 0:
+        def grid_dx(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
+
+        _launcher(_patch_embed_bwd_dx_kernel)[grid_dx](
+            dtokens, weight, dx, m, patches, gw, tokens, dim, k,
+            dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
+            PH=ph, PW=pw, PREFIX=prefix, DOT_PRECISION=precision,
+        )
+
+    splits = dw_splits(m)
+    # Zero-filled: with batch == 0 no program runs and the sums must be 0.
+    dw_partial = torch.zeros((splits, dim, k), dtype=torch.float32, device=device)
+    if m > 0:
+        def grid_dw(meta):
+            return (triton.cdiv(dim, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]), splits)
+
+        _launcher(_patch_embed_bwd_dw_kernel)[grid_dw](
+            dtokens, x, dw_partial, m, patches, gw, tokens, dim, k,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            PH=ph, PW=pw, PREFIX=prefix, DOT_PRECISION=precision,
+        )
+    dweight = _common.empty(tuple(weight.shape), dtype=weight.dtype, device=device)
+    _launcher(_patch_embed_bwd_sum_kernel)[(triton.cdiv(dim * k, SUM_BLOCK_L),)](
+        dw_partial, dweight, splits, dim * k, BLOCK_R=SUM_BLOCK_R, BLOCK_L=SUM_BLOCK_L, num_warps=4
+    )
+
+    batch_sum = torch.zeros((tokens, dim), dtype=torch.float32, device=device)
+    if batch > 0:
+        _launcher(_patch_embed_bwd_dpos_kernel)[(triton.cdiv(tokens * dim, DPOS_BLOCK),)](
+            dtokens, batch_sum, batch, tokens * dim, BLOCK=DPOS_BLOCK, num_warps=4
+        )
+    dpos = batch_sum.to(weight.dtype).unsqueeze(0)
+    dbias = _common.empty((dim,), dtype=weight.dtype, device=device)
+    _launcher(_patch_embed_bwd_sum_kernel)[(triton.cdiv(dim, SUM_BLOCK_L),)](
+        batch_sum[prefix:], dbias, patches, dim, BLOCK_R=SUM_BLOCK_R, BLOCK_L=SUM_BLOCK_L, num_warps=4
+    )
+    return dx, dweight, dbias, dpos
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: every config x dtype of each kernel at ViT-B/16 (patch 16, dim 768); the GEMMs are
+# gemm_like (fp16/bf16 must use wgmma on sm_90).
+
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_PREC = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
+
+
+def _audit_specs() -> List[KernelSpec]:
+    specs: List[KernelSpec] = []
+    i32 = "i32"
+    for dtype in ("fp16", "bf16", "fp32"):
+        p = _PTR[dtype]
+        for bm, bn, bk, nw, ns in _GEMM_TILES:
+            tile = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} warps={nw} stages={ns}"
+            specs.append(
+                KernelSpec(
+                    name="_patch_embed_fwd_kernel",
+                    fn=_patch_embed_fwd_kernel.fn,
+                    signature={
+                        "X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p,
+                        "B": i32, "M": i32, "P": i32, "GW": i32, "T": i32, "N": i32, "K": i32,
+                        "stride_xb": i32, "stride_xc": i32, "stride_xh": i32, "stride_xw": i32,
+                    },
+                    constexprs=dict(PH=16, PW=16, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, DOT_PRECISION=_PREC[dtype],
+                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                    num_warps=nw, num_stages=ns, dtype=dtype, gemm_like=True, label=tile,
+                )
+            )
+            specs.append(
+                KernelSpec(
+                    name="_patch_embed_bwd_dx_kernel",
+                    fn=_patch_embed_bwd_dx_kernel.fn,
+                    signature={
+                        "DT": p, "Wt": p, "DX": p,
+                        "M": i32, "P": i32, "GW": i32, "T": i32, "N": i32, "K": i32,
+                        "stride_db": i32, "stride_dc": i32, "stride_dh": i32, "stride_dw": i32,
+                    },
+                    constexprs=dict(PH=16, PW=16, PREFIX=1, DOT_PRECISION=_PREC[dtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                    num_warps=nw, num_stages=ns, dtype=dtype, gemm_like=True, label=tile,
+                )
+            )
+        for bn, bk, bm, nw, ns in _DW_TILES:
+            specs.append(
+                KernelSpec(
+                    name="_patch_embed_bwd_dw_kernel",
+                    fn=_patch_embed_bwd_dw_kernel.fn,
+                    signature={
+                        "DT": p, "X": p, "DWp": "*fp32",
+                        "M": i32, "P": i32, "GW": i32, "T": i32, "N": i32, "K": i32,
+                        "stride_xb": i32, "stride_xc": i32, "stride_xh": i32, "stride_xw": i32,
+                    },
+                    constexprs=dict(PH=16, PW=16, PREFIX=1, DOT_PRECISION=_PREC[dtype], BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm),
+                    num_warps=nw, num_stages=ns, dtype=dtype, gemm_like=True,
+                    label=f"BLOCK_N={bn} BLOCK_K={bk} BLOCK_M={bm} warps={nw} stages={ns}",
+                )
+            )
+        specs.append(
+            KernelSpec(
+                name="_patch_embed_bwd_dpos_kernel",
+                fn=_patch_embed_bwd_dpos_kernel,
+                signature={"DT": p, "S": "*fp32", "B": i32, "L": i32},
+                constexprs=dict(BLOCK=DPOS_BLOCK),
+                num_warps=4, num_stages=1, dtype=dtype, label=f"BLOCK={DPOS_BLOCK}",
+            )
+        )
+        specs.append(
+            KernelSpec(
+                name="_patch_embed_bwd_sum_kernel",
+                fn=_patch_embed_bwd_sum_kernel,
+                signature={"Src": "*fp32", "Dst": p, "R": i32, "L": i32},
+                constexprs=dict(BLOCK_R=SUM_BLOCK_R, BLOCK_L=SUM_BLOCK_L),
+                num_warps=4, num_stages=1, dtype=dtype, label=f"BLOCK_R={SUM_BLOCK_R} BLOCK_L={SUM_BLOCK_L}",
+            )
+        )
+    return specs
+
+
+AUDIT_SPECS: List[KernelSpec] = _audit_specs()

@@ -4,17 +4,30 @@ The extension is optional (like FlashAttention's): it is built only when csrc/ h
 a CUDA build, nvcc is found and VITKERN_SKIP_CUDA_BUILD is not 1. Without it `import vitkern` works
 and the dispatcher uses Triton or eager PyTorch. Knobs:
   VITKERN_SKIP_CUDA_BUILD=1   never build the extension
-  VITKERN_CUDA_ARCHS="80;90a" target architectures (default 80 and 90a)
+  VITKERN_CUDA_ARCHS="80;90a" target architectures (default 80 and 90a; 90a via -gencode=arch=compute_90a,code=sm_90a)
   MAX_JOBS, NVCC_THREADS       build parallelism (torch's cpp_extension and nvcc)
+  CUDA_HOME                    the toolkit (default /usr/local/cuda); cuBLASLt headers and libraries are
+                               taken from it or from the nvidia pip wheels (site-packages/nvidia/cu13 or cu12)
+The flags come from vitkern/kernels/cuda.py, which also builds the same sources just in time.
 """
 
 import glob
 import os
-import shutil
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _kernels_cuda_module():
+    """vitkern/kernels/cuda.py loaded by path (not through the package): the build flags live there,
+    shared with the just-in-time build, and importing vitkern itself at build time is not wanted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_vitkern_kernels_cuda", os.path.join(HERE, "vitkern", "kernels", "cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _cuda_extension():
@@ -25,23 +38,28 @@ def _cuda_extension():
     if not sources:
         return [], {}
     try:
-        import torch
+        import torch  # noqa: F401
         from torch.utils import cpp_extension
     except ImportError:
         print("vitkern: torch is not importable at build time, not building the CUDA extension")
         return [], {}
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
-    if torch.version.cuda is None or shutil.which("nvcc", path=os.path.join(os.environ["CUDA_HOME"], "bin")) is None:
-        print("vitkern: torch is not a CUDA build or nvcc is missing, not building the CUDA extension")
+    kc = _kernels_cuda_module()
+    error = kc.toolchain_error()
+    if error:
+        print(f"vitkern: not building the CUDA extension: {error}")
         return [], {}
-    archs = os.environ.get("VITKERN_CUDA_ARCHS", "80;90a").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    nvcc = ["-O3", "--use_fast_math", "-std=c++17", f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode
+    archs = kc.cuda_archs()
+    cublas_include, _, _ = kc.cublas_paths()
+    os.environ.setdefault("NVCC_THREADS", "2")
+    # torch adds its own -std to nvcc; the kernel files need only C++17 of it.
+    nvcc = kc.nvcc_flags(archs, std=False)
     ext = cpp_extension.CUDAExtension(
         name="vitkern._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
+        include_dirs=[os.path.join(HERE, "csrc"), cublas_include],
+        extra_compile_args={"cxx": ["-O2"], "nvcc": nvcc},
+        extra_link_args=kc.link_flags(),
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -1,0 +1,181 @@
+"""CI checks of the CUDA extension that need no GPU: csrc/ compiles for sm_80 and sm_90a with the
+CUDA build of torch, no kernel spills (from the `-Xptxas -v` reports), the attention kernels run on
+tensor cores (HMMA in the SASS), the built library loads on a CPU-only machine with its ops
+registered for the CUDA dispatch key, and the fake implementations agree with the C++ schemas.
+
+The build goes to ~/.cache/vitkern/cuda-<archs>-<hash of sources, flags, toolchain> (VITKERN_CUDA_CACHE
+overrides the root) and is reused while csrc/ is unchanged. Cold, it takes about two minutes of CPU
+time (MAX_JOBS=2 parallel compiles: the kernel files with nvcc, bindings.cpp with the host compiler).
+Skips, with the reason, where nvcc, cuBLASLt headers or a CUDA build of torch are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vitkern.kernels import cuda as cuda_kernels
+
+ARCHS = ["80", "90a"]
+OPS = [f"cuda_{family}_{d}" for family in ("layer_norm", "linear", "ln_linear", "attention", "patch_embed") for d in ("fwd", "bwd")]
+HEAD_DIMS = (64, 80, 128)
+
+
+@pytest.fixture(scope="module")
+def built() -> cuda_kernels.BuildResult:
+    error = cuda_kernels.toolchain_error()
+    if error:
+        pytest.skip(f"cannot build the CUDA extension here: {error}")
+    start = time.time()
+    result = cuda_kernels.build(ARCHS)
+    how = "reused the cached build" if result.cached else f"compiled in {time.time() - start:.0f} s"
+    print(f"\nvitkern CUDA extension: {how} at {result.library.parent}")
+    return result
+
+
+def _kernels(built, source):
+    return cuda_kernels.parse_ptxas(built.ptxas_logs[source])
+
+
+def test_ptxas_report_parser_reads_spills_and_registers():
+    log = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3fooPf
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 10240 bytes smem
+ptxas info    : Compiling entry function '_Z3barv' for 'sm_80'
+ptxas info    : Function properties for _Z3barv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers, 384 bytes cmem[0]
+"""
+    foo, bar = cuda_kernels.parse_ptxas(log)
+    assert (foo.function, foo.arch, foo.registers, foo.stack_bytes, foo.spill_store_bytes, foo.spill_load_bytes, foo.smem_bytes) == (
+        "_Z3fooPf", "sm_90a", 255, 16, 8, 12, 10240)
+    assert (bar.function, bar.arch, bar.registers, bar.spill_store_bytes, bar.smem_bytes) == ("_Z3barv", "sm_80", 32, 0, 0)
+
+
+def test_every_kernel_compiles_for_both_archs_without_spills(built):
+    for source in cuda_kernels.KERNEL_SOURCES:
+        kernels = _kernels(built, source)
+        assert kernels, f"{source}: no kernels in its ptxas report:\n{built.ptxas_logs[source][:2000]}"
+        for arch in ("sm_80", "sm_90a"):
+            assert any(k.arch == arch for k in kernels), f"{source}: nothing compiled for {arch}"
+        bad = [k for k in kernels if k.spill_store_bytes or k.spill_load_bytes or k.stack_bytes]
+        names = cuda_kernels.demangle([k.function for k in bad])
+        assert not bad, f"{source}: kernels with spills or a stack frame:\n" + "\n".join(
+            f"  {n} [{k.arch}] regs {k.registers} stack {k.stack_bytes} spill st/ld {k.spill_store_bytes}/{k.spill_load_bytes}"
+            for n, k in zip(names, bad)
+        )
+
+
+def test_attention_instantiations_are_all_present(built):
+    names = [k.function for k in _kernels(built, "attention.cu")]
+    for arch in ("sm_80", "sm_90a"):
+        per_arch = [k.function for k in _kernels(built, "attention.cu") if k.arch == arch]
+        for kind in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
+            # 2 dtypes x 3 head dims
+            assert sum(kind in n for n in per_arch) == 2 * len(HEAD_DIMS), f"{kind} on {arch}: {per_arch}"
+    assert names
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_attention_kernels_use_tensor_cores(built, arch):
+    if cuda_kernels.cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found (CUDA_HOME/bin or triton's bundled copy)")
+    sass = cuda_kernels.sass_by_function(built.objects["attention.cu"], arch)
+    mma_kernels = {n: s for n, s in sass.items() if any(k in n for k in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"))}
+    assert len(mma_kernels) == 3 * 2 * len(HEAD_DIMS), sorted(sass)
+    for name, code in mma_kernels.items():
+        assert "HMMA" in code, f"{name} [{arch}] has no HMMA instruction: not on the tensor cores"
+        # Local memory traffic would mean a register array indexed at run time.
+        assert "LDL" not in code and "STL" not in code, f"{name} [{arch}] uses local memory"
+
+
+def test_built_extension_loads_without_a_gpu_and_registers_cuda_kernels(built):
+    script = f"""
+import importlib.util, json, torch
+torch.ops.load_library({str(built.library)!r})
+ops = {OPS!r}
+has = {{op: torch._C._dispatch_has_kernel_for_dispatch_key("vitkern::" + op, "CUDA") for op in ops}}
+spec = importlib.util.spec_from_file_location("_C", {str(built.library)!r})
+module = importlib.util.module_from_spec(spec)
+print(json.dumps({{"has": has, "module": module.__name__, "schema": str(torch.ops.vitkern.cuda_attention_fwd.default._schema)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(report["has"].values()), report["has"]
+    assert report["module"] == "_C"
+    assert report["schema"] == "vitkern::cuda_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
+
+
+def test_fake_implementations_match_the_schemas(built):
+    """Every C++ op called on meta tensors runs its Python fake: shapes and dtypes as bindings.cpp allocates."""
+    script = f"""
+import json, torch
+torch.ops.load_library({str(built.library)!r})
+from vitkern.ops import _cuda
+_cuda._register_fakes()
+ops = torch.ops.vitkern
+m = lambda *s, dtype=torch.bfloat16: torch.empty(s, device="meta", dtype=dtype)
+f32 = torch.float32
+out = {{}}
+def shapes(r):
+    r = r if isinstance(r, (tuple, list)) else (r,)
+    return [[list(t.shape), str(t.dtype)] for t in r]
+out["ln_fwd"] = shapes(ops.cuda_layer_norm_fwd(m(10, 24), m(24), m(24), 1e-6))
+out["ln_bwd"] = shapes(ops.cuda_layer_norm_bwd(m(10, 24), m(10, 24), m(24), m(10, dtype=f32), m(10, dtype=f32)))
+out["lin_fwd"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), m(40), None, True))
+out["lin_fwd_nogelu"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), None, m(10, 40), False))
+out["lin_bwd"] = shapes(ops.cuda_linear_bwd(m(10, 40), m(10, 24), m(40, 24), m(10, 40), True, True))
+out["lnl_fwd"] = shapes(ops.cuda_ln_linear_fwd(m(10, 24), m(24), m(24), m(40, 24), m(40), 1e-6, False))
+out["lnl_bwd"] = shapes(ops.cuda_ln_linear_bwd(m(10, 40), m(10, 24), m(24), m(40, 24), m(10, 24), m(10, dtype=f32), m(10, dtype=f32), m(0), False, False))
+out["att_fwd"] = shapes(ops.cuda_attention_fwd(m(2, 17, 384), 2, 0.125))
+out["att_bwd"] = shapes(ops.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=f32), 2, 0.125))
+out["pe_fwd"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), m(64), m(1, 1, 64), m(1, 7, 64)))
+out["pe_bwd"] = shapes(ops.cuda_patch_embed_bwd(m(2, 7, 64), m(2, 3, 32, 48), m(64, 3, 16, 16), True, True, True, True))
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    bf, f32 = "torch.bfloat16", "torch.float32"
+    assert got["ln_fwd"] == [[[10, 24], bf], [[10], f32], [[10], f32]]
+    assert got["ln_bwd"] == [[[10, 24], bf], [[24], bf], [[24], bf]]
+    assert got["lin_fwd"] == [[[10, 40], bf], [[10, 40], bf]]
+    assert got["lin_fwd_nogelu"] == [[[10, 40], bf], [[0], bf]]
+    assert got["lin_bwd"] == [[[10, 24], bf], [[40, 24], bf], [[40], bf]]
+    assert got["lnl_fwd"] == [[[10, 40], bf], [[10, 24], bf], [[10], f32], [[10], f32], [[0], bf]]
+    assert got["lnl_bwd"] == [[[10, 24], bf], [[24], bf], [[24], bf], [[40, 24], bf], [[0], bf]]
+    assert got["att_fwd"] == [[[2, 17, 128], bf], [[2, 2, 17], f32]]
+    assert got["att_bwd"] == [[[2, 17, 384], bf]]
+    assert got["pe_fwd"] == [[[2, 7, 64], bf]]
+    assert got["pe_bwd"] == [[[2, 3, 32, 48], bf], [[64, 3, 16, 16], bf], [[64], bf], [[1, 1, 64], bf], [[1, 7, 64], bf]]
+
+
+def test_load_error_names_the_reason_without_a_gpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: load_error() would build and load the extension")
+    cuda_kernels.load_error.cache_clear()
+    try:
+        reason = cuda_kernels.load_error()
+    finally:
+        cuda_kernels.load_error.cache_clear()
+    assert reason is not None and "no CUDA device" in reason, reason
+
+
+def test_dispatch_reports_why_cuda_is_unavailable_here():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    import vitkern
+    from vitkern import dispatch
+    from vitkern.ops import _cuda  # noqa: F401  (registers the cuda implementations)
+
+    x = torch.randn(4, 8)
+    with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
+        vitkern.ops.layer_norm(x, torch.ones(8), torch.zeros(8), backend="cuda")

@@ -1,0 +1,334 @@
+"""The CUDA backend of every op family: autograd Functions over `torch.ops.vitkern.cuda_<family>_fwd/_bwd`
+(csrc/bindings.cpp), registered with `vitkern.dispatch` as backend "cuda".
+
+Importing this module is cheap and never touches the extension: it registers the implementations,
+and the extension is found or built (`vitkern.kernels.cuda.load_error`) the first time the
+dispatcher considers the CUDA backend for a call on a GPU. Fake (meta) implementations of the C++
+ops are registered as soon as the extension is loaded, so `torch.compile` traces through them.
+
+Each function takes the same keyword arguments as the eager implementation of its op (the `call`
+built in `vitkern/ops/<family>.py`) and returns the same result.
+"""
+
+from __future__ import annotations
+
+from typing import List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from vitkern import dispatch
+from vitkern.kernels import cuda as cuda_kernels
+from vitkern.ops._checks import fused_backend_reasons
+
+DTYPES = (torch.float16, torch.bfloat16)
+LAYER_NORM_MAX_DIM = 1280  # csrc/layernorm.cu: one warp holds a row in registers
+ATTENTION_HEAD_DIMS = (64, 80, 128)  # csrc/attention.cu instantiations
+ATTENTION_MAX_TOKENS = 65535 * 64  # grid.y limit of 64-row tiles
+
+_READY = False
+
+
+def _ensure_loaded() -> None:
+    """Loads (or builds) the extension and registers the fake implementations, once."""
+    global _READY
+    if _READY:
+        return
+    error = cuda_kernels.load_error()
+    if error:
+        raise RuntimeError(f"the vitkern CUDA extension is unavailable: {error}")
+    _register_fakes()
+    _READY = True
+
+
+def _ops():
+    return torch.ops.vitkern
+
+
+def _flat(t: Tensor) -> Tensor:
+    """[..., n] -> contiguous [rows, n] (a view when t is already contiguous)."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd Functions
+
+
+class _LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        x2 = _flat(x)
+        w = weight.contiguous()
+        y, mean, rstd = _ops().cuda_layer_norm_fwd(x2, w, bias.contiguous(), eps)
+        ctx.save_for_backward(x2, w, mean, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, w, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _ops().cuda_layer_norm_bwd(_flat(dy), x2, w, mean, rstd)
+        return dx.view(ctx.shape), dw, db, None
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], gelu: bool) -> Tensor:
+        x2 = _flat(x)
+        w = weight.contiguous()
+        b = bias.contiguous() if bias is not None else None
+        r = _flat(residual) if residual is not None else None
+        out, preact = _ops().cuda_linear_fwd(x2, w, b, r, gelu)
+        ctx.save_for_backward(x2, w, preact)
+        ctx.has_bias, ctx.gelu, ctx.has_residual = bias is not None, gelu, residual is not None
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        x2, w, preact = ctx.saved_tensors
+        d2 = _flat(dout)
+        dx, dw, db = _ops().cuda_linear_bwd(d2, x2, w, preact, ctx.has_bias, ctx.gelu)
+        dres = dout if ctx.has_residual else None
+        return dx.view(ctx.shape), dw, db if ctx.has_bias else None, dres, None
+
+
+class _LnLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, weight, bias, eps: float, gelu: bool) -> Tensor:
+        x2 = _flat(x)
+        lnw = ln_weight.contiguous()
+        w = weight.contiguous()
+        b = bias.contiguous() if bias is not None else None
+        out, ln_out, mean, rstd, preact = _ops().cuda_ln_linear_fwd(x2, lnw, ln_bias.contiguous(), w, b, eps, gelu)
+        ctx.save_for_backward(x2, lnw, w, ln_out, mean, rstd, preact)
+        ctx.has_bias, ctx.gelu = bias is not None, gelu
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        x2, lnw, w, ln_out, mean, rstd, preact = ctx.saved_tensors
+        dx, dlnw, dlnb, dw, db = _ops().cuda_ln_linear_bwd(_flat(dout), x2, lnw, w, ln_out, mean, rstd, preact, ctx.has_bias, ctx.gelu)
+        return dx.view(ctx.shape), dlnw, dlnb, dw, db if ctx.has_bias else None, None, None
+
+
+class _AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_heads: int, scale: float) -> Tensor:
+        out, lse = _ops().cuda_attention_fwd(qkv, num_heads, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = _ops().cuda_attention_bwd(dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
+        return dqkv, None, None
+
+
+class _PatchEmbedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cls_token, pos_embed) -> Tensor:
+        xc = x.contiguous()
+        w = weight.contiguous()
+        out = _ops().cuda_patch_embed_fwd(
+            xc,
+            w,
+            bias.contiguous() if bias is not None else None,
+            cls_token.contiguous() if cls_token is not None else None,
+            pos_embed.contiguous() if pos_embed is not None else None,
+        )
+        ctx.save_for_backward(xc, w)
+        ctx.flags = (bias is not None, cls_token is not None, pos_embed is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        xc, w = ctx.saved_tensors
+        has_bias, has_cls, has_pos = ctx.flags
+        dx, dw, db, dcls, dpos = _ops().cuda_patch_embed_bwd(
+            dout.contiguous(), xc, w, has_bias, has_cls, has_pos, bool(ctx.needs_input_grad[0])
+        )
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            dw,
+            db if has_bias else None,
+            dcls if has_cls else None,
+            dpos if has_pos else None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The op implementations (same keyword arguments as the eager ones)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    if not _READY:
+        _ensure_loaded()
+    return _LayerNormFn.apply(x, weight, bias, float(eps))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    if not _READY:
+        _ensure_loaded()
+    return _LinearFn.apply(x, weight, bias, residual, activation == "gelu")
+
+
+def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps: float = 1e-6, activation: Optional[str] = None) -> Tensor:
+    if not _READY:
+        _ensure_loaded()
+    return _LnLinearFn.apply(x, ln_weight, ln_bias, weight, bias, float(eps), activation == "gelu")
+
+
+def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> Tensor:
+    if not _READY:
+        _ensure_loaded()
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale))
+
+
+def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None) -> Tensor:
+    if not _READY:
+        _ensure_loaded()
+    return _PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed)
+
+
+# --------------------------------------------------------------------------------------------
+# What each implementation supports (beyond dtype and device)
+
+
+def _common(call: Mapping[str, object]) -> List[str]:
+    return fused_backend_reasons(call, dtypes=DTYPES, allow_cpu=False, backend="cuda")
+
+
+def _rows_reasons(x: Tensor) -> List[str]:
+    return [] if x.numel() > 0 else [f"x has no elements (shape {tuple(x.shape)}); the cuda backend needs at least one row"]
+
+
+def _layer_norm_supports(call) -> List[str]:
+    reasons = _common(call)
+    dim = call["x"].shape[-1]
+    if dim > LAYER_NORM_MAX_DIM:
+        reasons.append(f"x's last dim is {dim}; the cuda LayerNorm holds a row in one warp's registers, dim <= {LAYER_NORM_MAX_DIM}")
+    return reasons + _rows_reasons(call["x"])
+
+
+def _linear_supports(call) -> List[str]:
+    return _common(call) + _rows_reasons(call["x"])
+
+
+def _ln_linear_supports(call) -> List[str]:
+    return _layer_norm_supports(call)
+
+
+def _address(t: Tensor) -> int:
+    """t's data address, or 0 where it has none (fake tensors while torch.compile traces)."""
+    try:
+        return t.data_ptr()
+    except Exception:
+        return 0
+
+
+def _attention_supports(call) -> List[str]:
+    reasons = _common(call)
+    qkv = call["qkv"]
+    heads = call["num_heads"]
+    head_dim = qkv.shape[-1] // 3 // heads
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        reasons.append(f"head_dim is {head_dim}; the cuda attention kernels are built for head_dim in {ATTENTION_HEAD_DIMS}")
+    if qkv.stride(-1) != 1 or qkv.stride(0) % 8 or qkv.stride(1) % 8 or _address(qkv) % 16:
+        reasons.append(
+            f"qkv has strides {tuple(qkv.stride())}; the cuda attention needs a contiguous last dim and 16-byte aligned rows "
+            "(strides multiples of 8)"
+        )
+    if qkv.shape[1] > ATTENTION_MAX_TOKENS:
+        reasons.append(f"qkv has {qkv.shape[1]} tokens; the cuda attention takes at most {ATTENTION_MAX_TOKENS}")
+    return reasons
+
+
+def _patch_embed_supports(call) -> List[str]:
+    return _common(call) + _rows_reasons(call["x"])
+
+
+# --------------------------------------------------------------------------------------------
+# Fake implementations (shapes and dtypes exactly as csrc/bindings.cpp allocates them)
+
+_FAKES_DONE = False
+
+
+def _register_fakes() -> None:
+    global _FAKES_DONE
+    if _FAKES_DONE:
+        return
+    reg = torch.library.register_fake
+    f32 = torch.float32
+
+    def none(t: Tensor) -> Tensor:
+        return t.new_empty((0,))
+
+    @reg("vitkern::cuda_layer_norm_fwd")
+    def _(x, weight, bias, eps):
+        return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=f32), x.new_empty((x.shape[0],), dtype=f32)
+
+    @reg("vitkern::cuda_layer_norm_bwd")
+    def _(dout, x, weight, mean, rstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    @reg("vitkern::cuda_linear_fwd")
+    def _(x, weight, bias, residual, gelu):
+        out = x.new_empty((x.shape[0], weight.shape[0]))
+        return out, (x.new_empty((x.shape[0], weight.shape[0])) if gelu else none(x))
+
+    @reg("vitkern::cuda_linear_bwd")
+    def _(dout, x, weight, preact, has_bias, gelu):
+        db = x.new_empty((weight.shape[0],)) if has_bias else none(x)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+
+    @reg("vitkern::cuda_ln_linear_fwd")
+    def _(x, ln_weight, ln_bias, weight, bias, eps, gelu):
+        m, n = x.shape[0], weight.shape[0]
+        preact = x.new_empty((m, n)) if gelu else none(x)
+        return x.new_empty((m, n)), x.new_empty(x.shape), x.new_empty((m,), dtype=f32), x.new_empty((m,), dtype=f32), preact
+
+    @reg("vitkern::cuda_ln_linear_bwd")
+    def _(dout, x, ln_weight, weight, ln_out, mean, rstd, preact, has_bias, gelu):
+        db = x.new_empty((weight.shape[0],)) if has_bias else none(x)
+        return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_weight.new_empty(ln_weight.shape),
+                weight.new_empty(weight.shape), db)
+
+    @reg("vitkern::cuda_attention_fwd")
+    def _(qkv, num_heads, scale):
+        b, t, three_d = qkv.shape
+        return qkv.new_empty((b, t, three_d // 3)), qkv.new_empty((b, num_heads, t), dtype=f32)
+
+    @reg("vitkern::cuda_attention_bwd")
+    def _(dout, qkv, out, lse, num_heads, scale):
+        return qkv.new_empty(qkv.shape)
+
+    @reg("vitkern::cuda_patch_embed_fwd")
+    def _(x, weight, bias, cls_token, pos_embed):
+        dim, _, ph, pw = weight.shape
+        tokens = (1 if cls_token is not None else 0) + (x.shape[2] // ph) * (x.shape[3] // pw)
+        return x.new_empty((x.shape[0], tokens, dim))
+
+    @reg("vitkern::cuda_patch_embed_bwd")
+    def _(dout, x, weight, has_bias, has_cls, has_pos, needs_dx):
+        dim = weight.shape[0]
+        return (
+            x.new_empty(x.shape) if needs_dx else none(x),
+            weight.new_empty(weight.shape),
+            x.new_empty((dim,)) if has_bias else none(x),
+            x.new_empty((1, 1, dim)) if has_cls else none(x),
+            x.new_empty((1, dout.shape[1], dim)) if has_pos else none(x),
+        )
+
+    _FAKES_DONE = True
+
+
+dispatch.register("layer_norm", "cuda", layer_norm, supports=_layer_norm_supports)
+dispatch.register("linear", "cuda", linear, supports=_linear_supports)
+dispatch.register("ln_linear", "cuda", ln_linear, supports=_ln_linear_supports)
+dispatch.register("attention", "cuda", attention, supports=_attention_supports)
+dispatch.register("patch_embed", "cuda", patch_embed, supports=_patch_embed_supports)

@@ -1,0 +1,68 @@
+"""`python -m vitkern.profile --quick` runs on the CPU and writes its tables, trace and PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vitkern import cost, profile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "vitkern.profile", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_writes_tables_trace_png(quick_run):
+    out, stdout = quick_run
+    assert "## Op families: measured vs. floor" in stdout and "| name | family | calls/step |" in stdout
+    trace = json.loads((out / "trace.json").read_text())
+    assert len(trace["traceEvents"]) > 100
+    png = (out / "profile.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    rec = json.loads((out / "profile.json").read_text())
+    assert rec["schema"] == profile.SCHEMA and rec["config"]["provider"] == "vitkern-eager"
+    fams = {r["family"]: r for r in rec["families"]}
+    # the eager path's time is mostly matrix products and elementwise work, each with a floor
+    assert fams["gemm"]["ms"] > 0 and fams["gemm"]["floor_ms"] > 0 and fams["gemm"]["tflops"] > 0
+    assert fams["attention"]["ms"] > 0
+    # every model FLOP is accounted for in some family (patch embedding folded into gemm here)
+    total = sum(r["flops"] for r in rec["families"])
+    assert total == pytest.approx(2 * cost.model_flops("vit_tiny_patch16_224", 112))
+    assert sum(k["pct"] for k in rec["kernels"]) == pytest.approx(100.0)
+    assert all(k["family"] in profile.FAMILIES for k in rec["kernels"])
+
+
+@pytest.mark.parametrize("name,family", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "gemm"),
+    ("_linear_fwd_kernel", "gemm"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("_attention_fwd_kernel", "attention"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>", "norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void cudnn::detail::implicit_convolve_sgemm", "patch_embed"),
+    ("aten::view", "framework"),
+    ("some_unknown_kernel", "other"),
+])
+def test_family_patterns(name, family):
+    assert profile.family_of(name) == family
+
+
+def test_bad_arguments_name_the_flag():
+    with pytest.raises(SystemExit, match="--model"):
+        profile.main(["--quick", "--model", "vit_gigantic"])
+    with pytest.raises(SystemExit, match="--provider vitkern-triton"):
+        profile.main(["--quick", "--provider", "vitkern-triton"])

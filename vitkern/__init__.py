@@ -16,6 +16,7 @@ from vitkern import ops
 from vitkern.config import VARIANTS, ViTConfig, get_config
 from vitkern.dispatch import BackendUnavailableError, available_backends
 from vitkern.model import ViT
+from vitkern.weights import from_timm, load_hf, load_jax_npz, resample_pos_embed
 
 __version__ = "0.1.0"
 
@@ -58,7 +59,7 @@ vit_huge_patch14_224 = _named("vit_huge_patch14_224")
 
 __all__ = [
     "ViT", "ViTConfig", "VARIANTS", "create_model", "list_models", "available_backends",
-    "BackendUnavailableError", "ops",
+    "BackendUnavailableError", "ops", "from_timm", "load_hf", "load_jax_npz", "resample_pos_embed",
     "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_base_patch32_224",
     "vit_base_patch16_384", "vit_large_patch16_224", "vit_large_patch16_384", "vit_huge_patch14_224",
 ]

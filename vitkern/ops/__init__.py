@@ -13,5 +13,6 @@ from vitkern.ops.layer_norm import layer_norm
 from vitkern.ops.linear import linear
 from vitkern.ops.ln_linear import ln_linear
 from vitkern.ops.patch_embed import patch_embed
+from vitkern.ops import _cuda  # noqa: E402,F401  registers the CUDA implementations (cheap; builds nothing)
 
 __all__ = ["patch_embed", "layer_norm", "ln_linear", "attention", "linear"]

@@ -67,6 +67,7 @@ def test_named_variant_matches_timm(name, global_pool, num_classes):
     with torch.no_grad():
         ours, theirs = vk(x), tm(x)
     width = num_classes or tm.embed_dim
+    assert sum(p.numel() for p in vk.parameters()) == sum(p.numel() for p in tm.parameters())
     assert ours.shape == theirs.shape == (batch, width)
     assert _max_diff(ours, theirs) <= 1e-5
 

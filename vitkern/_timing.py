@@ -253,10 +253,11 @@ class Progress:
     """A progress bar: tqdm when installed (a dev dependency), else a small built-in one that
     prints `[#####.....] 5/10 label` lines to stderr."""
 
-    def __init__(self, total: int, desc: str = "", disable: bool = False) -> None:
+    def __init__(self, total: int, desc: str = "", disable: bool = False, plain: bool = False) -> None:
         self.total, self.n, self.desc, self.disable = total, 0, desc, disable
         self._tqdm = None
-        if not disable:
+        self._t0 = time.monotonic()
+        if not disable and not plain:
             try:
                 from tqdm import tqdm
 
@@ -274,7 +275,9 @@ class Progress:
             return
         width = 30
         filled = int(width * self.n / max(self.total, 1))
-        sys.stderr.write(f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} {label}\n")
+        elapsed = time.monotonic() - self._t0
+        sys.stderr.write(f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} "
+                         f"{elapsed:.0f}s {label}\n")
         sys.stderr.flush()
 
     def close(self) -> None:

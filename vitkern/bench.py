@@ -509,6 +509,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "recorded as skipped with that reason")
     p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png (default: bench-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", choices=("auto", "plain"), default="auto",
+                   help="auto: tqdm when installed; plain: one line per case (for logs)")
+    p.add_argument("--target-ms", type=float, help="timed milliseconds per case (default 500 on GPU); fewer = faster run")
     args = p.parse_args(argv)
     return args
 
@@ -555,6 +558,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ceilings = _timing.measure_ceilings(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32),
                                         quick=quick_cpu or device.type != "cuda")
     settings = default_settings(device, dtype, quick=quick_cpu, ceilings=ceilings)
+    if args.target_ms is not None:
+        if args.target_ms < 0:
+            raise SystemExit(f"--target-ms must be >= 0, got {args.target_ms}")
+        settings.target_ms = args.target_ms
     cases = plan(models, batches, modes, providers, img_size)
     record: Dict[str, Any] = {
         "schema": SCHEMA, "argv": sys.argv[1:] if argv is None else list(argv),
@@ -567,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         record["notes"].append("CPU run: MFU is against this CPU's measured GEMM rate, so the TPUv3-core-day "
                                "equivalents are illustrative only")
     baselines: Dict[Tuple, float] = {}
-    bar = _timing.Progress(len(cases), desc="vitkern.bench", disable=args.no_progress)
+    bar = _timing.Progress(len(cases), desc="vitkern.bench", disable=args.no_progress, plain=args.progress == "plain")
     for case in cases:
         if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
             res = {**asdict(case), "status": "skipped", "reason": f"time budget of {args.budget_s:.0f} s for this run exhausted",

@@ -48,3 +48,108 @@ def ln_linear(
 
 
 dispatch.register("ln_linear", "eager", reference.ln_linear)
+
+
+if dispatch.triton_importable():
+    from typing import List, Tuple
+
+    import torch
+
+    from vitkern.kernels.triton import layer_norm as _triton_layer_norm
+    from vitkern.kernels.triton import ln_linear as _triton_ln_linear
+    from vitkern.ops._checks import fused_backend_reasons
+
+    def _library_op(name: str):
+        """torch.library.triton_op on a GPU (torch.compile then sees the kernels themselves). In the
+        interpreter wrap_triton hands back the interpreted kernel, which cannot be traced, so the op
+        is an opaque custom op whose fake implementation is the same function (the launchers skip
+        the launch on fake tensors). The kernel code is the same either way."""
+        if not dispatch.triton_interpret():
+            return torch.library.triton_op(name, mutates_args=())
+
+        def register(fn):
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+
+        return register
+
+    @_library_op("vitkern::ln_linear_fwd")
+    def ln_linear_fwd(
+        x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
+        eps: float, activation: Optional[str],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x: [M, D] (unit column stride); ln_weight, ln_bias: [D]; weight: [N, D]; bias: [N] or
+        None; one dtype. Returns (y [M, N] = act(LayerNorm(x) @ weight^T + bias) in x's dtype,
+        mean [M] fp32, rstd [M] fp32, pre): pre is the pre-activation [M, N] kept for the backward
+        when activation == "gelu", else an empty [0] tensor."""
+        return _triton_ln_linear.ln_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps, activation)
+
+    @_library_op("vitkern::ln_linear_bwd")
+    def ln_linear_bwd(
+        dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+        pre: Tensor, activation: Optional[str], has_bias: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """dy: [M, N] (contiguous when activation == "gelu"); x, ln_weight, ln_bias, weight as in
+        ln_linear_fwd; mean, rstd, pre from it. Returns (dx [M, D], dln_weight [D], dln_bias [D],
+        dweight [N, D], dbias [N], or an empty [0] tensor when not has_bias), in x's dtype."""
+        return _triton_ln_linear.ln_linear_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, pre, activation, has_bias)
+
+    class LnLinearFn(torch.autograd.Function):
+        """act(LayerNorm(x) @ weight^T + bias) on [M, D] rows. Saves x, the fp32 mean/rstd (8 bytes
+        a row) and, with GELU, the pre-activation; the normalized x is recomputed in the backward."""
+
+        @staticmethod
+        def forward(ctx, x2d, ln_weight, ln_bias, weight, bias, eps, activation):
+            y, mean, rstd, pre = torch.ops.vitkern.ln_linear_fwd(x2d, ln_weight, ln_bias, weight, bias, eps, activation)
+            ctx.save_for_backward(x2d, ln_weight, ln_bias, weight, mean, rstd, pre)
+            ctx.activation = activation
+            ctx.has_bias = bias is not None
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x2d, ln_weight, ln_bias, weight, mean, rstd, pre = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            if ctx.activation == "gelu" and not dy.is_contiguous():
+                # The GELU-derivative kernel walks dy flat; the GEMMs themselves take any strides.
+                dy = dy.contiguous()
+            dx, dgamma, dbeta, dw, db = torch.ops.vitkern.ln_linear_bwd(
+                dy, x2d, ln_weight, ln_bias, weight, mean, rstd, pre, ctx.activation, ctx.has_bias and need[4]
+            )
+            grads = (dx, dgamma, dbeta, dw, db)
+            return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None)
+
+    def _ln_linear_triton(
+        x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
+        bias: Optional[Tensor] = None, *, eps: float = 1e-6, activation: Optional[str] = None,
+    ) -> Tensor:
+        lead = x.shape[:-1]
+        n, d = weight.shape
+        x2d = x.reshape(-1, d)
+        if x2d.stride(1) != 1:
+            # The LayerNorm kernels read rows with a unit feature stride; any row stride is fine.
+            x2d = x2d.contiguous()
+        # A LayerNorm without affine parameters is the one with gamma = 1, beta = 0 (constants:
+        # no gradient is asked of them).
+        if ln_weight is None:
+            ln_weight = torch.ones(d, dtype=x.dtype, device=x.device)
+        if ln_bias is None:
+            ln_bias = torch.zeros(d, dtype=x.dtype, device=x.device)
+        y = LnLinearFn.apply(x2d, ln_weight, ln_bias, weight, bias, float(eps), activation)
+        return y.reshape(*lead, n)
+
+    def _ln_linear_triton_reasons(call) -> List[str]:
+        reasons = fused_backend_reasons(
+            call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            allow_cpu=dispatch.triton_interpret(), backend="triton",
+        )
+        dim = call["x"].shape[-1]
+        if dim > _triton_layer_norm.MAX_N:
+            reasons.append(
+                f"x's last dim is {dim}; the triton LayerNorm statistics/backward keep a whole row in "
+                f"registers and take at most {_triton_layer_norm.MAX_N}"
+            )
+        return reasons
+
+    dispatch.register("ln_linear", "triton", _ln_linear_triton, supports=_ln_linear_triton_reasons)

@@ -381,45 +381,61 @@ def linear_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Audit specs: every kernel x every config the launchers can pick x dtype, ViT-B/16 flags
+# Audit specs: every kernel x every config the launchers can pick x dtype, with the two ViT
+# epilogues. At run time Triton specializes unit strides to constants and marks pointers and ints
+# divisible by 16; the specs do the same for contiguous ViT-B/16 operands (N, K in 768, 2304,
+# 3072: multiples of 16). `divisible_by_16` names those arguments for vitkern.audit, which turns
+# them into ASTSource attrs (without them nothing is vectorized or pipelined and the
+# 128-wide tiles spill, unlike the compiled kernels that really run).
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _spec(name, fn, signature, constexprs, divisible, **kwargs) -> "_common.KernelSpec":
+    spec = _common.KernelSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, **kwargs)
+    spec.divisible_by_16 = tuple(n for n in signature if n.endswith("_ptr") or n in divisible)
+    return spec
 
 
 def _audit_specs() -> List["_common.KernelSpec"]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         t = _TRITON_DTYPE[dtype]
-        tiles = _F32_TILES if dtype == torch.float32 else _TC_TILES
-        for bm, bn, bk, warps, stages in tiles:
+        ieee = dtype == torch.float32
+        for bm, bn, bk, warps, stages in (_F32_TILES if ieee else _TC_TILES):
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
             cfg = f"{bm}x{bn}x{bk} w{warps} s{stages}"
             common = dict(num_warps=warps, num_stages=stages, dtype=t, gemm_like=True)
-            # fc1 (bias + GELU, pre saved) and proj/fc2 (bias + residual): the two ViT epilogues.
+            # fc1 (bias + GELU, pre saved) and proj/fc2 (bias + residual); the dx GEMM is the same
+            # kernel with no epilogue and weight's strides swapped.
             for flags, what in (
-                (dict(HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_PRE=True), "bias+gelu+pre"),
-                (dict(HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_PRE=False), "bias+residual"),
+                (dict(HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_PRE=True), "fc1: bias+gelu+pre"),
+                (dict(HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_PRE=False), "proj/fc2: bias+residual"),
+                (dict(HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_PRE=False), "dx: w^T"),
             ):
-                specs.append(_common.KernelSpec(
-                    name="_linear_fwd_kernel", fn=_linear_fwd_kernel,
-                    signature={"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "res_ptr": f"*{t}",
-                               "pre_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
-                               "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32",
-                               "stride_rm": "i32", "stride_rn": "i32"},
-                    constexprs=dict(flags, IEEE=dtype == torch.float32, **meta),
-                    label=f"{cfg} {what}", **common))
-            specs.append(_common.KernelSpec(
-                name="_linear_bwd_dw_kernel", fn=_linear_bwd_dw_kernel,
-                signature={"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
-                           "N": "i32", "K": "i32", "M": "i32", "stride_dym": "i32", "stride_dyn": "i32",
-                           "stride_xm": "i32", "stride_xk": "i32"},
-                constexprs=dict(HAS_DB=True, IEEE=dtype == torch.float32, **meta),
-                label=f"{cfg} db", **common))
-        specs.append(_common.KernelSpec(
-            name="_linear_bwd_dgelu_kernel", fn=_linear_bwd_dgelu_kernel,
-            signature={"dy_ptr": f"*{t}", "pre_ptr": f"*{t}", "out_ptr": f"*{t}", "numel": "i64"},
-            constexprs=dict(BLOCK=DGELU_BLOCK), num_warps=4, num_stages=1, dtype=t, gemm_like=False,
-            label=f"BLOCK {DGELU_BLOCK}"))
+                dx = not flags["HAS_BIAS"]
+                unit = dict(stride_xk=1, stride_wn=1) if dx else dict(stride_xk=1, stride_wk=1, stride_rn=1)
+                sig = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "res_ptr": f"*{t}",
+                       "pre_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+                       "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32",
+                       "stride_rm": "i32", "stride_rn": "i32"}
+                if dx:
+                    unit.update(stride_rm=0, stride_rn=0)
+                for n in unit:
+                    del sig[n]
+                specs.append(_spec("_linear_fwd_kernel", _linear_fwd_kernel, sig,
+                                   dict(flags, IEEE=ieee, **unit, **meta),
+                                   ("N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_rm"),
+                                   label=f"{cfg} {what}", **common))
+            sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
+                   "N": "i32", "K": "i32", "M": "i32", "stride_dym": "i32", "stride_xm": "i32"}
+            specs.append(_spec("_linear_bwd_dw_kernel", _linear_bwd_dw_kernel, sig,
+                               dict(HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xk=1, **meta),
+                               ("N", "K", "stride_dym", "stride_xm"), label=f"{cfg} dw+db", **common))
+        specs.append(_spec("_linear_bwd_dgelu_kernel", _linear_bwd_dgelu_kernel,
+                           {"dy_ptr": f"*{t}", "pre_ptr": f"*{t}", "out_ptr": f"*{t}", "numel": "i64"},
+                           dict(BLOCK=DGELU_BLOCK), ("numel",), num_warps=4, num_stages=1, dtype=t,
+                           gemm_like=False, label=f"BLOCK {DGELU_BLOCK}"))
     return specs
 
 

@@ -1,0 +1,280 @@
+"""LayerNorm fused into the GEMM for `vitkern.ops.ln_linear` (LN1 + QKV, LN2 + fc1 + GELU).
+
+Design (a) of issue 3: a per-row statistics pass (`layer_norm_stats` of the LayerNorm family:
+mean and rstd in fp32, 8 bytes per row), then the GEMM normalizes each A tile as it loads it,
+(x - mean) * rstd * gamma + beta, rounded to the input dtype (exactly what eager PyTorch feeds
+its GEMM), so the normalized activations never travel through HBM. The epilogue (bias, exact
+GELU, pre-activation saved for the backward) is `linear`'s.
+
+Backward, with dh = dy * GELU'(pre) when the forward had GELU (else dy):
+  * dLN = dh @ W: `linear`'s dx GEMM;
+  * `_ln_linear_bwd_dw_kernel`: dW = dh^T @ LN(x), normalizing the x tile on load from x, mean,
+    rstd, gamma and beta (LN(x) is recomputed rather than stored: 2 bytes/element of x re-read
+    instead of 2 written + 2 read), with db = sum_rows(dh) fused as in `linear`;
+  * dx, dgamma, dbeta: the LayerNorm family's `layer_norm_bwd` on dLN.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels.triton import _common
+from vitkern.kernels.triton.layer_norm import layer_norm_bwd, layer_norm_stats
+from vitkern.kernels.triton.linear import (
+    _TC_TILES,
+    _F32_TILES,
+    _TRITON_DTYPE,
+    F32_CONFIGS,
+    GROUP_M,
+    TC_CONFIGS,
+    _dot_acc,
+    _epilogue_store,
+    _grouped_tile,
+    _launch,
+    _spec,
+    is_f32,
+    linear_bwd_dgelu,
+    linear_bwd_dx,
+    tiles_grid,
+)
+
+
+@triton.jit
+def _ln_linear_fwd_kernel(
+    x_ptr,      # [M, D] any strides
+    mean_ptr,   # [M] fp32
+    rstd_ptr,   # [M] fp32
+    gamma_ptr,  # [D]
+    beta_ptr,   # [D]
+    w_ptr,      # [N, D] any strides
+    bias_ptr,   # [N]; read only if HAS_BIAS
+    pre_ptr,    # [M, N] contiguous, out: pre-activation; written only if ACT_GELU and SAVE_PRE
+    y_ptr,      # [M, N] contiguous, out
+    M, N, D,
+    stride_xm, stride_xd, stride_wn, stride_wd,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    mean = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
+    x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k * stride_xd)[None, :]
+    w_ptrs = w_ptr + (offs_k * stride_wd)[:, None] + (offs_n.to(tl.int64) * stride_wn)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        gamma = tl.load(gamma_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        # Masked columns get gamma = beta = 0, hence a = 0: they add nothing to the dot.
+        a = ((x - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot_acc(a, b, acc, IEEE)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, pre_ptr, y_ptr,
+                    HAS_BIAS, ACT_GELU, False, SAVE_PRE)
+
+
+@triton.jit
+def _ln_dw_mainloop(
+    dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c, N, D, M,
+    stride_dym, stride_dyn, stride_xm, stride_xd,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IEEE: tl.constexpr, ROWSUM: tl.constexpr,
+):
+    """acc[n, d] = sum_m dy[m, n] LN(x)[m, d] over all rows m in fp32, and with ROWSUM also
+    rowsum[n] = sum_m dy[m, n]."""
+    offs_l = tl.arange(0, BLOCK_L)
+    r_ok = offs_r < N
+    c_ok = offs_c < D
+    gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    a_ptrs = dy_ptr + (offs_r.to(tl.int64) * stride_dyn)[:, None] + (offs_l * stride_dym)[None, :]
+    b_ptrs = x_ptr + (offs_l * stride_xm)[:, None] + (offs_c.to(tl.int64) * stride_xd)[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for l0 in range(0, M, BLOCK_L):
+        l_ok = offs_l < M - l0
+        a = tl.load(a_ptrs, mask=r_ok[:, None] & l_ok[None, :], other=0.0)
+        x = tl.load(b_ptrs, mask=l_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + l0 + offs_l, mask=l_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + l0 + offs_l, mask=l_ok, other=0.0)
+        # Rows past M would normalize to beta; a is 0 there, but zero them for clarity of the sum.
+        b = (x - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        b = tl.where(l_ok[:, None], b, 0.0).to(x_ptr.dtype.element_ty)
+        acc = _dot_acc(a, b, acc, IEEE)
+        if ROWSUM:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += BLOCK_L * stride_dym
+        b_ptrs += BLOCK_L * stride_xm
+    return acc, rowsum
+
+
+@triton.jit
+def _ln_linear_bwd_dw_kernel(
+    dy_ptr,     # [M, N] any strides (dh: the gradient after GELU's derivative)
+    x_ptr,      # [M, D] any strides (the LayerNorm's input)
+    mean_ptr,   # [M] fp32
+    rstd_ptr,   # [M] fp32
+    gamma_ptr,  # [D]
+    beta_ptr,   # [D]
+    dw_ptr,     # [N, D] contiguous, out
+    db_ptr,     # [N], out; written only if HAS_DB
+    N, D, M,
+    stride_dym, stride_dyn, stride_xm, stride_xd,
+    HAS_DB: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Output tile [BLOCK_M rows of N, BLOCK_N cols of D], reduction over the M tokens in steps of
+    # BLOCK_K (meta-parameter names follow the output tile so `linear`'s configs apply).
+    pid_r, pid_c = _grouped_tile(tl.program_id(0), N, D, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_DB:
+        if pid_c == 0:
+            acc, db = _ln_dw_mainloop(dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
+                                      N, D, M, stride_dym, stride_dyn, stride_xm, stride_xd,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
+            tl.store(db_ptr + offs_r, db.to(db_ptr.dtype.element_ty), mask=offs_r < N)
+        else:
+            acc, _ = _ln_dw_mainloop(dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
+                                     N, D, M, stride_dym, stride_dyn, stride_xm, stride_xd,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+    else:
+        acc, _ = _ln_dw_mainloop(dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
+                                 N, D, M, stride_dym, stride_dyn, stride_xm, stride_xd,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+    mask = (offs_r < N)[:, None] & (offs_c < D)[None, :]
+    tl.store(dw_ptr + (offs_r.to(tl.int64) * D)[:, None] + offs_c[None, :], acc.to(dw_ptr.dtype.element_ty), mask=mask)
+
+
+_FWD_KEY = ["N", "D", "HAS_BIAS", "ACT_GELU", "SAVE_PRE"]
+_ln_linear_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FWD_KEY)(_ln_linear_fwd_kernel)
+_ln_linear_fwd_f32 = triton.autotune(configs=F32_CONFIGS, key=_FWD_KEY)(_ln_linear_fwd_kernel)
+_DW_KEY = ["N", "D", "HAS_DB"]
+_ln_linear_bwd_dw_tc = triton.autotune(configs=TC_CONFIGS, key=_DW_KEY)(_ln_linear_bwd_dw_kernel)
+_ln_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_ln_linear_bwd_dw_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (inputs already validated by vitkern.ops.ln_linear)
+
+
+def ln_linear_fwd(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], eps: float, activation: Optional[str], save_pre: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = act(LayerNorm(x) @ weight^T + bias).
+
+    x: [M, D] (unit column stride; any row stride); ln_weight, ln_bias: [D]; weight: [N, D];
+    bias: [N] or None; all one dtype. Returns (y [M, N] contiguous in x's dtype, mean [M] fp32,
+    rstd [M] fp32, pre), pre the bias-added pre-activation [M, N] when activation == "gelu" and
+    save_pre, else an empty [0] tensor.
+    """
+    M, D = x.shape
+    N = weight.shape[0]
+    gelu = activation == "gelu"
+    keep_pre = gelu and save_pre
+    mean, rstd = layer_norm_stats(x, eps)
+    y = _common.empty((M, N), dtype=x.dtype, device=x.device)
+    pre = _common.empty((M, N) if keep_pre else (0,), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y, mean, rstd, pre
+    kernel = _ln_linear_fwd_f32 if is_f32(x.dtype) else _ln_linear_fwd_tc
+    _launch(
+        kernel, tiles_grid(M, N),
+        x, mean, rstd, ln_weight, ln_bias, weight, bias if bias is not None else y, pre if keep_pre else y, y,
+        M, N, D,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, ACT_GELU=gelu, SAVE_PRE=keep_pre, IEEE=is_f32(x.dtype),
+    )
+    return y, mean, rstd, pre
+
+
+def ln_linear_bwd_dw(
+    dh: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    ln_weight: torch.Tensor, ln_bias: torch.Tensor, has_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dw = dh^T @ LayerNorm(x) (recomputed on load) and db = dh summed over rows.
+
+    dh: [M, N]; x: [M, D]; mean, rstd: [M] fp32; ln_weight, ln_bias: [D]. Returns (dw [N, D]
+    contiguous, db [N] or an empty [0] tensor when not has_bias), in dh's dtype."""
+    M, N = dh.shape
+    D = x.shape[1]
+    dw = _common.empty((N, D), dtype=dh.dtype, device=dh.device)
+    db = _common.empty((N,) if has_bias else (0,), dtype=dh.dtype, device=dh.device)
+    if N == 0:
+        return dw, db
+    kernel = _ln_linear_bwd_dw_f32 if is_f32(dh.dtype) else _ln_linear_bwd_dw_tc
+    _launch(
+        kernel, tiles_grid(N, D),
+        dh, x, mean, rstd, ln_weight, ln_bias, dw, db if has_bias else dw,
+        N, D, M,
+        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1),
+        HAS_DB=has_bias, IEEE=is_f32(dh.dtype),
+    )
+    return dw, db
+
+
+def ln_linear_bwd(
+    dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, pre: torch.Tensor, activation: Optional[str], has_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ln_linear_fwd.
+
+    dy: [M, N] (contiguous when activation == "gelu"); x: [M, D] (unit column stride); ln_weight,
+    ln_bias: [D]; weight: [N, D]; mean, rstd: [M] fp32 and pre from ln_linear_fwd. Returns
+    (dx [M, D], dln_weight [D], dln_bias [D], dweight [N, D], dbias [N] or an empty [0] tensor
+    when not has_bias), all in x's dtype.
+    """
+    dh = linear_bwd_dgelu(dy, pre) if activation == "gelu" else dy
+    dln = linear_bwd_dx(dh, weight)
+    dw, db = ln_linear_bwd_dw(dh, x, mean, rstd, ln_weight, ln_bias, has_bias)
+    dx, dgamma, dbeta = layer_norm_bwd(dln, x, ln_weight, mean, rstd)
+    return dx, dgamma, dbeta, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit specs: every kernel x every config x dtype. As in linear.py, unit strides are constants
+# and `divisible_by_16` marks what Triton's run-time specialization marks for contiguous ViT-B/16
+# operands (D = 768, N = 2304 / 3072: multiples of 16).
+
+
+def _audit_specs() -> List["_common.KernelSpec"]:
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = _TRITON_DTYPE[dtype]
+        ieee = dtype == torch.float32
+        for bm, bn, bk, warps, stages in (_F32_TILES if ieee else _TC_TILES):
+            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+            cfg = f"{bm}x{bn}x{bk} w{warps} s{stages}"
+            common = dict(num_warps=warps, num_stages=stages, dtype=t, gemm_like=True)
+            for flags, what in (
+                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_PRE=True), "LN2+fc1: bias+gelu+pre"),
+                (dict(HAS_BIAS=True, ACT_GELU=False, SAVE_PRE=False), "LN1+qkv: bias"),
+            ):
+                sig = {"x_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": f"*{t}",
+                       "beta_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "pre_ptr": f"*{t}",
+                       "y_ptr": f"*{t}", "M": "i32", "N": "i32", "D": "i32", "stride_xm": "i32", "stride_wn": "i32"}
+                specs.append(_spec("_ln_linear_fwd_kernel", _ln_linear_fwd_kernel, sig,
+                                   dict(flags, IEEE=ieee, stride_xd=1, stride_wd=1, **meta),
+                                   ("N", "D", "stride_xm", "stride_wn"), label=f"{cfg} {what}", **common))
+            sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                   "gamma_ptr": f"*{t}", "beta_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
+                   "N": "i32", "D": "i32", "M": "i32", "stride_dym": "i32", "stride_xm": "i32"}
+            specs.append(_spec("_ln_linear_bwd_dw_kernel", _ln_linear_bwd_dw_kernel, sig,
+                               dict(HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xd=1, **meta),
+                               ("N", "D", "stride_dym", "stride_xm"), label=f"{cfg} dw+db", **common))
+    return specs
+
+
+AUDIT_SPECS: List[_common.KernelSpec] = _audit_specs()

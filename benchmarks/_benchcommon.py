@@ -9,7 +9,10 @@ tests/conftest.py when both folders are collected in one run.
   at 384 over batch 1, 32, 256; `suite` (what `make gpu` uses to fit its 9 minutes) measures
   B/16-224 only and compiles timm with torch.compile only for batch 256 inference.
 * `VITKERN_BENCH_BUDGET_S`: seconds after which the remaining benchmarks skip with that reason
-  (pytest-benchmark writes its JSON only at the end, so a killed run would lose everything).
+  (pytest-benchmark writes its JSON only at the end, so a killed run would lose everything; a
+  SIGTERM is turned into an interrupt, after which pytest-benchmark still writes what it has).
+* `VITKERN_BENCH_TARGET_MS`: milliseconds of timed calls per GPU case (default 500).
+* torch.compile cases run last (their compilation can take minutes).
 * Each result's `extra_info` carries img/s (or TFLOP/s and GB/s for ops), peak memory, MFU,
   the speedup vs the baseline measured in the same session, device and versions, git commit.
 """
@@ -35,7 +38,9 @@ if GRID not in ("full", "suite"):
 _BUDGET = os.environ.get("VITKERN_BENCH_BUDGET_S")
 _DEADLINE = time.monotonic() + float(_BUDGET) if _BUDGET else None
 # Cases that may take long to prepare (torch.compile max-autotune) start only with this much budget left.
-SLOW_CASE_MIN_S = 120.0
+SLOW_CASE_MIN_S = 75.0
+# Milliseconds of timed calls per case (VITKERN_BENCH_TARGET_MS; the GPU suite uses 200).
+TARGET_MS = float(os.environ.get("VITKERN_BENCH_TARGET_MS", "500"))
 
 
 def budget_left() -> float:

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _benchcommon import _BUDGET, DEVICE, DTYPE, GRID  # noqa: E402
+from _benchcommon import _BUDGET, DEVICE, DTYPE, GRID, TARGET_MS  # noqa: E402
 from vitkern import _timing, bench  # noqa: E402
 
 
@@ -30,7 +30,10 @@ def env_info() -> Dict[str, Any]:
 @pytest.fixture(scope="session")
 def settings() -> bench.Settings:
     """Timing policy and the peak MFU is computed against (datasheet for known GPUs, else measured)."""
-    return bench.default_settings(DEVICE, DTYPE)
+    s = bench.default_settings(DEVICE, DTYPE)
+    if DEVICE.type == "cuda":
+        s.target_ms = TARGET_MS
+    return s
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +46,22 @@ def baselines() -> Dict[Tuple, float]:
 def pytest_report_header(config):
     return (f"vitkern benchmarks on {_timing.device_name(DEVICE)} ({str(DTYPE).replace('torch.', '')}), "
             f"grid {GRID if DEVICE.type == 'cuda' else 'cpu-small'}, budget {_BUDGET or 'none'} s")
+
+
+def pytest_configure(config):
+    # SIGTERM (the GPU suite's stage limit) -> KeyboardInterrupt: pytest then still runs its
+    # session-finish hooks, so pytest-benchmark writes the JSON of every finished benchmark.
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            raise KeyboardInterrupt("SIGTERM: the caller's time limit")
+
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def pytest_collection_modifyitems(config, items):
+    # torch.compile cases last: their compilation may take minutes, and the budget guard lets
+    # them start only when enough of it is left after everything else was measured.
+    items.sort(key=lambda item: "timm-compile" in item.nodeid)

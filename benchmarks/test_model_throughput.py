@@ -51,7 +51,8 @@ def test_model_throughput(benchmark, case, settings, baselines, env_info):
         "mfu": r["mfu"], "mfu_peak": settings.peak.to_dict(),
         "peak_mem_bytes": r["peak_mem_bytes"], "peak_mem_note": r["peak_mem_note"],
         "speedup_vs_timm_eager": r["speedup_vs_timm_eager"],
-        "timing_method": (r["timing"] or {}).get("method"), "cuda_graph_error": r.get("cuda_graph_error"),
+        "timing_method": (r["timing"] or {}).get("method"), "warmup_s": (r["timing"] or {}).get("warmup_s"),
+        "cuda_graph_error": r.get("cuda_graph_error"),
         **env_info,
     })
     if r["status"] in ("skipped", "oom"):

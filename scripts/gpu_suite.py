@@ -11,16 +11,23 @@ Budget (seconds; a stage's limit is its own plus whatever earlier stages left un
 what later stages still need, so the total never exceeds TOTAL_BUDGET_S):
 
     stage        budget  what
-    env              15  nvidia-smi, versions, measured GEMM rate and copy bandwidth
-    cuda_build      120  build csrc/ just in time (vitkern.kernels.cuda.load_error())
+    env              20  nvidia-smi, versions, measured GEMM rate and copy bandwidth
+    cuda_build      100  build csrc/ just in time (vitkern.kernels.cuda.load_error()), for this
+                         GPU's architecture only (VITKERN_CUDA_ARCHS=90a on an H100), MAX_JOBS=cores
     gpu_tests        90  pytest -m gpu tests (junit xml)
-    audit            45  python -m vitkern.audit --json (Triton kernels AOT for sm_80/sm_90)
-    benchmarks      130  pytest benchmarks/ --benchmark-only (grid 'suite': per-op + B/16-224,
-                         timm+torch.compile for batch 256 inference only)
-    bench           100  python -m vitkern.bench: L/16, H/14, B/16-384, B/16 x batch 256, 32, 1
+    audit            40  python -m vitkern.audit --json (Triton kernels AOT for sm_80/sm_90)
+    benchmarks      160  pytest benchmarks/ --benchmark-only, grid 'suite' (per-op at B/16 b256
+                         shapes + B/16-224 models at batch 256, 32, 1; ~200 ms timed per case;
+                         timm+torch.compile(max-autotune) last, B/16 batch 256 inference only,
+                         and only if 75 s of the stage remain)
+    bench            95  python -m vitkern.bench: L/16, H/14, B/16-384, then B/16 (batch 256,
+                         32, 1; timm eager, vitkern auto and cuda, HF) until its budget ends
     profile          30  python -m vitkern.profile, B/16-224 batch 256, the fastest vitkern backend
-    (record)         ~5  merge -> benchmarks/results/<gpu>-<date>-<commit>.json and .md
-    total           535  (TOTAL_BUDGET_S = 540)
+    (record)          5  merge -> benchmarks/results/<gpu>-<date>-<commit>.json and .md
+    total           540  (TOTAL_BUDGET_S)
+
+A stage that runs out of time gets SIGTERM: the benchmark stages turn it into a clean stop that
+still writes their JSON (cases not reached are recorded as skipped with that reason).
 
 Outputs: benchmarks/results/<gpu>-<date>-<commit>.json (one merged record: stage statuses and
 durations, test summary, audit, pytest-benchmark JSON, bench JSON, profile, DESIGN.md §4
@@ -45,7 +52,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_BUDGET_S = 540
@@ -54,8 +61,8 @@ SCHEMA = "vitkern.gpu_suite/1"
 PY = sys.executable or "python3"
 
 # (name, budget seconds)
-STAGES = [("env", 15), ("cuda_build", 120), ("gpu_tests", 90), ("audit", 45), ("benchmarks", 130),
-          ("bench", 100), ("profile", 30)]
+STAGES = [("env", 20), ("cuda_build", 100), ("gpu_tests", 90), ("audit", 40), ("benchmarks", 160),
+          ("bench", 95), ("profile", 30)]
 
 
 def sanitize(text: str) -> str:
@@ -85,7 +92,11 @@ class Suite:
             "MAX_JOBS": self.env.get("MAX_JOBS", str(os.cpu_count() or 8)),  # the CUDA JIT build's parallelism
             "TRITON_CACHE_AUTOTUNING": "1",  # later stages reuse the autotuning of earlier ones
             "TORCHINDUCTOR_COMPILE_THREADS": self.env.get("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8)),
+            "VITKERN_BENCH_TARGET_MS": self.env.get("VITKERN_BENCH_TARGET_MS", "200"),
         })
+        arch = cuda_arch()
+        if arch and "VITKERN_CUDA_ARCHS" not in self.env:  # build for this GPU only: half the nvcc time
+            self.env["VITKERN_CUDA_ARCHS"] = arch
 
     # ----------------------------------------------------------------------------------------
     def timeout_for(self, index: int) -> float:
@@ -136,6 +147,33 @@ class Suite:
         log(f"{name}: {status} (rc {rc}) in {stage['seconds']:.0f} s")
         self.stages.append(stage)
         return stage
+
+
+def _cmd_out(cmd: List[str]) -> Optional[str]:
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=20)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def cuda_arch() -> Optional[str]:
+    """"90a" on a Hopper GPU, "80" on an A100, ... from nvidia-smi (None without one)."""
+    cap = _cmd_out(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
+    if not cap or "." not in cap:
+        return None
+    major, minor = cap.split(".", 1)
+    return f"{major}{minor}" + ("a" if major == "9" else "")
+
+
+def gpu_name_and_commit() -> Tuple[str, str]:
+    """Without torch (the env stage may have failed): nvidia-smi's GPU name and git's commit."""
+    name = _cmd_out(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]) or "unknown-gpu"
+    commit = _cmd_out(["git", "rev-parse", "--short=10", "HEAD"]) or "unknown"
+    if commit != "unknown" and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                              capture_output=True, text=True).stdout.strip():
+        commit += "+dirty"
+    return name, commit
 
 
 def tail(path: str, n: int) -> str:
@@ -294,6 +332,18 @@ def evaluate_targets(rows: List[Dict[str, Any]], bench_rec: Optional[Dict[str, A
 # The summary
 
 
+def render_bench_report(bench_rec: Dict[str, Any], bench_dir: str) -> None:
+    """bench.md and bench.png from a bench.json that a stopped run left without them."""
+    try:
+        sys.path.insert(0, REPO)
+        from vitkern import bench
+
+        bench_rec.setdefault("notes", []).append("report rendered by the GPU suite from the partial bench.json")
+        bench.write_report(bench_rec, bench_dir)
+    except Exception as exc:  # the record keeps the JSON either way
+        log(f"could not render the bench report: {type(exc).__name__}: {exc}")
+
+
 def fmt(v: Any, spec: str = ".3g") -> str:
     if v is None:
         return "-"
@@ -333,9 +383,13 @@ def render_summary(rec: Dict[str, Any], bench_md: Optional[str], profile_md: Opt
         lines.append("no junit xml (see the gpu_tests stage)")
     audit = rec.get("audit")
     lines += ["", "## Audit", ""]
-    if isinstance(audit, list):
-        bad = [r for r in audit if isinstance(r, dict) and (r.get("ok") is False or r.get("error"))]
-        lines.append(f"{len(audit)} rows, {len(bad)} failing.")
+    arows = audit.get("rows") if isinstance(audit, dict) else audit if isinstance(audit, list) else None
+    if isinstance(arows, list):
+        bad = [r for r in arows if isinstance(r, dict) and (r.get("ok") is False or r.get("error"))]
+        lines.append(f"{len(arows)} kernel x config x arch rows, {len(bad)} failing"
+                     + (f"; import errors: {audit.get('import_errors')}" if isinstance(audit, dict) and audit.get("import_errors") else "") + ".")
+        for r in bad[:20]:
+            lines.append(f"- {r.get('kernel')} {r.get('config')} sm_{r.get('arch')}: {r.get('error') or r.get('problems')}")
     else:
         lines.append("no audit JSON (see the audit stage)")
     ops = [r for r in rec.get("benchmark_rows", []) if r.get("op")]
@@ -383,6 +437,7 @@ try:
     info["matplotlib"] = matplotlib.__version__
 except Exception:
     info["matplotlib"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1, default=str)  # written before the slower measurement
 if dev.type == "cuda":
     info["measured"] = _timing.measure_ceilings(dev, torch.bfloat16)
 print(json.dumps({k: v for k, v in info.items() if k != "nvidia_smi"}, indent=1, default=str))
@@ -396,10 +451,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="folder to copy the record, summary and logs into")
     p.add_argument("--budget-s", type=float, default=None, help=f"total seconds (default {TOTAL_BUDGET_S})")
     p.add_argument("--quick", action="store_true",
-                   help="a CPU smoke run of the suite itself: bench/profile --quick, audit of one kernel file, 300 s")
+                   help="a CPU smoke run of the suite itself: bench/profile --quick, audit of one kernel file, 480 s")
     args = p.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 300.0 if args.quick else TOTAL_BUDGET_S
+        args.budget_s = 480.0 if args.quick else TOTAL_BUDGET_S
     if args.quick:  # scale the stage budgets to the smaller total
         scale = (args.budget_s - RECORD_RESERVE_S) / sum(b for _, b in STAGES)
         STAGES[:] = [(n, b * scale) for n, b in STAGES]
@@ -439,7 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     limit = suite.timeout_for(4)
     suite.run(4, [PY, "-m", "pytest", "benchmarks/", "--benchmark-only", f"--benchmark-json={bj_path}", "-q",
                   "-p", "no:cacheprovider", "-o", "addopts=-ra"],
-              extra_env={"VITKERN_BENCH_GRID": "suite", "VITKERN_BENCH_BUDGET_S": str(max(10, int(limit - 25)))})
+              extra_env={"VITKERN_BENCH_GRID": "suite", "VITKERN_BENCH_BUDGET_S": str(max(10, int(limit - 40)))})
     bj = load_json(bj_path)
     rows = benchmark_rows(bj)
 
@@ -450,8 +505,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             ["--target-ms", "200", "--providers", "timm-eager,vitkern-auto,vitkern-cuda,hf-sdpa",
              "--models", "vit_large_patch16_224,vit_huge_patch14_224,vit_base_patch16_384,vit_base_patch16_224"])
     suite.run(5, [PY, "-m", "vitkern.bench", "--out", bench_dir, "--progress", "plain",
-                  "--budget-s", str(max(10, int(limit - 20)))] + grid)
+                  "--budget-s", str(max(10, int(limit - 30)))] + grid)
     bench_rec = load_json(os.path.join(bench_dir, "bench.json"))
+    if bench_rec and not os.path.exists(os.path.join(bench_dir, "bench.md")):
+        render_bench_report(bench_rec, bench_dir)
 
     # 7. profile of the fastest vitkern backend
     prof_dir = os.path.join(w, "profile")
@@ -461,8 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     prof_rec = load_json(os.path.join(prof_dir, "profile.json"))
 
     # the record
-    gpu = env.get("device") or "unknown-gpu"
-    commit = env.get("git_commit") or "unknown"
+    fallback_gpu, fallback_commit = gpu_name_and_commit()
+    gpu = env.get("device") or fallback_gpu
+    commit = env.get("git_commit") or fallback_commit
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     base = sanitize(f"{gpu.replace('NVIDIA ', '')}-{date}-{commit.replace('+', '-')}")
     if prof_rec:

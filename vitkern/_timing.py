@@ -108,6 +108,7 @@ class Timing:
     times_ms: List[float]
     warmup: int
     method: str  # "cuda-events", "cuda-graph+cuda-events" or "perf_counter"
+    warmup_s: float = 0.0  # wall time of the warm-up calls (compilation and autotuning show here)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -171,8 +172,10 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, tar
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 (the first call compiles and autotunes), got {warmup}")
     probe = _Timed(fn, device)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         probe()
+    warmup_s = time.perf_counter() - t0
     iters = iterations_for(min(probe.times[-1], statistics.median(probe.times)), target_ms, min_iters, max_iters)
     timed = _Timed(fn, device)
     if runner is not None:
@@ -180,7 +183,7 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, tar
     else:
         for _ in range(iters):
             timed()
-    return Timing(timed.times, warmup, method or ("cuda-events" if device.type == "cuda" else "perf_counter"))
+    return Timing(timed.times, warmup, method or ("cuda-events" if device.type == "cuda" else "perf_counter"), warmup_s)
 
 
 def cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], None]:

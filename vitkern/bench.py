@@ -534,6 +534,26 @@ def _split(text: Optional[str], default: Sequence[Any], cast: Callable[[str], An
     return items
 
 
+def _install_sigterm_stop() -> List[str]:
+    """Turn SIGTERM (a time limit, e.g. the GPU suite's) into a clean stop: the case in flight is
+    abandoned, the rest are recorded as skipped, and the report is still written. Returns the
+    list that holds the stop reason once a signal arrived."""
+    import signal
+    import threading
+
+    reason: List[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        return reason
+
+    def on_term(signum, frame):
+        if not reason:
+            reason.append("stopped by SIGTERM (the caller's time limit) before this case")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    return reason
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from vitkern.config import VARIANTS
@@ -574,15 +594,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         record["notes"].append("CPU run: MFU is against this CPU's measured GEMM rate, so the TPUv3-core-day "
                                "equivalents are illustrative only")
     baselines: Dict[Tuple, float] = {}
+    stop_reason = _install_sigterm_stop()
     bar = _timing.Progress(len(cases), desc="vitkern.bench", disable=args.no_progress, plain=args.progress == "plain")
     for case in cases:
-        if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
-            res = {**asdict(case), "status": "skipped", "reason": f"time budget of {args.budget_s:.0f} s for this run exhausted",
+        skip = None
+        if stop_reason:
+            skip = stop_reason[0]
+        elif args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
+            skip = f"time budget of {args.budget_s:.0f} s for this run exhausted"
+        if skip is None:
+            try:
+                res = run_case(case, settings, baselines=baselines)
+            except KeyboardInterrupt:  # SIGTERM (a stage limit) or Ctrl-C: keep what was measured
+                stop_reason.append(stop_reason[0] if stop_reason else "interrupted (Ctrl-C)")
+                skip = stop_reason[0]
+        if skip is not None:
+            res = {**asdict(case), "status": "skipped", "reason": skip,
                    "ms": None, "img_per_s": None, "tflops": None, "mfu": None, "peak_mem_bytes": None,
                    "speedup_vs_timm_eager": None, "timing": None, "dtype": cost.dtype_name(settings.dtype),
                    "flops_per_img": cost.model_flops(case.model, case.img_size, training=case.mode == "train")}
-        else:
-            res = run_case(case, settings, baselines=baselines)
         record["results"].append(res)
         bar.update(case.label + ("" if res["status"] == "ok" else f" [{res['status']}]"))
         # write as we go: a run killed by its stage timeout still leaves every finished case

@@ -60,6 +60,7 @@ def _cuda_extension():
         include_dirs=[os.path.join(HERE, "csrc"), cublas_include],
         extra_compile_args={"cxx": ["-O2"], "nvcc": nvcc},
         extra_link_args=kc.link_flags(),
+        define_macros=[("VK_PYTHON_MODULE", "1")],  # `import vitkern._C` needs PyInit__C
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

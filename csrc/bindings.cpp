@@ -6,8 +6,6 @@
 // fake implementations, registered in vitkern/ops/_cuda.py). Inputs are 2-D row-major where the
 // Python layer flattens leading dims. With VITKERN_POISON_OUTPUTS=1 (the test suite sets it) every
 // output is NaN-filled before the kernels run, so an element a kernel forgets to write fails a test.
-#include <Python.h>
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -439,17 +437,18 @@ TORCH_LIBRARY_IMPL(vitkern, CUDA, m) {
   m.impl("cuda_patch_embed_bwd", &patch_embed_bwd);
 }
 
-// A Python module so that `import vitkern._C` (the setup.py build) loads the library and runs the
-// registrations above; the just-in-time build loads the same file with torch.ops.load_library.
+// A Python module so that `import vitkern._C` (the setup.py build, which defines VK_PYTHON_MODULE)
+// loads the library and runs the registrations above. The just-in-time build loads the same code
+// with torch.ops.load_library and needs no Python headers.
+#ifdef VK_PYTHON_MODULE
+#include <Python.h>
 #define VK_CONCAT_(a, b) a##b
 #define VK_CONCAT(a, b) VK_CONCAT_(a, b)
 #define VK_STR_(a) #a
 #define VK_STR(a) VK_STR_(a)
-#ifndef TORCH_EXTENSION_NAME
-#define TORCH_EXTENSION_NAME _C
-#endif
 extern "C" PyMODINIT_FUNC VK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, VK_STR(TORCH_EXTENSION_NAME),
                             "vitkern CUDA kernels; ops are under torch.ops.vitkern.cuda_*", -1, nullptr};
   return PyModule_Create(&def);
 }
+#endif

@@ -98,19 +98,16 @@ def test_attention_kernels_use_tensor_cores(built, arch):
 
 def test_built_extension_loads_without_a_gpu_and_registers_cuda_kernels(built):
     script = f"""
-import importlib.util, json, torch
+import json, torch
 torch.ops.load_library({str(built.library)!r})
 ops = {OPS!r}
 has = {{op: torch._C._dispatch_has_kernel_for_dispatch_key("vitkern::" + op, "CUDA") for op in ops}}
-spec = importlib.util.spec_from_file_location("_C", {str(built.library)!r})
-module = importlib.util.module_from_spec(spec)
-print(json.dumps({{"has": has, "module": module.__name__, "schema": str(torch.ops.vitkern.cuda_attention_fwd.default._schema)}}))
+print(json.dumps({{"has": has, "schema": str(torch.ops.vitkern.cuda_attention_fwd.default._schema)}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(report["has"].values()), report["has"]
-    assert report["module"] == "_C"
     assert report["schema"] == "vitkern::cuda_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
 
 

@@ -13,8 +13,9 @@ The just-in-time build (`build()`) compiles each kernel file with nvcc separatel
 bindings (the kernel files include no torch headers), MAX_JOBS at a time, keeps every file's
 `-Xptxas -v` report next to its object (tests/test_cuda_build.py asserts 0 spill bytes from them),
 and links with the host compiler. The cache directory is keyed by a hash of the sources, the flags
-and the toolchain, so an unchanged tree reuses the last build. Knobs: VITKERN_CUDA_ARCHS ("80;90a"),
-MAX_JOBS (2), NVCC_THREADS (1), CUDA_HOME (/usr/local/cuda), VITKERN_CUDA_CACHE
+and the toolchain, so an unchanged tree reuses the last build. Knobs: VITKERN_CUDA_ARCHS ("80;90a";
+the just-in-time build for a GPU compiles only that GPU's architecture unless it is set),
+MAX_JOBS (min(4, CPUs)), NVCC_THREADS (unset), CUDA_HOME (/usr/local/cuda), VITKERN_CUDA_CACHE
 (~/.cache/vitkern), CXX (c++). setup.py takes its flags from the same functions.
 """
 
@@ -212,7 +213,7 @@ def _bindings_cmd(src: Path, obj: Path) -> List[str]:
     import torch
     from torch.utils import cpp_extension
 
-    incs = cpp_extension.include_paths() + [os.path.join(cuda_home(), "include"), sysconfig.get_paths()["include"], str(CSRC)]
+    incs = cpp_extension.include_paths() + [os.path.join(cuda_home(), "include"), str(CSRC)]
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
     return (
         [os.environ.get("CXX", "c++"), "-c", "-O2", "-fPIC", _torch_cxx_std(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C"]
@@ -258,7 +259,7 @@ def build(archs: Optional[Sequence[str]] = None, *, jobs: Optional[int] = None, 
     flags = nvcc_flags(archs)
     commands: Dict[str, List[str]] = {s: [nvcc, "-c", *flags, str(CSRC / s), "-o", str(tmp / (s + ".o"))] for s in KERNEL_SOURCES}
     commands[BINDINGS] = _bindings_cmd(CSRC / BINDINGS, tmp / (BINDINGS + ".o"))
-    jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
+    jobs = jobs or int(os.environ.get("MAX_JOBS", "0")) or min(4, os.cpu_count() or 1)
     order = list(KERNEL_SOURCES[:1]) + [BINDINGS] + list(KERNEL_SOURCES[1:])
 
     def compile_one(name: str) -> None:
@@ -421,9 +422,10 @@ def load_error() -> Optional[str]:
     if error:
         return f"{installed_error}; the just-in-time build is impossible: {error}"
     try:
-        archs = cuda_archs()
+        # Only this GPU's architecture unless VITKERN_CUDA_ARCHS asks for more: half the build time.
         major, minor = torch.cuda.get_device_capability()
         own = f"{major}{minor}" + ("a" if major == 9 else "")
+        archs = cuda_archs() if "VITKERN_CUDA_ARCHS" in os.environ else [own]
         if not any(a.rstrip("a") == f"{major}{minor}" for a in archs):
             archs = archs + [own]
         result = build(archs)

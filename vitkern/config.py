@@ -147,7 +147,10 @@ FAMILIES = {
 
 def _variant(family: str, patch: int, img: int) -> ViTConfig:
     depth, dim, mlp, heads = FAMILIES[family]
-    return ViTConfig(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp / dim)
+    # timm's default heads: these two exist only as ImageNet-21k feature models (no classifier).
+    num_classes = 0 if (family, patch, img) in {("huge", 14, 224), ("large", 32, 224)} else 1000
+    return ViTConfig(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                     mlp_ratio=mlp / dim, num_classes=num_classes)
 
 
 # The named variants, keyed by timm's model names.

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkern import ops
+from vitkern import dispatch, ops
 from vitkern.config import ViTConfig, to_2tuple
+from vitkern.dispatch import BackendUnavailableError
 from vitkern.weights import resample_pos_embed
 
 
@@ -77,10 +78,9 @@ class PatchEmbed(nn.Module):
         if backbone is not None:
             feature_chans, feature_size = _probe_backbone(backbone, in_chans, img_size)
         self.feature_size = feature_size
-        self.grid_size = (
-            -(-feature_size[0] // patch_size[0]) if dynamic_img_pad else feature_size[0] // patch_size[0],
-            -(-feature_size[1] // patch_size[1]) if dynamic_img_pad else feature_size[1] // patch_size[1],
-        )
+        # timm sizes pos_embed by the whole patches of img_size, also under dynamic_img_pad (a padded
+        # input then has a larger grid, which dynamic_img_size resamples to).
+        self.grid_size = (feature_size[0] // patch_size[0], feature_size[1] // patch_size[1])
         if self.grid_size[0] == 0 or self.grid_size[1] == 0:
             raise ValueError(f"patch_size {patch_size} is larger than the {'feature map' if backbone else 'image'} {feature_size}")
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -311,7 +311,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        drop_path_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        drop_path_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, cfg.mlp_hidden_dim, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                   attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_eps=norm_eps)
@@ -339,6 +339,10 @@ class ViT(nn.Module):
     def backend(self, value: str) -> None:
         """Set the backend of the model and every submodule that runs ops."""
         ViTConfig(backend=value)  # validates the name
+        if value != "auto":
+            reasons = dispatch.backend_unavailable_reasons(value)
+            if reasons:  # fail when asked, not at the first forward
+                raise BackendUnavailableError(f"backend={value!r} cannot run here:\n  - " + "\n  - ".join(reasons))
         self._backend = value
         self.config.backend = value
         for module in self.modules():

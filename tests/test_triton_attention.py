@@ -224,3 +224,12 @@ def test_gpu_torch_compile_inductor():
     eager_out, eager_grad = _eager_lowp(qkv, 12, torch.ones_like(out))
     assert_ratio(out.detach(), eager_out, ref_out, name="out")
     assert_ratio(qkv.grad, eager_grad, ref_grad, name="dqkv")
+
+
+def test_triton_refuses_a_sample_past_int32():
+    """Only the batch offset is int64 in the kernels; a token stride that makes one sample span
+    2^31 elements is refused with a reason (a meta tensor: nothing is allocated)."""
+    qkv = torch.empty_strided((1, 3, 192), (2**32, 2**31, 1), device="meta")
+    impl = dispatch.implementations("attention")["triton"]
+    reasons = impl.not_supported_reasons(dict(qkv=qkv, num_heads=1, scale=None))
+    assert any("int32" in r for r in reasons), reasons

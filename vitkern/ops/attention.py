@@ -99,12 +99,18 @@ if dispatch.triton_importable():
         @staticmethod
         def backward(ctx, dout: Tensor):
             qkv, out, lse = ctx.saved_tensors
-            if dout.stride(-1) != 1:
-                # The kernels read rows of dout with a unit feature stride (e.g. autograd hands an
-                # expanded zero-stride gradient for out.sum()); any other row strides are fine.
+            if dout.stride(-1) != 1 or not _sample_fits_int32(dout):
+                # The kernels read rows of dout with a unit feature stride (autograd hands an
+                # expanded zero-stride gradient for out.sum()) and index inside one sample in
+                # int32; any other batch and token strides are read as they are.
                 dout = dout.contiguous()
             dqkv = torch.ops.vitkern.attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale)
             return dqkv, None, None
+
+    def _sample_fits_int32(t: Tensor) -> bool:
+        """Offsets inside one sample, (tokens - 1) * stride(1) + width, fit in int32 (the kernels
+        add only the batch offset in int64)."""
+        return (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[2] < 2**31
 
     def _attention_triton(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
         head_dim = qkv.shape[-1] // 3 // num_heads
@@ -128,6 +134,12 @@ if dispatch.triton_importable():
             reasons.append(
                 f"head_dim = qkv.shape[-1] / 3 / num_heads = {head_dim}; the triton attention supports "
                 f"{TRITON_MIN_HEAD_DIM} <= head_dim <= {TRITON_MAX_HEAD_DIM}"
+            )
+        if not _sample_fits_int32(qkv):
+            reasons.append(
+                f"one sample of qkv spans (tokens - 1) * stride(1) + 3 * dim = "
+                f"{(qkv.shape[1] - 1) * qkv.stride(1) + qkv.shape[2]} elements; the triton attention "
+                "indexes inside a sample in int32 (< 2**31)"
             )
         return reasons
 

@@ -28,6 +28,7 @@ The probabilities of any row can be recomputed later from q, k and the saved lse
 
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import torch
@@ -302,35 +303,56 @@ def _attention_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Configs. Tiles are chosen for ViT's short sequences (T = 197 at 224 px, 577 at 384 px): the
-# first config of each list is the one the interpreter runs, the rest are what the GPU autotunes
-# over. Keys are the token count and the head size, never the batch.
+# Configs. Tiles are chosen for ViT's short sequences (T = 197 at 224 px, 577 at 384 px): a head's
+# whole K and V (197 x 64 x 2 x 2 B = 50 KB) is smaller than one SM's shared memory, so the loops
+# are short (4 blocks of 64) and what matters is the padding waste of the last block and the
+# register budget, not deep pipelining. One list per tier (16-bit or fp32 operands x head padded to
+# <= 64 or to 128), so every config the autotuner may pick compiles without spills on sm_80 and
+# sm_90 (vitkern.audit checks each). The first config of a list is the one the interpreter runs.
+# Autotune keys: token count and head size, never the batch.
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-]
-_BWD_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-]
-_BWD_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-]
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# {(operand kind, padded head size): {kernel: configs}}; BLOCK_M tiles queries, BLOCK_N keys.
+CONFIGS = {
+    ("half", 64): {
+        "fwd": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(128, 32, 4, 3)],
+        "dkdv": [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
+        "dq": [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
+    },
+    ("half", 128): {
+        "fwd": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
+        "dkdv": [_cfg(32, 64, 4, 3), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
+        "dq": [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
+    },
+    ("fp32", 64): {
+        "fwd": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+        "dkdv": [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+        "dq": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+    },
+    ("fp32", 128): {
+        "fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
+        "dkdv": [_cfg(32, 32, 4, 2), _cfg(32, 64, 8, 2)],
+        "dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
+    },
+}
+_KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 _PREPROCESS_BLOCK_M = 64
+_PREPROCESS_WARPS = 4
 
-_attention_fwd = triton.autotune(_common.autotune_configs(_FWD_CONFIGS), key=["T", "HEAD_DIM"])(_attention_fwd_kernel)
-_attention_bwd_dkdv = triton.autotune(_common.autotune_configs(_BWD_DKDV_CONFIGS), key=["T", "HEAD_DIM"])(
-    _attention_bwd_dkdv_kernel
-)
-_attention_bwd_dq = triton.autotune(_common.autotune_configs(_BWD_DQ_CONFIGS), key=["T", "HEAD_DIM"])(
-    _attention_bwd_dq_kernel
-)
+
+def _tier(dtype: torch.dtype, padded_head_dim: int) -> Tuple[str, int]:
+    return ("fp32" if dtype == torch.float32 else "half", 64 if padded_head_dim <= 64 else 128)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel: str, tier: Tuple[str, int]):
+    """The autotuned launcher of `kernel` for `tier`, built on first use (nothing at import)."""
+    configs = _common.autotune_configs(CONFIGS[tier][kernel])
+    return triton.autotune(configs, key=["T", "HEAD_DIM"])(_KERNELS[kernel])
 
 
 def block_d(head_dim: int) -> int:
@@ -373,7 +395,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torc
     def grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
 
-    torch.library.wrap_triton(_attention_fwd)[grid](
+    tier = _tier(qkv.dtype, block_d(head_dim))
+    torch.library.wrap_triton(_tuned("fwd", tier))[grid](
         qkv, out, lse, t, num_heads,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E,
@@ -405,13 +428,14 @@ def attention_bwd(
     torch.library.wrap_triton(_attention_bwd_preprocess_kernel)[pre_grid](
         out, dout, delta, t, num_heads,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M,
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=_PREPROCESS_WARPS,
     )  # fmt: skip
+    tier = _tier(qkv.dtype, bd)
 
     def dkdv_grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_N"]),)
 
-    torch.library.wrap_triton(_attention_bwd_dkdv)[dkdv_grid](
+    torch.library.wrap_triton(_tuned("dkdv", tier))[dkdv_grid](
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale, scale * LOG2E,
@@ -421,7 +445,7 @@ def attention_bwd(
     def dq_grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
 
-    torch.library.wrap_triton(_attention_bwd_dq)[dq_grid](
+    torch.library.wrap_triton(_tuned("dq", tier))[dq_grid](
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale, scale * LOG2E,
@@ -431,11 +455,20 @@ def attention_bwd(
 
 
 # --------------------------------------------------------------------------------------------
-# AOT specs for `python -m vitkern.audit`: every kernel x every config x dtype, at ViT-B/16's
-# head size 64 and at 80 (ViT-H/14, padded to BLOCK_D 128).
+# AOT specs for `python -m vitkern.audit`: every kernel x every config of its tier x dtype, at
+# ViT-B/16's head size 64 and at 80 (ViT-H/14, padded to BLOCK_D 128). At run time Triton marks
+# 16-byte-aligned pointers and ints divisible by 16 (all strides of contiguous ViT tensors: 3D and
+# D are multiples of 16); `divisible_by_16` asks the audit for the same specialization, without
+# which loads are not vectorized and the register counts would describe a different kernel.
 
 _AUDIT_HEAD_DIMS = (64, 80)
-_AUDIT_DTYPES = ("fp16", "bf16", "fp32")
+_AUDIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _spec(name, fn, signature, constexprs, **kwargs) -> _common.KernelSpec:
+    spec = _common.KernelSpec(name, fn, signature, constexprs, **kwargs)
+    spec.divisible_by_16 = tuple(n for n, ty in signature.items() if ty.startswith("*") or n.startswith("stride_"))
+    return spec
 
 
 def _specs() -> List[_common.KernelSpec]:
@@ -445,36 +478,30 @@ def _specs() -> List[_common.KernelSpec]:
     def strides(*names: str) -> dict:
         return {f"stride_{n}_{a}": "i32" for n in names for a in ("b", "t")}
 
-    for dtype in _AUDIT_DTYPES:
+    for dtype, torch_dtype in _AUDIT_DTYPES.items():
         ptr = f"*{dtype}"
-        precision = "ieee" if dtype == "fp32" else "tf32"
+        precision = _dot_precision(torch_dtype)
         for head_dim in _AUDIT_HEAD_DIMS:
-            shape = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim)}
-            for cfg in _FWD_CONFIGS:
-                sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "qk_scale": "fp32"}
-                specs.append(_common.KernelSpec(
-                    "_attention_fwd_kernel", _attention_fwd_kernel, sig,
-                    {**shape, **cfg.kwargs, "DOT_PRECISION": precision},
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype, gemm_like=True,
-                    label=f"d{head_dim} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
-                ))  # fmt: skip
+            bd = block_d(head_dim)
+            shape = {"HEAD_DIM": head_dim, "BLOCK_D": bd}
+            tier = _tier(torch_dtype, bd)
             sig = {"OUT": ptr, "DOUT": ptr, "DELTA": "*fp32", **ints, **strides("out", "dout")}
-            specs.append(_common.KernelSpec(
+            specs.append(_spec(
                 "_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, sig,
-                {**shape, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1, dtype=dtype,
+                {**shape, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=_PREPROCESS_WARPS, num_stages=1, dtype=dtype,
                 label=f"d{head_dim} M{_PREPROCESS_BLOCK_M}",
             ))  # fmt: skip
-            for name, fn, configs in (
-                ("_attention_bwd_dkdv_kernel", _attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS),
-                ("_attention_bwd_dq_kernel", _attention_bwd_dq_kernel, _BWD_DQ_CONFIGS),
-            ):
-                for cfg in configs:
-                    sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr, **ints,
-                           **strides("qkv", "dout", "dqkv"), "scale": "fp32", "qk_scale": "fp32"}  # fmt: skip
-                    specs.append(_common.KernelSpec(
-                        name, fn, sig, {**shape, **cfg.kwargs, "DOT_PRECISION": precision},
+            fwd_sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "qk_scale": "fp32"}
+            bwd_sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr, **ints,
+                       **strides("qkv", "dout", "dqkv"), "scale": "fp32", "qk_scale": "fp32"}  # fmt: skip
+            for kernel, sig in (("fwd", fwd_sig), ("dkdv", bwd_sig), ("dq", bwd_sig)):
+                fn = _KERNELS[kernel]
+                for cfg in CONFIGS[tier][kernel]:
+                    kw = cfg.kwargs
+                    specs.append(_spec(
+                        fn.__name__, fn, sig, {**shape, **kw, "DOT_PRECISION": precision},
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype, gemm_like=True,
-                        label=f"d{head_dim} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
+                        label=f"d{head_dim} M{kw['BLOCK_M']} N{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
                     ))  # fmt: skip
     return specs
 

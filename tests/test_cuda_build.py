@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from vitkern import reference
 from vitkern.kernels import cuda as cuda_kernels
 
 ARCHS = ["80", "90a"]
@@ -176,3 +177,154 @@ def test_dispatch_reports_why_cuda_is_unavailable_here():
     x = torch.randn(4, 8)
     with pytest.raises(dispatch.BackendUnavailableError, match="cuda"):
         vitkern.ops.layer_norm(x, torch.ones(8), torch.zeros(8), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# The Python layer (vitkern/ops/_cuda.py) over stand-ins of the C++ ops, on the CPU in float64: the
+# autograd Functions must pass the right tensors in the right order, restore leading dims and
+# return every gradient. The stand-ins follow csrc/bindings.cpp's contracts (2-D inputs, empty
+# tensors for outputs that were not asked for), written from the formulas, not from _cuda.py.
+
+
+class _StandInOps:
+    @staticmethod
+    def _none(like):
+        return like.new_empty((0,))
+
+    def cuda_layer_norm_fwd(self, x, w, b, eps):
+        assert x.dim() == 2 and x.is_contiguous()
+        mean, rstd = reference.layer_norm_stats(x, eps)
+        return reference.layer_norm(x, w, b, eps), mean.float(), rstd.float()
+
+    def cuda_layer_norm_bwd(self, dy, x, w, mean, rstd):
+        assert dy.dim() == 2 and dy.is_contiguous() and mean.dtype == torch.float32
+        mean, rstd = mean.to(x.dtype)[:, None], rstd.to(x.dtype)[:, None]
+        xhat = (x - mean) * rstd
+        g = dy * w
+        dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        return dx, (dy * xhat).sum(0), dy.sum(0)
+
+    def cuda_linear_fwd(self, x, w, b, r, gelu):
+        assert x.dim() == 2 and (r is None or r.shape == (x.shape[0], w.shape[0]))
+        h = x @ w.t() + (b if b is not None else 0)
+        out = (reference.gelu(h) if gelu else h) + (r if r is not None else 0)
+        return out, (h if gelu else self._none(x))
+
+    def cuda_linear_bwd(self, dout, x, w, preact, has_bias, gelu):
+        dh = dout
+        if gelu:
+            h = preact.detach().requires_grad_()
+            with torch.enable_grad():
+                (dh,) = torch.autograd.grad(reference.gelu(h), h, dout)
+        return dh @ w, dh.t() @ x, (dh.sum(0) if has_bias else self._none(x))
+
+    def cuda_ln_linear_fwd(self, x, lnw, lnb, w, b, eps, gelu):
+        ln, mean, rstd = self.cuda_layer_norm_fwd(x, lnw, lnb, eps)
+        out, preact = self.cuda_linear_fwd(ln, w, b, None, gelu)
+        return out, ln, mean, rstd, preact
+
+    def cuda_ln_linear_bwd(self, dout, x, lnw, w, ln_out, mean, rstd, preact, has_bias, gelu):
+        dln, dw, db = self.cuda_linear_bwd(dout, ln_out, w, preact, has_bias, gelu)
+        dx, dlnw, dlnb = self.cuda_layer_norm_bwd(dln, x, lnw, mean, rstd)
+        return dx, dlnw, dlnb, dw, db
+
+    def cuda_attention_fwd(self, qkv, heads, scale):
+        b, t, three_d = qkv.shape
+        hd = three_d // 3 // heads
+        q, k, _ = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        lse = torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
+        return reference.attention(qkv, heads, scale=scale), lse.float()
+
+    def cuda_attention_bwd(self, dout, qkv, out, lse, heads, scale):
+        q = qkv.detach().requires_grad_()
+        with torch.enable_grad():
+            (dq,) = torch.autograd.grad(reference.attention(q, heads, scale=scale), q, dout)
+        return dq
+
+    def cuda_patch_embed_fwd(self, x, w, b, cls, pos):
+        return reference.patch_embed(x, w, b, cls, pos)
+
+    def cuda_patch_embed_bwd(self, dout, x, w, has_bias, has_cls, has_pos, needs_dx):
+        dim = w.shape[0]
+        tokens = dout.shape[1]
+        leaves = [x.detach().requires_grad_(), w.detach().requires_grad_(), x.new_zeros(dim).requires_grad_(),
+                  x.new_zeros(1, 1, dim).requires_grad_(), x.new_zeros(1, tokens, dim).requires_grad_()]
+        with torch.enable_grad():
+            y = reference.patch_embed(leaves[0], leaves[1], leaves[2] if has_bias else None,
+                                      leaves[3] if has_cls else None, leaves[4] if has_pos else None)
+            grads = torch.autograd.grad(y, leaves, dout, allow_unused=True)
+        keep = (needs_dx, True, has_bias, has_cls, has_pos)
+        return tuple(g if k else self._none(x) for g, k in zip(grads, keep))
+
+
+@pytest.fixture
+def stand_in_ops(monkeypatch):
+    from vitkern.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "_ops", lambda: _StandInOps())
+    monkeypatch.setattr(_cuda, "_READY", True)
+    return _cuda
+
+
+def _compare(fn_cuda, fn_ref, tensors, out_shape, tol=1e-7):
+    """tol: the LayerNorm statistics cross the C++ contract in fp32, about 1e-7 relative."""
+    a = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    b = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    ya, yb = fn_cuda(*a), fn_ref(*b)
+    assert ya.shape == yb.shape == out_shape
+    torch.testing.assert_close(ya, yb, atol=tol, rtol=tol)
+    dy = torch.randn_like(yb)
+    ya.backward(dy)
+    yb.backward(dy)
+    for i, (ta, tb) in enumerate(zip(a, b)):
+        if ta is None:
+            continue
+        assert ta.grad is not None, f"input {i}: no gradient"
+        torch.testing.assert_close(ta.grad, tb.grad, atol=tol, rtol=tol, msg=lambda m: f"input {i}: {m}")
+
+
+def test_python_layer_layer_norm(stand_in_ops):
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    w, b = torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    _compare(lambda *t: stand_in_ops.layer_norm(*t, eps=1e-6), lambda *t: reference.layer_norm(*t, 1e-6), (x, w, b), (2, 5, 24),
+             tol=1e-5)
+
+
+@pytest.mark.parametrize("bias,activation,residual", [(True, "gelu", True), (False, None, True), (True, None, False), (False, "gelu", False)])
+def test_python_layer_linear(stand_in_ops, bias, activation, residual):
+    d = torch.float64
+    x, w = torch.randn(2, 5, 24, dtype=d), torch.randn(40, 24, dtype=d)
+    b = torch.randn(40, dtype=d) if bias else None
+    r = torch.randn(2, 5, 40, dtype=d) if residual else None
+
+    def run(fn):
+        return lambda x, w, b, r: fn(x, w, b, activation=activation, residual=r)
+
+    _compare(run(stand_in_ops.linear), run(reference.linear), (x, w, b, r), (2, 5, 40))
+
+
+@pytest.mark.parametrize("bias,activation", [(True, "gelu"), (False, None)])
+def test_python_layer_ln_linear(stand_in_ops, bias, activation):
+    d = torch.float64
+    x = torch.randn(3, 7, 24, dtype=d)
+    ts = (x, torch.randn(24, dtype=d), torch.randn(24, dtype=d), torch.randn(40, 24, dtype=d), torch.randn(40, dtype=d) if bias else None)
+
+    def run(fn):
+        return lambda *t: fn(*t, eps=1e-6, activation=activation)
+
+    _compare(run(stand_in_ops.ln_linear), run(reference.ln_linear), ts, (3, 7, 40), tol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_python_layer_attention(stand_in_ops, scale):
+    qkv = torch.randn(2, 9, 3 * 2 * 8, dtype=torch.float64)
+    _compare(lambda q: stand_in_ops.attention(q, 2, scale=scale), lambda q: reference.attention(q, 2, scale=scale), (qkv,), (2, 9, 16))
+
+
+@pytest.mark.parametrize("cls,pos,bias", [(True, True, True), (False, False, False), (True, False, True)])
+def test_python_layer_patch_embed(stand_in_ops, cls, pos, bias):
+    d = torch.float64
+    tokens = (1 if cls else 0) + 6
+    ts = (torch.randn(2, 3, 8, 12, dtype=d), torch.randn(16, 3, 4, 4, dtype=d), torch.randn(16, dtype=d) if bias else None,
+          torch.randn(1, 1, 16, dtype=d) if cls else None, torch.randn(1, tokens, 16, dtype=d) if pos else None)
+    _compare(stand_in_ops.patch_embed, reference.patch_embed, ts, (2, tokens, 16))

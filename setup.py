@@ -13,6 +13,7 @@ The flags come from vitkern/kernels/cuda.py, which also builds the same sources 
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -26,6 +27,7 @@ def _kernels_cuda_module():
 
     spec = importlib.util.spec_from_file_location("_vitkern_kernels_cuda", os.path.join(HERE, "vitkern", "kernels", "cuda.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -140,7 +140,6 @@ def test_triton_unavailable_without_gpu_or_interpreter(no_triton_probe):
 
 
 def test_vit_backend_triton_raises_with_the_reason(no_triton_probe):
-    # Whether it is raised when the model is built or when it first runs, the error gives the reason.
     error = no_triton_probe["construct"] or no_triton_probe["forward"]
     assert error is not None, "ViT(backend='triton') ran without a usable Triton backend"
     kind, message = error
@@ -149,10 +148,8 @@ def test_vit_backend_triton_raises_with_the_reason(no_triton_probe):
     assert "TRITON_INTERPRET" in message or "not installed" in message or "no triton implementation" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ViT(backend='triton') is accepted when built and only fails at the first forward; checking "
-    "dispatch.backend_unavailable_reasons(backend) in the backend setter would fail fast"))
 def test_vit_backend_triton_fails_when_built(no_triton_probe):
+    # Fail when asked, not at the first forward.
     assert no_triton_probe["construct"] is not None
     kind, message = no_triton_probe["construct"]
     assert kind == "BackendUnavailableError" and "TRITON_INTERPRET" in message

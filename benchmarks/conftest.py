@@ -65,3 +65,22 @@ def pytest_collection_modifyitems(config, items):
     # torch.compile cases last: their compilation may take minutes, and the budget guard lets
     # them start only when enough of it is left after everything else was measured.
     items.sort(key=lambda item: "timm-compile" in item.nodeid)
+
+
+_SKIPS = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPS.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Skipped cases with their reasons, for the GPU suite's record (pytest-benchmark lists only results).
+    path = os.environ.get("VITKERN_BENCH_SKIPS_JSON")
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(_SKIPS, f, indent=1)

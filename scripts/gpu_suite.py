@@ -12,16 +12,18 @@ what later stages still need, so the total never exceeds TOTAL_BUDGET_S):
 
     stage        budget  what
     env              20  nvidia-smi, versions, measured GEMM rate and copy bandwidth
-    cuda_build      100  build csrc/ just in time (vitkern.kernels.cuda.load_error()), for this
-                         GPU's architecture only (VITKERN_CUDA_ARCHS=90a on an H100), MAX_JOBS=cores
+    cuda_build      100  build csrc/ just in time (vitkern.kernels.cuda.load_error(): this GPU's
+                         architecture only, MAX_JOBS = CPU cores); if it fails, later stages run
+                         with VITKERN_CUDA_JIT=0 so that none of them retries the build
     gpu_tests        90  pytest -m gpu tests (junit xml)
     audit            40  python -m vitkern.audit --json (Triton kernels AOT for sm_80/sm_90)
     benchmarks      160  pytest benchmarks/ --benchmark-only, grid 'suite' (per-op at B/16 b256
                          shapes + B/16-224 models at batch 256, 32, 1; ~200 ms timed per case;
                          timm+torch.compile(max-autotune) last, B/16 batch 256 inference only,
                          and only if 75 s of the stage remain)
-    bench            95  python -m vitkern.bench: L/16, H/14, B/16-384, then B/16 (batch 256,
-                         32, 1; timm eager, vitkern auto and cuda, HF) until its budget ends
+    bench            95  python -m vitkern.bench: L/16, H/14, B/16-384 at batch 256 and 1 (timm
+                         eager, vitkern auto and cuda, HF), in that order until its budget ends
+                         (B/16-224 and batch 32 are measured by the benchmarks stage)
     profile          30  python -m vitkern.profile, B/16-224 batch 256, the fastest vitkern backend
     (record)          5  merge -> benchmarks/results/<gpu>-<date>-<commit>.json and .md
     total           540  (TOTAL_BUDGET_S)
@@ -94,9 +96,6 @@ class Suite:
             "TORCHINDUCTOR_COMPILE_THREADS": self.env.get("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8)),
             "VITKERN_BENCH_TARGET_MS": self.env.get("VITKERN_BENCH_TARGET_MS", "200"),
         })
-        arch = cuda_arch()
-        if arch and "VITKERN_CUDA_ARCHS" not in self.env:  # build for this GPU only: half the nvcc time
-            self.env["VITKERN_CUDA_ARCHS"] = arch
 
     # ----------------------------------------------------------------------------------------
     def timeout_for(self, index: int) -> float:
@@ -155,15 +154,6 @@ def _cmd_out(cmd: List[str]) -> Optional[str]:
         return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return None
-
-
-def cuda_arch() -> Optional[str]:
-    """"90a" on a Hopper GPU, "80" on an A100, ... from nvidia-smi (None without one)."""
-    cap = _cmd_out(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
-    if not cap or "." not in cap:
-        return None
-    major, minor = cap.split(".", 1)
-    return f"{major}{minor}" + ("a" if major == "9" else "")
 
 
 def gpu_name_and_commit() -> Tuple[str, str]:
@@ -398,7 +388,7 @@ def render_summary(rec: Dict[str, Any], bench_md: Optional[str], profile_md: Opt
                   "| op | mode | provider | ms | TFLOP/s | GB/s | % of floor | vs torch |", "|---|---|---|---|---|---|---|---|"]
         for r in ops:
             lines.append(f"| {r['op']} | {r['mode']} | {r['provider']} | {fmt(r.get('ms_median'), '.4f')} | "
-                         f"{fmt(r.get('tflops'), '.1f')} | {fmt(r.get('gbps'), ',.0f')} | {fmt(r.get('pct_of_floor'), '.1f')} | "
+                         f"{fmt(r.get('tflops'), '.3g')} | {fmt(r.get('gbps'), ',.4g')} | {fmt(r.get('pct_of_floor'), '.1f')} | "
                          f"{fmt(r.get('speedup_vs_torch'), '.2f')} |")
     models = [r for r in rec.get("benchmark_rows", []) if r.get("model") and not r.get("op")]
     if models:
@@ -409,10 +399,21 @@ def render_summary(rec: Dict[str, Any], bench_md: Optional[str], profile_md: Opt
             lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['provider']} | {fmt(r.get('img_per_s'), ',.0f')} | "
                          f"{fmt(r.get('ms_median'), '.3f')} | {fmt(mem, '.2f')} | {fmt(r.get('mfu'), '.1%')} | "
                          f"{fmt(r.get('speedup_vs_timm_eager'), '.2f')} |")
+    skips = rec.get("benchmark_skips") or []
+    if skips:
+        by_reason: Dict[str, int] = {}
+        for sk in skips:
+            by_reason[sk["reason"][:160]] = by_reason.get(sk["reason"][:160], 0) + 1
+        lines += ["", "## Skipped benchmarks (pytest-benchmark)", "", "| reason | cases |", "|---|---|"]
+        lines += [f"| {r} | {n} |" for r, n in sorted(by_reason.items(), key=lambda kv: -kv[1])]
+    def nested(md: str, keep: int) -> str:  # the embedded report's headings one level down
+        body = md.split("\n")[1:keep]
+        return "\n".join(("#" + ln) if ln.startswith("## ") else ln for ln in body)
+
     if bench_md:
-        lines += ["", "## vitkern.bench", "", bench_md.split("\n", 1)[1] if "\n" in bench_md else bench_md]
+        lines += ["", "## vitkern.bench", "", nested(bench_md, 10_000)]
     if profile_md:
-        lines += ["", "## vitkern.profile", "", "\n".join(profile_md.split("\n")[1:60])]
+        lines += ["", "## vitkern.profile", "", nested(profile_md, 60)]
     return "\n".join(lines) + "\n"
 
 
@@ -427,16 +428,12 @@ from vitkern import _timing
 info = {"nvidia_smi": subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout}
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 info.update(_timing.environment(dev))
-try:
-    import pytest, pytest_benchmark
-    info["pytest"], info["pytest_benchmark"] = pytest.__version__, pytest_benchmark.__version__
-except Exception as exc:
-    info["pytest"] = f"unavailable: {exc}"
-try:
-    import matplotlib
-    info["matplotlib"] = matplotlib.__version__
-except Exception:
-    info["matplotlib"] = None
+from importlib import metadata
+for dist in ("pytest", "pytest-benchmark", "matplotlib", "tqdm", "ninja", "pybind11", "numpy"):
+    try:
+        info[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        info[dist] = None
 json.dump(info, open(sys.argv[1], "w"), indent=1, default=str)  # written before the slower measurement
 if dev.type == "cuda":
     info["measured"] = _timing.measure_ceilings(dev, torch.bfloat16)
@@ -476,6 +473,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               skip_reason=None if sources else "csrc/ has no .cu/.cpp sources")
     cuda_status = open(cuda_out).read().strip() if os.path.exists(cuda_out) else None
     cuda_msg = ("loaded" if cuda_status == "None" else f"unavailable: {cuda_status}") if cuda_status else None
+    if sources and cuda_status != "None":
+        # a failed or unfinished build must not be retried (for minutes) by every later process
+        suite.env["VITKERN_CUDA_JIT"] = "0"
+        cuda_msg = cuda_msg or "unavailable: the build stage did not finish (see its log)"
 
     # 3. GPU tests
     junit = os.path.join(w, "gpu-tests.xml")
@@ -494,7 +495,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     limit = suite.timeout_for(4)
     suite.run(4, [PY, "-m", "pytest", "benchmarks/", "--benchmark-only", f"--benchmark-json={bj_path}", "-q",
                   "-p", "no:cacheprovider", "-o", "addopts=-ra"],
-              extra_env={"VITKERN_BENCH_GRID": "suite", "VITKERN_BENCH_BUDGET_S": str(max(10, int(limit - 40)))})
+              extra_env={"VITKERN_BENCH_GRID": "suite", "VITKERN_BENCH_BUDGET_S": str(max(10, int(limit - 40))),
+                         "VITKERN_BENCH_SKIPS_JSON": os.path.join(w, "benchmark-skips.json")})
     bj = load_json(bj_path)
     rows = benchmark_rows(bj)
 
@@ -502,8 +504,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench_dir = os.path.join(w, "bench")
     limit = suite.timeout_for(5)
     grid = (["--quick", "--providers", "timm-eager,vitkern-auto"] if args.quick else
-            ["--target-ms", "200", "--providers", "timm-eager,vitkern-auto,vitkern-cuda,hf-sdpa",
-             "--models", "vit_large_patch16_224,vit_huge_patch14_224,vit_base_patch16_384,vit_base_patch16_224"])
+            ["--target-ms", "200", "--providers", "timm-eager,vitkern-auto,vitkern-cuda,hf-sdpa", "--batch", "256,1",
+             "--models", "vit_large_patch16_224,vit_huge_patch14_224,vit_base_patch16_384"])
     suite.run(5, [PY, "-m", "vitkern.bench", "--out", bench_dir, "--progress", "plain",
                   "--budget-s", str(max(10, int(limit - 30)))] + grid)
     bench_rec = load_json(os.path.join(bench_dir, "bench.json"))
@@ -531,7 +533,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "stage_budgets": dict(STAGES), "stages": suite.stages, "environment": env, "cuda_extension": cuda_msg,
         "tests": junit_summary(junit), "audit": load_json(audit_json),
         "targets": evaluate_targets(rows, bench_rec), "best_vitkern_provider": best,
-        "benchmark_rows": rows, "benchmarks": bj, "bench": bench_rec, "profile": prof_rec,
+        "grid": GRID_NOTE,
+        "benchmark_rows": rows, "benchmark_skips": load_json(os.path.join(w, "benchmark-skips.json")), "benchmarks": bj, "bench": bench_rec, "profile": prof_rec,
     }
     results_dir = os.path.join(REPO, "benchmarks", "results")
     os.makedirs(results_dir, exist_ok=True)
@@ -556,6 +559,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(summary)
     return 0 if all(s["status"] in ("ok", "skipped") for s in suite.stages) else 1
 
+
+GRID_NOTE = {
+    "benchmarks": "pytest benchmarks/ with VITKERN_BENCH_GRID=suite: per-op benchmarks at ViT-B/16 batch-256 shapes "
+                  "(bf16, fwd and fwd+bwd, every vitkern backend vs the torch baselines) and model throughput of "
+                  "B/16-224 at batch 256, 32, 1 for every provider; torch.compile(max-autotune) only for batch 256 "
+                  "inference, run last and only with 75 s of the stage left; ~200 ms of timed calls per case",
+    "bench": "python -m vitkern.bench: L/16-224, H/14-224, B/16-384 at batch 256 and 1 (batch 32 trimmed to fit the "
+             "9-minute suite), providers timm-eager, vitkern-auto, vitkern-cuda, hf-sdpa; cases past the stage "
+             "budget are recorded as skipped with that reason",
+    "not_in_suite": "the full grid (every model x batch 1/32/256 x provider, torch.compile everywhere): run "
+                    "`VITKERN_BENCH_GRID=full pytest benchmarks/ --benchmark-only` and `python -m vitkern.bench`",
+}
 
 MAX_OUT_FILES = 8
 MAX_OUT_BYTES = 15 * 2**20

@@ -90,3 +90,34 @@ def test_error_in_a_provider_is_recorded_not_raised(monkeypatch):
     settings = bench.Settings(torch.device("cpu"), torch.float32, cost.measured_device("cpu", {"fp32": 1e10}, 1e10))
     r = bench.run_case(bench.Case("vit_tiny_patch16_224", 32, 1, "infer", "timm-eager"), settings)
     assert r["status"] == "error" and "planted failure" in r["reason"] and r["img_per_s"] is None
+
+
+def test_pytest_benchmarks_write_extra_info(tmp_path):
+    """`pytest benchmarks/ --benchmark-only --benchmark-json` on a CPU: every entry carries the
+    extra_info fields benchmarks/results/README.md documents (a small subset of cases)."""
+    out = tmp_path / "bench.json"
+    skips = tmp_path / "skips.json"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               VITKERN_BENCH_SKIPS_JSON=str(skips))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", f"--benchmark-json={out}", "-q",
+         "-p", "no:cacheprovider", "-k", "(infer and (timm-eager or vitkern-auto or vitkern-cuda)) or layer_norm-fwd-"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    entries = json.loads(out.read_text())["benchmarks"]
+    models = [b["extra_info"] for b in entries if b["name"].startswith("test_model_throughput")]
+    op_rows = [b["extra_info"] for b in entries if b["name"].startswith("test_op")]
+    assert {m["provider"] for m in models} == {"timm-eager", "vitkern-auto"}
+    assert {o["provider"] for o in op_rows} >= {"torch", "vitkern-eager"}
+    common = ("device", "torch", "triton", "cuda", "git_commit", "mfu", "peak_mem_bytes", "peak_mem_note", "ms_median")
+    for m in models:
+        for key in common + ("img_per_s", "speedup_vs_timm_eager", "flops_per_img", "timing_method"):
+            assert key in m, key
+        assert m["img_per_s"] > 0 and m["mfu"] > 0 and m["speedup_vs_timm_eager"] > 0
+    for o in op_rows:
+        for key in common + ("tflops", "gbps", "floor_ms", "pct_of_floor", "speedup_vs_torch", "bytes_min"):
+            assert key in o, key
+        assert o["gbps"] > 0 and 0 < o["pct_of_floor"]
+    # the CUDA provider was skipped, with its reason, and the skip list says so
+    reasons = json.loads(skips.read_text())
+    assert any("vitkern-cuda" in s["test"] and "cuda" in s["reason"].lower() for s in reasons)

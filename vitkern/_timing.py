@@ -61,17 +61,14 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "git_commit": git_commit(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    try:
-        import triton
+    # versions from package metadata: importing transformers alone can take seconds
+    from importlib import metadata
 
-        info["triton"] = triton.__version__
-    except Exception as exc:  # the record says why rather than failing
-        info["triton"] = f"unavailable ({type(exc).__name__})"
-    for mod in ("timm", "transformers"):
+    for dist in ("triton", "timm", "transformers"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update({

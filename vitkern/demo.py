@@ -116,8 +116,12 @@ def show_parity(name: str, model: vitkern.ViT, device: torch.device, backends: D
     with torch.no_grad():
         expected = tm(x)
         for backend in _runnable(backends, device, fast_only=True):
-            model.backend = backend
-            diff = (model(x).double() - expected.double()).abs().max().item()
+            try:
+                model.backend = backend
+                diff = (model(x).double() - expected.double()).abs().max().item()
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next backend
+                _line(f"  backend={backend:<7} failed: {type(exc).__name__}: {exc}")
+                continue
             verdict = "ok" if diff <= 1e-4 else "LARGER THAN EXPECTED"
             _line(f"  backend={backend:<7} max |logits - timm logits| = {diff:.2e}  ({verdict}; logits ~{expected.abs().max().item():.2f})")
     model.backend = "auto"

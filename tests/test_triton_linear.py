@@ -50,9 +50,10 @@ def _check(dtype, lead, k, n, *, bias, activation, residual, transposed=False, s
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, name="y")
     rows = x.numel() // k
-    # With GELU the kernels (like eager PyTorch) round dy' = dy * GELU'(pre) to the input dtype
-    # before the two GEMMs, so each of the summed terms of dx (over N), dweight and dbias (over the
-    # rows) carries one rounding of the input dtype: their error grows like sqrt(terms).
+    # With GELU the kernels round GELU'(pre) (saved by the forward) and dy' = dy * GELU'(pre) to the
+    # input dtype before the two GEMMs (eager PyTorch rounds dy' once), so each of the summed terms
+    # of dx (over N), dweight and dbias (over the rows) carries roundings of the input dtype: their
+    # error grows like sqrt(terms).
     red_rows = math.sqrt(rows) if activation == "gelu" else 1.0
     red_n = math.sqrt(n) if activation == "gelu" else 1.0
     for name, got, ref, scale in zip(("dx", "dweight", "dbias", "dresidual"), grads, grads_ref,
@@ -92,6 +93,15 @@ def test_linear_gelu_with_expanded_grad():
     _check(torch.float16, (17,), 64, 64, bias=True, activation="gelu", residual=False, sum_grad=True)
 
 
+def test_linear_inference_skips_saving_dact():
+    # Without autograd the forward does not write GELU'(pre): the GELU epilogue alone.
+    x, w, b, r = _inputs((3, 50), 64, 200, torch.float16, bias=True, residual=True)
+    with torch.no_grad():
+        y = ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
+    ref = reference.linear(x.double(), w.double(), b.double(), activation="gelu", residual=r.double())
+    assert_close(y, ref, torch.float16, name="y")
+
+
 def test_linear_triton_refuses_mixed_dtypes():
     x = torch.randn(4, 64, device=DEV)
     w = torch.randn(32, 64, device=DEV, dtype=torch.float16)
@@ -104,17 +114,17 @@ def test_linear_opcheck_fwd():
     w = torch.randn(40, 32, device=DEV)
     b = torch.randn(40, device=DEV)
     r = torch.randn(9, 40, device=DEV)
-    torch.library.opcheck(torch.ops.vitkern.linear_fwd.default, (x, w, b, r, "gelu"))
-    torch.library.opcheck(torch.ops.vitkern.linear_fwd.default, (x, w, None, None, None))
+    torch.library.opcheck(torch.ops.vitkern.linear_fwd.default, (x, w, b, r, "gelu", True))
+    torch.library.opcheck(torch.ops.vitkern.linear_fwd.default, (x, w, None, None, "gelu", False))
 
 
 def test_linear_opcheck_bwd():
     x = torch.randn(9, 32, device=DEV)
     w = torch.randn(40, 32, device=DEV)
     dy = torch.randn(9, 40, device=DEV)
-    pre = torch.randn(9, 40, device=DEV)
-    torch.library.opcheck(torch.ops.vitkern.linear_bwd.default, (dy, x, w, pre, "gelu", True, True, True))
-    torch.library.opcheck(torch.ops.vitkern.linear_bwd.default, (dy, x, w, pre[:0], None, False, True, False))
+    dact = torch.rand(9, 40, device=DEV) * 1.2 - 0.1  # GELU' lies in about [-0.13, 1.13]
+    torch.library.opcheck(torch.ops.vitkern.linear_bwd.default, (dy, x, w, dact, "gelu", True, True, True))
+    torch.library.opcheck(torch.ops.vitkern.linear_bwd.default, (dy, x, w, dact[:0], None, False, True, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +147,7 @@ def test_linear_bf16_vit_b_shape():
 @pytest.mark.gpu
 def test_linear_int32_overflow():
     """fc1 of ViT-B/16 at batch 4096: M * N = 4096 * 197 * 3072 > 2^31, so every [M, N] access
-    (y, pre, dy, dy') overflows int32 offsets unless the kernels use int64."""
+    (y, dact, dy) overflows int32 offsets unless the kernels use int64."""
     torch.cuda.empty_cache()
     m, k, n = 4096 * 197, 768, 3072
     dtype = torch.bfloat16

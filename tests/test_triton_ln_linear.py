@@ -51,10 +51,10 @@ def _check(dtype, lead, d, n, *, bias, activation, strided=False, sum_grad=False
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, name="y")
     rows = tensors[0].numel() // d
-    # Like eager PyTorch, the kernels round the normalized x and, with GELU, dh = dy * GELU'(pre)
-    # to the input dtype before the GEMMs; the gradients sum such rounded terms over N (dx via
-    # dLN = dh @ W) or over the rows (dweight, dbias, dln_weight, dln_bias), so their error grows
-    # like sqrt(terms).
+    # Like eager PyTorch, the kernels round the normalized x and, with GELU, GELU'(pre) and
+    # dh = dy * GELU'(pre) to the input dtype before the GEMMs; the gradients sum such rounded
+    # terms over N (dx via dLN = dh @ W) or over the rows (dweight, dbias, dln_weight, dln_bias),
+    # so their error grows like sqrt(terms).
     s_rows = math.sqrt(rows) if dtype != torch.float32 or activation == "gelu" else 1.0
     s_n = math.sqrt(n) if dtype != torch.float32 or activation == "gelu" else 1.0
     names = ("dx", "dln_weight", "dln_bias", "dweight", "dbias")
@@ -86,6 +86,14 @@ def test_ln_linear_strided_rows_and_expanded_grad():
     _check(torch.float32, (2, 17), 64, 200, bias=True, activation="gelu", strided=True, sum_grad=True)
 
 
+def test_ln_linear_inference_skips_saving_dact():
+    x, g, beta, w, b = _inputs((3, 50), 80, 200, torch.float16, bias=True)
+    with torch.no_grad():
+        y = ops.ln_linear(x, g, beta, w, b, eps=EPS, activation="gelu", backend="triton")
+    ref = reference.ln_linear(x.double(), g.double(), beta.double(), w.double(), b.double(), eps=EPS, activation="gelu")
+    assert_close(y, ref, torch.float16, name="y")
+
+
 def test_ln_linear_triton_refuses_mixed_dtypes():
     x = torch.randn(4, 64, device=DEV)
     g, beta = torch.ones(64, device=DEV), torch.zeros(64, device=DEV, dtype=torch.float16)
@@ -106,8 +114,8 @@ def test_ln_linear_opcheck_fwd():
     x = torch.randn(9, 32, device=DEV)
     g, beta = torch.randn(32, device=DEV), torch.randn(32, device=DEV)
     w, b = torch.randn(40, 32, device=DEV), torch.randn(40, device=DEV)
-    torch.library.opcheck(torch.ops.vitkern.ln_linear_fwd.default, (x, g, beta, w, b, EPS, "gelu"), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.vitkern.ln_linear_fwd.default, (x, g, beta, w, None, EPS, None), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.vitkern.ln_linear_fwd.default, (x, g, beta, w, b, EPS, "gelu", True), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.vitkern.ln_linear_fwd.default, (x, g, beta, w, None, EPS, "gelu", False), test_utils=OPCHECK_UTILS)
 
 
 def test_ln_linear_opcheck_bwd():
@@ -115,10 +123,11 @@ def test_ln_linear_opcheck_bwd():
     g, beta = torch.randn(32, device=DEV), torch.randn(32, device=DEV)
     w = torch.randn(40, 32, device=DEV)
     mean, rstd = reference.layer_norm_stats(x, EPS)
-    dy, pre = torch.randn(9, 40, device=DEV), torch.randn(9, 40, device=DEV)
-    torch.library.opcheck(torch.ops.vitkern.ln_linear_bwd.default, (dy, x, g, beta, w, mean, rstd, pre, "gelu", True),
+    dy = torch.randn(9, 40, device=DEV)
+    dact = torch.rand(9, 40, device=DEV) * 1.2 - 0.1  # GELU' lies in about [-0.13, 1.13]
+    torch.library.opcheck(torch.ops.vitkern.ln_linear_bwd.default, (dy, x, g, beta, w, mean, rstd, dact, "gelu", True),
                            test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.vitkern.ln_linear_bwd.default, (dy, x, g, beta, w, mean, rstd, pre[:0], None, False),
+    torch.library.opcheck(torch.ops.vitkern.ln_linear_bwd.default, (dy, x, g, beta, w, mean, rstd, dact[:0], None, False),
                            test_utils=OPCHECK_UTILS)
 
 
@@ -141,7 +150,7 @@ def test_ln_linear_bf16_vit_b_shape(n, activation):
 
 @pytest.mark.gpu
 def test_ln_linear_int32_overflow():
-    """LN2 + fc1 of ViT-B/16 at batch 4096: M * N = 4096 * 197 * 3072 > 2^31 (y, pre, dh)."""
+    """LN2 + fc1 of ViT-B/16 at batch 4096: M * N = 4096 * 197 * 3072 > 2^31 (y, dact, dy)."""
     torch.cuda.empty_cache()
     m, d, n = 4096 * 197, 768, 3072
     dtype = torch.bfloat16

@@ -71,52 +71,57 @@ if dispatch.triton_importable():
 
     @_library_op("vitkern::linear_fwd")
     def linear_fwd(
-        x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str]
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str],
+        save_dact: bool,
     ) -> Tuple[Tensor, Tensor]:
         """x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None; one dtype.
-        Returns (y [M, N], pre): y = act(x @ weight^T + bias) + residual, and pre the pre-activation
-        [M, N] kept for the backward when activation == "gelu" (else an empty [0] tensor)."""
-        return _triton_linear.linear_fwd(x, weight, bias, residual, activation)
+        Returns (y [M, N], dact): y = act(x @ weight^T + bias) + residual, and dact = GELU'(the
+        pre-activation) [M, N] kept for the backward when activation == "gelu" and save_dact (else
+        an empty [0] tensor: inference skips that [M, N] write)."""
+        return _triton_linear.linear_fwd(x, weight, bias, residual, activation, save_dact)
 
     @_library_op("vitkern::linear_bwd")
     def linear_bwd(
-        dy: Tensor, x: Tensor, weight: Tensor, pre: Tensor, activation: Optional[str],
+        dy: Tensor, x: Tensor, weight: Tensor, dact: Tensor, activation: Optional[str],
         has_bias: bool, need_dx: bool, need_dw: bool,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; pre: from
+        """dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; dact: from
         linear_fwd. Returns (dx [M, K], dweight [N, K], dbias [N]) in dy's dtype; a gradient not
         asked for (need_dx, need_dw, has_bias) is an empty [0] tensor."""
-        return _triton_linear.linear_bwd(dy, x, weight, pre, activation, has_bias, need_dx, need_dw)
+        return _triton_linear.linear_bwd(dy, x, weight, dact, activation, has_bias, need_dx, need_dw)
 
     class LinearFn(torch.autograd.Function):
-        """act(x @ weight^T + bias) + residual on [M, K] rows. Saves x, weight and, with GELU, the
-        pre-activation (one extra [M, N] write instead of recomputing a GEMM in the backward)."""
+        """act(x @ weight^T + bias) + residual on [M, K] rows. Saves x, weight and, with GELU,
+        dact = GELU'(pre-activation) (one extra [M, N] write instead of recomputing a GEMM in the
+        backward)."""
 
         @staticmethod
-        def forward(ctx, x2d, weight, bias, residual2d, activation):
-            y, pre = torch.ops.vitkern.linear_fwd(x2d, weight, bias, residual2d, activation)
-            ctx.save_for_backward(x2d, weight, pre)
+        def forward(ctx, x2d, weight, bias, residual2d, activation, save_dact):
+            y, dact = torch.ops.vitkern.linear_fwd(x2d, weight, bias, residual2d, activation, save_dact)
+            ctx.save_for_backward(x2d, weight, dact)
             ctx.activation = activation
             ctx.has_bias = bias is not None
             return y
 
         @staticmethod
         def backward(ctx, dy):
-            x2d, weight, pre = ctx.saved_tensors
-            need_x, need_w, need_b, need_res, _ = ctx.needs_input_grad
+            x2d, weight, dact = ctx.saved_tensors
+            need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
             if ctx.activation == "gelu" and not dy.is_contiguous():
-                # The GELU-derivative kernel walks dy flat; the GEMMs themselves take any strides.
+                # dy' = dy * dact is formed on load with one set of offsets for both, and dact is
+                # contiguous; without GELU the GEMMs read dy through any strides.
                 dy = dy.contiguous()
             dx = dw = db = None
             if need_x or need_w or need_b:
                 dx, dw, db = torch.ops.vitkern.linear_bwd(
-                    dy, x2d, weight, pre, ctx.activation, ctx.has_bias and need_b, need_x, need_w
+                    dy, x2d, weight, dact, ctx.activation, ctx.has_bias and need_b, need_x, need_w
                 )
             return (
                 dx if need_x else None,
                 dw if need_w else None,
                 db if need_b else None,
                 dy if need_res else None,
+                None,
                 None,
             )
 
@@ -128,7 +133,9 @@ if dispatch.triton_importable():
         n, k = weight.shape
         x2d = x.reshape(-1, k)
         residual2d = residual.reshape(-1, n) if residual is not None else None
-        return LinearFn.apply(x2d, weight, bias, residual2d, activation).reshape(*lead, n)
+        tensors = (x, weight, bias, residual)
+        save_dact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return LinearFn.apply(x2d, weight, bias, residual2d, activation, save_dact).reshape(*lead, n)
 
     def _linear_triton_reasons(call) -> List[str]:
         return fused_backend_reasons(

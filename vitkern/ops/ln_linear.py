@@ -77,48 +77,53 @@ if dispatch.triton_importable():
     @_library_op("vitkern::ln_linear_fwd")
     def ln_linear_fwd(
         x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
-        eps: float, activation: Optional[str],
+        eps: float, activation: Optional[str], save_dact: bool,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """x: [M, D] (unit column stride); ln_weight, ln_bias: [D]; weight: [N, D]; bias: [N] or
         None; one dtype. Returns (y [M, N] = act(LayerNorm(x) @ weight^T + bias) in x's dtype,
-        mean [M] fp32, rstd [M] fp32, pre): pre is the pre-activation [M, N] kept for the backward
-        when activation == "gelu", else an empty [0] tensor."""
-        return _triton_ln_linear.ln_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps, activation)
+        mean [M] fp32, rstd [M] fp32, dact): pre is the pre-activation [M, N] kept for the backward
+        when activation == "gelu" and save_dact, else an empty [0] tensor (inference skips that
+        [M, N] write)."""
+        return _triton_ln_linear.ln_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
 
     @_library_op("vitkern::ln_linear_bwd")
     def ln_linear_bwd(
         dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-        pre: Tensor, activation: Optional[str], has_bias: bool,
+        dact: Tensor, activation: Optional[str], has_bias: bool,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """dy: [M, N] (contiguous when activation == "gelu"); x, ln_weight, ln_bias, weight as in
-        ln_linear_fwd; mean, rstd, pre from it. Returns (dx [M, D], dln_weight [D], dln_bias [D],
+        ln_linear_fwd; mean, rstd, dact from it. Returns (dx [M, D], dln_weight [D], dln_bias [D],
         dweight [N, D], dbias [N], or an empty [0] tensor when not has_bias), in x's dtype."""
-        return _triton_ln_linear.ln_linear_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, pre, activation, has_bias)
+        return _triton_ln_linear.ln_linear_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, dact, activation, has_bias)
 
     class LnLinearFn(torch.autograd.Function):
         """act(LayerNorm(x) @ weight^T + bias) on [M, D] rows. Saves x, the fp32 mean/rstd (8 bytes
-        a row) and, with GELU, the pre-activation; the normalized x is recomputed in the backward."""
+        a row) and, with GELU, dact = GELU'(pre-activation); the normalized x is recomputed in the
+        backward."""
 
         @staticmethod
-        def forward(ctx, x2d, ln_weight, ln_bias, weight, bias, eps, activation):
-            y, mean, rstd, pre = torch.ops.vitkern.ln_linear_fwd(x2d, ln_weight, ln_bias, weight, bias, eps, activation)
-            ctx.save_for_backward(x2d, ln_weight, ln_bias, weight, mean, rstd, pre)
+        def forward(ctx, x2d, ln_weight, ln_bias, weight, bias, eps, activation, save_dact):
+            y, mean, rstd, dact = torch.ops.vitkern.ln_linear_fwd(
+                x2d, ln_weight, ln_bias, weight, bias, eps, activation, save_dact
+            )
+            ctx.save_for_backward(x2d, ln_weight, ln_bias, weight, mean, rstd, dact)
             ctx.activation = activation
             ctx.has_bias = bias is not None
             return y
 
         @staticmethod
         def backward(ctx, dy):
-            x2d, ln_weight, ln_bias, weight, mean, rstd, pre = ctx.saved_tensors
+            x2d, ln_weight, ln_bias, weight, mean, rstd, dact = ctx.saved_tensors
             need = ctx.needs_input_grad
             if ctx.activation == "gelu" and not dy.is_contiguous():
-                # The GELU-derivative kernel walks dy flat; the GEMMs themselves take any strides.
+                # dy' = dy * dact is formed on load with one set of offsets for both, and dact is
+                # contiguous; without GELU the GEMMs read dy through any strides.
                 dy = dy.contiguous()
             dx, dgamma, dbeta, dw, db = torch.ops.vitkern.ln_linear_bwd(
-                dy, x2d, ln_weight, ln_bias, weight, mean, rstd, pre, ctx.activation, ctx.has_bias and need[4]
+                dy, x2d, ln_weight, ln_bias, weight, mean, rstd, dact, ctx.activation, ctx.has_bias and need[4]
             )
             grads = (dx, dgamma, dbeta, dw, db)
-            return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None)
+            return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None, None, None)
 
     def _ln_linear_triton(
         x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
@@ -136,7 +141,9 @@ if dispatch.triton_importable():
             ln_weight = torch.ones(d, dtype=x.dtype, device=x.device)
         if ln_bias is None:
             ln_bias = torch.zeros(d, dtype=x.dtype, device=x.device)
-        y = LnLinearFn.apply(x2d, ln_weight, ln_bias, weight, bias, float(eps), activation)
+        tensors = (x, ln_weight, ln_bias, weight, bias)
+        save_dact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        y = LnLinearFn.apply(x2d, ln_weight, ln_bias, weight, bias, float(eps), activation, save_dact)
         return y.reshape(*lead, n)
 
     def _ln_linear_triton_reasons(call) -> List[str]:

@@ -1,17 +1,17 @@
 """Tiled GEMM with fused epilogues for `vitkern.ops.linear`, and the pieces `ln_linear` reuses.
 
 Forward: y[M, N] = act(x[M, K] @ w[N, K]^T + bias) + residual, one kernel; the epilogue works on the
-fp32 accumulator and rounds once when storing. With GELU the pre-activation is stored as well (in
-the input dtype) for the backward: recomputing it would cost a whole GEMM, storing it one extra
-write of M x N (see docs/perf/linear.md).
+fp32 accumulator and rounds once when storing. With GELU, when a backward will follow, the epilogue
+also stores dact = GELU'(pre) [M, N] (in the input dtype): recomputing the pre-activation would cost
+a whole GEMM, and storing GELU' rather than pre turns the backward's activation derivative into
+one multiply per loaded element (see docs/perf/linear.md).
 
-Backward, with dy' = dy * GELU'(pre) when the forward had GELU (else dy' = dy):
-  * `_linear_bwd_dgelu_kernel`: dy' materialized once (elementwise), so that neither GEMM below
-    re-evaluates erf/exp per tile (that would cost as much as the GEMM on the CUDA cores);
-  * dx = dy' @ w: the forward kernel with no epilogue and w read through swapped strides;
-  * `_linear_bwd_dw_kernel`: dw = dy'^T @ x reading dy' and x through strides (no transposed copy);
-    the programs of the first output-column tile also sum their dy'^T tiles, which gives
-    db = sum_rows(dy') deterministically (no atomics, no extra pass over dy').
+Backward, with dy' = dy * dact when the forward had GELU (else dy' = dy):
+  * dx = dy' @ w: the forward kernel with no epilogue, w read through swapped strides, and dy'
+    formed as the A tile is loaded (SCALE_A), so dy' is never written to memory;
+  * `_linear_bwd_dw_kernel`: dw = dy'^T @ x reading dy, dact and x through strides (no transposed
+    copy); the programs of the first output-column tile also sum their dy'^T tiles, which gives
+    db = sum_rows(dy') deterministically (no atomics, no extra pass over dy).
 
 Index arithmetic: row offsets are int64 before they meet a stride (M * N exceeds 2^31 at batch 4096
 of ViT-B); the K loop advances pointers, which are 64-bit, by BLOCK_K * stride.
@@ -73,16 +73,29 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _scaled_load(a_ptrs, s_ptrs, mask, SCALE_A: tl.constexpr):
+    """A tile, times the matching tile of S (elementwise, in fp32, rounded back) when SCALE_A."""
+    a = tl.load(a_ptrs, mask=mask, other=0.0)
+    if SCALE_A:
+        s = tl.load(s_ptrs, mask=mask, other=0.0)
+        a = (a.to(tl.float32) * s.to(tl.float32)).to(a.dtype)
+    return a
+
+
+@triton.jit
 def _mainloop(
-    a_ptr, b_ptr, offs_r, offs_c, R, C, L,
+    a_ptr, s_ptr, b_ptr, offs_r, offs_c, R, C, L,
     stride_ar, stride_al, stride_bl, stride_bc,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-    IEEE: tl.constexpr, ROWSUM: tl.constexpr,
+    SCALE_A: tl.constexpr, IEEE: tl.constexpr, ROWSUM: tl.constexpr,
 ):
-    """acc[r, c] = sum_l A[r, l] B[l, c] in fp32 for one tile (A and B addressed through strides),
-    and with ROWSUM also rowsum[r] = sum_l A[r, l] in fp32 (else zeros)."""
+    """acc[r, c] = sum_l A'[r, l] B[l, c] in fp32 for one tile, A' = A (or A * S with SCALE_A; S
+    has A's strides), A and B addressed through strides; with ROWSUM also rowsum[r] = sum_l A'[r, l]
+    in fp32 (else zeros)."""
     offs_l = tl.arange(0, BLOCK_L)
-    a_ptrs = a_ptr + (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l * stride_al)[None, :]
+    a_offs = (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l * stride_al)[None, :]
+    a_ptrs = a_ptr + a_offs
+    s_ptrs = s_ptr + a_offs
     b_ptrs = b_ptr + (offs_l * stride_bl)[:, None] + (offs_c.to(tl.int64) * stride_bc)[None, :]
     r_ok = offs_r < R
     c_ok = offs_c < C
@@ -90,12 +103,14 @@ def _mainloop(
     rowsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         l_ok = offs_l < L - l0
-        a = tl.load(a_ptrs, mask=r_ok[:, None] & l_ok[None, :], other=0.0)
+        a = _scaled_load(a_ptrs, s_ptrs, r_ok[:, None] & l_ok[None, :], SCALE_A)
         b = tl.load(b_ptrs, mask=l_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot_acc(a, b, acc, IEEE)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_L * stride_al
+        if SCALE_A:
+            s_ptrs += BLOCK_L * stride_al
         b_ptrs += BLOCK_L * stride_bl
     return acc, rowsum
 
@@ -103,11 +118,12 @@ def _mainloop(
 @triton.jit
 def _epilogue_store(
     acc, offs_m, offs_n, M, N,
-    bias_ptr, res_ptr, stride_rm, stride_rn, pre_ptr, y_ptr,
-    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+    bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_DACT: tl.constexpr,
 ):
-    """y = act(acc + bias) + residual on the fp32 accumulator, one rounding at the store.
-    pre and y are contiguous [M, N]; the residual is read through its strides."""
+    """y = act(acc + bias) + residual on the fp32 accumulator, one rounding at the store; with GELU
+    and SAVE_DACT also dact = GELU'(acc + bias). dact and y are contiguous [M, N]; the residual is
+    read through its strides."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     mask = m_ok[:, None] & n_ok[None, :]
@@ -116,8 +132,8 @@ def _epilogue_store(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT_GELU:
-        if SAVE_PRE:
-            tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        if SAVE_DACT:
+            tl.store(dact_ptr + out_offs, _gelu_grad(acc).to(dact_ptr.dtype.element_ty), mask=mask)
         acc = _gelu(acc)
     if HAS_RES:
         res = tl.load(res_ptr + (rows * stride_rm)[:, None] + (offs_n * stride_rn)[None, :], mask=mask, other=0.0)
@@ -132,50 +148,38 @@ def _epilogue_store(
 @triton.jit
 def _linear_fwd_kernel(
     x_ptr,     # [M, K] any strides
+    xs_ptr,    # [M, K] with x's strides; x is multiplied by it on load, only if SCALE_A
     w_ptr,     # [N, K] any strides (B[k, n] = w[n, k])
     bias_ptr,  # [N]; read only if HAS_BIAS
     res_ptr,   # [M, N] any strides; read only if HAS_RES
-    pre_ptr,   # [M, N] contiguous, out: bias-added pre-activation; written only if ACT_GELU and SAVE_PRE
+    dact_ptr,  # [M, N] contiguous, out: GELU'(pre-activation); written only if ACT_GELU and SAVE_DACT
     y_ptr,     # [M, N] contiguous, out
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
-    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+    SCALE_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_DACT: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, _ = _mainloop(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
-    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, pre_ptr, y_ptr,
-                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_PRE)
-
-
-@triton.jit
-def _linear_bwd_dgelu_kernel(
-    dy_ptr,   # [numel] contiguous
-    pre_ptr,  # [numel] contiguous
-    out_ptr,  # [numel] contiguous, out: dy * GELU'(pre)
-    numel,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (dy * _gelu_grad(z)).to(out_ptr.dtype.element_ty), mask=ok)
+    acc, _ = _mainloop(x_ptr, xs_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr,
+                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_DACT)
 
 
 @triton.jit
 def _linear_bwd_dw_kernel(
-    dy_ptr,  # [M, N] any strides (dy', the gradient after the activation's derivative)
-    x_ptr,   # [M, K] any strides
-    dw_ptr,  # [N, K] contiguous, out
-    db_ptr,  # [N], out; written only if HAS_DB
+    dy_ptr,    # [M, N] any strides
+    dact_ptr,  # [M, N] with dy's strides: dy' = dy * dact, only if SCALE_A (else dy' = dy)
+    x_ptr,     # [M, K] any strides
+    dw_ptr,    # [N, K] contiguous, out
+    db_ptr,    # [N], out; written only if HAS_DB
     N, K, M,
     stride_dym, stride_dyn, stride_xm, stride_xk,
-    HAS_DB: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_A: tl.constexpr, HAS_DB: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Output tile [BLOCK_M rows of N, BLOCK_N cols of K]; the reduction runs over the M tokens in
@@ -186,15 +190,15 @@ def _linear_bwd_dw_kernel(
     # Two loop copies rather than a branch inside one loop, so each stays a plain pipelined loop.
     if HAS_DB:
         if pid_c == 0:
-            acc, db = _mainloop(dy_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
-                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
+            acc, db = _mainloop(dy_ptr, dact_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
+                                BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, True)
             tl.store(db_ptr + offs_r, db.to(db_ptr.dtype.element_ty), mask=offs_r < N)
         else:
-            acc, _ = _mainloop(dy_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
-                               BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+            acc, _ = _mainloop(dy_ptr, dact_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
+                               BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
     else:
-        acc, _ = _mainloop(dy_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
-                           BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+        acc, _ = _mainloop(dy_ptr, dact_ptr, x_ptr, offs_r, offs_c, N, K, M, stride_dyn, stride_dym, stride_xm, stride_xk,
+                           BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
     mask = (offs_r < N)[:, None] & (offs_c < K)[None, :]
     tl.store(dw_ptr + (offs_r.to(tl.int64) * K)[:, None] + offs_c[None, :], acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
@@ -229,14 +233,12 @@ def _configs(tiles) -> List[triton.Config]:
 TC_CONFIGS = _common.autotune_configs(_configs(_TC_TILES))
 F32_CONFIGS = _common.autotune_configs(_configs(_F32_TILES))
 
-_FWD_KEY = ["N", "K", "HAS_BIAS", "ACT_GELU", "HAS_RES", "SAVE_PRE"]
+_FWD_KEY = ["N", "K", "SCALE_A", "HAS_BIAS", "ACT_GELU", "HAS_RES", "SAVE_DACT"]
 _linear_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FWD_KEY)(_linear_fwd_kernel)
 _linear_fwd_f32 = triton.autotune(configs=F32_CONFIGS, key=_FWD_KEY)(_linear_fwd_kernel)
-_DW_KEY = ["N", "K", "HAS_DB"]
+_DW_KEY = ["N", "K", "SCALE_A", "HAS_DB"]
 _linear_bwd_dw_tc = triton.autotune(configs=TC_CONFIGS, key=_DW_KEY)(_linear_bwd_dw_kernel)
 _linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_linear_bwd_dw_kernel)
-
-DGELU_BLOCK = 1024
 
 
 def is_f32(dtype: torch.dtype) -> bool:
@@ -270,49 +272,41 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 
 def linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-    activation: Optional[str], save_pre: bool = True,
+    activation: Optional[str], save_dact: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """y = act(x @ weight^T + bias) + residual.
 
     x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None (any strides);
-    activation: None or "gelu". All one dtype. Returns (y [M, N], pre), both contiguous in x's
-    dtype; pre is the bias-added pre-activation [M, N] when activation == "gelu" and save_pre,
-    else an empty [0] tensor.
+    activation: None or "gelu". All one dtype. Returns (y [M, N], dact), both contiguous in x's
+    dtype; dact is GELU'(pre-activation) [M, N] when activation == "gelu" and save_dact (what the
+    backward needs), else an empty [0] tensor.
     """
     M, K = x.shape
     N = weight.shape[0]
     gelu = activation == "gelu"
-    keep_pre = gelu and save_pre
+    keep = gelu and save_dact
     y = _common.empty((M, N), dtype=x.dtype, device=x.device)
-    pre = _common.empty((M, N) if keep_pre else (0,), dtype=x.dtype, device=x.device)
+    dact = _common.empty((M, N) if keep else (0,), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return y, pre
+        return y, dact
     res = residual if residual is not None else y
     kernel = _linear_fwd_f32 if is_f32(x.dtype) else _linear_fwd_tc
     _launch(
         kernel, tiles_grid(M, N),
-        x, weight, bias if bias is not None else y, res, pre if keep_pre else y, y,
+        x, x, weight, bias if bias is not None else y, res, dact if keep else y, y,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
-        HAS_BIAS=bias is not None, ACT_GELU=gelu, HAS_RES=residual is not None, SAVE_PRE=keep_pre,
+        SCALE_A=False, HAS_BIAS=bias is not None, ACT_GELU=gelu, HAS_RES=residual is not None, SAVE_DACT=keep,
         IEEE=is_f32(x.dtype),
     )
-    return y, pre
+    return y, dact
 
 
-def linear_bwd_dgelu(dy: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """dy * GELU'(pre), computed in fp32, returned in dy's dtype. dy, pre: [M, N] contiguous."""
-    out = _common.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-    numel = dy.numel()
-    if numel == 0:
-        return out
-    _launch(_linear_bwd_dgelu_kernel, (triton.cdiv(numel, DGELU_BLOCK),), dy, pre, out, numel,
-            BLOCK=DGELU_BLOCK, num_warps=4)
-    return out
+def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, dact: Optional[torch.Tensor]) -> torch.Tensor:
+    """dx = (dy * dact) @ weight (dy @ weight when dact is None).
 
-
-def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dx = dy @ weight. dy: [M, N] (any strides); weight: [N, K]. Returns [M, K] contiguous in dy's dtype."""
+    dy: [M, N] (any strides); dact: [M, N] with dy's strides, or None; weight: [N, K].
+    Returns [M, K] contiguous in dy's dtype."""
     M, N = dy.shape
     K = weight.shape[1]
     dx = _common.empty((M, K), dtype=dy.dtype, device=dy.device)
@@ -323,19 +317,23 @@ def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # makes it read weight^T, i.e. compute dy @ weight with no copy.
     _launch(
         kernel, tiles_grid(M, K),
-        dy, weight, dx, dx, dx, dx,
+        dy, dact if dact is not None else dy, weight, dx, dx, dx, dx,
         M, K, N,
         dy.stride(0), dy.stride(1), weight.stride(1), weight.stride(0), 0, 0,
-        HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_PRE=False, IEEE=is_f32(dy.dtype),
+        SCALE_A=dact is not None, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False,
+        IEEE=is_f32(dy.dtype),
     )
     return dx
 
 
-def linear_bwd_dw(dy: torch.Tensor, x: torch.Tensor, has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """dw = dy^T @ x and db = dy summed over rows (fp32 accumulation).
+def linear_bwd_dw(
+    dy: torch.Tensor, dact: Optional[torch.Tensor], x: torch.Tensor, has_bias: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dw = dy'^T @ x and db = dy' summed over rows (fp32 accumulation), dy' = dy * dact (dy when
+    dact is None).
 
-    dy: [M, N]; x: [M, K] (any strides, one dtype). Returns (dw [N, K] contiguous, db [N], or an
-    empty [0] tensor when not has_bias), in dy's dtype.
+    dy: [M, N]; dact: [M, N] with dy's strides, or None; x: [M, K] (any strides, one dtype).
+    Returns (dw [N, K] contiguous, db [N], or an empty [0] tensor when not has_bias), in dy's dtype.
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -346,37 +344,44 @@ def linear_bwd_dw(dy: torch.Tensor, x: torch.Tensor, has_bias: bool) -> Tuple[to
     if K == 0:
         # No dw tile exists to carry the bias reduction.
         if has_bias:
-            db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+            db = _bias_grad(dy, dact)
         return dw, db
     kernel = _linear_bwd_dw_f32 if is_f32(dy.dtype) else _linear_bwd_dw_tc
     _launch(
         kernel, tiles_grid(N, K),
-        dy, x, dw, db if has_bias else dw,
+        dy, dact if dact is not None else dy, x, dw, db if has_bias else dw,
         N, K, M,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        HAS_DB=has_bias, IEEE=is_f32(dy.dtype),
+        SCALE_A=dact is not None, HAS_DB=has_bias, IEEE=is_f32(dy.dtype),
     )
     return dw, db
 
 
+def _bias_grad(dy: torch.Tensor, dact: Optional[torch.Tensor]) -> torch.Tensor:
+    # Only for calls that need db but no dw tile (frozen weight, or K == 0): not a ViT path.
+    dyp = dy.float() if dact is None else dy.float() * dact.float()
+    return dyp.sum(0).to(dy.dtype)
+
+
 def linear_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, activation: Optional[str],
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dact: torch.Tensor, activation: Optional[str],
     has_bias: bool, need_dx: bool = True, need_dw: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of linear_fwd with respect to x, weight and bias (the residual's is dy itself).
 
-    dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; pre: the
-    forward's pre-activation [M, N] when activation == "gelu". Returns (dx [M, K], dw [N, K],
-    db [N]); a gradient not asked for (need_dx, need_dw, has_bias) is an empty [0] tensor.
+    dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; dact: the
+    forward's GELU'(pre-activation) [M, N] (contiguous) when activation == "gelu". Returns
+    (dx [M, K], dw [N, K], db [N]); a gradient not asked for (need_dx, need_dw, has_bias) is an
+    empty [0] tensor.
     """
-    dyp = linear_bwd_dgelu(dy, pre) if activation == "gelu" else dy
+    scale = dact if activation == "gelu" else None
     empty = lambda: _common.empty((0,), dtype=dy.dtype, device=dy.device)  # noqa: E731
-    dx = linear_bwd_dx(dyp, weight) if need_dx else empty()
+    dx = linear_bwd_dx(dy, weight, scale) if need_dx else empty()
     if need_dw:
-        dw, db = linear_bwd_dw(dyp, x, has_bias)
+        dw, db = linear_bwd_dw(dy, scale, x, has_bias)
     else:
         dw = empty()
-        db = dyp.sum(0, dtype=torch.float32).to(dy.dtype) if has_bias else empty()
+        db = _bias_grad(dy, scale) if has_bias else empty()
     return dx, dw, db
 
 
@@ -406,36 +411,32 @@ def _audit_specs() -> List["_common.KernelSpec"]:
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
             cfg = f"{bm}x{bn}x{bk} w{warps} s{stages}"
             common = dict(num_warps=warps, num_stages=stages, dtype=t, gemm_like=True)
-            # fc1 (bias + GELU, pre saved) and proj/fc2 (bias + residual); the dx GEMM is the same
-            # kernel with no epilogue and weight's strides swapped.
+            # fc1 (bias + GELU, GELU' saved), proj/fc2 (bias + residual), and the backward's dx
+            # GEMM: the same kernel, weight's strides swapped, dy * GELU' formed on load.
             for flags, what in (
-                (dict(HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_PRE=True), "fc1: bias+gelu+pre"),
-                (dict(HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_PRE=False), "proj/fc2: bias+residual"),
-                (dict(HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_PRE=False), "dx: w^T"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True), "fc1: bias+gelu+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_DACT=False), "proj/fc2: bias+residual"),
+                (dict(SCALE_A=True, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False), "dx: (dy*dact) @ w"),
             ):
-                dx = not flags["HAS_BIAS"]
-                unit = dict(stride_xk=1, stride_wn=1) if dx else dict(stride_xk=1, stride_wk=1, stride_rn=1)
-                sig = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "res_ptr": f"*{t}",
-                       "pre_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+                dx = flags["SCALE_A"]
+                unit = dict(stride_xk=1, stride_wn=1, stride_rm=0, stride_rn=0) if dx else dict(stride_xk=1, stride_wk=1, stride_rn=1)
+                sig = {"x_ptr": f"*{t}", "xs_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "res_ptr": f"*{t}",
+                       "dact_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
                        "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32",
                        "stride_rm": "i32", "stride_rn": "i32"}
-                if dx:
-                    unit.update(stride_rm=0, stride_rn=0)
                 for n in unit:
                     del sig[n]
                 specs.append(_spec("_linear_fwd_kernel", _linear_fwd_kernel, sig,
                                    dict(flags, IEEE=ieee, **unit, **meta),
                                    ("N", "K", "stride_xm", "stride_wn", "stride_wk", "stride_rm"),
                                    label=f"{cfg} {what}", **common))
-            sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
+            sig = {"dy_ptr": f"*{t}", "dact_ptr": f"*{t}", "x_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
                    "N": "i32", "K": "i32", "M": "i32", "stride_dym": "i32", "stride_xm": "i32"}
-            specs.append(_spec("_linear_bwd_dw_kernel", _linear_bwd_dw_kernel, sig,
-                               dict(HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xk=1, **meta),
-                               ("N", "K", "stride_dym", "stride_xm"), label=f"{cfg} dw+db", **common))
-        specs.append(_spec("_linear_bwd_dgelu_kernel", _linear_bwd_dgelu_kernel,
-                           {"dy_ptr": f"*{t}", "pre_ptr": f"*{t}", "out_ptr": f"*{t}", "numel": "i64"},
-                           dict(BLOCK=DGELU_BLOCK), ("numel",), num_warps=4, num_stages=1, dtype=t,
-                           gemm_like=False, label=f"BLOCK {DGELU_BLOCK}"))
+            for scale in (True, False):
+                specs.append(_spec("_linear_bwd_dw_kernel", _linear_bwd_dw_kernel, sig,
+                                   dict(SCALE_A=scale, HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xk=1, **meta),
+                                   ("N", "K", "stride_dym", "stride_xm"),
+                                   label=f"{cfg} dw+db{' (dy*dact)' if scale else ''}", **common))
     return specs
 
 

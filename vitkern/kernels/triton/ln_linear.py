@@ -4,13 +4,13 @@ Design (a) of issue 3: a per-row statistics pass (`layer_norm_stats` of the Laye
 mean and rstd in fp32, 8 bytes per row), then the GEMM normalizes each A tile as it loads it,
 (x - mean) * rstd * gamma + beta, rounded to the input dtype (exactly what eager PyTorch feeds
 its GEMM), so the normalized activations never travel through HBM. The epilogue (bias, exact
-GELU, pre-activation saved for the backward) is `linear`'s.
+GELU, and dact = GELU'(pre) saved for the backward when one follows) is `linear`'s.
 
-Backward, with dh = dy * GELU'(pre) when the forward had GELU (else dy):
+Backward, with dh = dy * dact when the forward had GELU (else dy), formed as tiles are loaded:
   * dLN = dh @ W: `linear`'s dx GEMM;
   * `_ln_linear_bwd_dw_kernel`: dW = dh^T @ LN(x), normalizing the x tile on load from x, mean,
-    rstd, gamma and beta (LN(x) is recomputed rather than stored: 2 bytes/element of x re-read
-    instead of 2 written + 2 read), with db = sum_rows(dh) fused as in `linear`;
+    rstd, gamma and beta (LN(x) is recomputed rather than stored: x re-read instead of LN(x)
+    written and read back), with db = sum_rows(dh) fused as in `linear`;
   * dx, dgamma, dbeta: the LayerNorm family's `layer_norm_bwd` on dLN.
 """
 
@@ -34,10 +34,11 @@ from vitkern.kernels.triton.linear import (
     _dot_acc,
     _epilogue_store,
     _grouped_tile,
+    _configs,
     _launch,
+    _scaled_load,
     _spec,
     is_f32,
-    linear_bwd_dgelu,
     linear_bwd_dx,
     tiles_grid,
 )
@@ -52,11 +53,11 @@ def _ln_linear_fwd_kernel(
     beta_ptr,   # [D]
     w_ptr,      # [N, D] any strides
     bias_ptr,   # [N]; read only if HAS_BIAS
-    pre_ptr,    # [M, N] contiguous, out: pre-activation; written only if ACT_GELU and SAVE_PRE
+    dact_ptr,   # [M, N] contiguous, out: GELU'(pre-activation); written only if ACT_GELU and SAVE_DACT
     y_ptr,      # [M, N] contiguous, out
     M, N, D,
     stride_xm, stride_xd, stride_wn, stride_wd,
-    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, SAVE_DACT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -81,30 +82,33 @@ def _ln_linear_fwd_kernel(
         acc = _dot_acc(a, b, acc, IEEE)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, pre_ptr, y_ptr,
-                    HAS_BIAS, ACT_GELU, False, SAVE_PRE)
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
+                    HAS_BIAS, ACT_GELU, False, SAVE_DACT)
 
 
 @triton.jit
 def _ln_dw_mainloop(
-    dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c, N, D, M,
+    dy_ptr, dact_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c, N, D, M,
     stride_dym, stride_dyn, stride_xm, stride_xd,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IEEE: tl.constexpr, ROWSUM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    SCALE_A: tl.constexpr, IEEE: tl.constexpr, ROWSUM: tl.constexpr,
 ):
-    """acc[n, d] = sum_m dy[m, n] LN(x)[m, d] over all rows m in fp32, and with ROWSUM also
-    rowsum[n] = sum_m dy[m, n]."""
+    """acc[n, d] = sum_m dh[m, n] LN(x)[m, d] over all rows m in fp32, dh = dy * dact with
+    SCALE_A (else dy), and with ROWSUM also rowsum[n] = sum_m dh[m, n]."""
     offs_l = tl.arange(0, BLOCK_L)
     r_ok = offs_r < N
     c_ok = offs_c < D
     gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    a_ptrs = dy_ptr + (offs_r.to(tl.int64) * stride_dyn)[:, None] + (offs_l * stride_dym)[None, :]
+    a_offs = (offs_r.to(tl.int64) * stride_dyn)[:, None] + (offs_l * stride_dym)[None, :]
+    a_ptrs = dy_ptr + a_offs
+    s_ptrs = dact_ptr + a_offs
     b_ptrs = x_ptr + (offs_l * stride_xm)[:, None] + (offs_c.to(tl.int64) * stride_xd)[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for l0 in range(0, M, BLOCK_L):
         l_ok = offs_l < M - l0
-        a = tl.load(a_ptrs, mask=r_ok[:, None] & l_ok[None, :], other=0.0)
+        a = _scaled_load(a_ptrs, s_ptrs, r_ok[:, None] & l_ok[None, :], SCALE_A)
         x = tl.load(b_ptrs, mask=l_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + l0 + offs_l, mask=l_ok, other=0.0)
         rstd = tl.load(rstd_ptr + l0 + offs_l, mask=l_ok, other=0.0)
@@ -115,13 +119,16 @@ def _ln_dw_mainloop(
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_L * stride_dym
+        if SCALE_A:
+            s_ptrs += BLOCK_L * stride_dym
         b_ptrs += BLOCK_L * stride_xm
     return acc, rowsum
 
 
 @triton.jit
 def _ln_linear_bwd_dw_kernel(
-    dy_ptr,     # [M, N] any strides (dh: the gradient after GELU's derivative)
+    dy_ptr,     # [M, N] any strides
+    dact_ptr,   # [M, N] with dy's strides: dh = dy * dact, only if SCALE_A (else dh = dy)
     x_ptr,      # [M, D] any strides (the LayerNorm's input)
     mean_ptr,   # [M] fp32
     rstd_ptr,   # [M] fp32
@@ -131,7 +138,7 @@ def _ln_linear_bwd_dw_kernel(
     db_ptr,     # [N], out; written only if HAS_DB
     N, D, M,
     stride_dym, stride_dyn, stride_xm, stride_xd,
-    HAS_DB: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_A: tl.constexpr, HAS_DB: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Output tile [BLOCK_M rows of N, BLOCK_N cols of D], reduction over the M tokens in steps of
@@ -141,27 +148,33 @@ def _ln_linear_bwd_dw_kernel(
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_DB:
         if pid_c == 0:
-            acc, db = _ln_dw_mainloop(dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
+            acc, db = _ln_dw_mainloop(dy_ptr, dact_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
                                       N, D, M, stride_dym, stride_dyn, stride_xm, stride_xd,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
+                                      BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, True)
             tl.store(db_ptr + offs_r, db.to(db_ptr.dtype.element_ty), mask=offs_r < N)
         else:
-            acc, _ = _ln_dw_mainloop(dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
+            acc, _ = _ln_dw_mainloop(dy_ptr, dact_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
                                      N, D, M, stride_dym, stride_dyn, stride_xm, stride_xd,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+                                     BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
     else:
-        acc, _ = _ln_dw_mainloop(dy_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
+        acc, _ = _ln_dw_mainloop(dy_ptr, dact_ptr, x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, offs_r, offs_c,
                                  N, D, M, stride_dym, stride_dyn, stride_xm, stride_xd,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, IEEE, False)
+                                 BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
     mask = (offs_r < N)[:, None] & (offs_c < D)[None, :]
     tl.store(dw_ptr + (offs_r.to(tl.int64) * D)[:, None] + offs_c[None, :], acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-_FWD_KEY = ["N", "D", "HAS_BIAS", "ACT_GELU", "SAVE_PRE"]
+_FWD_KEY = ["N", "D", "HAS_BIAS", "ACT_GELU", "SAVE_DACT"]
 _ln_linear_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FWD_KEY)(_ln_linear_fwd_kernel)
 _ln_linear_fwd_f32 = triton.autotune(configs=F32_CONFIGS, key=_FWD_KEY)(_ln_linear_fwd_kernel)
-_DW_KEY = ["N", "D", "HAS_DB"]
-_ln_linear_bwd_dw_tc = triton.autotune(configs=TC_CONFIGS, key=_DW_KEY)(_ln_linear_bwd_dw_kernel)
+# The dW kernel holds two fp32 operand tiles besides the accumulator (dy * dact and the normalized
+# x), so it steps the reduction by 32, not 64 (at 64 the 128 x 128 and 64 x 128 tiles spill on
+# sm_80 with GELU); one more stage keeps as many bytes in flight.
+_DW_TC_TILES = [(bm, bn, 32, w, 4) for bm, bn, _, w, _ in _TC_TILES]
+_DW_KEY = ["N", "D", "SCALE_A", "HAS_DB"]
+_ln_linear_bwd_dw_tc = triton.autotune(configs=_common.autotune_configs(_configs(_DW_TC_TILES)), key=_DW_KEY)(
+    _ln_linear_bwd_dw_kernel
+)
 _ln_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_ln_linear_bwd_dw_kernel)
 
 
@@ -171,74 +184,76 @@ _ln_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_ln_li
 
 def ln_linear_fwd(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
-    bias: Optional[torch.Tensor], eps: float, activation: Optional[str], save_pre: bool = True,
+    bias: Optional[torch.Tensor], eps: float, activation: Optional[str], save_dact: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(LayerNorm(x) @ weight^T + bias).
 
     x: [M, D] (unit column stride; any row stride); ln_weight, ln_bias: [D]; weight: [N, D];
     bias: [N] or None; all one dtype. Returns (y [M, N] contiguous in x's dtype, mean [M] fp32,
-    rstd [M] fp32, pre), pre the bias-added pre-activation [M, N] when activation == "gelu" and
-    save_pre, else an empty [0] tensor.
+    rstd [M] fp32, dact), dact = GELU'(pre-activation) [M, N] when activation == "gelu" and
+    save_dact, else an empty [0] tensor.
     """
     M, D = x.shape
     N = weight.shape[0]
     gelu = activation == "gelu"
-    keep_pre = gelu and save_pre
+    keep = gelu and save_dact
     mean, rstd = layer_norm_stats(x, eps)
     y = _common.empty((M, N), dtype=x.dtype, device=x.device)
-    pre = _common.empty((M, N) if keep_pre else (0,), dtype=x.dtype, device=x.device)
+    dact = _common.empty((M, N) if keep else (0,), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return y, mean, rstd, pre
+        return y, mean, rstd, dact
     kernel = _ln_linear_fwd_f32 if is_f32(x.dtype) else _ln_linear_fwd_tc
     _launch(
         kernel, tiles_grid(M, N),
-        x, mean, rstd, ln_weight, ln_bias, weight, bias if bias is not None else y, pre if keep_pre else y, y,
+        x, mean, rstd, ln_weight, ln_bias, weight, bias if bias is not None else y, dact if keep else y, y,
         M, N, D,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACT_GELU=gelu, SAVE_PRE=keep_pre, IEEE=is_f32(x.dtype),
+        HAS_BIAS=bias is not None, ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype),
     )
-    return y, mean, rstd, pre
+    return y, mean, rstd, dact
 
 
 def ln_linear_bwd_dw(
-    dh: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    dy: torch.Tensor, dact: Optional[torch.Tensor], x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, has_bias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """dw = dh^T @ LayerNorm(x) (recomputed on load) and db = dh summed over rows.
+    """dw = dh^T @ LayerNorm(x) (recomputed on load) and db = dh summed over rows, dh = dy * dact
+    (dy when dact is None).
 
-    dh: [M, N]; x: [M, D]; mean, rstd: [M] fp32; ln_weight, ln_bias: [D]. Returns (dw [N, D]
-    contiguous, db [N] or an empty [0] tensor when not has_bias), in dh's dtype."""
-    M, N = dh.shape
+    dy: [M, N]; dact: [M, N] with dy's strides, or None; x: [M, D]; mean, rstd: [M] fp32;
+    ln_weight, ln_bias: [D]. Returns (dw [N, D] contiguous, db [N] or an empty [0] tensor when not
+    has_bias), in dy's dtype."""
+    M, N = dy.shape
     D = x.shape[1]
-    dw = _common.empty((N, D), dtype=dh.dtype, device=dh.device)
-    db = _common.empty((N,) if has_bias else (0,), dtype=dh.dtype, device=dh.device)
+    dw = _common.empty((N, D), dtype=dy.dtype, device=dy.device)
+    db = _common.empty((N,) if has_bias else (0,), dtype=dy.dtype, device=dy.device)
     if N == 0:
         return dw, db
-    kernel = _ln_linear_bwd_dw_f32 if is_f32(dh.dtype) else _ln_linear_bwd_dw_tc
+    kernel = _ln_linear_bwd_dw_f32 if is_f32(dy.dtype) else _ln_linear_bwd_dw_tc
     _launch(
         kernel, tiles_grid(N, D),
-        dh, x, mean, rstd, ln_weight, ln_bias, dw, db if has_bias else dw,
+        dy, dact if dact is not None else dy, x, mean, rstd, ln_weight, ln_bias, dw, db if has_bias else dw,
         N, D, M,
-        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1),
-        HAS_DB=has_bias, IEEE=is_f32(dh.dtype),
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        SCALE_A=dact is not None, HAS_DB=has_bias, IEEE=is_f32(dy.dtype),
     )
     return dw, db
 
 
 def ln_linear_bwd(
     dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, pre: torch.Tensor, activation: Optional[str], has_bias: bool,
+    mean: torch.Tensor, rstd: torch.Tensor, dact: torch.Tensor, activation: Optional[str], has_bias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ln_linear_fwd.
 
     dy: [M, N] (contiguous when activation == "gelu"); x: [M, D] (unit column stride); ln_weight,
-    ln_bias: [D]; weight: [N, D]; mean, rstd: [M] fp32 and pre from ln_linear_fwd. Returns
+    ln_bias: [D]; weight: [N, D]; mean, rstd: [M] fp32 and dact [M, N] from ln_linear_fwd. Returns
     (dx [M, D], dln_weight [D], dln_bias [D], dweight [N, D], dbias [N] or an empty [0] tensor
     when not has_bias), all in x's dtype.
     """
-    dh = linear_bwd_dgelu(dy, pre) if activation == "gelu" else dy
-    dln = linear_bwd_dx(dh, weight)
-    dw, db = ln_linear_bwd_dw(dh, x, mean, rstd, ln_weight, ln_bias, has_bias)
+    scale = dact if activation == "gelu" else None
+    dln = linear_bwd_dx(dy, weight, scale)
+    dw, db = ln_linear_bwd_dw(dy, scale, x, mean, rstd, ln_weight, ln_bias, has_bias)
     dx, dgamma, dbeta = layer_norm_bwd(dln, x, ln_weight, mean, rstd)
     return dx, dgamma, dbeta, dw, db
 
@@ -254,26 +269,33 @@ def _audit_specs() -> List["_common.KernelSpec"]:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         t = _TRITON_DTYPE[dtype]
         ieee = dtype == torch.float32
-        for bm, bn, bk, warps, stages in (_F32_TILES if ieee else _TC_TILES):
+
+        def tile_meta(bm, bn, bk, warps, stages):
             meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
-            cfg = f"{bm}x{bn}x{bk} w{warps} s{stages}"
             common = dict(num_warps=warps, num_stages=stages, dtype=t, gemm_like=True)
+            return meta, common, f"{bm}x{bn}x{bk} w{warps} s{stages}"
+
+        for tile in _F32_TILES if ieee else _TC_TILES:
+            meta, common, cfg = tile_meta(*tile)
             for flags, what in (
-                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_PRE=True), "LN2+fc1: bias+gelu+pre"),
-                (dict(HAS_BIAS=True, ACT_GELU=False, SAVE_PRE=False), "LN1+qkv: bias"),
+                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_DACT=True), "LN2+fc1: bias+gelu+dact"),
+                (dict(HAS_BIAS=True, ACT_GELU=False, SAVE_DACT=False), "LN1+qkv: bias"),
             ):
                 sig = {"x_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": f"*{t}",
-                       "beta_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "pre_ptr": f"*{t}",
+                       "beta_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "dact_ptr": f"*{t}",
                        "y_ptr": f"*{t}", "M": "i32", "N": "i32", "D": "i32", "stride_xm": "i32", "stride_wn": "i32"}
                 specs.append(_spec("_ln_linear_fwd_kernel", _ln_linear_fwd_kernel, sig,
                                    dict(flags, IEEE=ieee, stride_xd=1, stride_wd=1, **meta),
                                    ("N", "D", "stride_xm", "stride_wn"), label=f"{cfg} {what}", **common))
-            sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+        for tile in _F32_TILES if ieee else _DW_TC_TILES:
+            meta, common, cfg = tile_meta(*tile)
+            sig = {"dy_ptr": f"*{t}", "dact_ptr": f"*{t}", "x_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                    "gamma_ptr": f"*{t}", "beta_ptr": f"*{t}", "dw_ptr": f"*{t}", "db_ptr": f"*{t}",
                    "N": "i32", "D": "i32", "M": "i32", "stride_dym": "i32", "stride_xm": "i32"}
-            specs.append(_spec("_ln_linear_bwd_dw_kernel", _ln_linear_bwd_dw_kernel, sig,
-                               dict(HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xd=1, **meta),
-                               ("N", "D", "stride_dym", "stride_xm"), label=f"{cfg} dw+db", **common))
+            for scale, what in ((True, "fc1 dw+db (dy*dact)"), (False, "qkv dw+db")):
+                specs.append(_spec("_ln_linear_bwd_dw_kernel", _ln_linear_bwd_dw_kernel, sig,
+                                   dict(SCALE_A=scale, HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xd=1, **meta),
+                                   ("N", "D", "stride_dym", "stride_xm"), label=f"{cfg} {what}", **common))
     return specs
 
 

@@ -457,6 +457,19 @@ def test_load_jax_npz_errors(tmp_path):
         load_jax_npz(_save(tmp_path, a), _jax_model(), resample_mode="area")
 
 
+def test_load_jax_npz_gap_checkpoint_needs_norm_before_pooling(tmp_path):
+    # A 'gap' classifier checkpoint: no class token, mean of the normalized tokens.
+    a = {k: v for k, v in _jax_arrays(pre_logits=False).items() if k != "cls"}
+    a["Transformer/posembed_input/pos_embedding"] = a["Transformer/posembed_input/pos_embedding"][:, 1:]
+    kwargs = dict(img_size=12, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, mlp_ratio=MLP / D,
+                  num_classes=CLASSES, class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="build it with fc_norm=False"):
+        load_jax_npz(_save(tmp_path, a), vitkern.ViT(**kwargs))
+    model = load_jax_npz(_save(tmp_path, a), vitkern.ViT(fc_norm=False, **kwargs))
+    np.testing.assert_array_equal(model.pos_embed.detach().numpy(), a["Transformer/posembed_input/pos_embedding"])
+    np.testing.assert_array_equal(model.norm.weight.detach().numpy(), a["Transformer/encoder_norm/scale"])
+
+
 def test_load_jax_npz_accepts_prefixed_keys(tmp_path):
     a = _jax_arrays()
     model = load_jax_npz(_save(tmp_path, {"opt/target/" + k: v for k, v in a.items()}), _jax_model())

@@ -640,6 +640,11 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
         put(t + "mlp.fc2.bias", take(m + "Dense_1/bias", (dim,), t + "mlp.fc2.bias"))
 
     # The JAX encoder norm acts on every token before pooling: timm's `norm`, never `fc_norm`.
+    if "norm.weight" not in target and prefix + "Transformer/encoder_norm/scale" in arrays:
+        raise ValueError(
+            "Transformer/encoder_norm normalizes every token before pooling, but the model normalizes after "
+            "pooling (fc_norm); build it with fc_norm=False (e.g. global_pool='avg', fc_norm=False for 'gap' checkpoints)"
+        )
     put("norm.weight", take("Transformer/encoder_norm/scale", (dim,), "norm.weight"))
     put("norm.bias", take("Transformer/encoder_norm/bias", (dim,), "norm.bias"))
     if "pre_logits.fc.weight" in target:

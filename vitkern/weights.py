@@ -16,11 +16,16 @@ import copy
 import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vitkern.config import ViTConfig
+
+if TYPE_CHECKING:  # model.py imports this module: the type only, no import cycle at run time
+    from vitkern.model import ViT
 
 RESAMPLE_MODES = ("bicubic", "bilinear")
 
@@ -126,7 +131,7 @@ def _match_source(model: nn.Module, like: Optional[Tensor], training: bool) -> n
     return model.train(training)
 
 
-def _build(config: "Any", hybrid_backbone: Optional[nn.Module] = None):
+def _build(config: ViTConfig, hybrid_backbone: Optional[nn.Module] = None) -> "ViT":
     from vitkern.model import ViT
 
     return ViT(hybrid_backbone=hybrid_backbone, **vars(config))
@@ -272,15 +277,13 @@ def _ranges(indices: List[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def timm_config(timm_model: nn.Module) -> Tuple["Any", Optional[nn.Module]]:
+def timm_config(timm_model: nn.Module) -> Tuple[ViTConfig, Optional[nn.Module]]:
     """The `ViTConfig` of a timm `VisionTransformer` and its hybrid backbone (None if not hybrid).
 
     Raises NotImplementedError listing every feature of the timm model vitkern does not
     implement, and TypeError when `timm_model` is not a timm VisionTransformer.
     """
     from timm.models.vision_transformer import VisionTransformer
-
-    from vitkern.config import ViTConfig
 
     if not isinstance(timm_model, VisionTransformer):
         raise TypeError(
@@ -322,7 +325,7 @@ def timm_config(timm_model: nn.Module) -> Tuple["Any", Optional[nn.Module]]:
     return config, backbone
 
 
-def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any):
+def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "ViT":
     """A `vitkern.ViT` with the architecture and the weights of a timm `VisionTransformer`.
 
     timm_model_or_name: a timm VisionTransformer (plain or hybrid, e.g. `vit_small_r26_s32_224`)
@@ -449,10 +452,8 @@ def hf_to_timm(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def _hf_vitkern_config(hf_config: Any, state: Mapping[str, Tensor]):
+def _hf_vitkern_config(hf_config: Any, state: Mapping[str, Tensor]) -> ViTConfig:
     """vitkern ViTConfig from a transformers ViTConfig and the converted (timm-layout) weights."""
-    from vitkern.config import ViTConfig
-
     act = getattr(hf_config, "hidden_act", "gelu")
     if act != "gelu":
         raise NotImplementedError(f"hidden_act={act!r}: vitkern's MLP uses the exact GELU (HF's 'gelu') only")
@@ -490,7 +491,7 @@ def _hf_vitkern_config(hf_config: Any, state: Mapping[str, Tensor]):
     )
 
 
-def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], config: Any = None):
+def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], config: Any = None) -> "ViT":
     """A `vitkern.ViT` with the weights of a transformers `ViTModel` or `ViTForImageClassification`.
 
     hf_model_or_state_dict: the HF model, or its state dict (current names such as
@@ -505,8 +506,6 @@ def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], conf
     `model.forward_features(x)` is HF's `last_hidden_state` and `model(x)` its `pooler_output`;
     for a `ViTForImageClassification`, `model(x)` is HF's logits.
     """
-    from vitkern.config import ViTConfig
-
     if isinstance(hf_model_or_state_dict, nn.Module):
         module = hf_model_or_state_dict
         raw = module.state_dict()
@@ -688,7 +687,7 @@ def load_jax_npz(
     resample_mode: str = "bicubic",
     resample_antialias: bool = True,
     strict: bool = True,
-):
+) -> "ViT":
     """Load an original google-research/vision_transformer `.npz` checkpoint into `model` in place.
 
     path: a file name or file object of the `.npz` (keys `embedding/kernel`, `cls`,

@@ -76,12 +76,26 @@ def implementations(op: str) -> Dict[str, Implementation]:
 # Whole-backend availability (cached: it does not change within a process)
 
 
+def _memoized(fn: Callable[[], Optional[str]]) -> Callable[[], Optional[str]]:
+    """Cache a no-argument probe in a plain dict (torch.compile traces a dict lookup cleanly,
+    whereas it warns on functools.lru_cache)."""
+    cache: Dict[str, Optional[str]] = {}
+
+    @functools.wraps(fn)
+    def wrapper() -> Optional[str]:
+        if "value" not in cache:
+            cache["value"] = fn()
+        return cache["value"]
+
+    return wrapper
+
+
 def triton_interpret() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at triton import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@_memoized
 def _triton_import_error() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install triton; Linux only)"
@@ -98,7 +112,7 @@ def triton_importable() -> bool:
     return _triton_import_error() is None
 
 
-@functools.lru_cache(maxsize=None)
+@_memoized
 def _cuda_extension_error() -> Optional[str]:
     from vitkern.kernels import cuda as cuda_kernels
 
@@ -155,10 +169,11 @@ def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
     interpreter is a test vehicle, not a fast path: ask for backend="triton" to use it)."""
     if device.type != "cuda":
         return ("eager",)
-    name = torch.cuda.get_device_name(device)
-    for key, table in MEASURED_ORDER.items():
-        if key in name and op in table:
-            return table[op]
+    if MEASURED_ORDER:  # only then ask the device its name (keeps the common path trace-friendly)
+        name = torch.cuda.get_device_name(device)
+        for key, table in MEASURED_ORDER.items():
+            if key in name and op in table:
+                return table[op]
     return PREDICTED_ORDER
 
 

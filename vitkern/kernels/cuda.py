@@ -439,3 +439,36 @@ def load_error() -> Optional[str]:
 def loaded_from() -> Optional[str]:
     """Where the loaded extension came from (None before a successful `load_error()`)."""
     return _LOADED_FROM
+
+
+def ptxas_markdown(result: BuildResult) -> str:
+    """A markdown table of every kernel's registers, static shared memory and spills per arch
+    (the source of docs/perf/cuda.md's ptxas table)."""
+    lines = ["| file | kernel | arch | registers | static smem (B) | stack / spill stores / spill loads (B) |", "|---|---|---|---|---|---|"]
+    for source in KERNEL_SOURCES:
+        kernels = parse_ptxas(result.ptxas_logs[source])
+        for name, k in zip(demangle([k.function for k in kernels]), kernels):
+            short = re.sub(r"^void |\(anonymous namespace\)::|vk::", "", name)
+            short = re.sub(r"\(.*$", "", short)
+            lines.append(f"| {source} | `{short}` | {k.arch} | {k.registers} | {k.smem_bytes} | {k.stack_bytes} / {k.spill_store_bytes} / {k.spill_load_bytes} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m vitkern.kernels.cuda [--archs "80;90a"]`: build (or reuse) the extension, print
+    where it is and its ptxas table; exit status 1 if any kernel spills."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--archs", default=";".join(cuda_archs()), help="e.g. '80;90a'")
+    parser.add_argument("--verbose", action="store_true", help="print the compiler commands")
+    args = parser.parse_args(argv)
+    result = build([a for a in args.archs.split(";") if a], verbose=args.verbose)
+    print(f"extension: {result.library} ({'cached' if result.cached else f'built in {result.seconds:.0f} s'})\n")
+    print(ptxas_markdown(result))
+    spills = [k for log in result.ptxas_logs.values() for k in parse_ptxas(log) if k.spill_store_bytes or k.spill_load_bytes or k.stack_bytes]
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ A uniquely named module (not `conftest`) so that `from _benchcommon import ...` 
 tests/conftest.py when both folders are collected in one run.
 
 * Device: the GPU when there is one (bf16), else the CPU (fp32) with a small configuration so
-  CI exercises every benchmark in a few minutes (Ti/16 at 112 px, batch 2).
+  CI exercises every benchmark in a few minutes (Ti/16 at 64 px, batch 2).
 * Grid on a GPU: `VITKERN_BENCH_GRID=full` (default) measures B/16, L/16, H/14 at 224 and B/16
   at 384 over batch 1, 32, 256; `suite` (what `make gpu` uses to fit its 9 minutes) measures
   B/16-224 only and compiles timm with torch.compile only for batch 256 inference.

@@ -2,7 +2,7 @@
 provider side by side (`vitkern.bench.PROVIDERS`), timm eager first as the baseline.
 
 GPU: B/16, L/16, H/14 at 224 and B/16 at 384 over batch 1, 32, 256 in bf16 (grid `full`), or
-B/16-224 only (grid `suite`, see conftest.py). CPU: Ti/16 at 112 px, batch 2, fp32.
+B/16-224 only (grid `suite`, see conftest.py). CPU: Ti/16 at 64 px, batch 2, fp32.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ same shapes, forward and forward+backward, reporting TFLOP/s, GB/s and % of the 
 of `vitkern.cost` (the floor uses the fewest bytes: the fused op's).
 
 Shapes: ViT-B/16 at batch 256 (T = 197, D = 768, 12 heads, MLP 3072) in bf16 on a GPU; Ti/16 at
-112 px, batch 2 (T = 50, D = 192, 3 heads) in fp32 on a CPU.
+64 px, batch 2 (T = 17, D = 192, 3 heads) in fp32 on a CPU.
 
 Baselines: conv2d patch embedding (+ class token + position embedding); F.layer_norm +
 F.linear; F.scaled_dot_product_attention (default dispatch, and forced to its flash backend);

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vitkern import cost, profile
+from vitkern import bench, cost, profile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def test_quick_writes_tables_trace_png(quick_run):
     assert fams["attention"]["ms"] > 0
     # every model FLOP is accounted for in some family (patch embedding folded into gemm here)
     total = sum(r["flops"] for r in rec["families"])
-    assert total == pytest.approx(2 * cost.model_flops("vit_tiny_patch16_224", 112))
+    assert total == pytest.approx(2 * cost.model_flops(bench.QUICK_MODEL, bench.QUICK_IMG))
     assert sum(k["pct"] for k in rec["kernels"]) == pytest.approx(100.0)
     assert all(k["family"] in profile.FAMILIES for k in rec["kernels"])
 

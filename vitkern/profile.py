@@ -12,7 +12,7 @@ Runs a few steps of one model / batch / provider / mode under `torch.profiler` a
 
     python -m vitkern.profile                          # GPU: B/16-224, batch 256, vitkern-auto, inference
     python -m vitkern.profile --provider timm-eager --mode train --batch 64
-    python -m vitkern.profile --quick                  # CPU: Ti/16 at 112 px, batch 2, vitkern-eager
+    python -m vitkern.profile --quick                  # CPU: Ti/16 at 64 px, batch 2, vitkern-eager
 
 Op families and their floors. Kernels are mapped to families by name patterns (`FAMILY_PATTERNS`,
 first match wins). The floor of `gemm` is every Linear layer's FLOPs and the bytes of the fused

@@ -116,10 +116,12 @@ class ViTConfig:
         return 1 if self.class_token else 0
 
     def grid_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> Tuple[int, int]:
-        """Patch grid (rows, cols) for `img_size` (default: the configured size)."""
+        """Patch grid (rows, cols) for an input of `img_size`; the default is the grid the position
+        embedding is built for (whole patches of the configured size, as in timm). An explicit
+        size under dynamic_img_pad counts the padded partial patches too."""
         h, w = to_2tuple(self.img_size if img_size is None else img_size, "img_size")
         ph, pw = to_2tuple(self.patch_size, "patch_size")
-        if self.dynamic_img_pad:
+        if self.dynamic_img_pad and img_size is not None:
             return (-(-h // ph), -(-w // pw))
         return (h // ph, w // pw)
 

@@ -8,7 +8,8 @@ VITKERN_POISON_OUTPUTS=1, which csrc/bindings.cpp honours), so an element a kern
 Shapes: the Triton tests' grid (T in {1, 17, 50, 197}, head dim 64/80, D in {64, 192}, batch 1
 and 3) plus head dim 128, odd LayerNorm widths (scalar path), and ViT-B at batch 4096, where
 B * T * 4D exceeds 2^31 (int64 offsets). The whole `vitkern.ViT(backend="cuda")` is held to the
-ratio test of DESIGN.md, and compute-sanitizer's memcheck runs a small script over every op.
+ratio test of DESIGN.md, and compute-sanitizer's memcheck runs a small script over every op
+(with VITKERN_TEST_SANITIZER=1: it takes a minute or two).
 """
 
 from __future__ import annotations
@@ -342,11 +343,10 @@ SANITIZER_SCRIPT = textwrap.dedent(
     from vitkern.ops import _cuda  # noqa: F401
     dev = "cuda"
     for dtype in (torch.bfloat16, torch.float16):
-        for tokens in (1, 197):
-            for heads, hd in ((3, 64), (2, 80), (2, 128)):
-                qkv = torch.randn(2, tokens, 3 * heads * hd, device=dev, dtype=dtype, requires_grad=True)
-                ops.attention(qkv, heads, backend="cuda").sum().backward()
-        for d in (64, 100, 768):
+        for tokens, heads, hd in ((1, 3, 64), (197, 3, 64), (70, 2, 80), (70, 2, 128)):
+            qkv = torch.randn(2, tokens, 3 * heads * hd, device=dev, dtype=dtype, requires_grad=True)
+            ops.attention(qkv, heads, backend="cuda").sum().backward()
+        for d in (100, 768):
             x = torch.randn(5, 17, d, device=dev, dtype=dtype, requires_grad=True)
             w = torch.randn(d, device=dev, dtype=dtype, requires_grad=True)
             b = torch.randn(d, device=dev, dtype=dtype, requires_grad=True)
@@ -370,6 +370,10 @@ SANITIZER_SCRIPT = textwrap.dedent(
 
 
 def test_compute_sanitizer_memcheck_is_clean(tmp_path):
+    """About a minute or two under memcheck (every kernel, cuBLASLt's too, is instrumented), so it
+    runs when VITKERN_TEST_SANITIZER=1: the time-boxed `make gpu` stage runs it separately."""
+    if os.environ.get("VITKERN_TEST_SANITIZER", "0") in ("", "0"):
+        pytest.skip("set VITKERN_TEST_SANITIZER=1 to run compute-sanitizer memcheck over every CUDA op (1-2 min)")
     tool = _compute_sanitizer()
     if tool is None:
         pytest.skip("compute-sanitizer not found")

@@ -50,7 +50,7 @@ CASES = [
     (1, 197, 1, 64, torch.float16),
     (1, 50, 2, 80, torch.float32),
     (3, 17, 1, 80, torch.float16),
-    (1, 197, 1, 80, torch.float32),
+    (1, 197, 1, 80, torch.float16),
     (1, 50, 1, 64, torch.float16),
     (1, 1, 2, 80, torch.float16),
     (1, 13, 1, 32, torch.float16),

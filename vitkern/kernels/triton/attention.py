@@ -323,20 +323,23 @@ CONFIGS = {
         "dkdv": [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
         "dq": [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
     },
+    # BLOCK_D 128 (head dims 80-128): 8 warps for the 64-row tiles, and no 32-key dK/dV tile (its
+    # M = 32 dots cannot use wgmma).
     ("half", 128): {
-        "fwd": [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)],
-        "dkdv": [_cfg(32, 64, 4, 3), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
-        "dq": [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
+        "fwd": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
+        "dkdv": [_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2)],
+        "dq": [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2)],
     },
+    # fp32 operands run exact FMA dots (no tensor cores): small tiles, a correctness path.
     ("fp32", 64): {
-        "fwd": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
-        "dkdv": [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
-        "dq": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+        "fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
+        "dkdv": [_cfg(32, 64, 8, 2)],
+        "dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
     },
     ("fp32", 128): {
-        "fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
-        "dkdv": [_cfg(32, 32, 4, 2), _cfg(32, 64, 8, 2)],
-        "dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
+        "fwd": [_cfg(32, 32, 8, 2)],
+        "dkdv": [_cfg(16, 32, 4, 2)],
+        "dq": [_cfg(16, 32, 4, 2)],
     },
 }
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}

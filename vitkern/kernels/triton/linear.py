@@ -37,15 +37,9 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
-def _gelu(z):
-    """Exact GELU of fp32 z: z * Phi(z)."""
-    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_grad(z):
-    """d GELU / dz of fp32 z: Phi(z) + z * phi(z)."""
-    return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+def _normal_cdf(z):
+    """Phi(z) of fp32 z, through the exact erf: GELU(z) = z Phi(z), GELU'(z) = Phi(z) + z phi(z)."""
+    return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
 
 
 @triton.jit
@@ -132,9 +126,11 @@ def _epilogue_store(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT_GELU:
+        cdf = _normal_cdf(acc)  # one erf serves both GELU and its derivative
         if SAVE_DACT:
-            tl.store(dact_ptr + out_offs, _gelu_grad(acc).to(dact_ptr.dtype.element_ty), mask=mask)
-        acc = _gelu(acc)
+            dact = cdf + acc * _INV_SQRT_2PI * tl.exp(-0.5 * acc * acc)
+            tl.store(dact_ptr + out_offs, dact.to(dact_ptr.dtype.element_ty), mask=mask)
+        acc = acc * cdf
     if HAS_RES:
         res = tl.load(res_ptr + (rows * stride_rm)[:, None] + (offs_n * stride_rn)[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)

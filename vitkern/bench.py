@@ -395,7 +395,7 @@ def plot(record: Dict[str, Any], path: str) -> Optional[str]:
         return "no successful measurement to plot"
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in ok)]
     colors = dict(zip(PROVIDERS, ["#7f7f7f", "#d62728", "#ff7f0e", "#9467bd", "#e377c2", "#2ca02c", "#1f77b4"]))
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     n_groups = max(len({(r["model"], r["img_size"], r["batch"]) for r in ok if r["mode"] == m}) for m in modes)
     fig, axes = plt.subplots(len(modes), 1, figsize=(max(9.0, 2.5 + 0.35 * len(providers) * n_groups), 4.6 * len(modes)),
@@ -428,7 +428,10 @@ def plot(record: Dict[str, Any], path: str) -> Optional[str]:
         ax.set_yscale("log")
         # headroom above the tallest bar for the speedup labels; the floor below the shortest bar
         ax.set_ylim(min(values) / 3, max(values) * 4)
+        # labelled ticks at 1, 2, 5 x 10^k: readable whether the bars span one decade or five
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("images / s (log scale)")
         ax.set_title(f"{'Inference' if mode == 'infer' else 'Training step (forward + backward + AdamW)'}: "
                      "throughput; bar labels = speedup vs timm eager in this run", fontsize=10)
@@ -565,7 +568,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype] if args.dtype else None
-    quick_cpu = args.quick
     models = _split(args.models, [QUICK_MODEL] if args.quick else GPU_MODELS, str, "models", VARIANTS)
     batches = _split(args.batch, [QUICK_BATCH] if args.quick else GPU_BATCHES, int, "batch")
     if any(b <= 0 for b in batches):
@@ -576,8 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     t_start = time.monotonic()
     ceilings = _timing.measure_ceilings(device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32),
-                                        quick=quick_cpu or device.type != "cuda")
-    settings = default_settings(device, dtype, quick=quick_cpu, ceilings=ceilings)
+                                        quick=args.quick or device.type != "cuda")
+    settings = default_settings(device, dtype, quick=args.quick, ceilings=ceilings)
     if args.target_ms is not None:
         if args.target_ms < 0:
             raise SystemExit(f"--target-ms must be >= 0, got {args.target_ms}")

@@ -1,9 +1,12 @@
-"""`python -m vitkern.bench --quick` runs on the CPU and writes its table, JSON and PNG."""
+"""`python -m vitkern.bench --quick` runs on the CPU and writes its table, JSON and PNG; the
+pytest-benchmark suites write the documented extra_info; the GPU suite's record logic (targets,
+junit, the OUT copy) is right on synthetic inputs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,3 +124,92 @@ def test_pytest_benchmarks_write_extra_info(tmp_path):
     # the CUDA provider was skipped, with its reason, and the skip list says so
     reasons = json.loads(skips.read_text())
     assert any("vitkern-cuda" in s["test"] and "cuda" in s["reason"].lower() for s in reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/gpu_suite.py: the record of a GPU run must be right the first time, so its pure parts
+# (target evaluation, junit reading, the OUT copy) are checked here on synthetic inputs.
+
+
+@pytest.fixture(scope="module")
+def suite():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", os.path.join(REPO, "scripts", "gpu_suite.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _model_row(provider, batch, mode, ms, mem=None, model="vit_base_patch16_224"):
+    mult = 3 if mode == "train" else 1
+    ips = batch / (ms * 1e-3)
+    return {"model": model, "batch": batch, "mode": mode, "provider": provider, "ms_median": ms, "img_per_s": ips,
+            "peak_mem_bytes": mem, "mfu": mult * cost.model_flops(model) * ips / 989e12, "timing_method": "cuda-events"}
+
+
+def test_suite_evaluates_the_design_targets(suite):
+    rows = [
+        _model_row("timm-eager", 256, "infer", 20.0), _model_row("vitkern-auto", 256, "infer", 10.0),
+        _model_row("vitkern-cuda", 256, "infer", 12.0), _model_row("timm-compile", 256, "infer", 14.0),
+        _model_row("vitkern-auto", 1, "infer", 0.3),
+        _model_row("timm-eager", 256, "train", 100.0, mem=40e9), _model_row("vitkern-auto", 256, "train", 70.0, mem=20e9),
+        {"op": "attention", "mode": "fwdbwd", "provider": "vitkern-auto", "ms_median": 1.0},
+        {"op": "attention", "mode": "fwdbwd", "provider": "torch-flash", "ms_median": 1.5},
+        {"op": "ln_qkv", "mode": "fwd", "provider": "vitkern-auto", "ms_median": 1.04},
+        {"op": "ln_qkv", "mode": "fwd", "provider": "torch-gemm-only", "ms_median": 1.0},
+        {"op": "mlp", "mode": "fwd", "provider": "vitkern-auto", "ms_median": 1.1},
+        {"op": "mlp", "mode": "fwd", "provider": "torch-gemm-only", "ms_median": 1.0},
+    ]
+    bench_rec = {"results": [{"status": "ok", "mode": "train", "provider": "vitkern-auto", "model": "vit_large_patch16_224",
+                              "batch": 256, "mfu": 0.60, "img_per_s": 1.0, "ms": 1.0}]}
+    assert suite.best_vitkern_provider(rows, bench_rec) == "vitkern-auto"
+    t = {row["target"]: row for row in suite.evaluate_targets(rows, bench_rec)}
+    assert len(t) == 11
+    assert t["B/16 infer b256: speedup vs timm eager"]["measured"] == pytest.approx(2.0)
+    assert t["B/16 infer b256: speedup vs timm + torch.compile"]["met"] is True
+    assert t["B/16 infer b256: img/s"]["measured"] == pytest.approx(25_600)
+    assert t["B/16 infer b1: latency ms (CUDA graph)"]["met"] is True
+    assert t["B/16 train b256: speedup vs timm eager + AdamW"]["measured"] == pytest.approx(100 / 70)
+    assert t["B/16 train b256: speedup vs timm eager + AdamW"]["met"] is False
+    assert t["B/16 train b256: peak memory vs timm eager"]["measured"] == pytest.approx(0.5)
+    assert t["attention T=197 d=64 fwd+bwd: speedup vs SDPA flash"]["met"] is True
+    assert t["LayerNorm+QKV time / bare QKV GEMM time (forward)"]["met"] is True
+    assert t["GELU MLP time / its two GEMMs' time (forward)"]["met"] is False
+    l16 = t["ViT-L/16 JFT pre-training: TPUv3-core-day equivalent"]
+    assert l16["measured"] == pytest.approx(783.35e18 / (0.60 * 61.5e12 * 86400), rel=1e-3) and l16["met"] is True
+    # nothing measured: every target says so instead of guessing
+    assert all(row["measured"] is None and row["met"] is None for row in suite.evaluate_targets([], None))
+
+
+def test_suite_reads_junit_and_copies_at_most_8_small_files(suite, tmp_path, monkeypatch):
+    junit = tmp_path / "t.xml"
+    junit.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1" time="2.5">'
+                     '<testcase classname="tests.test_a" name="test_ok"/>'
+                     '<testcase classname="tests.test_a" name="test_bad"><failure message="boom">trace</failure></testcase>'
+                     '<testcase classname="tests.test_a" name="test_skip"><skipped message="needs a GPU"/></testcase>'
+                     '</testsuite></testsuites>')
+    s = suite.junit_summary(str(junit))
+    assert (s["tests"], s["passed"], s["failures"], s["skipped"]) == (3, 1, 1, 1)
+    assert s["failed"][0]["test"] == "tests.test_a::test_bad" and s["skip_reasons"] == {"needs a GPU": 1}
+
+    rec = tmp_path / "rec.json"
+    rec.write_text(json.dumps({"schema": suite.SCHEMA, "benchmarks": {"raw": "x" * 5000}, "targets": []}))
+    md, log = tmp_path / "rec.md", tmp_path / "log.txt"
+    md.write_text("# summary\n")
+    log.write_text("line\n" * 2000)
+    bench_dir, prof_dir = tmp_path / "bench", tmp_path / "prof"
+    bench_dir.mkdir()
+    prof_dir.mkdir()
+    (bench_dir / "bench.png").write_bytes(b"\x89PNG")
+    (prof_dir / "trace.json").write_text("{}")
+    monkeypatch.setattr(suite, "MAX_OUT_BYTES", 4000)
+    out = tmp_path / "out"
+    suite.copy_out(str(out), "NVIDIA H100 80GB HBM3+dirty", str(rec), str(md), str(log), str(junit),
+                   str(bench_dir), str(prof_dir))
+    names = sorted(os.listdir(out))
+    assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    assert "profile-trace.json.gz" in names and "gpu-tests.xml" in names
+    copied = json.loads((out / "NVIDIA-H100-80GB-HBM3-dirty.json").read_text())  # still valid JSON
+    assert copied["schema"] == suite.SCHEMA and isinstance(copied["benchmarks"], str)
+    assert (out / "suite-log.txt").stat().st_size <= 4000  # the end of a too-long log

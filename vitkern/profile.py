@@ -3,9 +3,10 @@
 Runs a few steps of one model / batch / provider / mode under `torch.profiler` and writes
 
 * `profile.md`: a per-kernel table (GPU kernels on a GPU, leaf operators on a CPU: name, op
-  family, calls, total time, % of the total) and a per-family table (time, model FLOPs and
-  fewest bytes from `vitkern.cost`, achieved TFLOP/s and GB/s, the roofline floor and
-  measured / floor);
+  family, calls, total time, % of the total, its family's achieved rate), a per-family table
+  (time, model FLOPs and fewest bytes from `vitkern.cost`, achieved TFLOP/s and GB/s, the
+  roofline floor and measured / floor), and the PyTorch matrix products by shape (each one's
+  achieved TFLOP/s against its own floor);
 * `profile.json`: the same numbers, with the environment;
 * `trace.json`: a Chrome trace (open in https://ui.perfetto.dev or chrome://tracing);
 * `profile.png`: time per op family, measured vs. floor.
@@ -108,6 +109,51 @@ def kernel_rows(prof: Any, device: torch.device, iters: int) -> List[Dict[str, A
     return rows
 
 
+def _gemm_bytes(name: str, shapes: Sequence[Sequence[int]], elem: int) -> Optional[float]:
+    """Fewest bytes of one matrix product from the operator's input shapes (None if unknown)."""
+    dims = [list(sh) for sh in shapes if sh]
+    try:
+        if name.endswith("::mm") and len(dims) >= 2:
+            (m, k), (_, n) = dims[0], dims[1]
+            return float(elem * (m * k + k * n + m * n))
+        if name.endswith("::addmm") and len(dims) >= 3:
+            (m, k), (_, n) = dims[1], dims[2]
+            return float(elem * (m * k + k * n + m * n + n))
+        if name.endswith(("::bmm", "::baddbmm")) and len(dims) >= 2:
+            a, b = dims[-2], dims[-1]
+            bs, m, k = a
+            n = b[2]
+            return float(elem * bs * (m * k + k * n + m * n))
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None
+
+
+def gemm_rows(prof: Any, device: torch.device, iters: int, peak: cost.Device, dtype: torch.dtype) -> List[Dict[str, Any]]:
+    """Every matrix-product operator by input shape: calls, time and achieved TFLOP/s per call, and
+    its own roofline floor (FLOPs from the profiler's formula, bytes from the shapes)."""
+    rows = []
+    elem = cost.dtype_bytes(dtype)
+    for evt in prof.key_averages(group_by_input_shape=True):
+        flops = float(getattr(evt, "flops", 0) or 0)
+        if flops <= 0 or evt.count == 0:
+            continue
+        us = _time_attr(evt, ("self_device_time_total", "self_cuda_time_total")) if device.type == "cuda" else \
+            _time_attr(evt, ("self_cpu_time_total",))
+        if us <= 0:
+            continue
+        per_call_flops = flops / evt.count
+        per_call_ms = us / 1e3 / evt.count
+        nbytes = _gemm_bytes(evt.key, evt.input_shapes or [], elem)
+        floor_ms = max(per_call_flops / peak.peak(dtype), (nbytes or 0.0) / peak.bandwidth) * 1e3
+        rows.append({"name": evt.key, "shapes": [list(sh) for sh in (evt.input_shapes or []) if sh],
+                     "calls": evt.count / iters, "ms_per_call": per_call_ms, "ms": us / 1e3 / iters,
+                     "gflop_per_call": per_call_flops / 1e9, "tflops": per_call_flops / (per_call_ms * 1e-3) / 1e12,
+                     "bytes_per_call": nbytes, "floor_ms_per_call": floor_ms, "pct_of_floor": 100.0 * floor_ms / per_call_ms})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows
+
+
 # A family whose kernels no pattern recognised hands its work to the family that ran it: the
 # eager path embeds patches with a plain matmul and computes LayerNorm from elementwise ops.
 FOLD_INTO = {"patch_embed": "gemm", "norm": "elementwise"}
@@ -176,6 +222,14 @@ def render_markdown(record: Dict[str, Any], top: int = 40) -> str:
         lines.append(f"| `{name}` | {k['family']} | {k['calls']:g} | {k['ms']:.3f} | {k['pct']:.1f} | "
                      f"{bench._fmt(f.get('tflops'), '.3g')} | {bench._fmt(f.get('gbps'), ',.4g')} | "
                      f"{bench._fmt(f.get('measured_over_floor'), '.2f')} |")
+    if record.get("gemms"):
+        lines += ["", "## Matrix products by shape (PyTorch operators; FLOPs from the profiler, bytes from the shapes)", "",
+                  "| operator | input shapes | calls/step | ms/call | GFLOP/call | TFLOP/s | floor ms/call | % of floor |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in record["gemms"][:top]:
+            shapes = " x ".join(str(tuple(sh)) for sh in g["shapes"][:3])
+            lines.append(f"| `{g['name']}` | {shapes} | {g['calls']:g} | {g['ms_per_call']:.4f} | {g['gflop_per_call']:.3g} | "
+                         f"{g['tflops']:.3g} | {g['floor_ms_per_call']:.4f} | {g['pct_of_floor']:.1f} |")
     if record["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in record["notes"]]
     return "\n".join(lines) + "\n"
@@ -278,7 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=False) as prof:
+    # shapes and FLOPs let the matrix products be rated one by one (vitkern's fused ops are rated
+    # per family: the profiler has no FLOP formula for them)
+    with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
         for _ in range(iters):
             with record_function("vitkern.profile.step"):
                 step()
@@ -303,7 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "config": {"model": model, "img_size": img, "batch": batch, "provider": provider, "mode": args.mode,
                    "dtype": cost.dtype_name(dtype), "iters": iters, "warmup": warmup},
         "peak": settings.peak.to_dict(), "step_ms": step_ms, "kernel_ms": sum(k["ms"] for k in kernels),
-        "families": families, "kernels": kernels, "family_patterns": dict(FAMILY_PATTERNS),
+        "families": families, "kernels": kernels, "gemms": gemm_rows(prof, device, iters, settings.peak, dtype),
+        "family_patterns": dict(FAMILY_PATTERNS),
         "files": {"trace": "trace.json", "markdown": "profile.md", "png": "profile.png"}, "notes": notes,
     }
     png_note = plot(record, os.path.join(args.out, "profile.png"))

@@ -93,15 +93,14 @@ def load_specs(modules: Optional[Sequence[str]] = None) -> Tuple[List[Tuple[str,
 
 
 def one_per_kernel(specs: List[Tuple[str, int, Any]]) -> List[Tuple[str, int, Any]]:
-    """The first spec of each (module, kernel, dtype) plus every gemm_like spec's first config per
-    kernel: a quick audit that still compiles each kernel in each dtype."""
-    seen, out = set(), []
+    """One spec per (module, kernel): its first bf16 spec (the dtype whose GEMMs must use wgmma),
+    else its first. A quick audit that still compiles every kernel for every arch."""
+    chosen: Dict[Tuple[str, str], Tuple[str, int, Any]] = {}
     for module, i, spec in specs:
-        key = (module, spec.name, spec.dtype)
-        if key not in seen:
-            seen.add(key)
-            out.append((module, i, spec))
-    return out
+        key = (module, spec.name)
+        if key not in chosen or (chosen[key][2].dtype != "bf16" and spec.dtype == "bf16"):
+            chosen[key] = (module, i, spec)
+    return sorted(chosen.values(), key=lambda item: (item[0], item[1]))
 
 
 def ptxas_path() -> str:
@@ -160,13 +159,19 @@ def mma_kind(ptx: str) -> str:
 def _ast_source(spec):
     from triton.compiler import ASTSource
 
-    # Triton >= 3.2 wants every argument in the signature, constexprs typed "constexpr".
-    signature = {}
-    for arg in spec.fn.arg_names:
+    # Triton >= 3.2 wants every argument in the signature, constexprs typed "constexpr". The
+    # runtime marks pointers (torch allocations are 16-byte aligned) and ints that are multiples
+    # of 16 with tt.divisibility=16, which decides vectorized loads and cp.async/TMA use: the
+    # audit does the same for every pointer and for ints typed "i32:16" (Triton's AOT notation).
+    signature, attrs = {}, {}
+    for index, arg in enumerate(spec.fn.arg_names):
         if arg in spec.constexprs:
             signature[arg] = "constexpr"
         elif arg in spec.signature:
-            signature[arg] = spec.signature[arg]
+            ty, _, div = spec.signature[arg].partition(":")
+            signature[arg] = ty
+            if ty.startswith("*") or div == "16":
+                attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise ValueError(f"KernelSpec {spec.name} ({spec.label}) gives no type or value for argument {arg!r}")
     extra = set(spec.signature) | set(spec.constexprs)
@@ -174,7 +179,7 @@ def _ast_source(spec):
     if extra:
         raise ValueError(f"KernelSpec {spec.name} ({spec.label}) names arguments the kernel lacks: {sorted(extra)}")
     constexprs = {(spec.fn.arg_names.index(k),): v for k, v in spec.constexprs.items()}
-    return ASTSource(spec.fn, signature, constexprs)
+    return ASTSource(spec.fn, signature, constexprs, attrs)
 
 
 def audit_one(module: str, index: int, arch: int) -> Row:
@@ -287,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitkern.audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS, help="compute capabilities")
     parser.add_argument("--module", nargs="+", default=None, help="kernel files to audit (default: all)")
-    parser.add_argument("--one-per-kernel", action="store_true", help="first config of each kernel and dtype only")
+    parser.add_argument("--one-per-kernel", action="store_true", help="one config per kernel (its first bf16 one)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the table as JSON")
     args = parser.parse_args(argv)

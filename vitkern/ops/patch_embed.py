@@ -89,9 +89,7 @@ if dispatch.triton_importable():
 
         @staticmethod
         def forward(ctx, x, weight, bias, cls_token, pos_embed):
-            weight = weight.contiguous()
-            pos = pos_embed.contiguous() if pos_embed is not None else None
-            tokens = torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos)
+            tokens = torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
             ctx.save_for_backward(x, weight)
             ctx.present = (bias is not None, cls_token is not None, pos_embed is not None)
             return tokens
@@ -101,7 +99,7 @@ if dispatch.triton_importable():
             x, weight = ctx.saved_tensors
             has_bias, has_cls, has_pos = ctx.present
             dx, dweight, dbias, dpos = torch.ops.vitkern.patch_embed_bwd(
-                dtokens.contiguous(), x, weight, has_cls, bool(ctx.needs_input_grad[0])
+                dtokens, x, weight, has_cls, bool(ctx.needs_input_grad[0])
             )
             return (
                 dx if ctx.needs_input_grad[0] else None,

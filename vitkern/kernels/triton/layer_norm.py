@@ -34,8 +34,9 @@ from vitkern.kernels.triton._common import KernelSpec
 MAX_N = 8192
 # Programs of the backward's first pass: fixed (not per device) so that the dweight/dbias
 # summation order, hence the result bit pattern, depends on the shape only. 1024 programs of
-# <= 16 warps fill an H100 (132 SMs x 64 warps) in one wave; the partials they write (1024 x N
-# fp32, twice) are ~3% of the backward's traffic for ViT-B at batch 256.
+# 8 warps (ViT widths) fill an H100 (132 SMs x 64 warps) in one wave; the partials they write and
+# the reduction reads back (1024 x N fp32, twice) are ~5% of the backward's traffic for ViT-B at
+# batch 256.
 BWD_PROGRAMS = 1024
 # Column tile and partial-row chunk of the dweight/dbias reduction kernel.
 REDUCE_BLOCK_N = 128
@@ -217,6 +218,8 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _launch_fwd(x2d, weight, bias, eps, write_y):
     x2d = _rows_contiguous(x2d)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     m, n = x2d.shape
     device = x2d.device
     mean = _common.empty((m,), dtype=torch.float32, device=device)
@@ -282,6 +285,7 @@ def layer_norm_bwd(
     """
     dy2d = _rows_contiguous(dy2d)
     x2d = _rows_contiguous(x2d)
+    weight = weight.contiguous() if weight is not None else None
     m, n = x2d.shape
     device = x2d.device
     param_dtype = weight.dtype if weight is not None else x2d.dtype
@@ -336,6 +340,9 @@ _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 def _audit_specs() -> List[KernelSpec]:
     specs: List[KernelSpec] = []
+    # As the runtime specializes ViT shapes (rows = batch * 197 with an even batch, widths that
+    # are multiples of 16): those ints carry divisibility 16 (Triton's "i32:16" notation).
+    d16 = "i32:16"
     block_ns = sorted({fwd_config(n)[1] for n in _AUDIT_WIDTHS})
     for dtype in ("fp16", "bf16", "fp32"):
         p = _PTR[dtype]
@@ -349,7 +356,7 @@ def _audit_specs() -> List[KernelSpec]:
                         fn=_layer_norm_fwd_kernel,
                         signature={
                             "X": p, "Y": p, "W": p, "B": p, "Mean": "*fp32", "Rstd": "*fp32",
-                            "M": "i32", "N": "i32", "stride_xm": "i32", "eps": "fp32",
+                            "M": d16, "N": d16, "stride_xm": d16, "eps": "fp32",
                         },
                         constexprs=dict(HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, WRITE_Y=write_y, BLOCK_M=bm, BLOCK_N=bn),
                         num_warps=nw,
@@ -366,7 +373,7 @@ def _audit_specs() -> List[KernelSpec]:
                     signature={
                         "DY": p, "X": p, "W": p, "Mean": "*fp32", "Rstd": "*fp32", "DX": p,
                         "DW_partial": "*fp32", "DB_partial": "*fp32",
-                        "M": "i32", "N": "i32", "stride_dym": "i32", "stride_xm": "i32",
+                        "M": d16, "N": d16, "stride_dym": d16, "stride_xm": d16,
                     },
                     constexprs=dict(HAS_WEIGHT=True, BLOCK_M=bm, BLOCK_N=bn),
                     num_warps=nw,
@@ -379,7 +386,7 @@ def _audit_specs() -> List[KernelSpec]:
             KernelSpec(
                 name="_layer_norm_bwd_reduce_kernel",
                 fn=_layer_norm_bwd_reduce_kernel,
-                signature={"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": p, "DB": p, "G": "i32", "N": "i32"},
+                signature={"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": p, "DB": p, "G": d16, "N": d16},
                 constexprs=dict(BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N),
                 num_warps=4,
                 num_stages=1,

@@ -46,7 +46,8 @@ DPOS_BLOCK = 1024
 # shapes and is the only one the interpreter runs. Rows of 16 or more elements along K per patch
 # row (pw >= 8 in fp16) give 16-byte gathers; the tiles are the usual wgmma-friendly sizes.
 _GEMM_TILES = [
-    (64, 64, 32, 4, 3),
+    # 8 warps: with 4, fp32's exact (FMA) dot spilled on sm_80 (audit).
+    (64, 64, 32, 8, 3),
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
@@ -57,6 +58,28 @@ _DW_TILES = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
 ]
+
+
+# Pipelined operand buffers must fit the smallest target's shared memory (sm_80: 163 KiB per block).
+SMEM_BUDGET = 160 * 1024
+
+
+def smem_estimate(kind: str, meta: dict, stages: int, elem_bytes: int) -> int:
+    """Bytes of the pipelined operand buffers of a tile: per stage, both operands' slices along
+    the reduction dim (fwd: K; dx: N, the embedding dim; dw: M, the patch rows)."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    per_stage = {"fwd": (bm + bn) * bk, "dx": (bm + bk) * bn, "dw": (bn + bk) * bm}[kind]
+    return stages * per_stage * elem_bytes
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        # fp32 doubles a tile's bytes: drop the tiles that would not fit (keep one regardless).
+        elem = next(v for v in named_args.values() if isinstance(v, torch.Tensor)).element_size()
+        kept = [c for c in configs if smem_estimate(kind, c.kwargs, c.num_stages, elem) <= SMEM_BUDGET]
+        return kept or configs[:1]
+
+    return prune
 
 
 def _gemm_configs():
@@ -93,7 +116,9 @@ def _patch_cols(offs_k, PH: tl.constexpr, PW: tl.constexpr, stride_c, stride_h, 
     return c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "PH", "PW"])
+@triton.autotune(
+    configs=_gemm_configs(), key=["N", "K", "PH", "PW"], prune_configs_by={"early_config_prune": _pruner("fwd")}
+)
 @triton.jit
 def _patch_embed_fwd_kernel(
     X,  # [B, C, H, W] image, strides stride_x*
@@ -170,7 +195,9 @@ def _patch_embed_fwd_kernel(
             )
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "PH", "PW"])
+@triton.autotune(
+    configs=_gemm_configs(), key=["N", "K", "PH", "PW"], prune_configs_by={"early_config_prune": _pruner("dx")}
+)
 @triton.jit
 def _patch_embed_bwd_dx_kernel(
     DT,  # [B, T, N] dtokens, contiguous
@@ -218,7 +245,9 @@ def _patch_embed_bwd_dx_kernel(
     )
 
 
-@triton.autotune(configs=_dw_configs(), key=["N", "K", "PH", "PW"])
+@triton.autotune(
+    configs=_dw_configs(), key=["N", "K", "PH", "PW"], prune_configs_by={"early_config_prune": _pruner("dw")}
+)
 @triton.jit
 def _patch_embed_bwd_dw_kernel(
     DT,  # [B, T, N] dtokens, contiguous
@@ -331,11 +360,15 @@ def patch_embed_fwd(
     """tokens = [cls_token; patches(x) @ weight^T + bias] + pos_embed.
 
     x: [batch, chans, H, W] (any strides; H, W multiples of the patch); weight: [dim, chans, ph,
-    pw] (contiguous); bias: [dim] or None; cls_token: [1, 1, dim] or None; pos_embed: [1, tokens,
-    dim] (contiguous) or None; all one dtype (fp16/bf16/fp32). Returns [batch, tokens, dim] in x's
+    pw]; bias: [dim] or None; cls_token: [1, 1, dim] or None; pos_embed: [1, tokens, dim] or None; all one dtype (fp16/bf16/fp32). Returns [batch, tokens, dim] in x's
     dtype, tokens = (1 if cls_token) + (H / ph) * (W / pw).
     """
     has_cls = cls_token is not None
+    # The small operands are indexed as dense rows (no-ops when already contiguous).
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    cls_token = cls_token.contiguous() if has_cls else None
+    pos_embed = pos_embed.contiguous() if pos_embed is not None else None
     batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, has_cls)
     out = _common.empty((batch, tokens, dim), dtype=x.dtype, device=x.device)
     m = batch * patches
@@ -383,12 +416,14 @@ def patch_embed_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `patch_embed_fwd`.
 
-    dtokens: [batch, tokens, dim] contiguous, x's dtype; x, weight: as in the forward; has_cls:
+    dtokens: [batch, tokens, dim] in x's dtype; x, weight: as in the forward; has_cls:
     whether token 0 is the class token; compute_dx: whether to compute dx. Returns (dx [batch,
     chans, H, W] contiguous (a [0]-shaped tensor when not compute_dx), dweight [dim, chans, ph, pw],
     dbias [dim], dpos [1, tokens, dim]), the last three in weight's dtype. dpos is the batch sum
     of dtokens, so dcls = dpos[:, :1] with a class token. Sums are fp32 in a fixed order.
     """
+    weight = weight.contiguous()
+    dtokens = dtokens.contiguous()
     batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, has_cls)
     prefix = 1 if has_cls else 0
     m = batch * patches
@@ -446,58 +481,51 @@ _PREC = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
 
 def _audit_specs() -> List[KernelSpec]:
     specs: List[KernelSpec] = []
-    i32 = "i32"
+    # As the runtime specializes ViT-B/16 at batch 256 (B=256, M=50176, N=K=768, a contiguous
+    # 224x224 image): multiples of 16 carry divisibility 16 ("i32:16"), unit strides become
+    # constexpr 1; P=196, GW=14 and T=197 do not divide by 16.
+    i32, d16 = "i32", "i32:16"
+    geometry = {"M": d16, "P": i32, "GW": i32, "T": i32, "N": d16, "K": d16}
     for dtype in ("fp16", "bf16", "fp32"):
         p = _PTR[dtype]
-        for bm, bn, bk, nw, ns in _GEMM_TILES:
-            tile = f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} warps={nw} stages={ns}"
-            specs.append(
-                KernelSpec(
-                    name="_patch_embed_fwd_kernel",
-                    fn=_patch_embed_fwd_kernel.fn,
-                    signature={
-                        "X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p,
-                        "B": i32, "M": i32, "P": i32, "GW": i32, "T": i32, "N": i32, "K": i32,
-                        "stride_xb": i32, "stride_xc": i32, "stride_xh": i32, "stride_xw": i32,
-                    },
-                    constexprs=dict(PH=16, PW=16, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, DOT_PRECISION=_PREC[dtype],
-                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                    num_warps=nw, num_stages=ns, dtype=dtype, gemm_like=True, label=tile,
+        elem = 4 if dtype == "fp32" else 2
+        common = dict(PH=16, PW=16, DOT_PRECISION=_PREC[dtype])
+        gemms = [
+            ("fwd", _patch_embed_fwd_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "B": d16, **geometry,
+              "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
+             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True)),
+            ("dx", _patch_embed_bwd_dx_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+             {"DT": p, "Wt": p, "DX": p, **geometry, "stride_db": d16, "stride_dc": d16, "stride_dh": d16},
+             dict(stride_dw=1, PREFIX=1)),
+            ("dw", _patch_embed_bwd_dw_kernel, _DW_TILES, ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+             {"DT": p, "X": p, "DWp": "*fp32", **geometry, "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
+             dict(stride_xw=1, PREFIX=1)),
+        ]
+        for kind, kernel, tiles, names, signature, extra in gemms:
+            for tile in tiles:
+                meta = dict(zip(names, tile[:3]))
+                num_warps, num_stages = tile[3], tile[4]
+                if smem_estimate(kind, meta, num_stages, elem) > SMEM_BUDGET:
+                    continue  # pruned at launch for this dtype (_pruner), never compiled
+                specs.append(
+                    KernelSpec(
+                        name=kernel.fn.__name__,
+                        fn=kernel.fn,
+                        signature=dict(signature),
+                        constexprs={**extra, **common, **meta},
+                        num_warps=num_warps,
+                        num_stages=num_stages,
+                        dtype=dtype,
+                        gemm_like=True,
+                        label=" ".join(f"{k}={v}" for k, v in meta.items()) + f" warps={num_warps} stages={num_stages}",
+                    )
                 )
-            )
-            specs.append(
-                KernelSpec(
-                    name="_patch_embed_bwd_dx_kernel",
-                    fn=_patch_embed_bwd_dx_kernel.fn,
-                    signature={
-                        "DT": p, "Wt": p, "DX": p,
-                        "M": i32, "P": i32, "GW": i32, "T": i32, "N": i32, "K": i32,
-                        "stride_db": i32, "stride_dc": i32, "stride_dh": i32, "stride_dw": i32,
-                    },
-                    constexprs=dict(PH=16, PW=16, PREFIX=1, DOT_PRECISION=_PREC[dtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                    num_warps=nw, num_stages=ns, dtype=dtype, gemm_like=True, label=tile,
-                )
-            )
-        for bn, bk, bm, nw, ns in _DW_TILES:
-            specs.append(
-                KernelSpec(
-                    name="_patch_embed_bwd_dw_kernel",
-                    fn=_patch_embed_bwd_dw_kernel.fn,
-                    signature={
-                        "DT": p, "X": p, "DWp": "*fp32",
-                        "M": i32, "P": i32, "GW": i32, "T": i32, "N": i32, "K": i32,
-                        "stride_xb": i32, "stride_xc": i32, "stride_xh": i32, "stride_xw": i32,
-                    },
-                    constexprs=dict(PH=16, PW=16, PREFIX=1, DOT_PRECISION=_PREC[dtype], BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm),
-                    num_warps=nw, num_stages=ns, dtype=dtype, gemm_like=True,
-                    label=f"BLOCK_N={bn} BLOCK_K={bk} BLOCK_M={bm} warps={nw} stages={ns}",
-                )
-            )
         specs.append(
             KernelSpec(
                 name="_patch_embed_bwd_dpos_kernel",
                 fn=_patch_embed_bwd_dpos_kernel,
-                signature={"DT": p, "S": "*fp32", "B": i32, "L": i32},
+                signature={"DT": p, "S": "*fp32", "B": d16, "L": d16},
                 constexprs=dict(BLOCK=DPOS_BLOCK),
                 num_warps=4, num_stages=1, dtype=dtype, label=f"BLOCK={DPOS_BLOCK}",
             )
@@ -506,7 +534,7 @@ def _audit_specs() -> List[KernelSpec]:
             KernelSpec(
                 name="_patch_embed_bwd_sum_kernel",
                 fn=_patch_embed_bwd_sum_kernel,
-                signature={"Src": "*fp32", "Dst": p, "R": i32, "L": i32},
+                signature={"Src": "*fp32", "Dst": p, "R": i32, "L": d16},
                 constexprs=dict(BLOCK_R=SUM_BLOCK_R, BLOCK_L=SUM_BLOCK_L),
                 num_warps=4, num_stages=1, dtype=dtype, label=f"BLOCK_R={SUM_BLOCK_R} BLOCK_L={SUM_BLOCK_L}",
             )

@@ -42,6 +42,14 @@ def test_quick_writes_tables_trace_png(quick_run):
     assert total == pytest.approx(2 * cost.model_flops(bench.QUICK_MODEL, bench.QUICK_IMG))
     assert sum(k["pct"] for k in rec["kernels"]) == pytest.approx(100.0)
     assert all(k["family"] in profile.FAMILIES for k in rec["kernels"])
+    # matrix products by shape: the fc1 GEMM of the eager path, [B*T, D] x [D, 4D], with its own floor
+    a = cost.arch_of(bench.QUICK_MODEL).with_img_size(bench.QUICK_IMG)
+    rows = bench.QUICK_BATCH * a.tokens
+    fc1 = [g for g in rec["gemms"] if g["shapes"][-2:] == [[rows, a.embed_dim], [a.embed_dim, a.mlp_dim]]]
+    assert fc1, rec["gemms"]
+    assert fc1[0]["gflop_per_call"] == pytest.approx(2 * rows * a.embed_dim * a.mlp_dim / 1e9)
+    assert fc1[0]["bytes_per_call"] == 4 * (rows * a.embed_dim + a.embed_dim * a.mlp_dim + rows * a.mlp_dim)
+    assert fc1[0]["tflops"] > 0 and fc1[0]["pct_of_floor"] > 0
 
 
 @pytest.mark.parametrize("name,family", [

@@ -237,7 +237,7 @@ def run_case(case: Case, settings: Settings, *, baselines: Optional[Dict[Tuple, 
     if reason:
         result.update(status="skipped", reason=reason)
         return result
-    net = step = x = None
+    net = forward = step = x = y = None
     try:
         net, forward = build_model(case.provider, case.model, case.img_size, dev, dtype)
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -271,7 +271,7 @@ def run_case(case: Case, settings: Settings, *, baselines: Optional[Dict[Tuple, 
         return result
     finally:
         peak_mem = _timing.peak_memory_bytes(dev)
-        del net, step, x
+        del net, forward, step, x, y  # free the model before the next case allocates its own
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -567,6 +567,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    if device.type == "cpu" and not args.quick and not (args.models or args.batch):
+        # the GPU grid (H/14 at batch 256 ...) would take hours on a CPU
+        print("vitkern.bench: no CUDA device, running the CPU smoke configuration (--quick); "
+              "pass --models/--batch to measure something else on the CPU", file=sys.stderr)
+        args.quick = True
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype] if args.dtype else None
     models = _split(args.models, [QUICK_MODEL] if args.quick else GPU_MODELS, str, "models", VARIANTS)
     batches = _split(args.batch, [QUICK_BATCH] if args.quick else GPU_BATCHES, int, "batch")

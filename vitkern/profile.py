@@ -293,6 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from vitkern.config import VARIANTS
 
+    if not args.quick and not args.device and not torch.cuda.is_available() and not (args.model or args.batch):
+        # B/16 at batch 256 would take minutes per step on a CPU
+        print("vitkern.profile: no CUDA device, profiling the CPU smoke configuration (--quick); "
+              "pass --model/--batch to profile something else on the CPU", file=sys.stderr)
+        args.quick = True
     model = args.model or (bench.QUICK_MODEL if args.quick else "vit_base_patch16_224")
     if model not in VARIANTS:
         raise SystemExit(f"--model: unknown model {model!r}; known: {', '.join(sorted(VARIANTS))}")

@@ -514,37 +514,61 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # 7. profile of the fastest vitkern backend
     prof_dir = os.path.join(w, "profile")
-    best = best_vitkern_provider(rows, bench_rec)
+    try:
+        best = best_vitkern_provider(rows, bench_rec)
+    except Exception as exc:  # never lose the profile stage to a malformed record
+        log(f"choosing the profiled provider failed ({exc}); using vitkern-auto")
+        best = "vitkern-auto"
     suite.run(6, [PY, "-m", "vitkern.profile", "--out", prof_dir] + (["--quick"] if args.quick else
               ["--model", "vit_base_patch16_224", "--batch", "256", "--provider", best]))
     prof_rec = load_json(os.path.join(prof_dir, "profile.json"))
 
-    # the record
+    # the record: every part guarded, so that a surprise in one never costs the others
+    errors: List[str] = []
+
+    def safe(label: str, fn, default=None):
+        try:
+            return fn()
+        except Exception as exc:  # recorded in the record and its summary
+            import traceback
+
+            errors.append(f"{label}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+            log(f"{label} failed: {type(exc).__name__}: {exc}")
+            return default
+
     fallback_gpu, fallback_commit = gpu_name_and_commit()
     gpu = env.get("device") or fallback_gpu
     commit = env.get("git_commit") or fallback_commit
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     base = sanitize(f"{gpu.replace('NVIDIA ', '')}-{date}-{commit.replace('+', '-')}")
-    if prof_rec:
+    if isinstance(prof_rec, dict):
         prof_rec["kernels"] = prof_rec.get("kernels", [])[:80]
     rec: Dict[str, Any] = {
         "schema": SCHEMA, "gpu": gpu, "commit": commit, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "budget_s": args.budget_s, "total_seconds": round(time.monotonic() - suite.t0, 1),
         "stage_budgets": dict(STAGES), "stages": suite.stages, "environment": env, "cuda_extension": cuda_msg,
-        "tests": junit_summary(junit), "audit": load_json(audit_json),
-        "targets": evaluate_targets(rows, bench_rec), "best_vitkern_provider": best,
-        "grid": GRID_NOTE,
-        "benchmark_rows": rows, "benchmark_skips": load_json(os.path.join(w, "benchmark-skips.json")), "benchmarks": bj, "bench": bench_rec, "profile": prof_rec,
+        "tests": safe("junit summary", lambda: junit_summary(junit)), "audit": load_json(audit_json),
+        "targets": safe("target evaluation", lambda: evaluate_targets(rows, bench_rec), []),
+        "best_vitkern_provider": best, "grid": GRID_NOTE,
+        "benchmark_rows": rows, "benchmark_skips": load_json(os.path.join(w, "benchmark-skips.json")),
+        "benchmarks": bj, "bench": bench_rec, "profile": prof_rec, "suite_errors": errors,
     }
     results_dir = os.path.join(REPO, "benchmarks", "results")
     os.makedirs(results_dir, exist_ok=True)
     rec_path = os.path.join(results_dir, base + ".json")
     md_path = os.path.join(results_dir, base + ".md")
-    bench_md = open(os.path.join(bench_dir, "bench.md")).read() if os.path.exists(os.path.join(bench_dir, "bench.md")) else None
-    prof_md = open(os.path.join(prof_dir, "profile.md")).read() if os.path.exists(os.path.join(prof_dir, "profile.md")) else None
+    bench_md = safe("reading bench.md", lambda: open(os.path.join(bench_dir, "bench.md")).read()) \
+        if os.path.exists(os.path.join(bench_dir, "bench.md")) else None
+    prof_md = safe("reading profile.md", lambda: open(os.path.join(prof_dir, "profile.md")).read()) \
+        if os.path.exists(os.path.join(prof_dir, "profile.md")) else None
+    summary = safe("summary", lambda: render_summary(rec, bench_md, prof_md))
+    if summary is None:
+        summary = (f"# GPU suite: {gpu} at commit {commit}\n\nThe summary could not be rendered; the JSON record "
+                   "holds every stage's output. Errors:\n\n" + "\n".join(f"    {e}" for e in errors) + "\n")
+    elif errors:
+        summary += "\n## Suite errors\n\n" + "\n".join(f"- {e.splitlines()[0]}" for e in errors) + "\n"
     with open(rec_path, "w") as f:
         json.dump(rec, f, indent=1, default=str)
-    summary = render_summary(rec, bench_md, prof_md)
     with open(md_path, "w") as f:
         f.write(summary)
     log(f"wrote {rec_path} and {md_path}")
@@ -555,7 +579,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             out_log.write(f"\n{'=' * 30} {s['name']}: {s['status']} ({s.get('seconds', 0)} s) {'=' * 30}\n")
             out_log.write(open(os.path.join(w, s["log"]), errors="replace").read())
     if args.out:
-        copy_out(args.out, base, rec_path, md_path, suite.suite_log, junit, bench_dir, prof_dir)
+        safe("copy to OUT", lambda: copy_out(args.out, base, rec_path, md_path, suite.suite_log, junit, bench_dir, prof_dir))
     print(summary)
     return 0 if all(s["status"] in ("ok", "skipped") for s in suite.stages) else 1
 

@@ -162,3 +162,18 @@ def test_layer_norm_int32_overflow_rows():
     reference.layer_norm(xt, w.double().cpu(), b.double().cpu()).backward(dy[tail].double().cpu())
     assert_close(dx[tail].cpu(), xt.grad, torch.bfloat16, name="dx tail")
     assert HAS_CUDA
+
+
+@pytest.mark.gpu
+def test_layer_norm_torch_compile_fullgraph():
+    x = torch.randn(4, 197, 192, device="cuda", dtype=torch.float16, requires_grad=True)
+    w = torch.randn(192, device="cuda", dtype=torch.float16, requires_grad=True)
+    b = torch.randn(192, device="cuda", dtype=torch.float16, requires_grad=True)
+
+    def f(x, w, b):
+        return ops.layer_norm(x, w, b, backend="triton")
+
+    y = torch.compile(f, fullgraph=True)(x, w, b)
+    assert_close(y.cpu(), reference.layer_norm(x.detach().double().cpu(), w.detach().double().cpu(), b.detach().double().cpu()), torch.float16, name="y")
+    y.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, w, b))

@@ -1,0 +1,91 @@
+"""`python -m vitkern.audit`: every kernel file's specs compile for sm_80 and sm_90 without spills,
+within shared memory, and with wgmma for the fp16/bf16 GEMM-like kernels on sm_90.
+
+The audit compiles real kernels, so it runs in a child process without TRITON_INTERPRET (which
+conftest sets on machines without a GPU). The test audits one config of each kernel (its first
+bf16 one; the CLI audits every config and dtype) to stay within a few minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitkern import audit, dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not importable")
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def test_audit_cli_all_kernel_files(tmp_path):
+    out = tmp_path / "audit.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitkern.audit", "--one-per-kernel", "--json", str(out)],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert not report["import_errors"], report["import_errors"]
+    failing = [r for r in rows if not r["ok"]]
+    assert not failing, "audit failures:\n" + "\n".join(
+        f"{r['module']}.{r['kernel']} [{r['config']}] {r['dtype']} sm_{r['arch']}: {r['problems']}" for r in failing
+    ) + "\n" + proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The conditions themselves, read back from the table (not only from the exit status).
+    for r in rows:
+        assert r["error"] == ""
+        assert r["spill_bytes"] == 0
+        assert r["shared"] <= audit.SHARED_LIMIT[r["arch"]]
+        assert r["registers"] > 0
+        if r["gemm_like"] and r["arch"] == 90 and r["dtype"] in ("fp16", "bf16"):
+            assert "wgmma" in r["mma"], r
+    # Every kernel file with specs was audited for both archs, and the table printed.
+    audited = {(r["module"], r["kernel"], r["arch"]) for r in rows}
+    for module in set(audit.kernel_modules()) - set(report["modules_without_specs"]):
+        assert any(m == module and a == 80 for m, _, a in audited), module
+        assert any(m == module and a == 90 for m, _, a in audited), module
+    assert ("layer_norm", "_layer_norm_bwd_kernel", 90) in audited
+    assert ("patch_embed", "_patch_embed_fwd_kernel", 90) in audited
+    assert "_layer_norm_fwd_kernel" in proc.stdout and "sm_90" in proc.stdout
+
+
+def _row(**kw):
+    base = dict(module="m", kernel="k", config="c", dtype="bf16", arch=90, gemm_like=True, shared=1024, registers=100,
+                spill_stores=0, spill_loads=0, mma="wgmma")
+    base.update(kw)
+    return audit.Row(**base)
+
+
+def test_audit_flags_each_failure_kind():
+    assert audit.problems(_row()) == []
+    assert "spills" in audit.problems(_row(spill_stores=8, spill_loads=4))[0]
+    assert "shared memory" in audit.problems(_row(arch=80, shared=164 * 1024, mma="mma.sync"))[0]
+    assert audit.problems(_row(arch=90, shared=227 * 1024)) == []
+    assert "wgmma" in audit.problems(_row(mma="mma.sync"))[0]
+    # fp32 GEMMs and non-GEMM kernels need no wgmma; sm_80 never has it.
+    assert audit.problems(_row(mma="mma.sync", dtype="fp32")) == []
+    assert audit.problems(_row(mma="-", gemm_like=False)) == []
+    assert audit.problems(_row(arch=80, mma="mma.sync")) == []
+    assert "compile failed" in audit.problems(_row(error="CompilationError: boom"))[0]
+
+
+def test_audit_reads_mma_kind_from_ptx():
+    assert audit.mma_kind("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert audit.mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {...}") == "mma.sync"
+    assert audit.mma_kind("ld.global.v4.b32 {...}") == "-"

@@ -89,3 +89,27 @@ def test_audit_reads_mma_kind_from_ptx():
     assert audit.mma_kind("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
     assert audit.mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {...}") == "mma.sync"
     assert audit.mma_kind("ld.global.v4.b32 {...}") == "-"
+
+
+def test_audit_cli_exit_status_and_json(monkeypatch, tmp_path, capsys):
+    # The CLI plumbing on canned rows (compiling is covered above): any failing row, or a kernel
+    # file that does not import, makes the exit status non-zero; the JSON carries every row.
+    import triton  # noqa: F401  (to_json records its version)
+
+    rows = [_row(), _row(kernel="bad", arch=80, mma="mma.sync", spill_stores=4, spill_loads=4)]
+    for r in rows:
+        r.problems = audit.problems(r)
+    monkeypatch.setattr(audit, "_interpreting", lambda: False)
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: (rows, ["attention"], []))
+    out = tmp_path / "a.json"
+    assert audit.main(["--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert [r["ok"] for r in report["rows"]] == [True, False]
+    assert report["modules_without_specs"] == ["attention"]
+    printed = capsys.readouterr().out
+    assert "FAIL: spills 4 B stores / 4 B loads" in printed and "without AUDIT_SPECS: attention" in printed
+
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: (rows[:1], [], []))
+    assert audit.main([]) == 0
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: (rows[:1], [], ["linear: import failed: SyntaxError"]))
+    assert audit.main([]) == 1

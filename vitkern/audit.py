@@ -5,6 +5,11 @@ No GPU is needed: each `KernelSpec` listed in a kernel file's `AUDIT_SPECS` is c
 the compiled kernel's metadata, registers and spill bytes from `ptxas -v` on its PTX (sm_90 is
 assembled as sm_90a, as Triton does for wgmma), and the tensor-core instruction from the PTX text.
 
+Specs describe the specialization the runtime would apply: every pointer is taken as 16-byte
+aligned (torch allocations are), an int typed "i32:16" (Triton's AOT notation) as a multiple of
+16, and a unit stride is best given as a constexpr 1 (the JIT turns ints equal to 1 into
+constants). Without these, loads look unaligned and the audit reports a pessimistic kernel.
+
 The table has one row per (spec, arch). The exit status is non-zero when any row fails: a
 compile error, a spill, shared memory above the arch's per-block limit, or a `gemm_like`
 fp16/bf16 spec that does not use wgmma on sm_90. `--json PATH` writes the rows.

@@ -477,8 +477,10 @@ def render_markdown(record: Dict[str, Any], peak: cost.Device) -> str:
         "",
         f"{env['date_utc']}, commit {env['git_commit']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
         f"timm {env.get('timm')}, transformers {env.get('transformers')}; dtype {st['dtype']}.",
-        f"Timing: {st['warmup']} warm-up calls, then {st['min_iters']}-{st['max_iters']} timed calls "
-        f"(about {st['target_ms']:.0f} ms), median per step; GPU: CUDA events, batch-1 inference replays a CUDA graph.",
+        f"Timing: {st['warmup']} warm-up calls, then "
+        + (f"{st['min_iters']} timed calls" if st["target_ms"] <= 0 or st["min_iters"] == st["max_iters"] else
+           f"{st['min_iters']}-{st['max_iters']} timed calls (about {st['target_ms']:.0f} ms)")
+        + ", median per step; GPU: CUDA events, batch-1 inference replays a CUDA graph.",
         f"MFU = model FLOPs/s / {_rate(peak.peak(st['dtype']))} ({peak.name}, {peak.source}).",
         "",
         markdown_table(record["results"]),

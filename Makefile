@@ -21,18 +21,21 @@ demo: $(STAMP)
 	$(VPY) -m vitkern.demo
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests benchmarks --benchmark-disable-gc
+	@mkdir -p .benchmarks
+	$(VPY) -m pytest -q tests benchmarks --benchmark-disable-gc --benchmark-json=.benchmarks/ci.json
 
 bench: $(STAMP)
-	$(VPY) -m pytest benchmarks/ --benchmark-only
-	$(VPY) -m vitkern.bench
+	@mkdir -p .benchmarks
+	$(VPY) -m pytest benchmarks/ --benchmark-only --benchmark-json=.benchmarks/bench.json
+	$(VPY) -m vitkern.bench --out bench-out
 
 audit: $(STAMP)
 	$(VPY) -m vitkern.audit
 
-# The GPU suite: the GPU machine's system python3 (torch, triton, timm, ... preinstalled), no venv.
+# The GPU suite (under 9 min on an H100): the GPU machine's system python3 (torch, triton, timm, ...
+# preinstalled), no venv, no installs. Stages and budgets: scripts/gpu_suite.py.
 gpu:
-	python3 -m pytest -q -m gpu tests $(if $(OUT),--junitxml=$(OUT)/gpu-tests.xml,)
+	PYTHONUNBUFFERED=1 python3 scripts/gpu_suite.py $(if $(OUT),--out $(OUT),)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -82,6 +82,25 @@ def test_ln_linear_matches_reference(dtype, case):
     _check(dtype, lead, d, n, bias=bias, activation=activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=["fc1-like", "one-row-off-block"])
+def test_ln_linear_folded_design_matches_reference(dtype, case, monkeypatch):
+    # Design (b) (LayerNorm folded into the GEMM: row sums on the K loop, epilogue correction),
+    # selected per call by VITKERN_LN_LINEAR_DESIGN; its mean/rstd feed the same backward.
+    monkeypatch.setenv("VITKERN_LN_LINEAR_DESIGN", "fold")
+    lead, d, n, bias, activation = case
+    _check(dtype, lead, d, n, bias=bias, activation=activation)
+    from vitkern.kernels.triton.ln_linear import ln_linear_fwd_folded
+
+    tensors = _inputs(lead, d, n, dtype, bias=bias)
+    x = tensors[0].reshape(-1, d)
+    _, mean, rstd, _ = ln_linear_fwd_folded(x, *tensors[1:], EPS, activation)
+    mean_ref, rstd_ref = reference.layer_norm_stats(x.double(), EPS)
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert_close(mean, mean_ref, torch.float32, name="mean")
+    assert_close(rstd, rstd_ref, torch.float32, name="rstd")
+
+
 def test_ln_linear_strided_rows_and_expanded_grad():
     _check(torch.float32, (2, 17), 64, 200, bias=True, activation="gelu", strided=True, sum_grad=True)
 

@@ -84,7 +84,7 @@ if dispatch.triton_importable():
         mean [M] fp32, rstd [M] fp32, dact): pre is the pre-activation [M, N] kept for the backward
         when activation == "gelu" and save_dact, else an empty [0] tensor (inference skips that
         [M, N] write)."""
-        return _triton_ln_linear.ln_linear_fwd(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
+        return _triton_ln_linear.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
 
     @_library_op("vitkern::ln_linear_bwd")
     def ln_linear_bwd(

@@ -385,17 +385,16 @@ def linear_bwd(
 # Audit specs: every kernel x every config the launchers can pick x dtype, with the two ViT
 # epilogues. At run time Triton specializes unit strides to constants and marks pointers and ints
 # divisible by 16; the specs do the same for contiguous ViT-B/16 operands (N, K in 768, 2304,
-# 3072: multiples of 16). `divisible_by_16` names those arguments for vitkern.audit, which turns
-# them into ASTSource attrs (without them nothing is vectorized or pipelined and the
-# 128-wide tiles spill, unlike the compiled kernels that really run).
+# 3072: multiples of 16): unit strides are constexpr 1 and the 16-divisible ints are typed
+# "i32:16" (vitkern.audit's convention; pointers it marks itself). Without that nothing is
+# vectorized or pipelined and the 128-wide tiles spill, unlike the kernels that really run.
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _spec(name, fn, signature, constexprs, divisible, **kwargs) -> "_common.KernelSpec":
-    spec = _common.KernelSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, **kwargs)
-    spec.divisible_by_16 = tuple(n for n in signature if n.endswith("_ptr") or n in divisible)
-    return spec
+    signature = {n: (f"{t}:16" if n in divisible else t) for n, t in signature.items()}
+    return _common.KernelSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, **kwargs)
 
 
 def _audit_specs() -> List["_common.KernelSpec"]:

@@ -16,6 +16,7 @@ Backward, with dh = dy * dact when the forward had GELU (else dy), formed as til
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -184,6 +185,108 @@ _ln_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_ln_li
 
 
 # ---------------------------------------------------------------------------------------------
+# Design (b), for measurement against (a): the LayerNorm folded into the GEMM.
+#   y = rstd * (x @ W'^T - mean * colsum(W')) + c,  W' = W diag(gamma),  c = W beta + b,
+# with the row's sum and sum of squares accumulated from the x tiles the K loop already loads
+# (K = D is the whole row): no statistics pass, and x goes to the MMA unmodified.
+
+
+@triton.jit
+def _ln_linear_fold_weight_kernel(
+    w_ptr,       # [N, D] any strides
+    gamma_ptr,   # [D]
+    beta_ptr,    # [D]
+    bias_ptr,    # [N]; read only if HAS_BIAS
+    wg_ptr,      # [N, D] contiguous, out: W diag(gamma) in W's dtype
+    colsum_ptr,  # [N] fp32, out: row sums of the rounded W diag(gamma)
+    c_ptr,       # [N] fp32, out: W beta + bias
+    N, D, stride_wn, stride_wd,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = offs_d < D - d0
+        mask = n_ok[:, None] & d_ok[None, :]
+        w = tl.load(w_ptr + (offs_n.to(tl.int64) * stride_wn)[:, None] + ((d0 + offs_d) * stride_wd)[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(gamma_ptr + d0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + d0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        wg = (w * gamma[None, :]).to(wg_ptr.dtype.element_ty)
+        tl.store(wg_ptr + (offs_n.to(tl.int64) * D)[:, None] + (d0 + offs_d)[None, :], wg, mask=mask)
+        # The sum of the rounded values, so that mean * colsum cancels exactly what the GEMM adds.
+        colsum += tl.sum(wg.to(tl.float32), axis=1)
+        c += tl.sum(w * beta[None, :], axis=1)
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(colsum_ptr + offs_n, colsum, mask=n_ok)
+    tl.store(c_ptr + offs_n, c, mask=n_ok)
+
+
+@triton.jit
+def _ln_linear_fold_fwd_kernel(
+    x_ptr,       # [M, D] any strides
+    wg_ptr,      # [N, D] any strides: W diag(gamma)
+    colsum_ptr,  # [N] fp32
+    c_ptr,       # [N] fp32: W beta + bias
+    mean_ptr,    # [M] fp32, out (written by the programs of the first column tile)
+    rstd_ptr,    # [M] fp32, out (idem)
+    dact_ptr,    # [M, N] contiguous, out: GELU'(pre-activation); written only if ACT_GELU and SAVE_DACT
+    y_ptr,       # [M, N] contiguous, out
+    M, N, D, eps,
+    stride_xm, stride_xd, stride_wn, stride_wd,
+    ACT_GELU: tl.constexpr, SAVE_DACT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k * stride_xd)[None, :]
+    w_ptrs = wg_ptr + (offs_k * stride_wd)[:, None] + (offs_n.to(tl.int64) * stride_wn)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot_acc(x, w, acc, IEEE)
+        xf = x.to(tl.float32)
+        row_sum += tl.sum(xf, axis=1)
+        row_sq += tl.sum(xf * xf, axis=1)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    mean = row_sum / D
+    # E[x^2] - mean^2 in fp32: loses digits only when |mean| / std exceeds ~10^3 (clamped at 0).
+    var = tl.maximum(row_sq / D - mean * mean, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if pid_n == 0:
+        tl.store(mean_ptr + offs_m, mean, mask=m_ok)
+        tl.store(rstd_ptr + offs_m, rstd, mask=m_ok)
+    colsum = tl.load(colsum_ptr + offs_n, mask=n_ok, other=0.0)
+    c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0)
+    acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :]) + c[None, :]
+    # bias is already in c: the shared epilogue adds no bias and no residual here.
+    _epilogue_store(acc, offs_m, offs_n, M, N, c_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
+                    False, ACT_GELU, False, SAVE_DACT)
+
+
+_FOLD_KEY = ["N", "D", "ACT_GELU", "SAVE_DACT"]
+_ln_linear_fold_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FOLD_KEY)(_ln_linear_fold_fwd_kernel)
+_ln_linear_fold_fwd_f32 = triton.autotune(
+    configs=_common.autotune_configs(_configs(_FWD_F32_TILES)), key=_FOLD_KEY
+)(_ln_linear_fold_fwd_kernel)
+FOLD_WEIGHT_BLOCK_N = 32
+FOLD_WEIGHT_BLOCK_D = 64
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers (inputs already validated by vitkern.ops.ln_linear)
 
 
@@ -216,6 +319,67 @@ def ln_linear_fwd(
         HAS_BIAS=bias is not None, ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype),
     )
     return y, mean, rstd, dact
+
+
+def ln_linear_fwd_folded(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], eps: float, activation: Optional[str], save_dact: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Design (b): same contract and outputs as `ln_linear_fwd` (y, mean, rstd, dact), computed
+    with the LayerNorm folded into the GEMM (see `_ln_linear_fold_fwd_kernel`). Two launches: the
+    weight fold (N x D, once per call) and the GEMM; no statistics pass over x."""
+    M, D = x.shape
+    N = weight.shape[0]
+    gelu = activation == "gelu"
+    keep = gelu and save_dact
+    dev = x.device
+    y = _common.empty((M, N), dtype=x.dtype, device=dev)
+    dact = _common.empty((M, N) if keep else (0,), dtype=x.dtype, device=dev)
+    mean = _common.empty((M,), dtype=torch.float32, device=dev)
+    rstd = _common.empty((M,), dtype=torch.float32, device=dev)
+    wg = _common.empty((N, D), dtype=weight.dtype, device=dev)
+    colsum = _common.empty((N,), dtype=torch.float32, device=dev)
+    c = _common.empty((N,), dtype=torch.float32, device=dev)
+    if N == 0:
+        return y, mean, rstd, dact
+    _launch(
+        _ln_linear_fold_weight_kernel, (triton.cdiv(N, FOLD_WEIGHT_BLOCK_N),),
+        weight, ln_weight, ln_bias, bias if bias is not None else c, wg, colsum, c,
+        N, D, weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_N=FOLD_WEIGHT_BLOCK_N, BLOCK_D=FOLD_WEIGHT_BLOCK_D, num_warps=4,
+    )
+    if M == 0:
+        return y, mean, rstd, dact
+    kernel = _ln_linear_fold_fwd_f32 if is_f32(x.dtype) else _ln_linear_fold_fwd_tc
+    _launch(
+        kernel, tiles_grid(M, N),
+        x, wg, colsum, c, mean, rstd, dact if keep else y, y,
+        M, N, D, float(eps),
+        x.stride(0), x.stride(1), wg.stride(0), wg.stride(1),
+        ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype),
+    )
+    return y, mean, rstd, dact
+
+
+FWD_DESIGNS = ("normalize", "fold")
+
+
+def fwd_design() -> str:
+    """Which forward `ln_linear_forward` runs: "normalize" (design (a), the default) or "fold"
+    (design (b)), from VITKERN_LN_LINEAR_DESIGN, read at each call so a benchmark can compare."""
+    design = os.environ.get("VITKERN_LN_LINEAR_DESIGN", "normalize").strip().lower() or "normalize"
+    if design not in FWD_DESIGNS:
+        raise ValueError(f"VITKERN_LN_LINEAR_DESIGN must be one of {FWD_DESIGNS}, got {design!r}")
+    return design
+
+
+def ln_linear_forward(
+    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], eps: float, activation: Optional[str], save_dact: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ln_linear_fwd` or `ln_linear_fwd_folded`, as `fwd_design()` says (same contract)."""
+    fwd = ln_linear_fwd_folded if fwd_design() == "fold" else ln_linear_fwd
+    return fwd(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
 
 
 def ln_linear_bwd_dw(
@@ -265,7 +429,7 @@ def ln_linear_bwd(
 
 # ---------------------------------------------------------------------------------------------
 # Audit specs: every kernel x every config x dtype. As in linear.py, unit strides are constants
-# and `divisible_by_16` marks what Triton's run-time specialization marks for contiguous ViT-B/16
+# and the "i32:16" ints are what Triton's run-time specialization marks for contiguous ViT-B/16
 # operands (D = 768, N = 2304 / 3072: multiples of 16).
 
 
@@ -301,6 +465,21 @@ def _audit_specs() -> List["_common.KernelSpec"]:
                 specs.append(_spec("_ln_linear_bwd_dw_kernel", _ln_linear_bwd_dw_kernel, sig,
                                    dict(SCALE_A=scale, HAS_DB=True, IEEE=ieee, stride_dyn=1, stride_xd=1, **meta),
                                    ("N", "D", "stride_dym", "stride_xm"), label=f"{cfg} {what}", **common))
+        for tile in _FWD_F32_TILES if ieee else _TC_TILES:
+            meta, common, cfg = tile_meta(*tile)
+            for flags, what in ((dict(ACT_GELU=True, SAVE_DACT=True), "fc1: gelu+dact"), (dict(ACT_GELU=False, SAVE_DACT=False), "qkv")):
+                sig = {"x_ptr": f"*{t}", "wg_ptr": f"*{t}", "colsum_ptr": "*fp32", "c_ptr": "*fp32",
+                       "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dact_ptr": f"*{t}", "y_ptr": f"*{t}",
+                       "M": "i32", "N": "i32", "D": "i32", "eps": "fp32", "stride_xm": "i32", "stride_wn": "i32"}
+                specs.append(_spec("_ln_linear_fold_fwd_kernel", _ln_linear_fold_fwd_kernel, sig,
+                                   dict(flags, IEEE=ieee, stride_xd=1, stride_wd=1, **meta),
+                                   ("N", "D", "stride_xm", "stride_wn"), label=f"{cfg} fold {what}", **common))
+        sig = {"w_ptr": f"*{t}", "gamma_ptr": f"*{t}", "beta_ptr": f"*{t}", "bias_ptr": f"*{t}", "wg_ptr": f"*{t}",
+               "colsum_ptr": "*fp32", "c_ptr": "*fp32", "N": "i32", "D": "i32", "stride_wn": "i32"}
+        specs.append(_spec("_ln_linear_fold_weight_kernel", _ln_linear_fold_weight_kernel, sig,
+                           dict(HAS_BIAS=True, BLOCK_N=FOLD_WEIGHT_BLOCK_N, BLOCK_D=FOLD_WEIGHT_BLOCK_D, stride_wd=1),
+                           ("N", "D", "stride_wn"), num_warps=4, num_stages=1, dtype=t, gemm_like=False,
+                           label=f"BLOCK_N {FOLD_WEIGHT_BLOCK_N} BLOCK_D {FOLD_WEIGHT_BLOCK_D}"))
     return specs
 
 

@@ -337,7 +337,7 @@ CONFIGS = {
         "dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
     },
     ("fp32", 128): {
-        "fwd": [_cfg(32, 32, 8, 2)],
+        "fwd": [_cfg(32, 16, 8, 2)],
         "dkdv": [_cfg(16, 32, 4, 2)],
         "dq": [_cfg(16, 32, 4, 2)],
     },
@@ -461,17 +461,16 @@ def attention_bwd(
 # AOT specs for `python -m vitkern.audit`: every kernel x every config of its tier x dtype, at
 # ViT-B/16's head size 64 and at 80 (ViT-H/14, padded to BLOCK_D 128). At run time Triton marks
 # 16-byte-aligned pointers and ints divisible by 16 (all strides of contiguous ViT tensors: 3D and
-# D are multiples of 16); `divisible_by_16` asks the audit for the same specialization, without
-# which loads are not vectorized and the register counts would describe a different kernel.
+# D are multiples of 16); the specs type the strides "i32:16" so the audit compiles the same
+# specialization, without which loads are not vectorized and the register counts would describe a
+# different kernel.
 
 _AUDIT_HEAD_DIMS = (64, 80)
 _AUDIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _spec(name, fn, signature, constexprs, **kwargs) -> _common.KernelSpec:
-    spec = _common.KernelSpec(name, fn, signature, constexprs, **kwargs)
-    spec.divisible_by_16 = tuple(n for n, ty in signature.items() if ty.startswith("*") or n.startswith("stride_"))
-    return spec
+    return _common.KernelSpec(name, fn, signature, constexprs, **kwargs)
 
 
 def _specs() -> List[_common.KernelSpec]:
@@ -479,7 +478,8 @@ def _specs() -> List[_common.KernelSpec]:
     ints = {"T": "i32", "H": "i32"}
 
     def strides(*names: str) -> dict:
-        return {f"stride_{n}_{a}": "i32" for n in names for a in ("b", "t")}
+        # "i32:16": the strides of contiguous ViT tensors (3D, D, T*3D, T*D) are multiples of 16.
+        return {f"stride_{n}_{a}": "i32:16" for n in names for a in ("b", "t")}
 
     for dtype, torch_dtype in _AUDIT_DTYPES.items():
         ptr = f"*{dtype}"

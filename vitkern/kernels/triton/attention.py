@@ -387,7 +387,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torc
     Returns out [batch, tokens, dim] in qkv's dtype and lse [batch, heads, tokens] fp32.
     """
     b, t, three_dim = qkv.shape
-    dim = three_dim // 3
+    # The head size is a constexpr: specialize it (int) even when torch.compile traces shapes symbolically.
+    dim = int(three_dim) // 3
     head_dim = dim // num_heads
     out = _common.empty((b, t, dim), dtype=qkv.dtype, device=qkv.device)
     lse = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
@@ -417,7 +418,8 @@ def attention_bwd(
     Returns dqkv [batch, tokens, 3 * dim] contiguous, in qkv's dtype.
     """
     b, t, three_dim = qkv.shape
-    dim = three_dim // 3
+    # The head size is a constexpr: specialize it (int) even when torch.compile traces shapes symbolically.
+    dim = int(three_dim) // 3
     head_dim = dim // num_heads
     bd = block_d(head_dim)
     precision = _dot_precision(qkv.dtype)

@@ -168,6 +168,13 @@ def test_ln_linear_bf16_vit_b_shape(n, activation):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n, activation", [(2304, None), (3072, "gelu")], ids=["qkv", "fc1"])
+def test_ln_linear_folded_bf16_vit_b_shape(n, activation, monkeypatch):
+    monkeypatch.setenv("VITKERN_LN_LINEAR_DESIGN", "fold")
+    _check(torch.bfloat16, (2, 197), 768, n, bias=True, activation=activation)
+
+
+@pytest.mark.gpu
 def test_ln_linear_int32_overflow():
     """LN2 + fc1 of ViT-B/16 at batch 4096: M * N = 4096 * 197 * 3072 > 2^31 (y, dact, dy)."""
     torch.cuda.empty_cache()

@@ -83,7 +83,8 @@ if dispatch.triton_importable():
         None; one dtype. Returns (y [M, N] = act(LayerNorm(x) @ weight^T + bias) in x's dtype,
         mean [M] fp32, rstd [M] fp32, dact): pre is the pre-activation [M, N] kept for the backward
         when activation == "gelu" and save_dact, else an empty [0] tensor (inference skips that
-        [M, N] write)."""
+        [M, N] write). VITKERN_LN_LINEAR_DESIGN=fold selects the folded-LayerNorm forward
+        (design (b) of docs/perf/ln_linear.md) instead of the normalize-on-load one."""
         return _triton_ln_linear.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
 
     @_library_op("vitkern::ln_linear_bwd")

@@ -52,33 +52,19 @@ if dispatch.triton_importable():
     import torch
 
     from vitkern.kernels.triton import attention as _triton_attention
+    from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons
 
     TRITON_MIN_HEAD_DIM = 16  # tl.dot's smallest K
     TRITON_MAX_HEAD_DIM = 128  # q, k, v and the accumulators of one head stay in registers/shared memory
 
-    def _library_op(name: str):
-        """torch.library.triton_op on a GPU (torch.compile then sees the kernels themselves). In the
-        interpreter wrap_triton hands back the interpreted kernel, which cannot be traced, so the
-        op becomes an opaque custom op whose fake implementation is the same function (the
-        launchers skip the launch on fake tensors there). The kernel code is the same either way."""
-        if not dispatch.triton_interpret():
-            return torch.library.triton_op(name, mutates_args=())
-
-        def register(fn):
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-
-        return register
-
-    @_library_op("vitkern::attention_fwd")
+    @_common.library_op("vitkern::attention_fwd")
     def attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> Tuple[Tensor, Tensor]:
         """qkv: [batch, tokens, 3 * dim] (stride(-1) == 1) -> (out [batch, tokens, dim] in qkv's
         dtype, lse [batch, heads, tokens] fp32 natural-log log-sum-exp of each softmax row)."""
         return _triton_attention.attention_fwd(qkv, num_heads, scale)
 
-    @_library_op("vitkern::attention_bwd")
+    @_common.library_op("vitkern::attention_bwd")
     def attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float) -> Tensor:
         """dout, out: [batch, tokens, dim]; qkv: [batch, tokens, 3 * dim]; lse: [batch, heads, tokens]
         fp32 from attention_fwd -> dqkv [batch, tokens, 3 * dim] in qkv's packed layout and dtype."""

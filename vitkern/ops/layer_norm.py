@@ -42,16 +42,17 @@ if dispatch.triton_importable():
     import torch
 
     from vitkern.kernels.triton import layer_norm as _tln
+    from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons
 
-    @torch.library.triton_op("vitkern::layer_norm_fwd", mutates_args=())
+    @_common.library_op("vitkern::layer_norm_fwd")
     def _layer_norm_fwd_op(
         x2d: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x2d: [rows, dim] -> (y [rows, dim] x2d.dtype, mean [rows] fp32, rstd [rows] fp32)."""
         return _tln.layer_norm_fwd(x2d, weight, bias, eps)
 
-    @torch.library.triton_op("vitkern::layer_norm_bwd", mutates_args=())
+    @_common.library_op("vitkern::layer_norm_bwd")
     def _layer_norm_bwd_op(
         dy2d: torch.Tensor, x2d: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -52,24 +52,10 @@ if dispatch.triton_importable():
     import torch
 
     from vitkern.kernels.triton import linear as _triton_linear
+    from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons
 
-    def _library_op(name: str):
-        """torch.library.triton_op on a GPU (torch.compile then sees the kernels themselves). In the
-        interpreter wrap_triton hands back the interpreted kernel, which cannot be traced, so the op
-        is an opaque custom op whose fake implementation is the same function (the launchers skip
-        the launch on fake tensors). The kernel code is the same either way."""
-        if not dispatch.triton_interpret():
-            return torch.library.triton_op(name, mutates_args=())
-
-        def register(fn):
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-
-        return register
-
-    @_library_op("vitkern::linear_fwd")
+    @_common.library_op("vitkern::linear_fwd")
     def linear_fwd(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str],
         save_dact: bool,
@@ -80,7 +66,7 @@ if dispatch.triton_importable():
         an empty [0] tensor: inference skips that [M, N] write)."""
         return _triton_linear.linear_fwd(x, weight, bias, residual, activation, save_dact)
 
-    @_library_op("vitkern::linear_bwd")
+    @_common.library_op("vitkern::linear_bwd")
     def linear_bwd(
         dy: Tensor, x: Tensor, weight: Tensor, dact: Tensor, activation: Optional[str],
         has_bias: bool, need_dx: bool, need_dw: bool,

@@ -57,24 +57,10 @@ if dispatch.triton_importable():
 
     from vitkern.kernels.triton import layer_norm as _triton_layer_norm
     from vitkern.kernels.triton import ln_linear as _triton_ln_linear
+    from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons
 
-    def _library_op(name: str):
-        """torch.library.triton_op on a GPU (torch.compile then sees the kernels themselves). In the
-        interpreter wrap_triton hands back the interpreted kernel, which cannot be traced, so the op
-        is an opaque custom op whose fake implementation is the same function (the launchers skip
-        the launch on fake tensors). The kernel code is the same either way."""
-        if not dispatch.triton_interpret():
-            return torch.library.triton_op(name, mutates_args=())
-
-        def register(fn):
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-
-        return register
-
-    @_library_op("vitkern::ln_linear_fwd")
+    @_common.library_op("vitkern::ln_linear_fwd")
     def ln_linear_fwd(
         x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
         eps: float, activation: Optional[str], save_dact: bool,
@@ -87,7 +73,7 @@ if dispatch.triton_importable():
         (design (b) of docs/perf/ln_linear.md) instead of the normalize-on-load one."""
         return _triton_ln_linear.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
 
-    @_library_op("vitkern::ln_linear_bwd")
+    @_common.library_op("vitkern::ln_linear_bwd")
     def ln_linear_bwd(
         dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
         dact: Tensor, activation: Optional[str], has_bias: bool,

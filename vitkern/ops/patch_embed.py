@@ -63,9 +63,10 @@ if dispatch.triton_importable():
     import torch
 
     from vitkern.kernels.triton import patch_embed as _tpe
+    from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons
 
-    @torch.library.triton_op("vitkern::patch_embed_fwd", mutates_args=())
+    @_common.library_op("vitkern::patch_embed_fwd")
     def _patch_embed_fwd_op(
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -76,7 +77,7 @@ if dispatch.triton_importable():
         """x: [batch, chans, H, W]; weight: [dim, chans, ph, pw] -> tokens [batch, tokens, dim]."""
         return _tpe.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
 
-    @torch.library.triton_op("vitkern::patch_embed_bwd", mutates_args=())
+    @_common.library_op("vitkern::patch_embed_bwd")
     def _patch_embed_bwd_op(
         dtokens: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_cls: bool, compute_dx: bool
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

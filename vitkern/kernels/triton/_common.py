@@ -53,3 +53,57 @@ class KernelSpec:
     dtype: str = "fp16"
     gemm_like: bool = False
     label: str = field(default="")
+
+
+def _is_fake_or_meta(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return isinstance(value, torch.Tensor) and (is_fake(value) or value.device.type == "meta")
+
+
+class _Launcher:
+    """`launcher(kernel)[grid](*args)`: the one way every vitkern launcher starts a kernel.
+
+    On a GPU it is `torch.library.wrap_triton(kernel)[grid](...)`, which launches outside tracing
+    and is traced as a kernel call inside a `torch.library.triton_op` (torch.compile, opcheck).
+    In the interpreter wrap_triton hands back the interpreted kernel itself, which must not run on
+    the fake tensors of torch.library's fake path: there the launch is skipped (the launcher has
+    already allocated its outputs, which is all the fake path needs).
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            if interpreting():
+                if any(_is_fake_or_meta(a) for a in (*args, *kwargs.values())):
+                    return
+                self.kernel[grid](*args, **kwargs)
+            else:
+                torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
+
+        return launch
+
+
+def launcher(kernel: Any) -> _Launcher:
+    return _Launcher(kernel)
+
+
+def library_op(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator registering a launcher-calling function as the torch.library op `name`.
+
+    On a GPU: `torch.library.triton_op`, so torch.compile sees the Triton kernels themselves. In
+    the interpreter: an opaque `torch.library.custom_op` whose fake implementation is the same
+    function (its launches are skipped on fake tensors, see `launcher`), because the interpreted
+    kernels cannot be traced; the kernel code is the same either way.
+    """
+    if not interpreting():
+        return torch.library.triton_op(name, mutates_args=())
+
+    def register(fn: Callable[..., Any]) -> Any:
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return register

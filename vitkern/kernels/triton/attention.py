@@ -364,21 +364,8 @@ def block_d(head_dim: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers: validate nothing (vitkern.ops.attention did), allocate, grid, launch. Launches go
-# through torch.library.wrap_triton so the torch.library.triton_op wrappers trace under
-# torch.compile; outside tracing wrap_triton launches directly.
-
-
-def _tracing_in_interpreter(*tensors: torch.Tensor) -> bool:
-    """True when the interpreter would be handed fake tensors (a triton_op's fake/meta pass under
-    torch.compile or opcheck): torch.library.wrap_triton returns interpreted kernels unwrapped, so
-    the launch must be skipped here; the outputs are already allocated with the right metadata.
-    On a GPU wrap_triton itself turns the launch into a traceable no-op and this is never True."""
-    if not _common.interpreting():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return any(is_fake(t) for t in tensors)
+# Launchers: validate nothing (vitkern.ops.attention did), allocate, grid, launch (through
+# _common.launcher: traceable inside triton_op on a GPU, skipped on fake tensors in the interpreter).
 
 
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -393,14 +380,11 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torc
     out = _common.empty((b, t, dim), dtype=qkv.dtype, device=qkv.device)
     lse = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
 
-    if _tracing_in_interpreter(qkv):
-        return out, lse
-
     def grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
 
     tier = _tier(qkv.dtype, block_d(head_dim))
-    torch.library.wrap_triton(_tuned("fwd", tier))[grid](
+    _common.launcher(_tuned("fwd", tier))[grid](
         qkv, out, lse, t, num_heads,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E,
@@ -426,11 +410,8 @@ def attention_bwd(
     delta = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
     dqkv = _common.empty((b, t, three_dim), dtype=qkv.dtype, device=qkv.device)
 
-    if _tracing_in_interpreter(dout, qkv, out, lse):
-        return dqkv
-
     pre_grid = (b * num_heads * triton.cdiv(t, _PREPROCESS_BLOCK_M),)
-    torch.library.wrap_triton(_attention_bwd_preprocess_kernel)[pre_grid](
+    _common.launcher(_attention_bwd_preprocess_kernel)[pre_grid](
         out, dout, delta, t, num_heads,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=_PREPROCESS_WARPS,
@@ -440,7 +421,7 @@ def attention_bwd(
     def dkdv_grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_N"]),)
 
-    torch.library.wrap_triton(_tuned("dkdv", tier))[dkdv_grid](
+    _common.launcher(_tuned("dkdv", tier))[dkdv_grid](
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale, scale * LOG2E,
@@ -450,7 +431,7 @@ def attention_bwd(
     def dq_grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
 
-    torch.library.wrap_triton(_tuned("dq", tier))[dq_grid](
+    _common.launcher(_tuned("dq", tier))[dq_grid](
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale, scale * LOG2E,

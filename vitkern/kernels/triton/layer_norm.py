@@ -9,8 +9,8 @@ Backward: dx per row, and dweight / dbias reduced deterministically without atom
 number of programs each walk a strided set of row blocks and write one fp32 partial row, then a
 small second kernel sums the partials column-wise in a fixed order.
 
-Launchers (called by `vitkern.ops.layer_norm` and by the fused ln_linear op, so they launch
-through `torch.library.wrap_triton`, a no-op outside tracing):
+Launchers (called by `vitkern.ops.layer_norm` and by the fused ln_linear op; they launch through
+`_common.launcher`, so they trace inside either op's `torch.library.triton_op`):
 
 * `layer_norm_fwd(x2d, weight, bias, eps) -> (y, mean, rstd)`
 * `layer_norm_stats(x2d, eps) -> (mean, rstd)`
@@ -24,8 +24,6 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from vitkern.kernels.triton import _common
 from vitkern.kernels.triton._common import KernelSpec
@@ -48,6 +46,7 @@ def fwd_config(n: int) -> Tuple[int, int, int]:
 
     A program holds BLOCK_M x BLOCK_N = 4096 elements (fewer only when one row is wider), i.e.
     16 fp32 values per thread at 8 warps: enough bytes in flight per thread without spilling."""
+    n = int(n)  # specialize a symbolic width (torch.compile, opcheck): the block size needs a number
     block_n = max(16, triton.next_power_of_2(n))
     block_m = max(1, min(16, 4096 // block_n))
     num_warps = max(4, min(16, block_m * block_n // 512))
@@ -58,6 +57,7 @@ def bwd_config(n: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel: half the forward's tile, since it
     keeps x, dy, weight and two fp32 accumulators of the tile live at once; 8 elements per thread
     (32 warps at BLOCK_N=8192, where 16 warps spilled on sm_80)."""
+    n = int(n)  # specialize a symbolic width (torch.compile, opcheck): the block size needs a number
     block_n = max(16, triton.next_power_of_2(n))
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = max(4, min(32, block_m * block_n // 256))
@@ -186,31 +186,6 @@ def _layer_norm_bwd_reduce_kernel(
     tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
-class _InterpretedLaunch:
-    """kernel[grid](...) that does nothing on fake tensors.
-
-    Under TRITON_INTERPRET, wrap_triton hands back the interpreted kernel itself, which would
-    try to run on the fake tensors that torch.library's fake/meta path (opcheck,
-    torch.compile tracing) passes to the launchers; on a GPU, wrap_triton's wrapper does this."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            if any(is_fake(t) or t.device.type == "meta" for t in tensors):
-                return None
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def _launcher(kernel):
-    """How every launch here goes: traceable by torch.library on a GPU, fake-safe in the interpreter."""
-    return _InterpretedLaunch(kernel) if _common.interpreting() else wrap_triton(kernel)
-
-
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     # The kernels take a row stride but assume unit column stride.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -228,7 +203,7 @@ def _launch_fwd(x2d, weight, bias, eps, write_y):
     block_m, block_n, num_warps = fwd_config(n)
     grid = (triton.cdiv(m, block_m),)
     if m > 0:
-        _launcher(_layer_norm_fwd_kernel)[grid](
+        _common.launcher(_layer_norm_fwd_kernel)[grid](
             x2d,
             y,
             weight if weight is not None else mean,
@@ -299,7 +274,7 @@ def layer_norm_bwd(
     db_partial = torch.zeros((programs, n), dtype=torch.float32, device=device)
     dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=device)
     if m > 0:
-        _launcher(_layer_norm_bwd_kernel)[(programs,)](
+        _common.launcher(_layer_norm_bwd_kernel)[(programs,)](
             dy2d,
             x2d,
             weight if has_weight else mean,
@@ -317,7 +292,7 @@ def layer_norm_bwd(
             BLOCK_N=block_n,
             num_warps=num_warps,
         )
-    _launcher(_layer_norm_bwd_reduce_kernel)[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+    _common.launcher(_layer_norm_bwd_reduce_kernel)[(triton.cdiv(n, REDUCE_BLOCK_N),)](
         dw_partial,
         db_partial,
         dweight,

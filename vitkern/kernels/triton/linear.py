@@ -246,20 +246,6 @@ def tiles_grid(rows: int, cols: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
 
-def _on_fake_tensors(args) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return any(isinstance(a, torch.Tensor) and (is_fake(a) or a.device.type == "meta") for a in args)
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch through wrap_triton, so that inside torch.library.triton_op the launch is traced
-    (torch.compile, opcheck) and outside tracing it is a plain launch. In the interpreter
-    wrap_triton hands back the interpreted kernel, which must not run on the fake tensors of
-    torch.library's fake path: there the outputs' allocation is all the fake path needs."""
-    if _common.interpreting() and _on_fake_tensors(list(args) + list(kwargs.values())):
-        return
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +273,7 @@ def linear_fwd(
         return y, dact
     res = residual if residual is not None else y
     kernel = _linear_fwd_f32 if is_f32(x.dtype) else _linear_fwd_tc
-    _launch(
-        kernel, tiles_grid(M, N),
+    _common.launcher(kernel)[tiles_grid(M, N)](
         x, x, weight, bias if bias is not None else y, res, dact if keep else y, y,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
@@ -311,8 +296,7 @@ def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, dact: Optional[torch.T
     kernel = _linear_fwd_f32 if is_f32(dy.dtype) else _linear_fwd_tc
     # The forward kernel computes x @ w^T with w read as w[n, k]; passing weight's strides swapped
     # makes it read weight^T, i.e. compute dy @ weight with no copy.
-    _launch(
-        kernel, tiles_grid(M, K),
+    _common.launcher(kernel)[tiles_grid(M, K)](
         dy, dact if dact is not None else dy, weight, dx, dx, dx, dx,
         M, K, N,
         dy.stride(0), dy.stride(1), weight.stride(1), weight.stride(0), 0, 0,
@@ -343,8 +327,7 @@ def linear_bwd_dw(
             db = _bias_grad(dy, dact)
         return dw, db
     kernel = _linear_bwd_dw_f32 if is_f32(dy.dtype) else _linear_bwd_dw_tc
-    _launch(
-        kernel, tiles_grid(N, K),
+    _common.launcher(kernel)[tiles_grid(N, K)](
         dy, dact if dact is not None else dy, x, dw, db if has_bias else dw,
         N, K, M,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),

@@ -36,7 +36,6 @@ from vitkern.kernels.triton.linear import (
     _epilogue_store,
     _grouped_tile,
     _configs,
-    _launch,
     _scaled_load,
     _spec,
     is_f32,
@@ -311,8 +310,7 @@ def ln_linear_fwd(
     if M == 0 or N == 0:
         return y, mean, rstd, dact
     kernel = _ln_linear_fwd_f32 if is_f32(x.dtype) else _ln_linear_fwd_tc
-    _launch(
-        kernel, tiles_grid(M, N),
+    _common.launcher(kernel)[tiles_grid(M, N)](
         x, mean, rstd, ln_weight, ln_bias, weight, bias if bias is not None else y, dact if keep else y, y,
         M, N, D,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -342,8 +340,7 @@ def ln_linear_fwd_folded(
     c = _common.empty((N,), dtype=torch.float32, device=dev)
     if N == 0:
         return y, mean, rstd, dact
-    _launch(
-        _ln_linear_fold_weight_kernel, (triton.cdiv(N, FOLD_WEIGHT_BLOCK_N),),
+    _common.launcher(_ln_linear_fold_weight_kernel)[(triton.cdiv(N, FOLD_WEIGHT_BLOCK_N),)](
         weight, ln_weight, ln_bias, bias if bias is not None else c, wg, colsum, c,
         N, D, weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, BLOCK_N=FOLD_WEIGHT_BLOCK_N, BLOCK_D=FOLD_WEIGHT_BLOCK_D, num_warps=4,
@@ -351,8 +348,7 @@ def ln_linear_fwd_folded(
     if M == 0:
         return y, mean, rstd, dact
     kernel = _ln_linear_fold_fwd_f32 if is_f32(x.dtype) else _ln_linear_fold_fwd_tc
-    _launch(
-        kernel, tiles_grid(M, N),
+    _common.launcher(kernel)[tiles_grid(M, N)](
         x, wg, colsum, c, mean, rstd, dact if keep else y, y,
         M, N, D, float(eps),
         x.stride(0), x.stride(1), wg.stride(0), wg.stride(1),
@@ -399,8 +395,7 @@ def ln_linear_bwd_dw(
     if N == 0:
         return dw, db
     kernel = _ln_linear_bwd_dw_f32 if is_f32(dy.dtype) else _ln_linear_bwd_dw_tc
-    _launch(
-        kernel, tiles_grid(N, D),
+    _common.launcher(kernel)[tiles_grid(N, D)](
         dy, dact if dact is not None else dy, x, mean, rstd, ln_weight, ln_bias, dw, db if has_bias else dw,
         N, D, M,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),

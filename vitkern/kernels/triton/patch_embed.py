@@ -30,7 +30,6 @@ import triton.language as tl
 
 from vitkern.kernels.triton import _common
 from vitkern.kernels.triton._common import KernelSpec
-from vitkern.kernels.triton.layer_norm import _launcher
 
 # Most fp32 partials of dW: the split over M is min(DW_MAX_SPLITS, cdiv(M, DW_ROWS_PER_SPLIT)),
 # a function of the shape only (deterministic). ViT-B/16 at batch 256: M = 50176 -> 7 splits x
@@ -387,7 +386,7 @@ def patch_embed_fwd(
         rows = triton.cdiv(m, meta["BLOCK_M"]) + (triton.cdiv(batch, meta["BLOCK_M"]) if has_cls else 0)
         return (rows * triton.cdiv(dim, meta["BLOCK_N"]),)
 
-    _launcher(_patch_embed_fwd_kernel)[grid](
+    _common.launcher(_patch_embed_fwd_kernel)[grid](
         x,
         weight,
         bias if bias is not None else weight,
@@ -443,7 +442,7 @@ def patch_embed_bwd(
         def grid_dx(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-        _launcher(_patch_embed_bwd_dx_kernel)[grid_dx](
+        _common.launcher(_patch_embed_bwd_dx_kernel)[grid_dx](
             dtokens, weight, dx, m, patches, gw, tokens, dim, k,
             dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
             PH=ph, PW=pw, PREFIX=prefix, DOT_PRECISION=precision,
@@ -456,24 +455,24 @@ def patch_embed_bwd(
         def grid_dw(meta):
             return (triton.cdiv(dim, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]), splits)
 
-        _launcher(_patch_embed_bwd_dw_kernel)[grid_dw](
+        _common.launcher(_patch_embed_bwd_dw_kernel)[grid_dw](
             dtokens, x, dw_partial, m, patches, gw, tokens, dim, k,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             PH=ph, PW=pw, PREFIX=prefix, DOT_PRECISION=precision,
         )
     dweight = _common.empty(tuple(weight.shape), dtype=weight.dtype, device=device)
-    _launcher(_patch_embed_bwd_sum_kernel)[(triton.cdiv(dim * k, SUM_BLOCK_L),)](
+    _common.launcher(_patch_embed_bwd_sum_kernel)[(triton.cdiv(dim * k, SUM_BLOCK_L),)](
         dw_partial, dweight, splits, dim * k, BLOCK_R=SUM_BLOCK_R, BLOCK_L=SUM_BLOCK_L, num_warps=4
     )
 
     batch_sum = torch.zeros((tokens, dim), dtype=torch.float32, device=device)
     if batch > 0:
-        _launcher(_patch_embed_bwd_dpos_kernel)[(triton.cdiv(tokens * dim, DPOS_BLOCK),)](
+        _common.launcher(_patch_embed_bwd_dpos_kernel)[(triton.cdiv(tokens * dim, DPOS_BLOCK),)](
             dtokens, batch_sum, batch, tokens * dim, BLOCK=DPOS_BLOCK, num_warps=4
         )
     dpos = batch_sum.to(weight.dtype).unsqueeze(0)
     dbias = _common.empty((dim,), dtype=weight.dtype, device=device)
-    _launcher(_patch_embed_bwd_sum_kernel)[(triton.cdiv(dim, SUM_BLOCK_L),)](
+    _common.launcher(_patch_embed_bwd_sum_kernel)[(triton.cdiv(dim, SUM_BLOCK_L),)](
         batch_sum[prefix:], dbias, patches, dim, BLOCK_R=SUM_BLOCK_R, BLOCK_L=SUM_BLOCK_L, num_warps=4
     )
     return dx, dweight, dbias, dpos

@@ -19,14 +19,7 @@ timm = pytest.importorskip("timm")
 from timm.layers import HybridEmbed, resample_abs_pos_embed  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On the shared 2-core machines, two intra-op threads oversubscribed by other processes run
-    # these small fp32 ops up to 10x slower than one thread; restored after the module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)

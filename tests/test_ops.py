@@ -15,13 +15,7 @@ import vitkern
 from vitkern import BackendUnavailableError, dispatch, ops, reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On the shared 2-core machines one intra-op thread is much faster than two oversubscribed ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 E = inspect.Parameter.empty

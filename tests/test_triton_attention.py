@@ -41,7 +41,8 @@ def _triton(qkv, heads, dout, scale=None):
 
 
 # (batch, tokens, heads, head_dim, dtype): every T of the brief (1, 17, 50, 197 and a prime), head
-# dims 64 and 80 in both dtypes, 32/96/128 once each; never every combination (interpreter time).
+# dims 64 and 80 in both dtypes, 96 in both, 32/128 once each, 40 (a split head in the 64 tier);
+# never every combination (interpreter time). 80, 96 and 40 run the split (main + tail) kernels.
 CASES = [
     (1, 1, 1, 64, torch.float32),
     (3, 17, 2, 64, torch.float32),
@@ -53,6 +54,8 @@ CASES = [
     (1, 1, 2, 80, torch.float16),
     (1, 13, 1, 32, torch.float16),
     (1, 71, 1, 96, torch.float32),
+    (1, 197, 1, 96, torch.float16),
+    (1, 23, 2, 40, torch.float32),
     (3, 13, 1, 128, torch.float16),
 ]
 
@@ -88,6 +91,56 @@ def _eager_lowp(qkv, heads, dout, scale=None):
     out = reference.attention(x, heads, scale=scale)
     out.backward(dout)
     return out.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "head_dim, expected",
+    [
+        (64, (64, 0, False)),
+        (128, (128, 0, False)),
+        (16, (16, 0, False)),
+        (80, (64, 16, True)),
+        (96, (64, 32, True)),
+        (72, (64, 16, True)),
+        (40, (32, 16, True)),
+        # The split would pad to the next power of two anyway: one chunk.
+        (112, (128, 0, False)),
+        (24, (32, 0, False)),
+    ],
+)
+def test_head_split(head_dim, expected):
+    from vitkern.kernels.triton import attention as kernels
+
+    assert kernels.head_split(head_dim) == expected
+
+
+def test_launcher_splits_head_dim_80(monkeypatch):
+    """The launchers pass head_split's chunks, and 80 runs on the tier of padded width 96, not 128."""
+    from vitkern.kernels.triton import attention as kernels
+
+    seen = []
+    real = kernels._tuned
+
+    def spy(kernel, tier):
+        launched = real(kernel, tier)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.append((kernel, tier, kwargs["BLOCK_D"], kwargs["BLOCK_DT"], kwargs["HAS_TAIL"]))
+                    return launched[grid](*args, **kwargs)
+
+                return launch
+
+        return Recorder()
+
+    monkeypatch.setattr(kernels, "_tuned", spy)
+    monkeypatch.setattr(kernels._common, "launcher", lambda kernel: kernel)
+    qkv = _qkv(1, 5, 1, 80, torch.float32)
+    out, lse = kernels.attention_fwd(qkv, 1, 80**-0.5)
+    kernels.attention_bwd(torch.ones_like(out), qkv, out, lse, 1, 80**-0.5)
+    tier = ("fp32", 96)
+    assert seen == [(k, tier, 64, 16, True) for k in ("fwd", "dkdv", "dq")]
 
 
 def test_lse_is_fp32_logsumexp_of_scaled_scores():
@@ -176,7 +229,8 @@ def test_triton_refuses_with_reason(heads, head_dim, dtype, expected):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "batch, tokens, heads, head_dim",
-    [(2, 197, 12, 64), (3, 257, 6, 64), (1, 577, 16, 80), (4, 50, 3, 64), (1, 1, 2, 80), (2, 127, 4, 128)],
+    [(2, 197, 12, 64), (3, 257, 6, 64), (1, 577, 16, 80), (4, 50, 3, 64), (1, 1, 2, 80), (2, 127, 4, 128),
+     (2, 197, 4, 96), (2, 257, 16, 80)],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_realistic_shapes(batch, tokens, heads, head_dim, dtype):

@@ -21,7 +21,11 @@ programs that share a head's K/V run next to each other and hit L2):
                                     the result is deterministic.
 
 Any token count works: key columns past `T` get -inf scores, query rows past `T` are masked on
-load and store. head_dim is padded to BLOCK_D = next power of two (>= 16) with masked loads.
+load and store. A power-of-two head_dim is one chunk of BLOCK_D = head_dim columns; any other is
+a main chunk of BLOCK_D (the largest power of two below it) plus a masked tail chunk of BLOCK_DT
+columns (HAS_TAIL), so 80 = 64 + 16 pays for 80 columns, not for the next power of two, 128
+(`head_split`). Head dims that pad to the next power of two anyway (e.g. 112 = 64 + 64) stay one
+masked chunk.
 The probabilities of any row can be recomputed later from q, k and the saved lse (a
 `return_cls_probs` kernel needs only row 0: exp(q_0 k_j * scale - lse_0)).
 """
@@ -64,6 +68,8 @@ def _attention_fwd_kernel(
     qk_scale,  # scale * log2(e): scores go straight into exp2
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -89,6 +95,16 @@ def _attention_fwd_kernel(
     q = tl.load(head + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
     v_ptrs = k_ptrs + dim
+    if HAS_TAIL:
+        # Columns BLOCK_D.. of the head as a second, narrow chunk: every product over the head dim
+        # is main + tail, so a head of 80 pays for 64 + 16 columns instead of 128.
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt < HEAD_DIM
+        qt_mask = m_mask[:, None] & dt_mask[None, :]
+        q_t = tl.load(head + offs_m[:, None] * stride_qkv_t + offs_dt[None, :], mask=qt_mask, other=0.0)
+        kt_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_dt[None, :]
+        vt_ptrs = kt_ptrs + dim
+        acc_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -97,7 +113,12 @@ def _attention_fwd_kernel(
         n_mask = (start_n + offs_n) < T
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_TAIL:
+            kvt_mask = n_mask[:, None] & dt_mask[None, :]
+            k_t = tl.load(kt_ptrs, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # The first key block always holds key 0, so m_new is finite from the first iteration on
         # and exp2(m_i - m_new) never sees (-inf) - (-inf).
@@ -108,13 +129,22 @@ def _attention_fwd_kernel(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            v_t = tl.load(vt_ptrs, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
+            acc_t = acc_t * alpha[:, None]
+            acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t, input_precision=DOT_PRECISION)
+            kt_ptrs += BLOCK_N * stride_qkv_t
+            vt_ptrs += BLOCK_N * stride_qkv_t
         m_i = m_new
         k_ptrs += BLOCK_N * stride_qkv_t
         v_ptrs += BLOCK_N * stride_qkv_t
 
     out = acc / l_i[:, None]
-    o_ptrs = OUT + b * stride_out_b + h * HEAD_DIM + offs_m[:, None] * stride_out_t + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    o_rows = OUT + b * stride_out_b + h * HEAD_DIM + offs_m[:, None] * stride_out_t
+    tl.store(o_rows + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    if HAS_TAIL:
+        out_t = acc_t / l_i[:, None]
+        tl.store(o_rows + offs_dt[None, :], out_t.to(OUT.dtype.element_ty), mask=qt_mask)
     # Natural-log LSE so the saved statistic means the same thing to every consumer.
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_mask)
@@ -137,6 +167,8 @@ def _attention_bwd_preprocess_kernel(
     stride_dout_t,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -150,10 +182,18 @@ def _attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < T
     mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None]
-    o = tl.load(OUT + b * stride_out_b + rows * stride_out_t + h * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DOUT + b * stride_dout_b + rows * stride_dout_t + h * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    o_rows = OUT + b * stride_out_b + offs_m[:, None] * stride_out_t + h * HEAD_DIM
+    do_rows = DOUT + b * stride_dout_b + offs_m[:, None] * stride_dout_t + h * HEAD_DIM
+    o = tl.load(o_rows + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_rows + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_TAIL:
+        # Memory-bound either way; split like the matmul kernels so the fp32 tile is not 128 wide.
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+        mask_t = m_mask[:, None] & (offs_dt[None, :] < HEAD_DIM)
+        o_t = tl.load(o_rows + offs_dt[None, :], mask=mask_t, other=0.0)
+        do_t = tl.load(do_rows + offs_dt[None, :], mask=mask_t, other=0.0)
+        delta += tl.sum(o_t.to(tl.float32) * do_t.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=m_mask)
 
 
@@ -176,6 +216,8 @@ def _attention_bwd_dkdv_kernel(
     qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -202,6 +244,19 @@ def _attention_bwd_dkdv_kernel(
     q_ptrs = head + offs_m[:, None] * stride_qkv_t + offs_d[None, :]
     do_ptrs = DOUT + b * stride_dout_b + h * HEAD_DIM + offs_m[:, None] * stride_dout_t + offs_d[None, :]
     stats = pid_bh.to(tl.int64) * T
+    if HAS_TAIL:
+        # The head's columns past BLOCK_D (see the forward): a second, narrow chunk of every
+        # operand and accumulator with a head-dim axis.
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt[None, :] < HEAD_DIM
+        kvt_off = offs_n[:, None] * stride_qkv_t + offs_dt[None, :]
+        kvt_mask = n_mask[:, None] & dt_mask
+        k_t = tl.load(head + dim + kvt_off, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
+        v_t = tl.load(head + 2 * dim + kvt_off, mask=kvt_mask, other=0.0)
+        qt_ptrs = head + offs_m[:, None] * stride_qkv_t + offs_dt[None, :]
+        dot_ptrs = DOUT + b * stride_dout_b + h * HEAD_DIM + offs_m[:, None] * stride_dout_t + offs_dt[None, :]
+        dk_t = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
+        dv_t = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -216,13 +271,25 @@ def _attention_bwd_dkdv_kernel(
         # Transposed scores [BLOCK_N, BLOCK_M] keep the accumulators in the key-row layout. Key
         # rows past T only pollute dk/dv rows that are never stored; query columns past T are
         # zeroed so they add nothing to the valid rows.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse2[None, :])
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            qt_mask = m_mask[:, None] & dt_mask
+            q_t = tl.load(qt_ptrs, mask=qt_mask, other=0.0)  # [BLOCK_M, BLOCK_DT]
+            do_t = tl.load(dot_ptrs, mask=qt_mask, other=0.0)
+            s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        if HAS_TAIL:
+            dv_t = tl.dot(p_t.to(do_t.dtype), do_t, dv_t, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v_t, tl.trans(do_t), dp_t, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t, input_precision=DOT_PRECISION)
+            qt_ptrs += BLOCK_M * stride_qkv_t
+            dot_ptrs += BLOCK_M * stride_dout_t
         q_ptrs += BLOCK_M * stride_qkv_t
         do_ptrs += BLOCK_M * stride_dout_t
 
@@ -231,6 +298,11 @@ def _attention_bwd_dkdv_kernel(
     d_off = offs_n[:, None] * stride_dqkv_t + offs_d[None, :]
     tl.store(d_head + dim + d_off, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
     tl.store(d_head + 2 * dim + d_off, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    if HAS_TAIL:
+        dk_t = dk_t * scale
+        dt_off = offs_n[:, None] * stride_dqkv_t + offs_dt[None, :]
+        tl.store(d_head + dim + dt_off, dk_t.to(DQKV.dtype.element_ty), mask=kvt_mask)
+        tl.store(d_head + 2 * dim + dt_off, dv_t.to(DQKV.dtype.element_ty), mask=kvt_mask)
 
 
 @triton.jit
@@ -252,6 +324,8 @@ def _attention_bwd_dq_kernel(
     qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -282,33 +356,59 @@ def _attention_bwd_dq_kernel(
 
     k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
     v_ptrs = k_ptrs + dim
+    if HAS_TAIL:
+        # The head's columns past BLOCK_D (see the forward).
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt[None, :] < HEAD_DIM
+        qt_mask = m_mask[:, None] & dt_mask
+        q_t = tl.load(head + rows * stride_qkv_t + offs_dt[None, :], mask=qt_mask, other=0.0)  # [BLOCK_M, BLOCK_DT]
+        do_rows = DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t
+        do_t = tl.load(do_rows + offs_dt[None, :], mask=qt_mask, other=0.0)
+        kt_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_dt[None, :]
+        vt_ptrs = kt_ptrs + dim
+        dq_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
         n_mask = (start_n + offs_n) < T
         kv_mask = n_mask[:, None] & d_mask
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_TAIL:
+            kvt_mask = n_mask[:, None] & dt_mask
+            k_t = tl.load(kt_ptrs, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
+            v_t = tl.load(vt_ptrs, mask=kvt_mask, other=0.0)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
         # Zero-filled keys past T would score 0, not -inf: mask them out of P.
-        p = tl.where(n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(n_mask[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t, input_precision=DOT_PRECISION)
+            kt_ptrs += BLOCK_N * stride_qkv_t
+            vt_ptrs += BLOCK_N * stride_qkv_t
         k_ptrs += BLOCK_N * stride_qkv_t
         v_ptrs += BLOCK_N * stride_qkv_t
 
     dq = dq * scale
-    d_ptrs = DQKV + b * stride_dqkv_b + rows * stride_dqkv_t + h * HEAD_DIM + offs_d[None, :]
-    tl.store(d_ptrs, dq.to(DQKV.dtype.element_ty), mask=q_mask)
+    d_rows = DQKV + b * stride_dqkv_b + rows * stride_dqkv_t + h * HEAD_DIM
+    tl.store(d_rows + offs_d[None, :], dq.to(DQKV.dtype.element_ty), mask=q_mask)
+    if HAS_TAIL:
+        dq_t = dq_t * scale
+        tl.store(d_rows + offs_dt[None, :], dq_t.to(DQKV.dtype.element_ty), mask=qt_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # Configs. Tiles are chosen for ViT's short sequences (T = 197 at 224 px, 577 at 384 px): a head's
 # whole K and V (197 x 64 x 2 x 2 B = 50 KB) is smaller than one SM's shared memory, so the loops
 # are short (4 blocks of 64) and what matters is the padding waste of the last block and the
-# register budget, not deep pipelining. One list per tier (16-bit or fp32 operands x head padded to
-# <= 64 or to 128), so every config the autotuner may pick compiles without spills on sm_80 and
-# sm_90 (vitkern.audit checks each). The first config of a list is the one the interpreter runs.
+# register budget, not deep pipelining. One list per tier (16-bit or fp32 operands x the padded head
+# width the kernel computes on: <= 64, <= 96 (the split 64 + 16 and 64 + 32) or 128), so every config
+# the autotuner may pick compiles without spills on sm_80 and sm_90 (vitkern.audit checks each, at
+# the widest head of each tier). The first config of a list is the one the interpreter runs.
 # Autotune keys: token count and head size, never the batch.
 
 
@@ -323,7 +423,15 @@ CONFIGS = {
         "dkdv": [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
         "dq": [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
     },
-    # BLOCK_D 128 (head dims 80-128): 8 warps for the 64-row tiles, and no 32-key dK/dV tile (its
+    # Split heads 65-96 (64 + 16, 64 + 32): sm_80 is the limit, where ptxas keeps the tail tiles
+    # live next to the main ones; the 4-warp 64 x 64 tiles and the 64 x 64 dK/dV tile spill there
+    # at 96, so the 64-row tiles take 32 keys or 8 warps.
+    ("half", 96): {
+        "fwd": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
+        "dkdv": [_cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3)],
+        "dq": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
+    },
+    # Padded to 128 (head dims 97-128): 8 warps for the 64-row tiles, and no 32-key dK/dV tile (its
     # M = 32 dots cannot use wgmma).
     ("half", 128): {
         "fwd": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
@@ -336,10 +444,16 @@ CONFIGS = {
         "dkdv": [_cfg(32, 64, 8, 2)],
         "dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
     },
+    ("fp32", 96): {
+        "fwd": [_cfg(32, 32, 4, 2), _cfg(32, 32, 8, 2)],
+        "dkdv": [_cfg(32, 32, 8, 2)],
+        "dq": [_cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2)],
+    },
+    # Audited at head dim 128 itself (the fwd 32 x 16 and dq 16 x 32 tiles used before spill there).
     ("fp32", 128): {
-        "fwd": [_cfg(32, 16, 8, 2)],
+        "fwd": [_cfg(32, 32, 8, 2)],
         "dkdv": [_cfg(16, 32, 4, 2)],
-        "dq": [_cfg(16, 32, 4, 2)],
+        "dq": [_cfg(32, 16, 4, 2), _cfg(32, 32, 8, 2)],
     },
 }
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
@@ -347,8 +461,11 @@ _PREPROCESS_BLOCK_M = 64
 _PREPROCESS_WARPS = 4
 
 
-def _tier(dtype: torch.dtype, padded_head_dim: int) -> Tuple[str, int]:
-    return ("fp32" if dtype == torch.float32 else "half", 64 if padded_head_dim <= 64 else 128)
+def _tier(dtype: torch.dtype, head_dim: int) -> Tuple[str, int]:
+    bd, bdt, has_tail = head_split(head_dim)
+    padded = bd + (bdt if has_tail else 0)
+    width = 64 if padded <= 64 else 96 if padded <= 96 else 128
+    return ("fp32" if dtype == torch.float32 else "half", width)
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,9 +475,24 @@ def _tuned(kernel: str, tier: Tuple[str, int]):
     return triton.autotune(configs, key=["T", "HEAD_DIM"])(_KERNELS[kernel])
 
 
-def block_d(head_dim: int) -> int:
-    """The padded head size the kernels tile with: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+@functools.lru_cache(maxsize=None)
+def head_split(head_dim: int) -> Tuple[int, int, bool]:
+    """(BLOCK_D, BLOCK_DT, HAS_TAIL): how the kernels tile the head dim.
+
+    A power of two (at least 16, tl.dot's minimum) is one chunk. Otherwise a main chunk of the
+    largest power of two below head_dim plus a tail of the next power of two (>= 16) covering the
+    rest, when that pads less than the next power of two: 80 -> (64, 16), 96 -> (64, 32). Where it
+    would not (112 -> 64 + 64, 24 -> 16 + 16), a second chunk only adds dots, so the head stays one
+    masked chunk of the next power of two and BLOCK_DT is 0.
+    """
+    whole = max(16, triton.next_power_of_2(head_dim))
+    if whole == head_dim or head_dim < 16:
+        return whole, 0, False
+    main = whole // 2
+    tail = max(16, triton.next_power_of_2(head_dim - main))
+    if main + tail >= whole:
+        return whole, 0, False
+    return main, tail, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,12 +515,12 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torc
     def grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
 
-    tier = _tier(qkv.dtype, block_d(head_dim))
-    _common.launcher(_tuned("fwd", tier))[grid](
+    bd, bdt, has_tail = head_split(head_dim)
+    _common.launcher(_tuned("fwd", _tier(qkv.dtype, head_dim)))[grid](
         qkv, out, lse, t, num_heads,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT_PRECISION=_dot_precision(qkv.dtype),
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, HAS_TAIL=has_tail, DOT_PRECISION=_dot_precision(qkv.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -405,7 +537,8 @@ def attention_bwd(
     # The head size is a constexpr: specialize it (int) even when torch.compile traces shapes symbolically.
     dim = int(three_dim) // 3
     head_dim = dim // num_heads
-    bd = block_d(head_dim)
+    bd, bdt, has_tail = head_split(head_dim)
+    split = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, HAS_TAIL=has_tail)
     precision = _dot_precision(qkv.dtype)
     delta = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
     dqkv = _common.empty((b, t, three_dim), dtype=qkv.dtype, device=qkv.device)
@@ -414,9 +547,9 @@ def attention_bwd(
     _common.launcher(_attention_bwd_preprocess_kernel)[pre_grid](
         out, dout, delta, t, num_heads,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=_PREPROCESS_WARPS,
+        **split, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=_PREPROCESS_WARPS,
     )  # fmt: skip
-    tier = _tier(qkv.dtype, bd)
+    tier = _tier(qkv.dtype, head_dim)
 
     def dkdv_grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_N"]),)
@@ -425,7 +558,7 @@ def attention_bwd(
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=bd, DOT_PRECISION=precision,
+        **split, DOT_PRECISION=precision,
     )  # fmt: skip
 
     def dq_grid(meta):
@@ -435,20 +568,21 @@ def attention_bwd(
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=bd, DOT_PRECISION=precision,
+        **split, DOT_PRECISION=precision,
     )  # fmt: skip
     return dqkv
 
 
 # --------------------------------------------------------------------------------------------
 # AOT specs for `python -m vitkern.audit`: every kernel x every config of its tier x dtype, at
-# ViT-B/16's head size 64 and at 80 (ViT-H/14, padded to BLOCK_D 128). At run time Triton marks
+# ViT-B/16's head size 64, at 80 (ViT-H/14, split 64 + 16), at 96 (64 + 32, the widest of the split
+# tier) and at 128 (the one tier-128 head of a ViT). At run time Triton marks
 # 16-byte-aligned pointers and ints divisible by 16 (all strides of contiguous ViT tensors: 3D and
 # D are multiples of 16); the specs type the strides "i32:16" so the audit compiles the same
 # specialization, without which loads are not vectorized and the register counts would describe a
 # different kernel.
 
-_AUDIT_HEAD_DIMS = (64, 80)
+_AUDIT_HEAD_DIMS = (64, 80, 96, 128)
 _AUDIT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -468,9 +602,9 @@ def _specs() -> List[_common.KernelSpec]:
         ptr = f"*{dtype}"
         precision = _dot_precision(torch_dtype)
         for head_dim in _AUDIT_HEAD_DIMS:
-            bd = block_d(head_dim)
-            shape = {"HEAD_DIM": head_dim, "BLOCK_D": bd}
-            tier = _tier(torch_dtype, bd)
+            bd, bdt, has_tail = head_split(head_dim)
+            shape = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_DT": bdt, "HAS_TAIL": has_tail}
+            tier = _tier(torch_dtype, head_dim)
             sig = {"OUT": ptr, "DOUT": ptr, "DELTA": "*fp32", **ints, **strides("out", "dout")}
             specs.append(_spec(
                 "_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, sig,
@@ -494,4 +628,4 @@ def _specs() -> List[_common.KernelSpec]:
 
 AUDIT_SPECS: List[_common.KernelSpec] = _specs()
 
-__all__ = ["attention_fwd", "attention_bwd", "block_d", "AUDIT_SPECS", "LOG2E"]
+__all__ = ["attention_fwd", "attention_bwd", "head_split", "AUDIT_SPECS", "LOG2E"]

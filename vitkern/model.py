@@ -4,7 +4,7 @@
 `cls_token`, `pos_embed`, `blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*`,
 `norm.*` or `fc_norm.*`, `head.*`), so timm checkpoints load unchanged. The modules own the
 parameters; every computation goes through `vitkern.ops`, which dispatches to eager PyTorch,
-Triton or CUDA kernels. A block is four fused ops:
+Triton or CUDA kernels. A block is five fused ops:
 
     qkv = ln_linear(x, norm1, qkv)                  [B, T, D] -> [B, T, 3D]
     x   = linear(attention(qkv), proj, residual=x)  [B, T, 3D] -> [B, T, D] -> [B, T, D]
@@ -196,7 +196,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (paper eqs. 2-3), four fused ops in eval mode."""
+    """Pre-norm transformer block (paper eqs. 2-3), five fused ops in eval mode."""
 
     def __init__(
         self,

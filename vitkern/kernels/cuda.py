@@ -7,7 +7,9 @@ visible GPU. Order:
 
 1. `import vitkern._C` (built by `pip install .` / setup.py);
 2. else, when nvcc and a CUDA build of torch are present, build csrc/ into a cache directory and load
-   it with `torch.ops.load_library` (VITKERN_CUDA_JIT=0 turns this off).
+   it with `torch.ops.load_library` (VITKERN_CUDA_JIT=0 turns this off). The sources are those a
+   wheel or a non-editable install ships in vitkern/_csrc/, else the checkout's csrc/ (`find_csrc()`),
+   so an install made without nvcc (or with VITKERN_SKIP_CUDA_BUILD=1) can still build later.
 
 The just-in-time build (`build()`) compiles each kernel file with nvcc separately from the torch
 bindings (the kernel files include no torch headers), MAX_JOBS at a time, keeps every file's
@@ -37,13 +39,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CSRC = REPO_ROOT / "csrc"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # vitkern/
+REPO_ROOT = PACKAGE_DIR.parent
 # Longest first, so that with 2 jobs the attention file never starts last.
 KERNEL_SOURCES = ("attention.cu", "layernorm.cu", "gemm_epilogue.cu", "patch_embed.cu")
 BINDINGS = "bindings.cpp"
 HEADERS = ("common.cuh", "vitkern_kernels.h")
+SOURCES = KERNEL_SOURCES + (BINDINGS,) + HEADERS  # every file the just-in-time build reads
 DEFAULT_ARCHS = "80;90a"
+# Where the sources are looked for, in order: a wheel ships csrc/ as vitkern/_csrc (setup.py's
+# build_py copies it there); a checkout or an editable install has it at the repository root.
+INSTALLED_CSRC = PACKAGE_DIR / "_csrc"
+CHECKOUT_CSRC = REPO_ROOT / "csrc"
+
+
+def missing_sources(directory: Path) -> List[str]:
+    """The files of SOURCES that `directory` lacks."""
+    return [s for s in SOURCES if not (Path(directory) / s).is_file()]
+
+
+def find_csrc() -> Path:
+    """The first of INSTALLED_CSRC, CHECKOUT_CSRC that holds every source; else whichever exists
+    (INSTALLED_CSRC first), so that `toolchain_error()` names what is missing there."""
+    candidates = (INSTALLED_CSRC, CHECKOUT_CSRC)
+    for directory in candidates:
+        if not missing_sources(directory):
+            return directory
+    return next((d for d in candidates if d.is_dir()), INSTALLED_CSRC)
+
+
+CSRC = find_csrc()
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +178,7 @@ def toolchain_error() -> Optional[str]:
         return f"nvcc was not found (CUDA_HOME={cuda_home()}, PATH)"
     if cublas_paths()[0] is None:
         return "cuBLASLt headers (cublasLt.h) were not found in CUDA_HOME or the nvidia pip wheels"
-    missing = [s for s in KERNEL_SOURCES + (BINDINGS,) + HEADERS if not (CSRC / s).is_file()]
+    missing = missing_sources(CSRC)
     if missing:
         return f"the CUDA sources are not shipped with this installation ({CSRC} lacks {', '.join(missing)})"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -190,7 +215,7 @@ def cache_dir(archs: Optional[Sequence[str]] = None) -> Path:
     """The build directory of this tree, these archs and this toolchain."""
     archs = list(archs or cuda_archs())
     h = hashlib.sha256()
-    for name in sorted(KERNEL_SOURCES + (BINDINGS,) + HEADERS):
+    for name in sorted(SOURCES):
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     h.update(repr((archs, nvcc_flags(archs), link_flags(), _torch_cxx_std())).encode())

@@ -279,11 +279,89 @@ def test_load_hf_state_dict_with_hub_names_and_config():
         model = load_hf(legacy, config=config).eval()
         with torch.no_grad():
             assert _max_diff(model(x), hf(pixel_values=x).logits) <= 1e-5
-    # A vitkern config works too; one of the wrong size names the key and both shapes.
+    # A vitkern config works too; another resolution resamples the square grid of a bare state dict
+    # (see test_load_hf_resamples_position_embedding); another patch size names the key and both shapes.
     good = load_hf(hf.state_dict(), config=model.config)
     assert good.config == model.config
-    with pytest.raises(ValueError, match=r"pos_embed: the HF weights have shape \(1, 17, 64\) but the model's parameter has shape \(1, 29, 64\)"):
-        load_hf(hf.state_dict(), config=model.config.replace(img_size=(32, 56)))
+    wide = load_hf(hf.state_dict(), config=model.config.replace(img_size=(32, 56)))
+    assert torch.equal(wide.pos_embed, resample_pos_embed(hf.vit.embeddings.position_embeddings, (4, 7), (4, 4), 1))
+    with pytest.raises(ValueError, match=r"patch_embed.proj.weight: the HF weights have shape \(64, 3, 8, 8\) but "
+                                         r"the model's parameter has shape \(64, 3, 16, 16\)"):
+        load_hf(hf.state_dict(), config=model.config.replace(patch_size=16))
+
+
+def _tiny_hf_vitmodel(**kwargs):
+    cfg = _hf_config(hidden_size=32, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, **kwargs)
+    hf = transformers.ViTModel(cfg).eval()
+    _randomize_(hf)
+    return hf
+
+
+def _hf_at(hf, image_size, position_embeddings):
+    """The same HF model built for `image_size`, with `position_embeddings` in place of its own."""
+    other = transformers.ViTModel(transformers.ViTConfig(**{**hf.config.to_dict(), "image_size": image_size})).eval()
+    state = dict(hf.state_dict())
+    state["embeddings.position_embeddings"] = position_embeddings
+    other.load_state_dict(state)
+    return other
+
+
+def test_load_hf_resamples_position_embedding():
+    hf = _tiny_hf_vitmodel()
+    hf_pos = hf.embeddings.position_embeddings.detach()  # [1, 1 + 4 * 4, 32]
+    expected = resample_pos_embed(hf_pos, (6, 6), (4, 4), 1)
+    # timm's resampling, independent of vitkern, agrees with it.
+    assert _max_diff(expected, resample_abs_pos_embed(hf_pos, [6, 6], [4, 4], num_prefix_tokens=1)) <= 1e-6
+    hf_cfg_48 = transformers.ViTConfig(**{**hf.config.to_dict(), "image_size": 48})
+    same = load_hf(hf)
+    targets = {
+        "HF model + HF config of image_size 48": lambda: load_hf(hf, config=hf_cfg_48),
+        "HF model + vitkern config of img_size 48": lambda: load_hf(hf, config=same.config.replace(img_size=48)),
+        "state dict + vitkern config of img_size 48":
+            lambda: load_hf(hf.state_dict(), config=same.config.replace(img_size=48)),
+    }
+    hf48 = _hf_at(hf, 48, expected)
+    x = torch.randn(2, 3, 48, 48)
+    for what, make in targets.items():
+        model = make().eval()
+        assert tuple(model.patch_embed.grid_size) == (6, 6), what
+        assert model.pos_embed.shape == (1, 37, 32), what
+        assert torch.equal(model.pos_embed, expected), what
+        assert torch.equal(model.pos_embed[:, :1], hf_pos[:, :1]), what  # the class token's is carried
+        with torch.no_grad():
+            out = hf48(pixel_values=x)
+            assert _max_diff(model.forward_features(x), out.last_hidden_state) <= 1e-5, what
+            assert _max_diff(model(x), out.pooler_output) <= 1e-5, what
+    # At the checkpoint's own size nothing is resampled, and the outputs are HF's.
+    assert torch.equal(same.pos_embed, hf_pos)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(same.eval()(x), hf(pixel_values=x).pooler_output) <= 1e-5
+
+
+def test_load_hf_resamples_a_non_square_grid():
+    hf = _tiny_hf_vitmodel()
+    hf = _hf_at(hf, [32, 40], torch.randn(1, 1 + 4 * 5, 32))  # a 4 x 5 grid, known from the HF config
+    hf_pos = hf.embeddings.position_embeddings.detach()
+    model = load_hf(hf, config=load_hf(hf).config.replace(img_size=(48, 24)))
+    assert torch.equal(model.pos_embed, resample_pos_embed(hf_pos, (6, 3), (4, 5), 1))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 48, 24)).shape == (1, 32)
+    # A bare state dict has no config to tell a 4 x 5 grid from another: the checked load names the key.
+    with pytest.raises(ValueError, match=r"pos_embed: the HF weights have shape \(1, 21, 32\) but the model's "
+                                         r"parameter has shape \(1, 19, 32\)"):
+        load_hf(hf.state_dict(), config=model.config)
+
+
+def test_load_hf_other_width_or_patch_size_still_names_the_key():
+    hf = _tiny_hf_vitmodel()
+    config = load_hf(hf).config.replace(img_size=48)
+    with pytest.raises(ValueError, match=r"patch_embed.proj.weight: the HF weights have shape \(32, 3, 8, 8\) but the "
+                                         r"model's parameter has shape \(32, 3, 16, 16\)"):
+        load_hf(hf, config=config.replace(patch_size=16))
+    with pytest.raises(ValueError, match=r"cls_token: the HF weights have shape \(1, 1, 32\) but the model's parameter "
+                                         r"has shape \(1, 1, 48\)"):
+        load_hf(hf, config=config.replace(embed_dim=48, representation_size=48))
 
 
 def test_load_hf_refuses_other_activations():

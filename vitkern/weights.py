@@ -491,6 +491,38 @@ def _hf_vitkern_config(hf_config: Any, state: Mapping[str, Tensor]) -> ViTConfig
     )
 
 
+def _pair(value: Any) -> Tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+def _hf_grid(hf_config: Any, tokens: int, num_prefix: int) -> Optional[Tuple[int, int]]:
+    """The patch grid of an HF checkpoint whose position embedding has `tokens` tokens: from the HF
+    config of the checkpoint when it has one that fits, else the square grid; None when neither fits."""
+    if hf_config is not None and hasattr(hf_config, "image_size") and hasattr(hf_config, "patch_size"):
+        (ih, iw), (ph, pw) = _pair(hf_config.image_size), _pair(hf_config.patch_size)
+        if ph > 0 and pw > 0 and num_prefix + (ih // ph) * (iw // pw) == tokens:
+            return ih // ph, iw // pw
+    side = math.isqrt(max(tokens - num_prefix, 0))
+    return (side, side) if side > 0 and num_prefix + side * side == tokens else None
+
+
+def _fit_hf_pos_embed(state: Dict[str, Tensor], model: nn.Module, hf_config: Any) -> None:
+    """Resample the checkpoint's pos_embed (timm layout, in `state`) to the model's patch grid in place.
+
+    Only the token count may differ: another width, or a grid that cannot be told, leaves it as it
+    is, and `_load_checked` reports the key with both shapes."""
+    pos, target = state.get("pos_embed"), model.state_dict().get("pos_embed")
+    if pos is None or target is None or _shape(pos) == _shape(target):
+        return
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != target.shape[2]:
+        return
+    num_prefix = 1 if "cls_token" in state else 0  # transformers' ViT always has the class token
+    old_grid = _hf_grid(hf_config, pos.shape[1], num_prefix)
+    if old_grid is None:
+        return
+    state["pos_embed"] = resample_pos_embed(pos, tuple(model.patch_embed.grid_size), old_grid, num_prefix)
+
+
 def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], config: Any = None) -> "ViT":
     """A `vitkern.ViT` with the weights of a transformers `ViTModel` or `ViTForImageClassification`.
 
@@ -505,6 +537,12 @@ def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], conf
     (`representation_size`, `pre_logits.fc`); `classifier` -> `head`. So for a `ViTModel`,
     `model.forward_features(x)` is HF's `last_hidden_state` and `model(x)` its `pooler_output`;
     for a `ViTForImageClassification`, `model(x)` is HF's logits.
+
+    The model may have another resolution than the checkpoint (a config with another `img_size` /
+    `image_size`): the position embedding is then resampled with `resample_pos_embed` (bicubic, the
+    class token kept, as `from_timm` and `load_jax_npz` do). The checkpoint's grid is its HF config's
+    image_size // patch_size, or for a bare state dict the square that its token count makes. Any
+    other mismatch (patch size, width, depth) raises ValueError naming the key and both shapes.
     """
     if isinstance(hf_model_or_state_dict, nn.Module):
         module = hf_model_or_state_dict
@@ -530,6 +568,7 @@ def load_hf(hf_model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], conf
     else:
         raise TypeError(f"config must be a vitkern.ViTConfig or a transformers ViTConfig, got {type(config).__name__}")
     model = _build(vk_config)
+    _fit_hf_pos_embed(state, model, hf_config)
     _load_checked(model, state, source="HF")
     like = next((v for v in raw.values() if isinstance(v, Tensor) and v.is_floating_point()), None)
     return _match_source(model, like, training)

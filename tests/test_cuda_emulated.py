@@ -1,0 +1,302 @@
+"""The CUDA C++ kernels of csrc/, run on the CPU by the emulator in tests/cuda_emu/, against vitkern.reference in float64.
+
+These run in CI (no GPU). They check what can be checked without the hardware: the kernels' index
+math, tiling, masking, fragment maps (mma.sync per the PTX ISA's layouts), online softmax,
+backward formulas, launch configurations and shared-memory limits, out-of-bounds writes (guard zones
+around every buffer), reads of shared memory nobody wrote (the emulator fills it with NaN), and races
+on shared memory (two fiber schedules must give bit-identical results). bf16 is exact here, unlike
+the Triton interpreter. What they cannot check: timing, the real tensor cores' accumulation order,
+and the torch layer (csrc/bindings.cpp); tests/test_cuda_ops.py does those on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import pytest
+import torch
+
+from conftest import assert_close, assert_ratio, poison_
+from cuda_emu import emulator
+from vitkern import reference
+
+_why = emulator.toolchain_error()
+pytestmark = [pytest.mark.skipif(_why is not None, reason=f"CUDA emulator unavailable: {_why}"),
+              pytest.mark.usefixtures("one_thread")]
+
+VK = {torch.float16: 0, torch.bfloat16: 1}
+DTYPES = [torch.float16, torch.bfloat16]
+GUARD = 64  # elements of guard zone on each side of every buffer (keeps 16-byte alignment)
+GUARD_BYTE = 0xA5
+
+
+@pytest.fixture(scope="module")
+def emu() -> emulator.Emulator:
+    e = emulator.load()
+    e.configure("forward")
+    yield e
+    e.configure("forward")
+
+
+class Buffers:
+    """Device buffers of an emulated call: host tensors inside guard zones that must stay untouched."""
+
+    def __init__(self) -> None:
+        self._all: List[Tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def new(self, name: str, shape, dtype: torch.dtype, init: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = math.prod(shape)
+        base = torch.empty(n + 2 * GUARD, dtype=dtype)
+        base.view(torch.uint8).fill_(GUARD_BYTE)
+        t = base[GUARD:GUARD + n].view(shape)
+        if init is not None:
+            t.copy_(init)
+        elif dtype.is_floating_point:
+            poison_(t)
+        self._all.append((name, base, t))
+        return t
+
+    def check_guards(self) -> None:
+        for name, base, _ in self._all:
+            raw = base.view(torch.uint8)
+            g = GUARD * base.element_size()
+            for part, zone in (("before", raw[:g]), ("after", raw[-g:])):
+                bad = (zone != GUARD_BYTE).nonzero()
+                assert bad.numel() == 0, f"out-of-bounds write {part} buffer {name!r} (byte {bad[0].item()} of the guard zone)"
+
+
+def ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def run_schedules(emu: emulator.Emulator, fn, schedules=("forward", "reverse")):
+    """Runs fn() (which returns a tuple of tensors) under each fiber schedule; the results must be
+    bit-identical, or the kernel has a race on shared memory. Returns the first result."""
+    results = []
+    for s in schedules:
+        emu.configure(s, seed=1)
+        results.append([t.clone() for t in fn()])
+    emu.configure("forward")
+    for other, s in zip(results[1:], schedules[1:]):
+        for i, (a, b) in enumerate(zip(results[0], other)):
+            assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.view(torch.int32),
+                               b.view(torch.uint8) if b.dtype != torch.float32 else b.view(torch.int32)), \
+                f"output {i} differs between the {schedules[0]} and {s} schedules: a race on shared memory"
+    return results[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+def _ln_case(dtype, rows, dim):
+    x = torch.randn(rows, dim, dtype=torch.float64) * 2 + 0.5
+    w = 1 + 0.3 * torch.randn(dim, dtype=torch.float64)
+    b = 0.2 * torch.randn(dim, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 64), (13, 100), (37, 768), (9, 1280), (5, 40), (3, 1000)])
+def test_layer_norm_fwd(emu, dtype, rows, dim):
+    x, w, b = _ln_case(dtype, rows, dim)
+    eps = 1e-6
+
+    def call():
+        buf = Buffers()
+        xd, wd, bd = buf.new("x", x.shape, dtype, x), buf.new("w", w.shape, dtype, w), buf.new("b", b.shape, dtype, b)
+        y = buf.new("y", x.shape, dtype)
+        mean, rstd = buf.new("mean", (rows,), torch.float32), buf.new("rstd", (rows,), torch.float32)
+        emu.check("vk_layer_norm_fwd", VK[dtype], ptr(xd), ptr(wd), ptr(bd), ptr(y), ptr(mean), ptr(rstd), rows, dim, eps, None)
+        buf.check_guards()
+        return y, mean, rstd
+
+    y, mean, rstd = run_schedules(emu, call)
+    ref = reference.layer_norm(x.double(), w.double(), b.double(), eps)
+    ref_mean, ref_rstd = reference.layer_norm_stats(x.double(), eps)
+    assert_close(y, ref, dtype, name="y")
+    assert_close(mean, ref_mean, torch.float32, name="mean")
+    assert_close(rstd, ref_rstd, torch.float32, scale=10, name="rstd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 64), (13, 100), (37, 768), (9, 1280), (4200, 40)])
+def test_layer_norm_bwd(emu, dtype, rows, dim):
+    """4200 rows: more than 512 CTAs x 8 warps, so the grid-stride loop and the fixed-order
+    reduction of dweight/dbias over 512 partial rows are exercised."""
+    x, w, b = _ln_case(dtype, rows, dim)
+    dy = torch.randn(rows, dim, dtype=torch.float64).to(dtype)
+    eps = 1e-6
+    mean, rstd = reference.layer_norm_stats(x, eps)  # fp32, as the forward saves them
+    blocks = emu.call("vk_layer_norm_bwd_blocks", rows)
+    assert 1 <= blocks <= 512
+
+    def call():
+        buf = Buffers()
+        xd, wd, dyd = buf.new("x", x.shape, dtype, x), buf.new("w", w.shape, dtype, w), buf.new("dy", dy.shape, dtype, dy)
+        md, rd = buf.new("mean", (rows,), torch.float32, mean), buf.new("rstd", (rows,), torch.float32, rstd)
+        dx, dw, db = buf.new("dx", x.shape, dtype), buf.new("dw", (dim,), dtype), buf.new("db", (dim,), dtype)
+        partial = buf.new("partial", (blocks, 2, dim), torch.float32)
+        emu.check("vk_layer_norm_bwd", VK[dtype], ptr(dyd), ptr(xd), ptr(wd), ptr(md), ptr(rd), ptr(dx), ptr(dw), ptr(db),
+                  ptr(partial), rows, dim, None)
+        buf.check_guards()
+        return dx, dw, db
+
+    dx, dw, db = run_schedules(emu, call) if rows < 1000 else run_schedules(emu, call, ("forward",))
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    reference.layer_norm(x64, w64, b64, eps).backward(dy.double())
+    assert_close(dx, x64.grad, dtype, name="dx")
+    # dweight/dbias sum `rows` terms in fp32 and round once: the tolerance grows with sqrt(rows).
+    scale = max(1.0, math.sqrt(rows) / 4)
+    assert_close(dw, w64.grad, dtype, scale=scale, name="dweight")
+    assert_close(db, b64.grad, dtype, scale=scale, name="dbias")
+
+
+def test_layer_norm_rejects_bad_dims(emu):
+    for dim in (0, 1281):
+        assert emu.call("vk_layer_norm_fwd", 0, None, None, None, None, None, None, 4, dim, 1e-6, None) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch embedding: gather, inverse gather, class-token / position epilogue
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,chans,h,w,ph,pw", [(2, 3, 32, 48, 16, 16), (1, 3, 12, 20, 4, 5), (3, 1, 16, 16, 8, 8)])
+def test_patchify_and_inverse(emu, dtype, batch, chans, h, w, ph, pw):
+    x = torch.randn(batch, chans, h, w).to(dtype)
+    rows, cols = batch * (h // ph) * (w // pw), chans * ph * pw
+    buf = Buffers()
+    xd = buf.new("x", x.shape, dtype, x)
+    patches = buf.new("patches", (rows, cols), dtype)
+    emu.check("vk_patchify", VK[dtype], ptr(xd), ptr(patches), batch, chans, h, w, ph, pw, None)
+    assert torch.equal(patches, reference.patchify(x, (ph, pw)).reshape(rows, cols))
+    back = buf.new("back", x.shape, dtype)
+    emu.check("vk_unpatchify", VK[dtype], ptr(patches), ptr(back), batch, chans, h, w, ph, pw, None)
+    assert torch.equal(back, x)
+    buf.check_guards()
+    assert emu.call("vk_patchify", VK[dtype], ptr(xd), ptr(patches), batch, chans, h + 1, w, ph, pw, None) != 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 36])
+@pytest.mark.parametrize("cls,pos", [(True, True), (False, True), (True, False), (False, False)])
+def test_patch_embed_epilogue(emu, dtype, dim, cls, pos):
+    batch, patches = 3, 7
+    tokens = torch.randn(batch, patches, dim).to(dtype)
+    cls_t = torch.randn(dim).to(dtype) if cls else None
+    pos_t = torch.randn(patches + int(cls), dim).to(dtype) if pos else None
+    buf = Buffers()
+    td = buf.new("tokens", tokens.shape, dtype, tokens)
+    cd = buf.new("cls", (dim,), dtype, cls_t) if cls else None
+    pd = buf.new("pos", pos_t.shape, dtype, pos_t) if pos else None
+    out = buf.new("out", (batch, patches + int(cls), dim), dtype)
+    emu.check("vk_patch_embed_epilogue", VK[dtype], ptr(td), ptr(cd), ptr(pd), ptr(out), batch, patches, dim, None)
+    buf.check_guards()
+    ref = tokens.double()
+    if cls:
+        ref = torch.cat([cls_t.double().expand(batch, 1, dim), ref], dim=1)
+    if pos:
+        ref = ref + pos_t.double()
+    assert_close(out, ref, dtype, name="out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def _attention_ref(qkv: torch.Tensor, heads: int, scale: float):
+    """out, lse [b, h, t] (natural log of the softmax normalizer) in float64, and a closure for the grads."""
+    q64 = qkv.double().requires_grad_()
+    out = reference.attention(q64, heads, scale=scale)
+    b, t, three_d = qkv.shape
+    hd = three_d // 3 // heads
+    q, k, _ = q64.detach().reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    lse = torch.logsumexp((q @ k.transpose(-2, -1)) * scale, dim=-1)
+
+    def grads(dout: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(out, q64, dout.double())
+        return g
+
+    return out.detach(), lse, grads
+
+
+def _attention_case(dtype, batch, tokens, heads, head_dim, pad_tokens):
+    """qkv as a strided view: each token row is `3 * heads * head_dim + pad` elements apart (8-aligned)."""
+    three_d = 3 * heads * head_dim
+    row = three_d + pad_tokens
+    storage = torch.randn(batch, tokens, row).to(dtype)
+    return storage, storage[..., :three_d]
+
+
+ATTN_CASES = [  # (batch, tokens, heads, head_dim)
+    (2, 1, 2, 64), (1, 13, 2, 64), (2, 65, 1, 64), (1, 197, 2, 64),
+    (1, 13, 1, 80), (2, 70, 2, 80), (1, 197, 1, 80),
+    (1, 17, 2, 128), (1, 130, 1, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", ATTN_CASES)
+def test_attention_fwd_bwd(emu, dtype, batch, tokens, heads, head_dim):
+    pad = 8 if tokens % 2 else 0
+    storage, qkv = _attention_case(dtype, batch, tokens, heads, head_dim, pad)
+    scale = head_dim ** -0.5
+    dim = heads * head_dim
+    dout = torch.randn(batch, tokens, dim).to(dtype)
+    sb, st = storage.stride(0), storage.stride(1)
+
+    def call():
+        buf = Buffers()
+        sd = buf.new("qkv", storage.shape, dtype, storage)
+        out = buf.new("out", (batch, tokens, dim), dtype)
+        lse = buf.new("lse", (batch, heads, tokens), torch.float32)
+        emu.check("vk_attention_fwd", VK[dtype], ptr(sd), sb, st, ptr(out), ptr(lse), batch, tokens, heads, head_dim, scale, None)
+        dod = buf.new("dout", dout.shape, dtype, dout)
+        delta = buf.new("delta", (batch, heads, tokens), torch.float32)
+        dqkv = buf.new("dqkv", (batch, tokens, 3 * dim), dtype)
+        emu.check("vk_attention_bwd", VK[dtype], ptr(sd), sb, st, ptr(out), ptr(dod), ptr(lse), ptr(delta), ptr(dqkv),
+                  batch, tokens, heads, head_dim, scale, None)
+        buf.check_guards()
+        return out, lse, dqkv
+
+    schedules = ("forward", "reverse") if tokens <= 70 else ("forward",)
+    out, lse, dqkv = run_schedules(emu, call, schedules)
+    ref_out, ref_lse, grads = _attention_ref(qkv, heads, scale)
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
+    # Low-precision eager PyTorch on the same inputs is the yardstick (DESIGN.md's ratio test).
+    eager_out = reference.attention(qkv, heads, scale=scale)
+    assert_ratio(out, eager_out, ref_out, name="out", floor=1e-3)
+    assert_close(out, ref_out, dtype, scale=2, name="out")
+    assert_close(lse, ref_lse, torch.float32, scale=50, name="lse")
+    ref_dqkv = grads(dout)
+    q_lp = qkv.clone().requires_grad_()
+    reference.attention(q_lp, heads, scale=scale).backward(dout)
+    assert_ratio(dqkv, q_lp.grad, ref_dqkv, name="dqkv", floor=2e-3)
+
+
+def test_attention_rejects_what_it_cannot_run(emu):
+    storage, _ = _attention_case(torch.float16, 1, 8, 1, 64, 0)
+    out = torch.empty(1, 8, 64, dtype=torch.float16)
+    lse = torch.empty(1, 1, 8)
+    args = dict(sb=storage.stride(0), st=storage.stride(1))
+    assert emu.call("vk_attention_fwd", 0, ptr(storage), args["sb"], args["st"], ptr(out), ptr(lse), 1, 8, 1, 96, 0.1, None) != 0
+    assert emu.call("vk_attention_fwd", 0, storage.data_ptr() + 2, args["sb"], args["st"], ptr(out), ptr(lse), 1, 8, 1, 64, 0.1, None) != 0
+    assert emu.call("vk_attention_fwd", 0, ptr(storage), args["sb"], 196, ptr(out), ptr(lse), 1, 8, 1, 64, 0.1, None) != 0
+    assert [emu.call("vk_attention_supports_head_dim", d) for d in (32, 64, 80, 96, 128)] == [False, True, True, False, True]
+
+
+def test_attention_fits_sm80_shared_memory(emu):
+    """Head dim 128's kernels need more than the 48 KiB default: they must raise the limit themselves and
+    still fit the 163 KiB of an A100."""
+    storage, qkv = _attention_case(torch.float16, 1, 8, 1, 128, 0)
+    out = torch.empty(1, 8, 128, dtype=torch.float16)
+    lse = torch.empty(1, 1, 8)
+    try:
+        emu.configure("forward", max_dynamic_smem=163 << 10)
+        emu.check("vk_attention_fwd", 0, ptr(storage), storage.stride(0), storage.stride(1), ptr(out), ptr(lse), 1, 8, 1, 128,
+                  128 ** -0.5, None)
+    finally:
+        emu.configure("forward")
+    assert_close(out, reference.attention(qkv.double(), 1), torch.float16, scale=2, name="out")

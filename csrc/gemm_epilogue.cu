@@ -54,7 +54,10 @@ uint32_t alignment_of(const void* p) {
 }
 
 // The heuristic's choice depends only on the problem, never on the data, so it is cached.
-using AlgoKey = std::tuple<int, int, int, int, int64_t, int64_t, int64_t, int, int, uint32_t, uint32_t, uint32_t, uint32_t>;
+// The bias (or bias-gradient) pointer's alignment is part of the key: the heuristic reads that pointer
+// from the matmul descriptor to decide which alignment the algorithm may assume.
+using AlgoKey =
+    std::tuple<int, int, int, int, int64_t, int64_t, int64_t, int, int, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t>;
 struct AlgoCache {
   std::mutex mu;
   std::map<AlgoKey, cublasLtMatmulAlgo_t> algos;
@@ -98,6 +101,7 @@ int lt_matmul(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t
   const cublasOperation_t op2 = a_trans ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
   const void* epi_ptr = nullptr;
+  if (dbias_a != nullptr && bias != nullptr) return kStatusCudaBase + cudaErrorInvalidValue;  // one epilogue at a time
   if (dbias_a != nullptr) {
     epi = CUBLASLT_EPILOGUE_BGRADB;  // reduces the second operand (A^T) over K': length N' = m
     epi_ptr = dbias_a;
@@ -117,15 +121,18 @@ int lt_matmul(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t
   else VK_LT(cublasLtMatrixLayoutCreate(&ds.a, t, n, k, n));          // B row-major [k, n]
   if (a_trans) VK_LT(cublasLtMatrixLayoutCreate(&ds.b, t, m, k, m));  // A row-major [k, m]
   else VK_LT(cublasLtMatrixLayoutCreate(&ds.b, t, k, m, k));          // A row-major [m, k]
-  VK_LT(cublasLtMatrixLayoutCreate(&ds.c, t, n, m, n));
   VK_LT(cublasLtMatrixLayoutCreate(&ds.d, t, n, m, n));
+  // Without C, D is passed as C with D's own descriptor (the documented in-place form, beta = 0).
+  if (C != nullptr) VK_LT(cublasLtMatrixLayoutCreate(&ds.c, t, n, m, n));
+  const cublasLtMatrixLayout_t c_desc = C != nullptr ? ds.c : ds.d;
 
   const void* Cp = C != nullptr ? C : D;
   const float alpha = 1.f, beta = C != nullptr ? 1.f : 0.f;
   const uint32_t al_1 = alignment_of(B), al_2 = alignment_of(A), al_c = alignment_of(Cp), al_d = alignment_of(D);
   int dev = 0;
   cudaGetDevice(&dev);
-  const AlgoKey key{dev, dtype, a_trans, b_trans, m, n, k, int(epi), C != nullptr, al_1, al_2, al_c, al_d};
+  const AlgoKey key{dev, dtype, a_trans, b_trans, m, n, k, int(epi), C != nullptr, al_1, al_2, al_c, al_d,
+                    epi_ptr != nullptr ? alignment_of(epi_ptr) : 0u};
   cublasLtMatmulAlgo_t algo;
   bool found = false;
   {
@@ -147,14 +154,15 @@ int lt_matmul(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t
     VK_LT(cublasLtMatmulPreferenceSetAttribute(ds.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
     cublasLtMatmulHeuristicResult_t result = {};
     int returned = 0;
-    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, ds.op, ds.a, ds.b, ds.c, ds.d, ds.pref, 1, &result, &returned);
-    if (s != CUBLAS_STATUS_SUCCESS || returned == 0) return kStatusNoAlgo;
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, ds.op, ds.a, ds.b, c_desc, ds.d, ds.pref, 1, &result, &returned);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || (s == CUBLAS_STATUS_SUCCESS && returned == 0)) return kStatusNoAlgo;
+    if (s != CUBLAS_STATUS_SUCCESS) return int(s);
     algo = result.algo;
     AlgoCache& cache = algo_cache();
     std::lock_guard<std::mutex> lock(cache.mu);
     cache.algos[key] = algo;
   }
-  VK_LT(cublasLtMatmul(handle, ds.op, &alpha, B, ds.a, A, ds.b, &beta, Cp, ds.c, D, ds.d, &algo, workspace,
+  VK_LT(cublasLtMatmul(handle, ds.op, &alpha, B, ds.a, A, ds.b, &beta, Cp, c_desc, D, ds.d, &algo, workspace,
                        workspace_bytes, stream));
   return 0;
 }
@@ -282,15 +290,26 @@ int vk_gemm(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t k
             const void* bias, const void* C, void* D, void* dbias_a, float* colsum_ws, void* workspace,
             size_t workspace_bytes, cudaStream_t stream) {
   if (dtype != VK_F16 && dtype != VK_BF16) return kStatusCudaBase + cudaErrorInvalidValue;
-  if (m == 0 || n == 0) return 0;
-  int s = lt_matmul(dtype, a_trans, b_trans, m, n, k, A, B, bias, C, D, dbias_a, workspace, workspace_bytes, stream);
-  if (s == 0 || dbias_a == nullptr) return s;
-  // No BGRADB algorithm (or it failed to launch): a plain GEMM, then the bias gradient separately.
-  s = lt_matmul(dtype, a_trans, b_trans, m, n, k, A, B, bias, C, D, nullptr, workspace, workspace_bytes, stream);
-  if (s != 0) return s;
-  // sum over k of A: A stored [k, m] -> column sums; stored [m, k] -> row sums, i.e. column sums
-  // of a [m, k] matrix viewed with rows k... only the [k, m] layout occurs (weight-gradient GEMMs).
+  if (dbias_a != nullptr && bias != nullptr) return kStatusCudaBase + cudaErrorInvalidValue;
+  const size_t elt = 2;  // fp16 / bf16
+  if (m == 0) return 0;
+  if (k == 0) {  // an empty reduction (a weight gradient over zero rows): D = 0, dbias = 0
+    if (bias != nullptr || C != nullptr) return kStatusCudaBase + cudaErrorInvalidValue;
+    cudaError_t e = n > 0 ? cudaMemsetAsync(D, 0, size_t(m) * size_t(n) * elt, stream) : cudaSuccess;
+    if (e == cudaSuccess && dbias_a != nullptr) e = cudaMemsetAsync(dbias_a, 0, size_t(m) * elt, stream);
+    return e == cudaSuccess ? 0 : kStatusCudaBase + e;
+  }
+  int s = n == 0 ? kStatusNoAlgo  // nothing to multiply; dbias_a (if asked) still is the sum over k of A
+                 : lt_matmul(dtype, a_trans, b_trans, m, n, k, A, B, bias, C, D, dbias_a, workspace, workspace_bytes, stream);
+  // Only "no algorithm for BGRADB" falls back; any other failure is reported as it is.
+  if ((s != kStatusNoAlgo && s != int(CUBLAS_STATUS_NOT_SUPPORTED)) || dbias_a == nullptr) return s;
+  // A plain GEMM, then the bias gradient separately: the sum over k of A. Only the weight-gradient
+  // layout, A stored [k, m], occurs; its column sums are what is wanted.
   if (!a_trans) return kStatusCudaBase + cudaErrorInvalidValue;
+  if (n > 0) {
+    s = lt_matmul(dtype, a_trans, b_trans, m, n, k, A, B, nullptr, C, D, nullptr, workspace, workspace_bytes, stream);
+    if (s != 0) return s;
+  }
   cudaError_t e = vk_colsum(dtype, A, k, m, m, dbias_a, colsum_ws, stream);
   return e == cudaSuccess ? 0 : kStatusCudaBase + e;
 }

@@ -22,8 +22,9 @@ cudaError_t vk_layer_norm_bwd(int dtype, const void* dy, const void* x, const vo
 // [n, k] (b_trans = 1); all dense with leading dims equal to their row lengths. C (nullable) is
 // [m, n], added with beta = 1 (the residual). dbias_a (nullable): also write sum over k of A, [m]
 // (the bias gradient of a weight-gradient GEMM; CUBLASLT_EPILOGUE_BGRADB, or a reduction kernel when
-// cuBLASLt has no algorithm for it, which then needs `colsum_ws` of vk_colsum_workspace_floats(k, m)).
-// Returns 0 or a status for vk_status_string.
+// cuBLASLt has no algorithm for it, which then needs `colsum_ws` of vk_colsum_workspace_floats(k, m));
+// bias and dbias_a are never both given. k = 0 (an empty reduction) writes D = 0 and dbias_a = 0 and
+// takes neither bias nor C. Returns 0 or a status for vk_status_string.
 int vk_gemm(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t k, const void* A, const void* B,
             const void* bias, const void* C, void* D, void* dbias_a, float* colsum_ws, void* workspace,
             size_t workspace_bytes, cudaStream_t stream);

@@ -300,3 +300,97 @@ def test_attention_fits_sm80_shared_memory(emu):
     finally:
         emu.configure("forward")
     assert_close(out, reference.attention(qkv.double(), 1), torch.float16, scale=2, name="out")
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM with epilogues (cuBLASLt, through the fake in tests/cuda_emu/fake_cublaslt.cpp written from
+# cuBLASLt's documented semantics), GELU and column sums
+
+
+@pytest.fixture(scope="module")
+def gemm_workspace(emu):
+    if not emu.has_gemm:
+        pytest.skip("the emulated library was built without gemm_epilogue.cu (no fake cuBLASLt)")
+    return torch.empty(emu.call("vk_gemm_workspace_bytes"), dtype=torch.uint8)
+
+
+def _gemm(emu, ws, dtype, a_trans, b_trans, A, B, bias=None, C=None, want_dbias=False):
+    """Row-major D[m, n] = op(A) @ op(B) (+ bias) (+ C) through vk_gemm, A stored [k, m] when a_trans."""
+    m, k = (A.shape[1], A.shape[0]) if a_trans else A.shape
+    n = B.shape[0] if b_trans else B.shape[1]
+    buf = Buffers()
+    Ad, Bd = buf.new("A", A.shape, dtype, A), buf.new("B", B.shape, dtype, B)
+    biasd = buf.new("bias", bias.shape, dtype, bias) if bias is not None else None
+    Cd = buf.new("C", C.shape, dtype, C) if C is not None else None
+    D = buf.new("D", (m, n), dtype)
+    dbias = buf.new("dbias", (m,), dtype) if want_dbias else None
+    colsum_ws = buf.new("colsum_ws", (emu.call("vk_colsum_workspace_floats", k, m),), torch.float32) if want_dbias else None
+    status = emu.call("vk_gemm", VK[dtype], int(a_trans), int(b_trans), m, n, k, ptr(Ad), ptr(Bd), ptr(biasd), ptr(Cd),
+                      ptr(D), ptr(dbias), ptr(colsum_ws), ptr(ws), ws.numel(), None)
+    assert status == 0, f"vk_gemm status {status}: {emu.lib.vkc_status_string(status)}"
+    buf.check_guards()
+    return D, dbias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a_trans,b_trans", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("m,n,k", [(13, 24, 40), (1, 8, 16), (33, 40, 72)])
+@pytest.mark.parametrize("epilogue", ["none", "bias", "bias+residual", "dbias"])
+def test_gemm(emu, gemm_workspace, dtype, a_trans, b_trans, m, n, k, epilogue):
+    A = torch.randn((k, m) if a_trans else (m, k)).to(dtype)
+    B = torch.randn((n, k) if b_trans else (k, n)).to(dtype)
+    bias = torch.randn(n).to(dtype) if "bias" in epilogue and epilogue != "dbias" else None
+    C = torch.randn(m, n).to(dtype) if "residual" in epilogue else None
+    D, dbias = _gemm(emu, gemm_workspace, dtype, a_trans, b_trans, A, B, bias, C, want_dbias=epilogue == "dbias")
+    a64 = A.double().t() if a_trans else A.double()
+    b64 = B.double().t() if b_trans else B.double()
+    ref = a64 @ b64 + (bias.double() if bias is not None else 0) + (C.double() if C is not None else 0)
+    assert_close(D, ref, dtype, name="D")
+    if dbias is not None:
+        assert_close(dbias, a64.sum(dim=1), dtype, scale=2, name="dbias")
+
+
+def test_gemm_rejects_bias_with_bias_gradient_and_handles_empty_reductions(emu, gemm_workspace):
+    A, B, bias = torch.randn(4, 3).half(), torch.randn(4, 5).half(), torch.randn(5).half()
+    D, db = torch.empty(3, 5).half(), torch.empty(3).half()
+    ws = gemm_workspace
+    assert emu.call("vk_gemm", 0, 1, 0, 3, 5, 4, ptr(A), ptr(B), ptr(bias), None, ptr(D), ptr(db), None, ptr(ws), ws.numel(), None) != 0
+    # k = 0: the weight gradient over zero rows is zero, and so is its bias gradient.
+    poison_(D), poison_(db)
+    assert emu.call("vk_gemm", 0, 1, 0, 3, 5, 0, ptr(A), ptr(B), None, None, ptr(D), ptr(db), None, ptr(ws), ws.numel(), None) == 0
+    assert (D == 0).all() and (db == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [8 * 97, 1001])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gelu_fwd_bwd(emu, gemm_workspace, dtype, n, residual):
+    h = (torch.randn(n) * 3).to(dtype)
+    r = torch.randn(n).to(dtype) if residual else None
+    dout = torch.randn(n).to(dtype)
+    buf = Buffers()
+    hd, dod = buf.new("h", (n,), dtype, h), buf.new("dout", (n,), dtype, dout)
+    rd = buf.new("residual", (n,), dtype, r) if residual else None
+    out, dh = buf.new("out", (n,), dtype), buf.new("dh", (n,), dtype)
+    emu.check("vk_gelu_fwd", VK[dtype], ptr(hd), ptr(rd), ptr(out), n, None)
+    emu.check("vk_gelu_bwd", VK[dtype], ptr(dod), ptr(hd), ptr(dh), n, None)
+    buf.check_guards()
+    h64 = h.double().requires_grad_()
+    y = reference.gelu(h64)
+    assert_close(out, y.detach() + (r.double() if residual else 0), dtype, name="gelu")
+    (g,) = torch.autograd.grad(y, h64, dout.double())
+    assert_close(dh, g, dtype, name="dgelu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,ld", [(1, 5, 5), (300, 40, 48), (700, 33, 33)])
+def test_colsum(emu, gemm_workspace, dtype, rows, cols, ld):
+    """Sums over rows in fixed-size chunks (256 rows), so 300 and 700 rows take several partial rows of the workspace."""
+    x = torch.randn(rows, ld).to(dtype)
+    buf = Buffers()
+    xd = buf.new("in", (rows, ld), dtype, x)
+    out = buf.new("out", (cols,), dtype)
+    ws = buf.new("ws", (emu.call("vk_colsum_workspace_floats", rows, cols),), torch.float32)
+    emu.check("vk_colsum", VK[dtype], ptr(xd), rows, cols, ld, ptr(out), ptr(ws), None)
+    buf.check_guards()
+    assert_close(out, x[:, :cols].double().sum(0), dtype, scale=max(1.0, math.sqrt(rows) / 4), name="colsum")

@@ -417,6 +417,11 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t error) {
   }
 }
 
+cudaError_t CUDARTAPI cudaMemsetAsync(void* dst, int value, size_t count, cudaStream_t) {
+  std::memset(dst, value, count);
+  return cudaSuccess;
+}
+
 cudaError_t CUDARTAPI cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   vk_emu::Emu& e = vk_emu::emu();
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {

@@ -20,6 +20,56 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _interpreter_index_compat() -> None:
+    """Make the Triton interpreter's `tensor.__index__` work with NumPy >= 2.4.
+
+    The interpreter holds every scalar (program ids, int arguments) as a shape-(1,) array, and
+    `range(start, end, step)` in a kernel calls `__index__` on them. Triton 3.6 implements it as
+    `int(self.handle.data)`, which NumPy 2.4 turned from a deprecation into a TypeError ("only
+    0-dimensional arrays can be converted to Python scalars"), so under triton 3.6 + numpy 2.4
+    every interpreted kernel with a runtime loop bound fails; Triton 3.8 squeezes the array first.
+    Feature-detected, not version-parsed: the interpreter's own `__index__` is tried on a
+    shape-(1,) array, and only when that raises is it wrapped to squeeze. Compiled (GPU) kernels
+    never reach this code.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    if patch_tensor is None or scope_type is None or getattr(patch_tensor, "_vitkern_compat", False):
+        return
+
+    class _Probe:
+        class handle:
+            data = np.array([1], dtype=np.int32)
+
+    scope = scope_type()
+    try:
+        patch_tensor(tl.core.tensor, scope)
+        try:
+            tl.core.tensor.__index__(_Probe())
+            return  # this interpreter already handles shape-(1,) scalars (Triton >= 3.8)
+        except TypeError:
+            pass
+    finally:
+        scope.restore()
+
+    def patched(tensor: Any, scope: Any) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
+
+    patched._vitkern_compat = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting():
+    _interpreter_index_compat()
+
+
 def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, but filled with NaN when VITKERN_POISON_OUTPUTS=1 (the tests set it), so an
     element a kernel forgets to write fails the comparison instead of passing by luck."""

@@ -6,11 +6,25 @@
 // fake implementations, registered in vitkern/ops/_cuda.py). Inputs are 2-D row-major where the
 // Python layer flattens leading dims. With VITKERN_POISON_OUTPUTS=1 (the test suite sets it) every
 // output is NaN-filled before the kernels run, so an element a kernel forgets to write fails a test.
+//
+// VK_EMULATION (defined only by the tests' CPU emulator, tests/cuda_emu/emulator.py): the same torch
+// layer over the kernels compiled for the emulator: ops under torch.ops.vitkern_emu for CPU tensors,
+// no stream and no device guard. Everything else in this file is compiled as it is for the GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#ifdef VK_EMULATION
+#define VK_LIBRARY vitkern_emu
+#define VK_DISPATCH_KEY CPU
+#define VK_DEVICE_GUARD(t)
+#else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#define VK_LIBRARY vitkern
+#define VK_DISPATCH_KEY CUDA
+#define VK_DEVICE_GUARD(t) c10::cuda::CUDAGuard guard((t).device())
+#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -39,8 +53,16 @@ Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
 
 int dtype_code(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 1 : 0; }
 
+#ifdef VK_EMULATION
+bool on_kernel_device(const Tensor& t) { return t.is_cpu(); }
+constexpr const char* kDeviceKind = "a CPU tensor (the CUDA emulator)";
+#else
+bool on_kernel_device(const Tensor& t) { return t.is_cuda(); }
+constexpr const char* kDeviceKind = "a CUDA tensor";
+#endif
+
 void check_input(const char* op, const char* name, const Tensor& t, const Tensor& like, int64_t ndim) {
-  TORCH_CHECK(t.is_cuda(), "vitkern::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_kernel_device(t), "vitkern::", op, ": ", name, " must be ", kDeviceKind, ", got device ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "vitkern::", op, ": ", name,
               " must be float16 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "vitkern::", op, ": ", name, " must have dtype ",
@@ -58,7 +80,7 @@ void check_shape(const char* op, const char* name, const Tensor& t, at::IntArray
 }
 
 void check_stats(const char* op, const char* name, const Tensor& t, const Tensor& like, at::IntArrayRef expected) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "vitkern::", op, ": ", name, " must be on ", like.device(),
+  TORCH_CHECK(on_kernel_device(t) && t.device() == like.device(), "vitkern::", op, ": ", name, " must be on ", like.device(),
               ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, "vitkern::", op, ": ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "vitkern::", op, ": ", name, " must be contiguous");
@@ -74,7 +96,11 @@ void check_gemm(const char* op, const char* what, int status) {
               " (status ", status, ")");
 }
 
+#ifdef VK_EMULATION
+cudaStream_t stream() { return nullptr; }
+#else
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 const void* ptr_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
@@ -110,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const Tensor&
   check_shape(op, "bias", bias, {dim});
   TORCH_CHECK(dim >= 1 && dim <= vk_layer_norm_max_dim(), "vitkern::", op, ": x's last dim must be in [1, ",
               vk_layer_norm_max_dim(), "], got ", dim);
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   Tensor y = new_output({rows, dim}, x.options());
   Tensor mean = new_output({rows}, x.options().dtype(at::kFloat));
   Tensor rstd = new_output({rows}, x.options().dtype(at::kFloat));
@@ -133,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dout, const Tens
   check_stats(op, "rstd", rstd, x, {rows});
   TORCH_CHECK(dim >= 1 && dim <= vk_layer_norm_max_dim(), "vitkern::", op, ": x's last dim must be in [1, ",
               vk_layer_norm_max_dim(), "], got ", dim);
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   Tensor dx = new_output({rows, dim}, x.options());
   Tensor dw = new_output({dim}, x.options());
   Tensor db = new_output({dim}, x.options());
@@ -184,7 +210,7 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
     check_input(op, "residual", *residual, x, 2);
     check_shape(op, "residual", *residual, {x.size(0), weight.size(0)});
   }
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   return linear_impl(op, x, weight, bias, residual, gelu);
 }
 
@@ -214,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& dout, const Tensor& 
   check_linear_args(op, x, weight, std::nullopt);
   check_input(op, "dout", dout, x, 2);
   check_shape(op, "dout", dout, {x.size(0), weight.size(0)});
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   return linear_grads(op, dout, x, weight, preact, has_bias, gelu);
 }
 
@@ -233,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_fwd(const Tensor& x
   check_shape(op, "ln_weight", ln_weight, {x.size(1)});
   check_shape(op, "ln_bias", ln_bias, {x.size(1)});
   auto [ln_out, mean, rstd] = layer_norm_fwd(x, ln_weight, ln_bias, eps);
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   auto [out, preact] = linear_impl(op, ln_out, weight, bias, std::nullopt, gelu);
   return {out, ln_out, mean, rstd, preact};
 }
@@ -250,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_bwd(const Tensor& d
   check_shape(op, "dout", dout, {x.size(0), weight.size(0)});
   check_input(op, "ln_out", ln_out, x, 2);
   check_shape(op, "ln_out", ln_out, x.sizes());
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   auto [dln, dw, db] = linear_grads(op, dout, ln_out, weight, preact, has_bias, gelu);
   auto [dx, dlnw, dlnb] = layer_norm_bwd(dln, x, ln_weight, mean, rstd);
   return {dx, dlnw, dlnb, dw, db};
@@ -259,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_bwd(const Tensor& d
 // ---------------------------------------------------------------------------------------------- attention
 
 void check_qkv(const char* op, const Tensor& qkv, int64_t num_heads) {
-  TORCH_CHECK(qkv.is_cuda(), "vitkern::", op, ": qkv must be a CUDA tensor, got device ", qkv.device());
+  TORCH_CHECK(on_kernel_device(qkv), "vitkern::", op, ": qkv must be ", kDeviceKind, ", got device ", qkv.device());
   TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, "vitkern::", op,
               ": qkv must be float16 or bfloat16, got ", qkv.scalar_type());
   TORCH_CHECK(qkv.dim() == 3, "vitkern::", op, ": qkv must be [batch, tokens, 3 * dim], got shape ", qkv.sizes());
@@ -282,7 +308,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, d
   const char* op = "cuda_attention_fwd";
   check_qkv(op, qkv, num_heads);
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
-  c10::cuda::CUDAGuard guard(qkv.device());
+  VK_DEVICE_GUARD(qkv);
   Tensor out = new_output({batch, tokens, dim}, qkv.options());
   Tensor lse = new_output({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
   check_cuda(op, vk_attention_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
@@ -301,7 +327,7 @@ Tensor attention_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out, c
   check_input(op, "out", out, qkv, 3);
   check_shape(op, "out", out, {batch, tokens, dim});
   check_stats(op, "lse", lse, qkv, {batch, num_heads, tokens});
-  c10::cuda::CUDAGuard guard(qkv.device());
+  VK_DEVICE_GUARD(qkv);
   Tensor dqkv = new_output({batch, tokens, 3 * dim}, qkv.options());
   Tensor delta = at::empty({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
   check_cuda(op, vk_attention_bwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
@@ -351,7 +377,7 @@ Tensor patch_embed_fwd(const Tensor& x, const Tensor& weight, const std::optiona
     check_input(op, "pos_embed", *pos_embed, x, 3);
     check_shape(op, "pos_embed", *pos_embed, {1, tokens, dim});
   }
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   Tensor patches = patchify(op, x, weight);
   const int64_t m = patches.size(0), k = patches.size(1);
   Tensor proj = new_output({m, dim}, x.options());
@@ -375,7 +401,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor&
   const int64_t n_cls = has_cls ? 1 : 0, tokens = n_cls + num_patches;
   check_input(op, "dout", dout, x, 3);
   check_shape(op, "dout", dout, {batch, tokens, dim});
-  c10::cuda::CUDAGuard guard(x.device());
+  VK_DEVICE_GUARD(x);
   const Tensor none = at::empty({0}, x.options());
   Tensor dpos = none, dcls = none, dx = none;
   if (has_pos) {
@@ -411,7 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vitkern, m) {
+TORCH_LIBRARY_FRAGMENT(VK_LIBRARY, m) {
   m.def("cuda_layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu) -> (Tensor, Tensor)");
@@ -424,7 +450,7 @@ TORCH_LIBRARY_FRAGMENT(vitkern, m) {
   m.def("cuda_patch_embed_bwd(Tensor dout, Tensor x, Tensor weight, bool has_bias, bool has_cls, bool has_pos, bool needs_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(vitkern, CUDA, m) {
+TORCH_LIBRARY_IMPL(VK_LIBRARY, VK_DISPATCH_KEY, m) {
   m.impl("cuda_layer_norm_fwd", &layer_norm_fwd);
   m.impl("cuda_layer_norm_bwd", &layer_norm_bwd);
   m.impl("cuda_linear_fwd", &linear_fwd);

@@ -1,8 +1,15 @@
 """The CUDA C++ kernels (csrc/, backend="cuda"), forward and backward, against the fp64 eager reference.
 
-GPU only (`make gpu`): every test is marked `gpu` and skips cleanly without one. The extension is
-taken from `vitkern._C` or built just in time; on a GPU machine a failing build fails these tests
-(it is not a reason to skip). Outputs are NaN-poisoned before every launch (conftest sets
+Every test runs twice, through the `dev` fixture:
+* on a GPU ("cuda", marked `gpu`, run by `make gpu`; skipped without one): the extension is taken
+  from `vitkern._C` or built just in time, and a failing build fails these tests;
+* on the CPU emulator ("emulated", run by `make test` everywhere): csrc/ compiled by
+  tests/cuda_emu/emulator.py, torch layer (bindings.cpp) and kernels as written, with the kernels'
+  threads run as fibers and cuBLASLt replaced by a fake written from its documentation. Its ops are
+  torch.ops.vitkern_emu.cuda_* for CPU tensors, and backend="cuda" is pointed at them for the test.
+  This checks everything but the hardware: index math, launch limits, fragment layouts, the torch
+  layer and autograd. The GPU-memory-sized and tool-based tests (batch 4096, torch.compile,
+  compute-sanitizer) are GPU only. Outputs are NaN-poisoned before every launch (conftest sets
 VITKERN_POISON_OUTPUTS=1, which csrc/bindings.cpp honours), so an element a kernel forgets fails.
 
 Shapes: the Triton tests' grid (T in {1, 17, 50, 197}, head dim 64/80, D in {64, 192}, batch 1
@@ -30,15 +37,11 @@ import vitkern
 import vitkern.ops as ops
 from vitkern import reference
 
-pytestmark = pytest.mark.gpu
-
 DTYPES = (torch.bfloat16, torch.float16)
-DEV = "cuda"
 EPS = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension():
+def _use_gpu_extension() -> str:
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
     from vitkern.kernels import cuda as cuda_kernels
@@ -46,6 +49,39 @@ def _extension():
 
     error = cuda_kernels.load_error()
     assert error is None, f"the CUDA extension must build and load on a GPU machine: {error}"
+    return "cuda"
+
+
+def _use_emulated_extension(monkeypatch) -> str:
+    """Points backend="cuda" at the emulator's build of csrc/ (CPU tensors) for one test."""
+    from cuda_emu import emulator
+    from vitkern import dispatch
+    from vitkern.ops import _cuda
+    from vitkern.ops._checks import fused_backend_reasons
+
+    why = emulator.toolchain_error()
+    if why:
+        pytest.skip(f"the CUDA emulator cannot be built here: {why}")
+    emulator.load_torch_ops()
+    monkeypatch.setattr(_cuda, "_ops", lambda: torch.ops.vitkern_emu)
+    monkeypatch.setattr(_cuda, "_READY", True)
+    monkeypatch.setattr(_cuda, "_common", lambda call: fused_backend_reasons(call, dtypes=_cuda.DTYPES, allow_cpu=True,
+                                                                              backend="cuda"))
+    real = dispatch.backend_unavailable_reasons
+    monkeypatch.setattr(dispatch, "backend_unavailable_reasons", lambda b: [] if b == "cuda" else real(b))
+    return "cpu"
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def dev(request, monkeypatch) -> str:
+    """The device the test's tensors live on: "cuda" (a GPU) or "cpu" (the emulator)."""
+    return _use_gpu_extension() if request.param == "cuda" else _use_emulated_extension(monkeypatch)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu)])
+def gpu_dev(request) -> str:
+    """For the tests that need the real device (its memory, torch.compile's GPU path, the sanitizer)."""
+    return _use_gpu_extension()
 
 
 def _leaves(tensors):
@@ -85,11 +121,11 @@ def _check_all(name, got, ref, dtype, factor=2.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead", [(1,), (17,), (3, 197)])
 @pytest.mark.parametrize("d", [1, 64, 100, 192, 768, 1280])
-def test_layer_norm(dtype, lead, d):
-    x = (torch.randn(*lead, d, device=DEV) * 2 + torch.randn(*lead, 1, device=DEV)).to(dtype)
-    w = (1 + 0.5 * torch.randn(d, device=DEV)).to(dtype)
-    b = (0.5 * torch.randn(d, device=DEV)).to(dtype)
-    dy = torch.randn(*lead, d, device=DEV, dtype=dtype)
+def test_layer_norm(dev, dtype, lead, d):
+    x = (torch.randn(*lead, d, device=dev) * 2 + torch.randn(*lead, 1, device=dev)).to(dtype)
+    w = (1 + 0.5 * torch.randn(d, device=dev)).to(dtype)
+    b = (0.5 * torch.randn(d, device=dev)).to(dtype)
+    dy = torch.randn(*lead, d, device=dev, dtype=dtype)
     y, grads = _run(lambda *a: ops.layer_norm(*a, EPS, backend="cuda"), (x, w, b), dy)
     y_ref, grads_ref = _run(lambda *a: reference.layer_norm(*a, EPS), [_d64(t) for t in (x, w, b)], _d64(dy))
     assert y.dtype == dtype and y.shape == x.shape
@@ -100,11 +136,11 @@ def test_layer_norm(dtype, lead, d):
 # ------------------------------------------------------------------------------------------ linear
 
 
-def _linear_inputs(lead, k, n, dtype, bias, residual):
-    x = torch.randn(*lead, k, device=DEV).to(dtype)
-    w = (torch.randn(n, k, device=DEV) / math.sqrt(k)).to(dtype)
-    b = torch.randn(n, device=DEV).to(dtype) if bias else None
-    r = torch.randn(*lead, n, device=DEV).to(dtype) if residual else None
+def _linear_inputs(dev, lead, k, n, dtype, bias, residual):
+    x = torch.randn(*lead, k, device=dev).to(dtype)
+    w = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(dtype)
+    b = torch.randn(n, device=dev).to(dtype) if bias else None
+    r = torch.randn(*lead, n, device=dev).to(dtype) if residual else None
     return x, w, b, r
 
 
@@ -113,9 +149,9 @@ def _linear_inputs(lead, k, n, dtype, bias, residual):
 @pytest.mark.parametrize("k,n", [(64, 192), (192, 64), (192, 768), (768, 192)])
 @pytest.mark.parametrize("bias,activation,residual", [(True, None, False), (True, "gelu", False), (True, None, True),
                                                       (False, None, False), (False, "gelu", True)])
-def test_linear(dtype, lead, k, n, bias, activation, residual):
-    tensors = _linear_inputs(lead, k, n, dtype, bias, residual)
-    dy = torch.randn(*lead, n, device=DEV, dtype=dtype)
+def test_linear(dev, dtype, lead, k, n, bias, activation, residual):
+    tensors = _linear_inputs(dev, lead, k, n, dtype, bias, residual)
+    dy = torch.randn(*lead, n, device=dev, dtype=dtype)
 
     def run(fn, ts, g):
         return _run(lambda x, w, b, r: fn(x, w, b, activation=activation, residual=r), ts, g)
@@ -134,13 +170,13 @@ def test_linear(dtype, lead, k, n, bias, activation, residual):
 @pytest.mark.parametrize("lead", [(1,), (17,), (3, 197)])
 @pytest.mark.parametrize("d,n", [(64, 192), (192, 576), (192, 768), (100, 64)])
 @pytest.mark.parametrize("bias,activation", [(True, None), (True, "gelu"), (False, None)])
-def test_ln_linear(dtype, lead, d, n, bias, activation):
-    x = (torch.randn(*lead, d, device=DEV) * 2 + torch.randn(*lead, 1, device=DEV)).to(dtype)
-    g = (1 + 0.5 * torch.randn(d, device=DEV)).to(dtype)
-    beta = (0.5 * torch.randn(d, device=DEV)).to(dtype)
-    w = (torch.randn(n, d, device=DEV) / math.sqrt(d)).to(dtype)
-    b = torch.randn(n, device=DEV).to(dtype) if bias else None
-    dy = torch.randn(*lead, n, device=DEV, dtype=dtype)
+def test_ln_linear(dev, dtype, lead, d, n, bias, activation):
+    x = (torch.randn(*lead, d, device=dev) * 2 + torch.randn(*lead, 1, device=dev)).to(dtype)
+    g = (1 + 0.5 * torch.randn(d, device=dev)).to(dtype)
+    beta = (0.5 * torch.randn(d, device=dev)).to(dtype)
+    w = (torch.randn(n, d, device=dev) / math.sqrt(d)).to(dtype)
+    b = torch.randn(n, device=dev).to(dtype) if bias else None
+    dy = torch.randn(*lead, n, device=dev, dtype=dtype)
 
     def run(fn, ts, gy):
         return _run(lambda *a: fn(*a, eps=EPS, activation=activation), ts, gy)
@@ -155,9 +191,9 @@ def test_ln_linear(dtype, lead, d, n, bias, activation):
 # ------------------------------------------------------------------------------------------ attention
 
 
-def _qkv(batch, tokens, heads, head_dim, dtype, strided):
+def _qkv(dev, batch, tokens, heads, head_dim, dtype, strided):
     dim = heads * head_dim
-    qkv = torch.randn(batch, tokens, 3 * dim + (8 if strided else 0), device=DEV).to(dtype)
+    qkv = torch.randn(batch, tokens, 3 * dim + (8 if strided else 0), device=dev).to(dtype)
     # strided: the packed projection inside a wider buffer (token stride 3D + 8), read through its strides
     return qkv[..., : 3 * dim] if strided else qkv
 
@@ -167,9 +203,9 @@ def _qkv(batch, tokens, heads, head_dim, dtype, strided):
 @pytest.mark.parametrize("tokens", [1, 17, 50, 65, 197])
 @pytest.mark.parametrize("heads,head_dim", [(1, 64), (3, 64), (2, 80), (2, 128)])
 @pytest.mark.parametrize("strided", [False, True])
-def test_attention(dtype, batch, tokens, heads, head_dim, strided):
-    qkv = _qkv(batch, tokens, heads, head_dim, dtype, strided)
-    dy = torch.randn(batch, tokens, heads * head_dim, device=DEV, dtype=dtype)
+def test_attention(dev, dtype, batch, tokens, heads, head_dim, strided):
+    qkv = _qkv(dev, batch, tokens, heads, head_dim, dtype, strided)
+    dy = torch.randn(batch, tokens, heads * head_dim, device=dev, dtype=dtype)
     y, (dqkv,) = _run(lambda q: ops.attention(q, heads, backend="cuda"), (qkv,), dy)
     y_ref, (dqkv_ref,) = _run(lambda q: reference.attention(q, heads), (_d64(qkv),), _d64(dy))
     y_low, (dqkv_low,) = _run(lambda q: reference.attention(q, heads), (qkv,), dy)
@@ -182,8 +218,8 @@ def test_attention(dtype, batch, tokens, heads, head_dim, strided):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_explicit_scale(dtype):
-    qkv = _qkv(2, 33, 2, 64, dtype, False)
+def test_attention_explicit_scale(dev, dtype):
+    qkv = _qkv(dev, 2, 33, 2, 64, dtype, False)
     y = ops.attention(qkv, 2, scale=0.3, backend="cuda")
     assert_close(y, reference.attention(_d64(qkv), 2, scale=0.3), dtype, name="out")
 
@@ -196,20 +232,20 @@ def test_attention_explicit_scale(dtype):
 @pytest.mark.parametrize("hw,patch", [((32, 48), 16), ((32, 32), 8), ((28, 42), 14), ((7, 5), 1)])
 @pytest.mark.parametrize("dim", [64, 192])
 @pytest.mark.parametrize("cls,pos,bias", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
-def test_patch_embed(dtype, batch, hw, patch, dim, cls, pos, bias):
+def test_patch_embed(dev, dtype, batch, hw, patch, dim, cls, pos, bias):
     chans = 3 if patch > 1 else 16
     h, w = hw
     tokens = (1 if cls else 0) + (h // patch) * (w // patch)
-    x = torch.randn(batch, chans, h, w, device=DEV).to(dtype)
-    wt = (torch.randn(dim, chans, patch, patch, device=DEV) / math.sqrt(chans * patch * patch)).to(dtype)
+    x = torch.randn(batch, chans, h, w, device=dev).to(dtype)
+    wt = (torch.randn(dim, chans, patch, patch, device=dev) / math.sqrt(chans * patch * patch)).to(dtype)
     tensors = (
         x,
         wt,
-        torch.randn(dim, device=DEV).to(dtype) if bias else None,
-        torch.randn(1, 1, dim, device=DEV).to(dtype) if cls else None,
-        torch.randn(1, tokens, dim, device=DEV).to(dtype) if pos else None,
+        torch.randn(dim, device=dev).to(dtype) if bias else None,
+        torch.randn(1, 1, dim, device=dev).to(dtype) if cls else None,
+        torch.randn(1, tokens, dim, device=dev).to(dtype) if pos else None,
     )
-    dy = torch.randn(batch, tokens, dim, device=DEV, dtype=dtype)
+    dy = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
     y, grads = _run(lambda *a: ops.patch_embed(*a, backend="cuda"), tensors, dy)
     y_ref, grads_ref = _run(reference.patch_embed, [_d64(t) for t in tensors], _d64(dy))
     assert y.dtype == dtype and y.shape == y_ref.shape
@@ -217,9 +253,9 @@ def test_patch_embed(dtype, batch, hw, patch, dim, cls, pos, bias):
     _check_all(("dx", "dweight", "dbias", "dcls", "dpos"), grads, grads_ref, dtype)
 
 
-def test_patch_embed_without_input_grad_returns_none():
-    x = torch.randn(2, 3, 32, 32, device=DEV, dtype=torch.bfloat16)
-    w = torch.randn(64, 3, 16, 16, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+def test_patch_embed_without_input_grad_returns_none(dev):
+    x = torch.randn(2, 3, 32, 32, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(64, 3, 16, 16, device=dev, dtype=torch.bfloat16, requires_grad=True)
     ops.patch_embed(x, w, None, backend="cuda").sum().backward()
     assert x.grad is None and w.grad is not None and torch.isfinite(w.grad.float()).all()
 
@@ -233,18 +269,19 @@ def _big_enough(bytes_needed: int) -> None:
         pytest.skip(f"needs {bytes_needed / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
 
 
-def test_vit_b_batch_4096_fc1_gelu_overflows_int32():
+def test_vit_b_batch_4096_fc1_gelu_overflows_int32(gpu_dev):
+    dev = gpu_dev
     """fc1 of ViT-B at batch 4096: 4096 * 197 * 3072 = 2.48e9 elements > 2^31."""
     dtype, k, n = torch.bfloat16, 768, 3072
     rows = 4096 * 197
     _big_enough(40 * 2**30)
-    x = torch.randn(rows, k, device=DEV, dtype=dtype)
-    w = (torch.randn(n, k, device=DEV) / math.sqrt(k)).to(dtype).requires_grad_()
-    b = torch.randn(n, device=DEV, dtype=dtype)
+    x = torch.randn(rows, k, device=dev, dtype=dtype)
+    w = (torch.randn(n, k, device=dev) / math.sqrt(k)).to(dtype).requires_grad_()
+    b = torch.randn(n, device=dev, dtype=dtype)
     xr = x.clone().requires_grad_()
     y = ops.linear(xr, w, b, activation="gelu", backend="cuda")
     assert y.shape == (rows, n)
-    pick = torch.tensor([0, 1, rows // 2, rows - 2, rows - 1], device=DEV)
+    pick = torch.tensor([0, 1, rows // 2, rows - 2, rows - 1], device=dev)
     ref = reference.linear(x[pick].double(), w.detach().double(), b.double(), activation="gelu")
     assert_close(y[pick], ref, dtype, scale=2, name="y rows")
     dy = torch.randn_like(y)
@@ -257,11 +294,12 @@ def test_vit_b_batch_4096_fc1_gelu_overflows_int32():
     assert torch.isfinite(w.grad.float()).all()
 
 
-def test_vit_b_batch_4096_attention_and_layer_norm():
+def test_vit_b_batch_4096_attention_and_layer_norm(gpu_dev):
+    dev = gpu_dev
     """Attention and LayerNorm at ViT-B batch 4096 (qkv: 1.86e9 elements): rows far past 2^31 bytes."""
     dtype, batch, tokens, heads, hd = torch.bfloat16, 4096, 197, 12, 64
     _big_enough(30 * 2**30)
-    qkv = torch.randn(batch, tokens, 3 * heads * hd, device=DEV, dtype=dtype).requires_grad_()
+    qkv = torch.randn(batch, tokens, 3 * heads * hd, device=dev, dtype=dtype).requires_grad_()
     y = ops.attention(qkv, heads, backend="cuda")
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -272,11 +310,11 @@ def test_vit_b_batch_4096_attention_and_layer_norm():
         assert_close(y[bi : bi + 1], r, dtype, name=f"out[{bi}]")
         assert_close(qkv.grad[bi : bi + 1], q.grad, dtype, scale=4 * max(1.0, q.grad.abs().max().item()), name=f"dqkv[{bi}]")
     del qkv, y, dy
-    x = torch.randn(batch * tokens, heads * hd, device=DEV, dtype=dtype)
-    w = torch.randn(heads * hd, device=DEV, dtype=dtype)
-    b = torch.randn(heads * hd, device=DEV, dtype=dtype)
+    x = torch.randn(batch * tokens, heads * hd, device=dev, dtype=dtype)
+    w = torch.randn(heads * hd, device=dev, dtype=dtype)
+    b = torch.randn(heads * hd, device=dev, dtype=dtype)
     out = ops.layer_norm(x, w, b, EPS, backend="cuda")
-    pick = torch.tensor([0, x.shape[0] // 2, x.shape[0] - 1], device=DEV)
+    pick = torch.tensor([0, x.shape[0] // 2, x.shape[0] - 1], device=dev)
     assert_close(out[pick], reference.layer_norm(x[pick].double(), w.double(), b.double(), EPS), dtype, name="ln rows")
 
 
@@ -284,21 +322,21 @@ def test_vit_b_batch_4096_attention_and_layer_norm():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_vit_cuda_backend_matches_eager_within_the_ratio_test(dtype):
+def test_vit_cuda_backend_matches_eager_within_the_ratio_test(dev, dtype):
     torch.manual_seed(0)
     kwargs = dict(img_size=64, patch_size=16, embed_dim=192, depth=3, num_heads=3, num_classes=16)
-    eager = vitkern.ViT(**kwargs, backend="eager").to(DEV).eval()
+    eager = vitkern.ViT(**kwargs, backend="eager").to(dev).eval()
     with torch.no_grad():  # non-trivial LayerNorm and bias parameters
         for name, p in eager.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    model = vitkern.ViT(**kwargs, backend="cuda").to(DEV).eval()
+    model = vitkern.ViT(**kwargs, backend="cuda").to(dev).eval()
     model.load_state_dict(eager.state_dict())
-    oracle = vitkern.ViT(**kwargs, backend="eager").to(DEV).double().eval()
+    oracle = vitkern.ViT(**kwargs, backend="eager").to(dev).double().eval()
     oracle.load_state_dict(eager.state_dict())
     low = eager.to(dtype)
     model = model.to(dtype)
-    x = torch.randn(4, 3, 64, 64, device=DEV)
+    x = torch.randn(4, 3, 64, 64, device=dev)
 
     out = model(x.to(dtype))
     out_low = low(x.to(dtype))
@@ -315,10 +353,11 @@ def test_vit_cuda_backend_matches_eager_within_the_ratio_test(dtype):
         assert_ratio(p.grad, p_low.grad, p_ref.grad, name=f"grad {name}", floor=1e-3 * max(1.0, p_ref.grad.abs().max().item()))
 
 
-def test_torch_compile_traces_the_cuda_ops():
-    qkv = torch.randn(2, 50, 3 * 128, device=DEV, dtype=torch.bfloat16)
-    w = torch.randn(128, 128, device=DEV, dtype=torch.bfloat16) / 12
-    b = torch.randn(128, device=DEV, dtype=torch.bfloat16)
+def test_torch_compile_traces_the_cuda_ops(gpu_dev):
+    dev = gpu_dev
+    qkv = torch.randn(2, 50, 3 * 128, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(128, 128, device=dev, dtype=torch.bfloat16) / 12
+    b = torch.randn(128, device=dev, dtype=torch.bfloat16)
 
     def f(qkv, w, b):
         return ops.linear(ops.attention(qkv, 2, backend="cuda"), w, b, activation="gelu", backend="cuda")
@@ -369,7 +408,7 @@ SANITIZER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_compute_sanitizer_memcheck_is_clean(tmp_path):
+def test_compute_sanitizer_memcheck_is_clean(gpu_dev, tmp_path):
     """About a minute or two under memcheck (every kernel, cuBLASLt's too, is instrumented), so it
     runs when VITKERN_TEST_SANITIZER=1: the time-boxed `make gpu` stage runs it separately."""
     if os.environ.get("VITKERN_TEST_SANITIZER", "0") in ("", "0"):

@@ -1,5 +1,11 @@
 // vk_emu runtime: the fiber scheduler that runs a CTA, the warp collectives, shared memory, launch
 // checks, and the few CUDA runtime calls csrc/ makes. See vk_emu.h for the model.
+//
+// Fibers start on their own stacks through makecontext/swapcontext and then switch with
+// _setjmp/_longjmp, which (unlike swapcontext) make no signal-mask system call: a CTA of attention
+// switches millions of times. Fortified longjmp refuses to jump between stacks, hence the #undef.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -36,7 +42,9 @@ struct LaneSlot {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // for the first start only
+  jmp_buf env;     // where the fiber resumes
+  bool started = false;
   std::unique_ptr<char[]> stack;
   uint3 tid;
   int linear = 0;
@@ -59,7 +67,8 @@ struct Emu {
   uint3 block_idx;
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
-  ucontext_t scheduler;
+  ucontext_t scheduler;  // the context swapcontext saves when it starts a fiber (never resumed)
+  jmp_buf scheduler_env;
   std::vector<unsigned char> dynamic_smem;
   std::vector<unsigned char> static_arena;
   size_t static_used = 0;
@@ -82,20 +91,34 @@ Emu& emu() {
   Emu& e = emu();
   if (e.failure.empty()) e.failure = message;
   e.current->state = State::Done;
-  swapcontext(&e.current->ctx, &e.scheduler);
-  std::abort();  // unreachable: an aborted launch never resumes its fibers
+  _longjmp(e.scheduler_env, 1);  // an aborted launch never resumes its fibers
 }
 
 void fiber_entry() {
   Emu& e = emu();
   e.body();
   e.current->state = State::Done;
-  swapcontext(&e.current->ctx, &e.scheduler);
+  _longjmp(e.scheduler_env, 1);
 }
 
 void yield_to_scheduler() {
   Emu& e = emu();
-  swapcontext(&e.current->ctx, &e.scheduler);
+  if (_setjmp(e.current->env) == 0) _longjmp(e.scheduler_env, 1);
+}
+
+// Runs `f` until it yields, waits at a barrier, or exits.
+void run_fiber(Fiber& f) {
+  Emu& e = emu();
+  e.current = &f;
+  if (_setjmp(e.scheduler_env) == 0) {
+    if (!f.started) {
+      f.started = true;
+      swapcontext(&e.scheduler, &f.ctx);
+    } else {
+      _longjmp(f.env, 1);
+    }
+  }
+  e.current = nullptr;
 }
 
 std::string where(const Fiber& f) {
@@ -206,6 +229,7 @@ void run_block() {
     f.linear = static_cast<int>(i);
     f.tid = make_uint3(i % e.block.x, (i / e.block.x) % e.block.y, i / (e.block.x * e.block.y));
     f.state = State::Runnable;
+    f.started = false;
     f.slot = LaneSlot();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
@@ -238,9 +262,7 @@ void run_block() {
           if (l >= width) continue;
           Fiber& f = e.fibers[w0 + l];
           if (f.state != State::Runnable) continue;
-          e.current = &f;
-          swapcontext(&e.scheduler, &f.ctx);
-          e.current = nullptr;
+          run_fiber(f);
           ran = progressed = true;
           if (!e.failure.empty()) return;
         }

@@ -9,8 +9,9 @@ CUDA-only syntax are rewritten for a host compiler:
 * ``asm volatile("mma.sync.aligned.m16n8k16...")``  ->  ``::vk_emu::ptx_mma(...)`` (the PTX ISA's fragment layouts)
 
 Everything else is compiled by g++ as written. Line numbers are preserved, so a compiler error or a
-debugger points at csrc/. The shared library (emulator + kernels + a fake cuBLASLt when present) is
-cached in ~/.cache/vitkern/emu/<hash of its sources and flags>.
+debugger points at csrc/. The shared library (emulator + kernels + the fake cuBLASLt of fake_cublaslt.cpp)
+is cached in ~/.cache/vitkern/emu/<hash of its sources and flags>; `build(torch_ops=True)` links
+csrc/bindings.cpp too, so the whole CUDA backend (torch layer, autograd) runs on CPU tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -219,16 +219,14 @@ def _include_dirs() -> List[str]:
     return [str(HERE), str(CSRC), str(Path(kc.cuda_home(), "include")), str(kc.cublas_paths()[0])]
 
 
-def _sources() -> Tuple[List[Path], List[Path]]:
-    kernels = [CSRC / s for s in KERNEL_SOURCES]
-    runtime = [HERE / s for s in RUNTIME_SOURCES if (HERE / s).is_file()]
-    return kernels, runtime
+def _sources() -> List[Path]:
+    return [CSRC / s for s in KERNEL_SOURCES] + [HERE / s for s in RUNTIME_SOURCES]
 
 
 def _cache_dir() -> Path:
-    kernels, runtime = _sources()
     h = hashlib.sha256()
-    for p in kernels + runtime + [HERE / "vk_emu.h", Path(__file__)] + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")):
+    inputs = _sources() + [HERE / "vk_emu.h", Path(__file__)] + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
+    for p in inputs + [CSRC / "bindings.cpp"]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update(" ".join(CXXFLAGS + _include_dirs()).encode())
     h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
@@ -236,53 +234,85 @@ def _cache_dir() -> Path:
     return root / h.hexdigest()[:16]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compiles the emulator, csrc/ kernels and (when present) the fake cuBLASLt into one shared
-    library; returns its path (cached)."""
+def _compile(units: Sequence[Tuple[List[str], Path]], verbose: bool) -> None:
+    """Runs g++ for each (command without -o, object) not yet built, os.cpu_count() at a time; each
+    object appears atomically."""
+    pending = [(cmd, obj) for cmd, obj in units if not obj.is_file()]
+    running: List[Tuple[subprocess.Popen, Path, Path]] = []
+    errors = []
+
+    def reap(block: bool) -> None:
+        for item in list(running):
+            p, tmp, obj = item
+            if block or p.poll() is not None:
+                log, _ = p.communicate()
+                running.remove(item)
+                if p.returncode != 0:
+                    errors.append(f"{' '.join(p.args)}\n{log}")
+                else:
+                    os.replace(tmp, obj)
+
+    for cmd, obj in pending:
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        full = ["g++", *cmd, "-o", str(tmp)]
+        if verbose:
+            print(" ".join(full), file=sys.stderr)
+        running.append((subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), tmp, obj))
+        while len(running) >= max(1, os.cpu_count() or 1):
+            time.sleep(0.05)
+            reap(block=False)
+    reap(block=True)
+    if errors:
+        raise RuntimeError("building the emulated CUDA kernels failed:\n" + "\n".join(errors)[-8000:])
+
+
+def _torch_flags() -> Tuple[List[str], List[str]]:
+    """Compile and link flags for code that includes torch headers (bindings.cpp)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    lib_dir = Path(torch.__file__).parent / "lib"
+    cflags = [f"-I{d}" for d in cpp_extension.include_paths()]
+    cflags.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+    return cflags, [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-lc10", "-ltorch_cpu", "-ltorch"]
+
+
+def build(torch_ops: bool = False, verbose: bool = False) -> Path:
+    """Compiles the emulator, the csrc/ kernels and the fake cuBLASLt, and links them with either the
+    extern "C" wrappers of the vk_* entry points (ctypes, `torch_ops=False`) or csrc/bindings.cpp
+    compiled with VK_EMULATION (`torch_ops=True`: load with torch.ops.load_library; its ops are
+    torch.ops.vitkern_emu.cuda_* for CPU tensors). Returns the library's path; everything is cached."""
     out_dir = _cache_dir()
-    lib = out_dir / "libvk_emu.so"
+    lib = out_dir / ("libvk_emu_ops.so" if torch_ops else "libvk_emu.so")
     if lib.is_file():
         return lib
-    kernels, runtime = _sources()
-    if not any(p.name == "fake_cublaslt.cpp" for p in runtime):
-        kernels = [p for p in kernels if p.name != "gemm_epilogue.cu"]  # needs cuBLASLt
+    out_dir.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{d}" for d in _include_dirs()]
-    tmp = Path(tempfile.mkdtemp(prefix="vk_emu_"))
-    try:
-        jobs: List[Tuple[Path, subprocess.Popen]] = []
-        for i, src in enumerate(kernels + runtime):
-            if src.suffix == ".cu":
-                cpp = tmp / (src.stem + ".cu.cpp")
-                cpp.write_text(f'#line 1 "{src}"\n' + translate(src.read_text(), file_id=i + 1))
-                extra = ["-include", "vk_emu.h"]
-            else:
-                cpp, extra = src, []
-            obj = tmp / (src.name + ".o")
-            cmd = ["g++", *CXXFLAGS, *includes, *extra, "-c", str(cpp), "-o", str(obj)]
-            if verbose:
-                print(" ".join(cmd), file=sys.stderr)
-            jobs.append((obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-            while sum(p.poll() is None for _, p in jobs) >= max(1, os.cpu_count() or 1):
-                time.sleep(0.05)
-        shim = tmp / "c_shim.cpp"
-        shim.write_text(_c_shim() if any(p.name == "gemm_epilogue.cu" for p in kernels) else
-                        "\n".join(l for l in _c_shim().splitlines() if not re.search(r"vkc_(gemm|gelu|colsum|status)", l)))
-        obj = tmp / "c_shim.o"
-        jobs.append((obj, subprocess.Popen(["g++", *CXXFLAGS, *includes, "-c", str(shim), "-o", str(obj)],
-                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-        errors = []
-        for obj, p in jobs:
-            log, _ = p.communicate()
-            if p.returncode != 0:
-                errors.append(f"{' '.join(p.args)}\n{log}")
-        if errors:
-            raise RuntimeError("building the emulated CUDA kernels failed:\n" + "\n".join(errors)[-8000:])
-        link = ["g++", "-shared", "-Wl,-Bsymbolic", "-o", str(tmp / lib.name), *[str(o) for o, _ in jobs]]
-        subprocess.run(link, check=True, capture_output=True, text=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / lib.name, lib)  # atomic: a concurrent build never sees half a library
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    units = []
+    for i, src in enumerate(_sources()):
+        extra: List[str] = []
+        if src.suffix == ".cu":  # translated into the cache dir, keeping csrc/'s line numbers
+            cpp = out_dir / (src.stem + ".cu.cpp")
+            cpp.write_text(f'#line 1 "{src}"\n' + translate(src.read_text(), file_id=i + 1))
+            src, extra = cpp, ["-include", "vk_emu.h"]
+        units.append(([*CXXFLAGS, *includes, *extra, "-c", str(src)], out_dir / (src.name + ".o")))
+    link_flags: List[str] = []
+    if torch_ops:
+        cflags, link_flags = _torch_flags()
+        # -std=c++20: recent torch headers need it (the last -std wins)
+        units.append(([*CXXFLAGS, "-std=c++20", *includes, *cflags, "-DVK_EMULATION", "-c", str(CSRC / "bindings.cpp")],
+                      out_dir / "bindings.cpp.o"))
+    else:
+        shim = out_dir / "c_shim.cpp"
+        shim.write_text(_c_shim())
+        units.append(([*CXXFLAGS, *includes, "-c", str(shim)], out_dir / "c_shim.o"))
+    _compile(units, verbose)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    # -Bsymbolic: the library's own cudaGetLastError, cublasLt* ... win over libcudart/libcublasLt
+    # that torch may have loaded into the process.
+    subprocess.run(["g++", "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *[str(o) for _, o in units], *link_flags],
+                   check=True, capture_output=True, text=True)
+    os.replace(tmp, lib)  # atomic: a concurrent build never sees half a library
     return lib
 
 
@@ -350,7 +380,6 @@ class Emulator:
                 fn = getattr(self.lib, "vkc_" + name[3:])
                 fn.restype, fn.argtypes = restype, argtypes
                 self.functions[name] = fn
-        self.has_gemm = "vk_gemm" in self.functions
         self.configure()
 
     def configure(self, schedule: str = "forward", seed: int = 0, max_dynamic_smem: int = 227 << 10) -> None:
@@ -379,3 +408,16 @@ def load() -> Emulator:
     if _loaded is None:
         _loaded = Emulator(build())
     return _loaded
+
+
+_torch_ops_loaded = False
+
+
+def load_torch_ops() -> None:
+    """Builds (once) and loads the emulated extension: torch.ops.vitkern_emu.cuda_* for CPU tensors."""
+    global _torch_ops_loaded
+    if not _torch_ops_loaded:
+        import torch
+
+        torch.ops.load_library(str(build(torch_ops=True)))
+        _torch_ops_loaded = True

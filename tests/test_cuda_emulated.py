@@ -4,7 +4,8 @@ These run in CI (no GPU). They check what can be checked without the hardware: t
 math, tiling, masking, fragment maps (mma.sync per the PTX ISA's layouts), online softmax,
 backward formulas, launch configurations and shared-memory limits, out-of-bounds writes (guard zones
 around every buffer), reads of shared memory nobody wrote (the emulator fills it with NaN), and races
-on shared memory (two fiber schedules must give bit-identical results). bf16 is exact here, unlike
+on shared memory (two fiber schedules must give bit-identical results), and, through UBSan checks that
+fail the launch, misaligned 16-byte accesses and signed overflow in index math. bf16 is exact here, unlike
 the Triton interpreter. What they cannot check: timing, the real tensor cores' accumulation order,
 and the torch layer (csrc/bindings.cpp); tests/test_cuda_ops.py does those on a GPU.
 """

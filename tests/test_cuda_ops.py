@@ -73,8 +73,9 @@ def _use_emulated_extension(monkeypatch) -> str:
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
-def dev(request, monkeypatch) -> str:
-    """The device the test's tensors live on: "cuda" (a GPU) or "cpu" (the emulator)."""
+def dev(request, monkeypatch):
+    """The device the test's tensors live on: "cuda" (a GPU) or "cpu" (the emulator, whose kernels
+    also run with UBSan checks: a misaligned vector access or an int overflow fails the launch)."""
     return _use_gpu_extension() if request.param == "cuda" else _use_emulated_extension(monkeypatch)
 
 

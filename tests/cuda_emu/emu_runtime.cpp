@@ -434,7 +434,8 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t error) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorLaunchFailure:  // the emulator knows why: say it (the torch layer puts this in its error)
+      return vk_emu::emu().last_message.empty() ? "unspecified launch failure" : vk_emu::emu().last_message.c_str();
     default: return "cuda error (emulated)";
   }
 }
@@ -452,6 +453,51 @@ cudaError_t CUDARTAPI cudaFuncSetAttribute(const void* func, cudaFuncAttribute a
     e.max_dynamic_smem_attr[func] = static_cast<size_t>(value);
   }
   return cudaSuccess;
+}
+
+// ---- UBSan's handlers. emulator.py compiles the kernels with -fsanitize=alignment,signed-integer-
+// overflow,... and -fno-sanitize-recover, and links no UBSan runtime: these are the handlers. Undefined
+// behaviour inside a kernel fails its launch with the source location, so the test sees it (x86
+// forgives a misaligned 16-byte access; a GPU faults). Every handler's data starts with the location.
+namespace {
+struct SourceLocation {
+  const char* file;
+  uint32_t line, column;
+};
+
+[[noreturn]] void undefined_behaviour(const void* data, const std::string& what) {
+  const SourceLocation* loc = static_cast<const SourceLocation*>(data);
+  const std::string msg = "undefined behaviour: " + what + " at " + (loc->file ? loc->file : "?") + ":" +
+                          std::to_string(loc->line) + ":" + std::to_string(loc->column);
+  if (vk_emu::emu().current != nullptr) vk_emu::fail_in_fiber(msg);
+  std::fprintf(stderr, "vk_emu: %s (host code)\n", msg.c_str());
+  std::abort();
+}
+}  // namespace
+
+extern "C" {
+void __ubsan_handle_type_mismatch_v1_abort(void* data, uintptr_t ptr) {
+  struct TypeMismatchData {
+    SourceLocation loc;
+    const void* type;
+    unsigned char log_alignment, type_check_kind;
+  };
+  const auto* d = static_cast<const TypeMismatchData*>(data);
+  const uintptr_t align = uintptr_t(1) << d->log_alignment;
+  char buf[128];
+  if (ptr == 0) std::snprintf(buf, sizeof buf, "access through a null pointer");
+  else if (ptr & (align - 1)) std::snprintf(buf, sizeof buf, "misaligned access at %#lx (needs %lu-byte alignment)", (unsigned long)ptr, (unsigned long)align);
+  else std::snprintf(buf, sizeof buf, "access at %#lx to an object too small for its type", (unsigned long)ptr);
+  undefined_behaviour(data, buf);
+}
+void __ubsan_handle_add_overflow_abort(void* d, uintptr_t, uintptr_t) { undefined_behaviour(d, "signed integer overflow in +"); }
+void __ubsan_handle_sub_overflow_abort(void* d, uintptr_t, uintptr_t) { undefined_behaviour(d, "signed integer overflow in -"); }
+void __ubsan_handle_mul_overflow_abort(void* d, uintptr_t, uintptr_t) { undefined_behaviour(d, "signed integer overflow in *"); }
+void __ubsan_handle_negate_overflow_abort(void* d, uintptr_t) { undefined_behaviour(d, "signed integer overflow in unary -"); }
+void __ubsan_handle_divrem_overflow_abort(void* d, uintptr_t, uintptr_t) { undefined_behaviour(d, "division overflow or by zero"); }
+void __ubsan_handle_shift_out_of_bounds_abort(void* d, uintptr_t, uintptr_t) { undefined_behaviour(d, "shift out of bounds"); }
+void __ubsan_handle_out_of_bounds_abort(void* d, uintptr_t) { undefined_behaviour(d, "array index out of bounds"); }
+void __ubsan_handle_vla_bound_not_positive_abort(void* d, uintptr_t) { undefined_behaviour(d, "non-positive VLA bound"); }
 }
 
 // ---- Control from the tests (ctypes).

@@ -33,6 +33,11 @@ CSRC = Path(os.environ.get("VK_EMU_CSRC", REPO / "csrc"))  # another csrc/ (e.g.
 KERNEL_SOURCES = ("layernorm.cu", "patch_embed.cu", "attention.cu", "gemm_epilogue.cu")
 RUNTIME_SOURCES = ("emu_runtime.cpp", "fake_cublaslt.cpp")
 CXXFLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-Wno-attributes", "-Wno-unused-result"]
+# UBSan checks in the kernels and the emulator: what x86 forgives but a GPU does not (a 16-byte vector
+# access at a misaligned address) and what is wrong everywhere (signed int overflow in index math,
+# shifts, out-of-range array indices). No UBSan runtime is linked: emu_runtime.cpp's handlers fail the
+# kernel launch with the source location, so the calling test fails.
+SANITIZE = ["-fsanitize=alignment,signed-integer-overflow,shift,bounds,vla-bound", "-fno-sanitize-recover=all"]
 
 
 class TranslationError(ValueError):
@@ -228,7 +233,7 @@ def _cache_dir() -> Path:
     inputs = _sources() + [HERE / "vk_emu.h", Path(__file__)] + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
     for p in inputs + [CSRC / "bindings.cpp"]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
-    h.update(" ".join(CXXFLAGS + _include_dirs()).encode())
+    h.update(" ".join(CXXFLAGS + SANITIZE + _include_dirs()).encode())
     h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
     root = Path(os.environ.get("VITKERN_CACHE_DIR", Path.home() / ".cache" / "vitkern")) / "emu"
     return root / h.hexdigest()[:16]
@@ -295,7 +300,7 @@ def build(torch_ops: bool = False, verbose: bool = False) -> Path:
             cpp = out_dir / (src.stem + ".cu.cpp")
             cpp.write_text(f'#line 1 "{src}"\n' + translate(src.read_text(), file_id=i + 1))
             src, extra = cpp, ["-include", "vk_emu.h"]
-        units.append(([*CXXFLAGS, *includes, *extra, "-c", str(src)], out_dir / (src.name + ".o")))
+        units.append(([*CXXFLAGS, *SANITIZE, *includes, *extra, "-c", str(src)], out_dir / (src.name + ".o")))
     link_flags: List[str] = []
     if torch_ops:
         cflags, link_flags = _torch_flags()

@@ -393,3 +393,31 @@ def test_colsum(emu, gemm_workspace, dtype, rows, cols, ld):
     emu.check("vk_colsum", VK[dtype], ptr(xd), rows, cols, ld, ptr(out), ptr(ws), None)
     buf.check_guards()
     assert_close(out, x[:, :cols].double().sum(0), dtype, scale=max(1.0, math.sqrt(rows) / 4), name="colsum")
+
+
+def test_attention_batch_offsets_past_2_31_elements(emu):
+    """The batch stride of qkv is 2^31 + 64 elements, so batch 1 starts 4 GiB into the buffer: every
+    offset that multiplies a batch index must be 64-bit (an int32 product would wrap, and UBSan would
+    fail the launch). The buffer is a sparse anonymous mapping: only the touched rows take memory."""
+    import mmap
+
+    dtype, batch, tokens, heads, hd = torch.float16, 2, 13, 1, 64
+    three_d, stride_b = 3 * heads * hd, 2**31 + 64
+    n = stride_b * (batch - 1) + tokens * three_d
+    map_noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; the mapping is 4 GiB of address space
+    region = mmap.mmap(-1, n * 2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_noreserve)
+    big = torch.frombuffer(region, dtype=dtype, count=n)  # freed with the tensor (no explicit close)
+    qkv = big.as_strided((batch, tokens, three_d), (stride_b, three_d, 1))
+    dense = torch.randn(batch, tokens, three_d).to(dtype)
+    qkv.copy_(dense)
+    out, lse = poison_(torch.empty(batch, tokens, heads * hd, dtype=dtype)), poison_(torch.empty(batch, heads, tokens))
+    emu.check("vk_attention_fwd", 0, qkv.data_ptr(), stride_b, three_d, ptr(out), ptr(lse), batch, tokens, heads, hd,
+              hd ** -0.5, None)
+    dout = torch.randn(batch, tokens, heads * hd).to(dtype)
+    delta, dqkv = torch.empty(batch, heads, tokens), poison_(torch.empty(batch, tokens, three_d, dtype=dtype))
+    emu.check("vk_attention_bwd", 0, qkv.data_ptr(), stride_b, three_d, ptr(out), ptr(dout), ptr(lse), ptr(delta),
+              ptr(dqkv), batch, tokens, heads, hd, hd ** -0.5, None)
+    ref_out, _, grads = _attention_ref(dense, heads, hd ** -0.5)
+    assert_close(out, ref_out, dtype, scale=2, name="out")
+    ref = grads(dout)
+    assert_close(dqkv, ref, dtype, scale=2 * max(1.0, ref.abs().max().item()), name="dqkv")

@@ -47,7 +47,6 @@ struct Fiber {
   bool started = false;
   std::unique_ptr<char[]> stack;
   uint3 tid;
-  int linear = 0;
   State state = State::Runnable;
   LaneSlot slot;
 };
@@ -143,10 +142,11 @@ void complete_warp(std::vector<Fiber*>& lanes) {
   }
   if (s0.kind == Collective::Shuffle) {
     for (int l = 0; l < 32; ++l) {
-      const int base = l - l % s0.width, src = base + (((l % s0.width) ^ s0.lane_mask) % s0.width);
-      // Per the CUDA guide, a source lane outside the width segment returns the caller's own value.
-      const int from = ((l % s0.width) ^ s0.lane_mask) < s0.width ? src : l;
-      lanes[l]->slot.out = lanes[from]->slot.in;
+      // The CUDA guide: source lane = lane ^ laneMask; a source in a later group of `width` lanes
+      // returns the caller's own value.
+      const int src = l ^ s0.lane_mask;
+      const bool own = src > 31 || src / s0.width > l / s0.width;
+      lanes[l]->slot.out = lanes[own ? l : src]->slot.in;
     }
   } else {  // Mma, m16n8k16, row.col, fp32 accumulators; the PTX ISA's "Matrix Fragments for mma.m16n8k16
             // with floating point type": g = lane / 4, t = lane % 4;
@@ -203,10 +203,7 @@ void warp_collective(const LaneSlot& request) {
   if (request.mask != 0xffffffffu) fail_in_fiber("warp collective with a partial mask (not emulated) at " + where(f));
   const unsigned threads = e.block.x * e.block.y * e.block.z;
   if (threads % 32 != 0) fail_in_fiber("full-mask warp collective in a block whose size is not a multiple of 32");
-  LaneSlot& s = f.slot;
-  const uint32_t in = request.in;
-  s = request;
-  s.in = in;
+  f.slot = request;
   f.state = State::AtWarp;
   yield_to_scheduler();
   if (!e.failure.empty()) fail_in_fiber(e.failure);
@@ -226,7 +223,6 @@ void run_block() {
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = e.fibers[i];
     if (!f.stack) f.stack.reset(new char[kStackBytes]);
-    f.linear = static_cast<int>(i);
     f.tid = make_uint3(i % e.block.x, (i / e.block.x) % e.block.y, i / (e.block.x * e.block.y));
     f.state = State::Runnable;
     f.started = false;
@@ -238,9 +234,9 @@ void run_block() {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   // Warps run greedily: the first warp in the order runs until all its lanes wait at __syncthreads (or
-  // exit), then the next, so between two barriers every warp sees the others either not started or
-  // finished. Two orders (forward, reverse) then expose any shared-memory dependency between warps
-  // that no __syncthreads protects; lanes within a warp run in the same direction.
+  // exit), then the next, so between two barriers each warp sees every other warp either before or
+  // after its whole share of that phase. Two orders (forward, reverse) then expose any shared-memory
+  // dependency between warps that no __syncthreads protects; lanes run in the same direction.
   const unsigned warps = (n + 31) / 32;
   std::vector<unsigned> warp_order(warps), lane_order(32);
   for (unsigned w = 0; w < warps; ++w) warp_order[w] = w;

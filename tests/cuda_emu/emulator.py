@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-CSRC = Path(os.environ.get("VK_EMU_CSRC", REPO / "csrc"))  # another csrc/ (e.g. a mutated copy) for the emulator
-KERNEL_SOURCES = ("layernorm.cu", "patch_embed.cu", "attention.cu", "gemm_epilogue.cu")
+# VK_EMU_CSRC: emulate another copy of csrc/ (e.g. a deliberately broken one, to see a test catch it).
+CSRC = Path(os.environ.get("VK_EMU_CSRC", REPO / "csrc"))
 RUNTIME_SOURCES = ("emu_runtime.cpp", "fake_cublaslt.cpp")
 CXXFLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-Wno-attributes", "-Wno-unused-result"]
 # UBSan checks in the kernels and the emulator: what x86 forgives but a GPU does not (a 16-byte vector
@@ -225,17 +225,21 @@ def _include_dirs() -> List[str]:
 
 
 def _sources() -> List[Path]:
+    from vitkern.kernels.cuda import KERNEL_SOURCES  # the files the real build compiles
+
     return [CSRC / s for s in KERNEL_SOURCES] + [HERE / s for s in RUNTIME_SOURCES]
 
 
 def _cache_dir() -> Path:
-    h = hashlib.sha256()
+    import torch  # bindings.cpp is compiled against its headers
+
+    h = hashlib.sha256(torch.__version__.encode())
     inputs = _sources() + [HERE / "vk_emu.h", Path(__file__)] + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
     for p in inputs + [CSRC / "bindings.cpp"]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update(" ".join(CXXFLAGS + SANITIZE + _include_dirs()).encode())
     h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
-    root = Path(os.environ.get("VITKERN_CACHE_DIR", Path.home() / ".cache" / "vitkern")) / "emu"
+    root = Path(os.environ.get("VK_EMU_CACHE") or Path.home() / ".cache" / "vitkern" / "emu")
     return root / h.hexdigest()[:16]
 
 

@@ -12,7 +12,9 @@ and the torch layer (csrc/bindings.cpp); tests/test_cuda_ops.py does those on a 
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 from typing import List, Optional, Tuple
 
 import pytest
@@ -28,8 +30,11 @@ pytestmark = [pytest.mark.skipif(_why is not None, reason=f"CUDA emulator unavai
 
 VK = {torch.float16: 0, torch.bfloat16: 1}
 DTYPES = [torch.float16, torch.bfloat16]
-GUARD = 64  # elements of guard zone on each side of every buffer (keeps 16-byte alignment)
 GUARD_BYTE = 0xA5
+PAGE = mmap.PAGESIZE
+PROT_NONE = 0  # <sys/mman.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +46,37 @@ def emu() -> emulator.Emulator:
 
 
 class Buffers:
-    """Device buffers of an emulated call: host tensors inside guard zones that must stay untouched."""
+    """Device buffers of an emulated call. Each lives in its own mapping, ending (16-byte aligned) at
+    an inaccessible page, with another before its first page: a kernel that reads or writes past the
+    end faults, and the emulator fails the launch (an illegal address on a GPU). The accessible bytes
+    around the data hold a pattern that check_guards() requires untouched (small overruns)."""
 
     def __init__(self) -> None:
-        self._all: List[Tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._all: List[Tuple[str, torch.Tensor, int, int]] = []
 
     def new(self, name: str, shape, dtype: torch.dtype, init: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = math.prod(shape)
-        base = torch.empty(n + 2 * GUARD, dtype=dtype)
-        base.view(torch.uint8).fill_(GUARD_BYTE)
-        t = base[GUARD:GUARD + n].view(shape)
+        span = -(-n * dtype.itemsize // 16) * 16
+        pages = max(1, -(-span // PAGE))
+        region = mmap.mmap(-1, (pages + 2) * PAGE)
+        raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+        raw[PAGE:(pages + 1) * PAGE].fill_(GUARD_BYTE)
+        for page in (0, pages + 1):
+            assert _libc.mprotect(raw.data_ptr() + page * PAGE, PAGE, PROT_NONE) == 0, "mprotect failed"
+        start = (pages + 1) * PAGE - span
+        t = raw[start:start + n * dtype.itemsize].view(dtype).view(shape)
         if init is not None:
             t.copy_(init)
         elif dtype.is_floating_point:
             poison_(t)
-        self._all.append((name, base, t))
+        self._all.append((name, raw[PAGE:(pages + 1) * PAGE], start - PAGE, n * dtype.itemsize))
         return t
 
     def check_guards(self) -> None:
-        for name, base, _ in self._all:
-            raw = base.view(torch.uint8)
-            g = GUARD * base.element_size()
-            for part, zone in (("before", raw[:g]), ("after", raw[-g:])):
+        for name, accessible, start, nbytes in self._all:
+            for part, zone in (("before", accessible[:start]), ("after", accessible[start + nbytes:])):
                 bad = (zone != GUARD_BYTE).nonzero()
-                assert bad.numel() == 0, f"out-of-bounds write {part} buffer {name!r} (byte {bad[0].item()} of the guard zone)"
+                assert bad.numel() == 0, f"out-of-bounds write {part} buffer {name!r}"
 
 
 def ptr(t: Optional[torch.Tensor]) -> Optional[int]:

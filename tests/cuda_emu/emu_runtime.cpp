@@ -6,6 +6,7 @@
 // switches millions of times. Fortified longjmp refuses to jump between stacks, hence the #undef.
 #undef _FORTIFY_SOURCE
 #include <setjmp.h>
+#include <signal.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -119,6 +120,48 @@ void run_fiber(Fiber& f) {
   }
   e.current = nullptr;
 }
+
+std::string where(const Fiber& f);
+
+// A kernel thread that touches memory it may not (the tests put inaccessible guard pages around
+// their buffers) gets SIGSEGV/SIGBUS: the handler, installed only while a launch runs, ends the
+// launch with the address, as a GPU would with an illegal-address error. Outside a kernel thread the
+// signal goes to the handler that was there before.
+struct sigaction previous_segv, previous_bus;
+
+void on_fault(int sig, siginfo_t* info, void* uctx) {
+  Emu& e = emu();
+  if (e.current == nullptr) {
+    sigaction(sig, sig == SIGSEGV ? &previous_segv : &previous_bus, nullptr);
+    raise(sig);
+    return;
+  }
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "invalid memory access at %p", info->si_addr);
+  if (e.failure.empty()) e.failure = std::string(buf) + " by " + where(*e.current);
+  e.current->state = State::Done;
+  sigset_t set;  // the signal is blocked while its handler runs, and _longjmp does not restore masks
+  sigemptyset(&set);
+  sigaddset(&set, sig);
+  sigprocmask(SIG_UNBLOCK, &set, nullptr);
+  (void)uctx;
+  _longjmp(e.scheduler_env, 1);
+}
+
+struct FaultHandlers {
+  FaultHandlers() {
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv);
+    sigaction(SIGBUS, &sa, &previous_bus);
+  }
+  ~FaultHandlers() {
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGBUS, &previous_bus, nullptr);
+  }
+};
 
 std::string where(const Fiber& f) {
   const Emu& e = emu();
@@ -398,6 +441,7 @@ void launch_impl(const LaunchConfig& cfg, const void* kernel, std::function<void
   e.dynamic_smem.assign(cfg.smem, 0xFF);
   e.static_arena.assign(kStaticSmemLimit, 0xFF);
   e.failure.clear();
+  FaultHandlers faults;
   for (unsigned z = 0; z < g.z && e.failure.empty(); ++z)
     for (unsigned y = 0; y < g.y && e.failure.empty(); ++y)
       for (unsigned x = 0; x < g.x && e.failure.empty(); ++x) {

@@ -57,16 +57,14 @@ def _use_emulated_extension(monkeypatch) -> str:
     from cuda_emu import emulator
     from vitkern import dispatch
     from vitkern.ops import _cuda
-    from vitkern.ops._checks import fused_backend_reasons
 
     why = emulator.toolchain_error()
     if why:
         pytest.skip(f"the CUDA emulator cannot be built here: {why}")
     emulator.load_torch_ops()
-    monkeypatch.setattr(_cuda, "_ops", lambda: torch.ops.vitkern_emu)
-    monkeypatch.setattr(_cuda, "_READY", True)
-    monkeypatch.setattr(_cuda, "_common", lambda call: fused_backend_reasons(call, dtypes=_cuda.DTYPES, allow_cpu=True,
-                                                                              backend="cuda"))
+    monkeypatch.setattr(_cuda, "OPS_NAMESPACE", "vitkern_emu")
+    monkeypatch.setattr(_cuda, "ACCEPTS_CPU", True)
+    monkeypatch.setattr(_cuda, "_READY", True)  # the real extension is not needed
     real = dispatch.backend_unavailable_reasons
     monkeypatch.setattr(dispatch, "backend_unavailable_reasons", lambda b: [] if b == "cuda" else real(b))
     return "cpu"

@@ -28,6 +28,12 @@ ATTENTION_MAX_TOKENS = 65535 * 64  # grid.y limit of 64-row tiles
 
 _READY = False
 
+# The library whose ops the autograd Functions call, and whether CPU tensors are accepted. Only the
+# tests change them: their CPU emulator of csrc/ (tests/cuda_emu) registers the same ops as
+# torch.ops.vitkern_emu.cuda_* for CPU tensors.
+OPS_NAMESPACE = "vitkern"
+ACCEPTS_CPU = False
+
 
 def _ensure_loaded() -> None:
     """Loads (or builds) the extension and registers the fake implementations, once."""
@@ -42,7 +48,7 @@ def _ensure_loaded() -> None:
 
 
 def _ops():
-    return torch.ops.vitkern
+    return getattr(torch.ops, OPS_NAMESPACE)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -200,7 +206,7 @@ def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None) -> Tensor:
 
 
 def _common(call: Mapping[str, object]) -> List[str]:
-    return fused_backend_reasons(call, dtypes=DTYPES, allow_cpu=False, backend="cuda")
+    return fused_backend_reasons(call, dtypes=DTYPES, allow_cpu=ACCEPTS_CPU, backend="cuda")
 
 
 def _rows_reasons(x: Tensor) -> List[str]:

@@ -111,7 +111,7 @@ def _ln_case(dtype, rows, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,dim", [(1, 64), (13, 100), (37, 768), (9, 1280), (5, 40), (3, 1000)])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (13, 100), (11, 384), (37, 768), (9, 1280), (5, 40), (3, 1000), (2, 300)])
 def test_layer_norm_fwd(emu, dtype, rows, dim):
     x, w, b = _ln_case(dtype, rows, dim)
     eps = 1e-6
@@ -134,7 +134,7 @@ def test_layer_norm_fwd(emu, dtype, rows, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,dim", [(1, 64), (13, 100), (37, 768), (9, 1280), (4200, 40)])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (13, 100), (11, 384), (37, 768), (9, 1280), (4200, 40)])
 def test_layer_norm_bwd(emu, dtype, rows, dim):
     """4200 rows: more than 512 CTAs x 8 warps, so the grid-stride loop and the fixed-order
     reduction of dweight/dbias over 512 partial rows are exercised."""
@@ -370,6 +370,20 @@ def test_gemm_rejects_bias_with_bias_gradient_and_handles_empty_reductions(emu, 
     poison_(D), poison_(db)
     assert emu.call("vk_gemm", 0, 1, 0, 3, 5, 0, ptr(A), ptr(B), None, None, ptr(D), ptr(db), None, ptr(ws), ws.numel(), None) == 0
     assert (D == 0).all() and (db == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_bias_gradient_without_a_bgradb_algorithm(emu, gemm_workspace, dtype):
+    """When cuBLASLt has no BGRADB algorithm, vk_gemm runs the plain GEMM and a column-sum kernel."""
+    m, n, k = 24, 40, 300  # a shape no other test caches an algorithm for; k > 256: several partial sums
+    A, B = torch.randn(k, m).to(dtype), torch.randn(k, n).to(dtype)
+    emu.lib.fake_lt_set_no_bgrad_algo(1)
+    try:
+        D, dbias = _gemm(emu, gemm_workspace, dtype, 1, 0, A, B, want_dbias=True)
+    finally:
+        emu.lib.fake_lt_set_no_bgrad_algo(0)
+    assert_close(D, A.double().t() @ B.double(), dtype, name="D")
+    assert_close(dbias, A.double().sum(0), dtype, scale=max(1.0, math.sqrt(k) / 4), name="dbias")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -237,7 +237,13 @@ uint64_t problem_kind(const Problem& p) {
 // ================================================================================================
 // The API. Each function returns CUBLAS_STATUS_INVALID_VALUE for null / garbage handles and arguments.
 
+// Test knob: answer "no algorithm" (success, zero results) for bias-gradient epilogues, as the real
+// library may for some shapes and alignments, so a caller's fallback path can be exercised.
+bool g_no_bgrad_algo = false;
+
 extern "C" {
+
+void fake_lt_set_no_bgrad_algo(int on) { g_no_bgrad_algo = on != 0; }
 
 cublasStatus_t CUBLASWINAPI cublasLtCreate(cublasLtHandle_t* handle) {
   if (handle == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
@@ -410,6 +416,7 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t hand
   if (p->search_mode != CUBLASLT_SEARCH_BEST_FIT) return CUBLAS_STATUS_NOT_SUPPORTED;
   Problem pr;
   if (cublasStatus_t s = check_problem(D_(desc), L(adesc), L(bdesc), L(cdesc), L(ddesc), &pr)) return s;
+  if (g_no_bgrad_algo && epilogue_is_bgrad(pr.desc->epilogue)) return CUBLAS_STATUS_SUCCESS;  // *returned == 0
   for (uint32_t a : {p->min_align_a, p->min_align_b, p->min_align_c, p->min_align_d})
     if (a == 0 || (a & (a - 1)) != 0) return CUBLAS_STATUS_INVALID_VALUE;  // alignments are powers of two
 

@@ -158,9 +158,11 @@ def available_backends() -> Dict[str, Tuple[bool, List[str]]]:
 # Measured winners: {device-name substring: {op: (backend, ...)}}; filled from benchmark records.
 MEASURED_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
-# Until a device has records: fused kernels beat eager. DESIGN.md predicts hand-tuned CUDA (cuBLASLt
-# epilogues, wgmma attention) to beat Triton, but the CUDA kernels have not yet been verified on a
-# GPU, so auto prefers the interpreter-tested Triton kernels until a benchmark record says otherwise.
+# Until a device has records: fused kernels beat eager. Between the two fused backends nothing is
+# measured yet (no GPU record): both pass their tests on the CPU (Triton in its interpreter, CUDA in
+# tests/cuda_emu's emulator), and Triton comes first because on Hopper its GEMM-like kernels use wgmma
+# (the audit shows it) while csrc/attention.cu uses mma.sync; cuBLASLt's GEMMs may well win the linear
+# layers, which the first benchmark record will tell (benchmarks/test_ops.py times both per op).
 PREDICTED_ORDER: Tuple[str, ...] = ("triton", "cuda", "eager")
 
 

@@ -425,7 +425,10 @@ import json, subprocess, sys
 sys.path.insert(0, sys.argv[2])
 import torch
 from vitkern import _timing
-info = {"nvidia_smi": subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout}
+try:
+    info = {"nvidia_smi": subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout}
+except OSError as exc:  # no driver tools (a CPU machine, or a broken image): record why, go on
+    info = {"nvidia_smi": f"nvidia-smi not runnable: {exc}"}
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 info.update(_timing.environment(dev))
 from importlib import metadata
@@ -448,7 +451,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or None, help="folder to copy the record, summary and logs into")
     p.add_argument("--budget-s", type=float, default=None, help=f"total seconds (default {TOTAL_BUDGET_S})")
     p.add_argument("--quick", action="store_true",
-                   help="a CPU smoke run of the suite itself: bench/profile --quick, audit of one kernel file, 480 s")
+                   help="a CPU smoke run of the suite itself: bench/profile --quick, audit of one kernel file, 480 s; "
+                        "its record stays in the work folder, out of benchmarks/results/")
     args = p.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 480.0 if args.quick else TOTAL_BUDGET_S
@@ -553,7 +557,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "benchmark_rows": rows, "benchmark_skips": load_json(os.path.join(w, "benchmark-skips.json")),
         "benchmarks": bj, "bench": bench_rec, "profile": prof_rec, "suite_errors": errors,
     }
-    results_dir = os.path.join(REPO, "benchmarks", "results")
+    # A --quick run is a CPU smoke test of the suite itself: its record stays in the work folder
+    # instead of joining the GPU records in benchmarks/results/.
+    results_dir = w if args.quick else os.path.join(REPO, "benchmarks", "results")
     os.makedirs(results_dir, exist_ok=True)
     rec_path = os.path.join(results_dir, base + ".json")
     md_path = os.path.join(results_dir, base + ".md")

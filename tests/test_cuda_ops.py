@@ -8,8 +8,8 @@ Every test runs twice, through the `dev` fixture:
   threads run as fibers and cuBLASLt replaced by a fake written from its documentation. Its ops are
   torch.ops.vitkern_emu.cuda_* for CPU tensors, and backend="cuda" is pointed at them for the test.
   This checks everything but the hardware: index math, launch limits, fragment layouts, the torch
-  layer and autograd. The GPU-memory-sized and tool-based tests (batch 4096, torch.compile,
-  compute-sanitizer) are GPU only. Outputs are NaN-poisoned before every launch (conftest sets
+  layer and autograd, the fake implementations under torch.compile. The GPU-memory-sized and
+  tool-based tests (batch 4096, compute-sanitizer) are GPU only. Outputs are NaN-poisoned before every launch (conftest sets
 VITKERN_POISON_OUTPUTS=1, which csrc/bindings.cpp honours), so an element a kernel forgets fails.
 
 Shapes: the Triton tests' grid (T in {1, 17, 50, 197}, head dim 64/80, D in {64, 192}, batch 1
@@ -65,6 +65,7 @@ def _use_emulated_extension(monkeypatch) -> str:
     monkeypatch.setattr(_cuda, "OPS_NAMESPACE", "vitkern_emu")
     monkeypatch.setattr(_cuda, "ACCEPTS_CPU", True)
     monkeypatch.setattr(_cuda, "_READY", True)  # the real extension is not needed
+    _cuda._register_fakes()  # for torch.ops.vitkern_emu: torch.compile traces through them
     real = dispatch.backend_unavailable_reasons
     monkeypatch.setattr(dispatch, "backend_unavailable_reasons", lambda b: [] if b == "cuda" else real(b))
     return "cpu"
@@ -79,7 +80,7 @@ def dev(request, monkeypatch):
 
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu)])
 def gpu_dev(request) -> str:
-    """For the tests that need the real device (its memory, torch.compile's GPU path, the sanitizer)."""
+    """For the tests that need the real device (its memory, the sanitizer)."""
     return _use_gpu_extension()
 
 
@@ -352,8 +353,8 @@ def test_vit_cuda_backend_matches_eager_within_the_ratio_test(dev, dtype):
         assert_ratio(p.grad, p_low.grad, p_ref.grad, name=f"grad {name}", floor=1e-3 * max(1.0, p_ref.grad.abs().max().item()))
 
 
-def test_torch_compile_traces_the_cuda_ops(gpu_dev):
-    dev = gpu_dev
+def test_torch_compile_traces_the_cuda_ops(dev):
+    """fullgraph: the fake implementations give every output's shape and dtype (on the emulator too)."""
     qkv = torch.randn(2, 50, 3 * 128, device=dev, dtype=torch.bfloat16)
     w = torch.randn(128, 128, device=dev, dtype=torch.bfloat16) / 12
     b = torch.randn(128, device=dev, dtype=torch.bfloat16)

@@ -230,7 +230,7 @@ def _ln_linear_supports(call) -> List[str]:
 
 
 def _address(t: Tensor) -> int:
-    """t's data address, or 0 where it has none (fake tensors while torch.compile traces)."""
+    """t's data address, or 0 where it has none (fake and meta tensors outside torch.compile)."""
     try:
         return t.data_ptr()
     except Exception:
@@ -244,7 +244,11 @@ def _attention_supports(call) -> List[str]:
     head_dim = qkv.shape[-1] // 3 // heads
     if head_dim not in ATTENTION_HEAD_DIMS:
         reasons.append(f"head_dim is {head_dim}; the cuda attention kernels are built for head_dim in {ATTENTION_HEAD_DIMS}")
-    if qkv.stride(-1) != 1 or qkv.stride(0) % 8 or qkv.stride(1) % 8 or _address(qkv) % 16:
+    # 16-byte aligned rows. torch.compile cannot trace a tensor's address (data_ptr, storage_offset):
+    # while compiling only the strides are checked here, and the op checks the address when it runs
+    # (csrc/bindings.cpp, check_qkv: a clear error, never a misaligned access).
+    misaligned = not torch.compiler.is_compiling() and _address(qkv) % 16 != 0
+    if qkv.stride(-1) != 1 or qkv.stride(0) % 8 or qkv.stride(1) % 8 or misaligned:
         reasons.append(
             f"qkv has strides {tuple(qkv.stride())}; the cuda attention needs a contiguous last dim and 16-byte aligned rows "
             "(strides multiples of 8)"
@@ -261,65 +265,69 @@ def _patch_embed_supports(call) -> List[str]:
 # --------------------------------------------------------------------------------------------
 # Fake implementations (shapes and dtypes exactly as csrc/bindings.cpp allocates them)
 
-_FAKES_DONE = False
+_FAKES_DONE: set = set()  # the namespaces whose ops have their fakes
 
 
 def _register_fakes() -> None:
-    global _FAKES_DONE
-    if _FAKES_DONE:
+    """Fake (meta) implementations of the ops of OPS_NAMESPACE, once per namespace."""
+    ns = OPS_NAMESPACE
+    if ns in _FAKES_DONE:
         return
-    reg = torch.library.register_fake
+
+    def reg(name: str):
+        return torch.library.register_fake(f"{ns}::{name}")
+
     f32 = torch.float32
 
     def none(t: Tensor) -> Tensor:
         return t.new_empty((0,))
 
-    @reg("vitkern::cuda_layer_norm_fwd")
+    @reg("cuda_layer_norm_fwd")
     def _(x, weight, bias, eps):
         return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=f32), x.new_empty((x.shape[0],), dtype=f32)
 
-    @reg("vitkern::cuda_layer_norm_bwd")
+    @reg("cuda_layer_norm_bwd")
     def _(dout, x, weight, mean, rstd):
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
-    @reg("vitkern::cuda_linear_fwd")
+    @reg("cuda_linear_fwd")
     def _(x, weight, bias, residual, gelu):
         out = x.new_empty((x.shape[0], weight.shape[0]))
         return out, (x.new_empty((x.shape[0], weight.shape[0])) if gelu else none(x))
 
-    @reg("vitkern::cuda_linear_bwd")
+    @reg("cuda_linear_bwd")
     def _(dout, x, weight, preact, has_bias, gelu):
         db = x.new_empty((weight.shape[0],)) if has_bias else none(x)
         return x.new_empty(x.shape), weight.new_empty(weight.shape), db
 
-    @reg("vitkern::cuda_ln_linear_fwd")
+    @reg("cuda_ln_linear_fwd")
     def _(x, ln_weight, ln_bias, weight, bias, eps, gelu):
         m, n = x.shape[0], weight.shape[0]
         preact = x.new_empty((m, n)) if gelu else none(x)
         return x.new_empty((m, n)), x.new_empty(x.shape), x.new_empty((m,), dtype=f32), x.new_empty((m,), dtype=f32), preact
 
-    @reg("vitkern::cuda_ln_linear_bwd")
+    @reg("cuda_ln_linear_bwd")
     def _(dout, x, ln_weight, weight, ln_out, mean, rstd, preact, has_bias, gelu):
         db = x.new_empty((weight.shape[0],)) if has_bias else none(x)
         return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_weight.new_empty(ln_weight.shape),
                 weight.new_empty(weight.shape), db)
 
-    @reg("vitkern::cuda_attention_fwd")
+    @reg("cuda_attention_fwd")
     def _(qkv, num_heads, scale):
         b, t, three_d = qkv.shape
         return qkv.new_empty((b, t, three_d // 3)), qkv.new_empty((b, num_heads, t), dtype=f32)
 
-    @reg("vitkern::cuda_attention_bwd")
+    @reg("cuda_attention_bwd")
     def _(dout, qkv, out, lse, num_heads, scale):
         return qkv.new_empty(qkv.shape)
 
-    @reg("vitkern::cuda_patch_embed_fwd")
+    @reg("cuda_patch_embed_fwd")
     def _(x, weight, bias, cls_token, pos_embed):
         dim, _, ph, pw = weight.shape
         tokens = (1 if cls_token is not None else 0) + (x.shape[2] // ph) * (x.shape[3] // pw)
         return x.new_empty((x.shape[0], tokens, dim))
 
-    @reg("vitkern::cuda_patch_embed_bwd")
+    @reg("cuda_patch_embed_bwd")
     def _(dout, x, weight, has_bias, has_cls, has_pos, needs_dx):
         dim = weight.shape[0]
         return (
@@ -330,7 +338,7 @@ def _register_fakes() -> None:
             x.new_empty((1, dout.shape[1], dim)) if has_pos else none(x),
         )
 
-    _FAKES_DONE = True
+    _FAKES_DONE.add(ns)
 
 
 dispatch.register("layer_norm", "cuda", layer_norm, supports=_layer_norm_supports)

@@ -426,3 +426,17 @@ def test_compute_sanitizer_memcheck_is_clean(gpu_dev, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "sanitizer script done" in out, out[-6000:]
     assert "ERROR SUMMARY: 0 errors" in out, out[-6000:]
+
+
+def test_vit_cuda_backend_compiles_fullgraph(dev):
+    """The whole model with backend="cuda" is one graph for torch.compile, forward and backward."""
+    torch.manual_seed(0)
+    model = vitkern.ViT(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=1, num_classes=8,
+                        backend="cuda").to(dev).to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, device=dev, dtype=torch.bfloat16)
+    expected = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(x)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    got.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())

@@ -428,8 +428,11 @@ def test_compute_sanitizer_memcheck_is_clean(gpu_dev, tmp_path):
     assert "ERROR SUMMARY: 0 errors" in out, out[-6000:]
 
 
-def test_vit_cuda_backend_compiles_fullgraph(dev):
-    """The whole model with backend="cuda" is one graph for torch.compile, forward and backward."""
+def test_vit_cuda_backend_compiles_fullgraph(monkeypatch):
+    """The whole model with backend="cuda" is one graph for torch.compile, forward and backward. On
+    the emulator only: whether dynamo traces the Python layer does not depend on the device, and the
+    GPU suite's time is better spent on test_torch_compile_traces_the_cuda_ops."""
+    dev = _use_emulated_extension(monkeypatch)
     torch.manual_seed(0)
     model = vitkern.ViT(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=1, num_classes=8,
                         backend="cuda").to(dev).to(torch.bfloat16)

@@ -1,13 +1,15 @@
 """The CUDA C++ kernels of csrc/, run on the CPU by the emulator in tests/cuda_emu/, against vitkern.reference in float64.
 
-These run in CI (no GPU). They check what can be checked without the hardware: the kernels' index
-math, tiling, masking, fragment maps (mma.sync per the PTX ISA's layouts), online softmax,
-backward formulas, launch configurations and shared-memory limits, out-of-bounds writes (guard zones
-around every buffer), reads of shared memory nobody wrote (the emulator fills it with NaN), and races
-on shared memory (two fiber schedules must give bit-identical results), and, through UBSan checks that
-fail the launch, misaligned 16-byte accesses and signed overflow in index math. bf16 is exact here, unlike
-the Triton interpreter. What they cannot check: timing, the real tensor cores' accumulation order,
-and the torch layer (csrc/bindings.cpp); tests/test_cuda_ops.py does those on a GPU.
+These call the kernels' host entry points (csrc/vitkern_kernels.h) directly and run in CI (no GPU).
+They check what can be checked without the hardware: the kernels' index math, tiling, masking,
+fragment maps (mma.sync per the PTX ISA's layouts), online softmax, backward formulas, launch
+configurations and shared-memory limits; out-of-bounds reads and writes (every buffer ends at an
+inaccessible page); reads of shared memory nobody wrote (the emulator fills it with NaN); races on
+shared memory (two warp orders must give bit-identical results); and, through UBSan checks that fail
+the launch, misaligned 16-byte accesses and signed overflow in index math. bf16 is exact here, unlike
+in the Triton interpreter. The torch layer above them (csrc/bindings.cpp, autograd) is tested by
+tests/test_cuda_ops.py, on the emulator and on a GPU; timing and the tensor cores' own accumulation
+order only a GPU can show.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ def ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def run_schedules(emu: emulator.Emulator, fn, schedules=("forward", "reverse")):
-    """Runs fn() (which returns a tuple of tensors) under each fiber schedule; the results must be
-    bit-identical, or the kernel has a race on shared memory. Returns the first result."""
+    """Runs fn() (which returns a tuple of tensors) under each warp order; the results must be
+    bit-identical (NaN included), or the kernel has a race on shared memory. Returns the first result."""
     results = []
     for s in schedules:
         emu.configure(s, seed=1)
@@ -93,8 +95,7 @@ def run_schedules(emu: emulator.Emulator, fn, schedules=("forward", "reverse")):
     emu.configure("forward")
     for other, s in zip(results[1:], schedules[1:]):
         for i, (a, b) in enumerate(zip(results[0], other)):
-            assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.view(torch.int32),
-                               b.view(torch.uint8) if b.dtype != torch.float32 else b.view(torch.int32)), \
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), \
                 f"output {i} differs between the {schedules[0]} and {s} schedules: a race on shared memory"
     return results[0]
 

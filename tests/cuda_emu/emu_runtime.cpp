@@ -78,7 +78,6 @@ struct Emu {
   std::string failure;
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
-  long long launches = 0;
 };
 
 Emu& emu() {
@@ -417,7 +416,6 @@ void* static_smem(int site, size_t bytes, size_t align) {
 
 void launch_impl(const LaunchConfig& cfg, const void* kernel, std::function<void()> body) {
   Emu& e = emu();
-  ++e.launches;
   const dim3 g = cfg.grid, b = cfg.block;
   if (b.x == 0 || b.y == 0 || b.z == 0 || block_size(b) > 1024 || b.z > 64) {
     set_error(cudaErrorInvalidConfiguration, "invalid block size");
@@ -552,5 +550,4 @@ void vk_emu_configure(int schedule, unsigned seed, long long max_dynamic_smem) {
 }
 // The message of the last launch that failed (kept until the next failure), "" if none.
 const char* vk_emu_last_message() { return vk_emu::emu().last_message.c_str(); }
-long long vk_emu_launch_count() { return vk_emu::emu().launches; }
 }

@@ -382,7 +382,6 @@ class Emulator:
         self.lib = ctypes.CDLL(str(path))
         self.lib.vk_emu_last_message.restype = ctypes.c_char_p
         self.lib.vk_emu_configure.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_longlong]
-        self.lib.vk_emu_launch_count.restype = ctypes.c_longlong
         self.functions = {}
         for name, (restype, argtypes) in signatures().items():
             if hasattr(self.lib, "vkc_" + name[3:]):

@@ -29,6 +29,8 @@ logger = logging.getLogger("vitkern.dispatch")
 
 BACKENDS = ("eager", "triton", "cuda")
 OPS = ("patch_embed", "layer_norm", "ln_linear", "attention", "linear")
+# Forward-only inspection ops (vitkern.inspect): dispatched the same way, not part of the model's five.
+INSPECTION_OPS = ("attention_stats",)
 
 Call = Mapping[str, Any]
 ReasonsFn = Callable[[Call], List[str]]
@@ -54,13 +56,13 @@ class Implementation:
         return reasons
 
 
-_REGISTRY: Dict[str, Dict[str, Implementation]] = {op: {} for op in OPS}
+_REGISTRY: Dict[str, Dict[str, Implementation]] = {op: {} for op in OPS + INSPECTION_OPS}
 
 
 def register(op: str, backend: str, fn: Callable[..., Any], supports: Optional[ReasonsFn] = None) -> Implementation:
     """Register `fn` as `backend`'s implementation of `op` (replacing an earlier one)."""
     if op not in _REGISTRY:
-        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+        raise ValueError(f"unknown op {op!r}; known: {OPS + INSPECTION_OPS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
     impl = Implementation(op, backend, fn, supports)

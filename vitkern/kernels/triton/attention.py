@@ -65,7 +65,7 @@ def _attention_fwd_kernel(
     stride_qkv_t,
     stride_out_b,
     stride_out_t,
-    qk_scale,  # scale * log2(e): scores go straight into exp2
+    scale,  # multiplies q.k: the softmax works on natural-log scores (see the module docstring)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr,
@@ -118,13 +118,14 @@ def _attention_fwd_kernel(
             kvt_mask = n_mask[:, None] & dt_mask[None, :]
             k_t = tl.load(kt_ptrs, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
+        s = s * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # The first key block always holds key 0, so m_new is finite from the first iteration on
-        # and exp2(m_i - m_new) never sees (-inf) - (-inf).
+        # and exp2(m_i - m_new) never sees (-inf) - (-inf). s - m_new is exact for every score
+        # that matters (Sterbenz), so log2(e) multiplies a small exact difference.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * 1.4426950408889634)
+        p = tl.exp2((s - m_new[:, None]) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None]
@@ -145,8 +146,10 @@ def _attention_fwd_kernel(
     if HAS_TAIL:
         out_t = acc_t / l_i[:, None]
         tl.store(o_rows + offs_dt[None, :], out_t.to(OUT.dtype.element_ty), mask=qt_mask)
-    # Natural-log LSE so the saved statistic means the same thing to every consumer.
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    # Natural-log LSE = max + log(sum): no rounding of the (possibly huge) max on the way, so a
+    # row whose sum is 1 (one dominant key) saves its max exactly and the backward's
+    # exp(s - lse) reproduces p = 1 bit for bit.
+    lse = m_i + tl.log2(l_i) * 0.6931471805599453
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_mask)
 
 
@@ -213,7 +216,6 @@ def _attention_bwd_dkdv_kernel(
     stride_dqkv_b,
     stride_dqkv_t,
     scale,
-    qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr,
@@ -266,7 +268,7 @@ def _attention_bwd_dkdv_kernel(
         q_mask = m_mask[:, None] & d_mask
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
         do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + stats + offs_qm, mask=m_mask, other=0.0)
         # Transposed scores [BLOCK_N, BLOCK_M] keep the accumulators in the key-row layout. Key
         # rows past T only pollute dk/dv rows that are never stored; query columns past T are
@@ -277,7 +279,7 @@ def _attention_bwd_dkdv_kernel(
             q_t = tl.load(qt_ptrs, mask=qt_mask, other=0.0)  # [BLOCK_M, BLOCK_DT]
             do_t = tl.load(dot_ptrs, mask=qt_mask, other=0.0)
             s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
-        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        p_t = tl.exp2((s_t * scale - lse[None, :]) * 1.4426950408889634)
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -321,7 +323,6 @@ def _attention_bwd_dq_kernel(
     stride_dqkv_b,
     stride_dqkv_t,
     scale,
-    qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr,
@@ -351,7 +352,7 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t + offs_d[None, :], mask=q_mask, other=0.0)
     stats = pid_bh.to(tl.int64) * T
     # Query rows past T are computed on zeros and never stored; their statistics only need to be finite.
-    lse2 = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + stats + offs_m, mask=m_mask, other=0.0)
 
     k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
@@ -380,7 +381,7 @@ def _attention_bwd_dq_kernel(
             v_t = tl.load(vt_ptrs, mask=kvt_mask, other=0.0)
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
         # Zero-filled keys past T would score 0, not -inf: mask them out of P.
-        p = tl.where(n_mask[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p = tl.where(n_mask[None, :], tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_TAIL:
             dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
@@ -409,7 +410,7 @@ def _attention_bwd_dq_kernel(
 # width the kernel computes on: <= 64, <= 96 (the split 64 + 16 and 64 + 32) or 128), so every config
 # the autotuner may pick compiles without spills on sm_80 and sm_90 (vitkern.audit checks each, at
 # the widest head of each tier). The first config of a list is the one the interpreter runs.
-# Autotune keys: token count and head size, never the batch.
+# Autotune keys: token count and head size, and (`_common.tuned`) the M bucket of batch x heads.
 
 
 def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -470,9 +471,10 @@ def _tier(dtype: torch.dtype, head_dim: int) -> Tuple[str, int]:
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, tier: Tuple[str, int]):
-    """The autotuned launcher of `kernel` for `tier`, built on first use (nothing at import)."""
-    configs = _common.autotune_configs(CONFIGS[tier][kernel])
-    return triton.autotune(configs, key=["T", "HEAD_DIM"])(_KERNELS[kernel])
+    """The tuned launcher of `kernel` for `tier`, built on first use (nothing at import); its M
+    bucket is the number of (batch, head) pairs."""
+    return _common.tuned(_KERNELS[kernel], CONFIGS[tier][kernel], key=["T", "HEAD_DIM"],
+                         name=f"attention.{kernel}.{tier[0]}{tier[1]}", rows=lambda a: a["QKV"].shape[0] * a["H"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -519,7 +521,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torc
     _common.launcher(_tuned("fwd", _tier(qkv.dtype, head_dim)))[grid](
         qkv, out, lse, t, num_heads,
         qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        scale * LOG2E,
+        scale,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, HAS_TAIL=has_tail, DOT_PRECISION=_dot_precision(qkv.dtype),
     )  # fmt: skip
     return out, lse
@@ -557,7 +559,7 @@ def attention_bwd(
     _common.launcher(_tuned("dkdv", tier))[dkdv_grid](
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-        scale, scale * LOG2E,
+        scale,
         **split, DOT_PRECISION=precision,
     )  # fmt: skip
 
@@ -567,7 +569,7 @@ def attention_bwd(
     _common.launcher(_tuned("dq", tier))[dq_grid](
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-        scale, scale * LOG2E,
+        scale,
         **split, DOT_PRECISION=precision,
     )  # fmt: skip
     return dqkv
@@ -611,9 +613,9 @@ def _specs() -> List[_common.KernelSpec]:
                 {**shape, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=_PREPROCESS_WARPS, num_stages=1, dtype=dtype,
                 label=f"d{head_dim} M{_PREPROCESS_BLOCK_M}",
             ))  # fmt: skip
-            fwd_sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "qk_scale": "fp32"}
+            fwd_sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "scale": "fp32"}
             bwd_sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr, **ints,
-                       **strides("qkv", "dout", "dqkv"), "scale": "fp32", "qk_scale": "fp32"}  # fmt: skip
+                       **strides("qkv", "dout", "dqkv"), "scale": "fp32", "scale": "fp32"}  # fmt: skip
             for kernel, sig in (("fwd", fwd_sig), ("dkdv", bwd_sig), ("dq", bwd_sig)):
                 fn = _KERNELS[kernel]
                 for cfg in CONFIGS[tier][kernel]:

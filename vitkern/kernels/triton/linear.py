@@ -226,15 +226,16 @@ def _configs(tiles) -> List[triton.Config]:
     ]
 
 
-TC_CONFIGS = _common.autotune_configs(_configs(_TC_TILES))
-F32_CONFIGS = _common.autotune_configs(_configs(_F32_TILES))
+# Every config (the launch keeps the first in the interpreter); the tuning key adds the M bucket.
+TC_CONFIGS = _configs(_TC_TILES)
+F32_CONFIGS = _configs(_F32_TILES)
 
 _FWD_KEY = ["N", "K", "SCALE_A", "HAS_BIAS", "ACT_GELU", "HAS_RES", "SAVE_DACT"]
-_linear_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FWD_KEY)(_linear_fwd_kernel)
-_linear_fwd_f32 = triton.autotune(configs=F32_CONFIGS, key=_FWD_KEY)(_linear_fwd_kernel)
+_linear_fwd_tc = _common.tuned(_linear_fwd_kernel, TC_CONFIGS, key=_FWD_KEY, name="linear.fwd_tc", rows="M")
+_linear_fwd_f32 = _common.tuned(_linear_fwd_kernel, F32_CONFIGS, key=_FWD_KEY, name="linear.fwd_f32", rows="M")
 _DW_KEY = ["N", "K", "SCALE_A", "HAS_DB"]
-_linear_bwd_dw_tc = triton.autotune(configs=TC_CONFIGS, key=_DW_KEY)(_linear_bwd_dw_kernel)
-_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_linear_bwd_dw_kernel)
+_linear_bwd_dw_tc = _common.tuned(_linear_bwd_dw_kernel, TC_CONFIGS, key=_DW_KEY, name="linear.dw_tc", rows="M")
+_linear_bwd_dw_f32 = _common.tuned(_linear_bwd_dw_kernel, F32_CONFIGS, key=_DW_KEY, name="linear.dw_f32", rows="M")
 
 
 def is_f32(dtype: torch.dtype) -> bool:

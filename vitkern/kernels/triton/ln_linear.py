@@ -165,22 +165,22 @@ def _ln_linear_bwd_dw_kernel(
 
 
 _FWD_KEY = ["N", "D", "HAS_BIAS", "ACT_GELU", "SAVE_DACT"]
-_ln_linear_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FWD_KEY)(_ln_linear_fwd_kernel)
+_ln_linear_fwd_tc = _common.tuned(_ln_linear_fwd_kernel, TC_CONFIGS, key=_FWD_KEY, name="ln_linear.fwd_tc", rows="M")
 # fp32 (exact FMA dots, a parity path): the 128 x 64 tile spills 12 bytes on sm_80 with the
 # normalize + GELU epilogue, so the forward keeps the 64 x 64 one only.
 _FWD_F32_TILES = _F32_TILES[:1]
-_ln_linear_fwd_f32 = triton.autotune(configs=_common.autotune_configs(_configs(_FWD_F32_TILES)), key=_FWD_KEY)(
-    _ln_linear_fwd_kernel
+_ln_linear_fwd_f32 = _common.tuned(
+    _ln_linear_fwd_kernel, _configs(_FWD_F32_TILES), key=_FWD_KEY, name="ln_linear.fwd_f32", rows="M"
 )
 # The dW kernel holds two fp32 operand tiles besides the accumulator (dy * dact and the normalized
 # x), so it steps the reduction by 32, not 64 (at 64 the 128 x 128 and 64 x 128 tiles spill on
 # sm_80 with GELU); one more stage keeps as many bytes in flight.
 _DW_TC_TILES = [(bm, bn, 32, w, 4) for bm, bn, _, w, _ in _TC_TILES]
 _DW_KEY = ["N", "D", "SCALE_A", "HAS_DB"]
-_ln_linear_bwd_dw_tc = triton.autotune(configs=_common.autotune_configs(_configs(_DW_TC_TILES)), key=_DW_KEY)(
-    _ln_linear_bwd_dw_kernel
+_ln_linear_bwd_dw_tc = _common.tuned(
+    _ln_linear_bwd_dw_kernel, _configs(_DW_TC_TILES), key=_DW_KEY, name="ln_linear.dw_tc", rows="M"
 )
-_ln_linear_bwd_dw_f32 = triton.autotune(configs=F32_CONFIGS, key=_DW_KEY)(_ln_linear_bwd_dw_kernel)
+_ln_linear_bwd_dw_f32 = _common.tuned(_ln_linear_bwd_dw_kernel, F32_CONFIGS, key=_DW_KEY, name="ln_linear.dw_f32", rows="M")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,10 +277,12 @@ def _ln_linear_fold_fwd_kernel(
 
 
 _FOLD_KEY = ["N", "D", "ACT_GELU", "SAVE_DACT"]
-_ln_linear_fold_fwd_tc = triton.autotune(configs=TC_CONFIGS, key=_FOLD_KEY)(_ln_linear_fold_fwd_kernel)
-_ln_linear_fold_fwd_f32 = triton.autotune(
-    configs=_common.autotune_configs(_configs(_FWD_F32_TILES)), key=_FOLD_KEY
-)(_ln_linear_fold_fwd_kernel)
+_ln_linear_fold_fwd_tc = _common.tuned(
+    _ln_linear_fold_fwd_kernel, TC_CONFIGS, key=_FOLD_KEY, name="ln_linear.fold_fwd_tc", rows="M"
+)
+_ln_linear_fold_fwd_f32 = _common.tuned(
+    _ln_linear_fold_fwd_kernel, _configs(_FWD_F32_TILES), key=_FOLD_KEY, name="ln_linear.fold_fwd_f32", rows="M"
+)
 FOLD_WEIGHT_BLOCK_N = 32
 FOLD_WEIGHT_BLOCK_D = 64
 

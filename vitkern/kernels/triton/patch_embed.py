@@ -82,15 +82,11 @@ def _pruner(kind: str):
 
 
 def _gemm_configs():
-    return _common.autotune_configs(
-        [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for m, n, k, w, s in _GEMM_TILES]
-    )
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for m, n, k, w, s in _GEMM_TILES]
 
 
 def _dw_configs():
-    return _common.autotune_configs(
-        [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, BLOCK_M=m), num_warps=w, num_stages=s) for n, k, m, w, s in _DW_TILES]
-    )
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, BLOCK_M=m), num_warps=w, num_stages=s) for n, k, m, w, s in _DW_TILES]
 
 
 @triton.jit
@@ -115,9 +111,7 @@ def _patch_cols(offs_k, PH: tl.constexpr, PW: tl.constexpr, stride_c, stride_h, 
     return c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
 
 
-@triton.autotune(
-    configs=_gemm_configs(), key=["N", "K", "PH", "PW"], prune_configs_by={"early_config_prune": _pruner("fwd")}
-)
+@_common.tuned(configs=_gemm_configs(), key=["N", "K", "PH", "PW"], name="patch_embed.fwd", rows="M", prune=_pruner("fwd"))
 @triton.jit
 def _patch_embed_fwd_kernel(
     X,  # [B, C, H, W] image, strides stride_x*
@@ -199,9 +193,7 @@ def _patch_embed_fwd_kernel(
             )
 
 
-@triton.autotune(
-    configs=_gemm_configs(), key=["N", "K", "PH", "PW"], prune_configs_by={"early_config_prune": _pruner("dx")}
-)
+@_common.tuned(configs=_gemm_configs(), key=["N", "K", "PH", "PW"], name="patch_embed.dx", rows="M", prune=_pruner("dx"))
 @triton.jit
 def _patch_embed_bwd_dx_kernel(
     DT,  # [B, T, N] dtokens, contiguous
@@ -252,9 +244,7 @@ def _patch_embed_bwd_dx_kernel(
     )
 
 
-@triton.autotune(
-    configs=_dw_configs(), key=["N", "K", "PH", "PW"], prune_configs_by={"early_config_prune": _pruner("dw")}
-)
+@_common.tuned(configs=_dw_configs(), key=["N", "K", "PH", "PW"], name="patch_embed.dw", rows="M", prune=_pruner("dw"))
 @triton.jit
 def _patch_embed_bwd_dw_kernel(
     DT,  # [B, T, N] dtokens, contiguous

@@ -133,6 +133,27 @@ def test_layer_norm(dev, dtype, lead, d):
     _check_all(("dx", "dweight", "dbias"), grads, grads_ref, dtype)
 
 
+@pytest.mark.parametrize("affine", ["none", "weight only", "bias only"])
+def test_layer_norm_and_ln_linear_without_affine(dev, affine):
+    # nn.LayerNorm(elementwise_affine=False): weight and/or bias None (an AttributeError before).
+    dtype, d, n = torch.float16, 64, 192
+    x = (torch.randn(17, d, device=dev) * 2 + 1).to(dtype)
+    g = (1 + 0.5 * torch.randn(d, device=dev)).to(dtype) if affine == "weight only" else None
+    beta = (0.5 * torch.randn(d, device=dev)).to(dtype) if affine == "bias only" else None
+    w = (torch.randn(n, d, device=dev) / math.sqrt(d)).to(dtype)
+    for fn, ref_fn, tensors, names in (
+        (lambda *a: ops.layer_norm(*a, EPS, backend="cuda"), lambda *a: reference.layer_norm(*a, EPS),
+         (x, g, beta), ("dx", "dweight", "dbias")),
+        (lambda *a: ops.ln_linear(*a, eps=EPS, activation="gelu", backend="cuda"),
+         lambda *a: reference.ln_linear(*a, eps=EPS, activation="gelu"), (x, g, beta, w), ("dx", "dln_weight", "dln_bias", "dweight")),
+    ):
+        dy = torch.randn(17, n if len(tensors) == 4 else d, device=dev, dtype=dtype)
+        y, grads = _run(fn, tensors, dy)
+        y_ref, grads_ref = _run(ref_fn, [_d64(t) for t in tensors], _d64(dy))
+        assert_close(y, y_ref, dtype, scale=2, name="y")
+        _check_all(names, grads, grads_ref, dtype, factor=4.0)
+
+
 # ------------------------------------------------------------------------------------------ linear
 
 

@@ -1,7 +1,8 @@
 """The eager oracle of every vitkern op: plain PyTorch, readable, no tricks.
 
-Each function computes in the dtype of its inputs, except the two places where eager PyTorch
-itself keeps fp32 for low-precision inputs (LayerNorm statistics and the softmax), so that
+Each function computes in the dtype of its inputs, except where fp32 is what keeps low-precision
+inputs finite and what every fused kernel does too (LayerNorm statistics, the softmax, and the
+linear layers' fp32-accumulated GEMM and epilogue, rounded once), so that
 
 * called on float64 tensors it is the exact oracle the kernel tests compare against, and
 * called on bf16/fp16 tensors it is "eager PyTorch in the same low dtype", the yardstick of the
@@ -107,17 +108,25 @@ def linear(
     """y = act(x @ weight.T + bias) + residual.
 
     x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features];
-    residual: [..., out_features] added after the activation (the block's skip connection).
+    residual: [..., out_features] added after the activation (the block's skip connection); all
+    in one dtype. Returns [..., out_features] in x's dtype.
+
+    fp16/bf16 operands are multiplied and the epilogue (bias, GELU, residual) is computed in fp32,
+    rounding once at the end, as the fused kernels do: a pre-activation past fp16's range (65504)
+    cancelled by the residual, or a huge negative one that GELU takes to 0, stays finite instead of
+    becoming inf or NaN in an fp16 intermediate. (The products of fp16/bf16 values are exact in
+    fp32, so the upcast GEMM is the fp32-accumulated one.)
     """
     _check_activation(activation)
-    y = x @ weight.t()
+    acc_dtype = _stats_dtype(x)
+    y = x.to(acc_dtype) @ weight.to(acc_dtype).t()
     if bias is not None:
-        y = y + bias
+        y = y + bias.to(acc_dtype)
     if activation == "gelu":
         y = gelu(y)
     if residual is not None:
-        y = y + residual
-    return y
+        y = y + residual.to(acc_dtype)
+    return y.to(x.dtype)
 
 
 def ln_linear(

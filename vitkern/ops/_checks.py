@@ -46,6 +46,22 @@ def check_same_device(call: Mapping[str, object]) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must share a device")
 
 
+def check_same_dtype(call: Mapping[str, object]) -> None:
+    """Every tensor among `call`'s values must have the first one's dtype (that of x, or qkv).
+
+    Every backend refuses a mix with the same message: the fused kernels read all operands in one
+    dtype, and eager PyTorch would otherwise promote (an fp32 bias made an fp16 x's output fp32) or
+    fail inside a matmul with a message naming neither argument."""
+    named = [(n, t) for n, t in call.items() if isinstance(t, Tensor)]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} is {t.dtype} but {first_name} is {first.dtype}: vitkern's ops need inputs and weights "
+                f"in one dtype on every backend (cast the model with .to(dtype), or {first_name} with .to({t.dtype}))"
+            )
+
+
 def check_activation(activation: Optional[str]) -> None:
     if activation not in (None, "gelu"):
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
@@ -58,17 +74,12 @@ def fused_backend_reasons(
     allow_cpu: bool,
     backend: str,
 ) -> List[str]:
-    """Why a fused backend cannot take the tensors among `call`'s values: mixed dtypes, an
-    unsupported dtype, the device (non-tensor values are ignored)."""
+    """Why a fused backend cannot take the tensors among `call`'s values: an unsupported dtype, the
+    device (non-tensor values are ignored). A mix of dtypes never gets here: `check_same_dtype`
+    refuses it for every backend before dispatch."""
     reasons: List[str] = []
     named = [(n, t) for n, t in call.items() if isinstance(t, Tensor)]
     first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.dtype != first.dtype:
-            reasons.append(
-                f"{name} is {t.dtype} but {first_name} is {first.dtype}: the {backend} backend needs inputs "
-                "and weights in one dtype (cast the model with .to(dtype))"
-            )
     dtypes = tuple(dtypes)
     if first.dtype not in dtypes:
         reasons.append(f"{first_name} is {first.dtype}; the {backend} backend supports {', '.join(map(str, dtypes))}")

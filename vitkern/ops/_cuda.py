@@ -60,21 +60,32 @@ def _flat(t: Tensor) -> Tensor:
 # Autograd Functions
 
 
+def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor):
+    """(weight, bias) of a LayerNorm over like's last dim, contiguous; a missing one (elementwise_affine=False)
+    is the identity's: gamma = 1, beta = 0. The C++ ops take both; no gradient is returned for a missing one."""
+    dim = like.shape[-1]
+    gamma = weight.contiguous() if weight is not None else torch.ones(dim, dtype=like.dtype, device=like.device)
+    beta = bias.contiguous() if bias is not None else torch.zeros(dim, dtype=like.dtype, device=like.device)
+    return gamma, beta
+
+
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
         x2 = _flat(x)
-        w = weight.contiguous()
-        y, mean, rstd = _ops().cuda_layer_norm_fwd(x2, w, bias.contiguous(), eps)
+        w, b = _affine(weight, bias, x)
+        y, mean, rstd = _ops().cuda_layer_norm_fwd(x2, w, b, eps)
         ctx.save_for_backward(x2, w, mean, rstd)
         ctx.shape = x.shape
+        ctx.affine = (weight is not None, bias is not None)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x2, w, mean, rstd = ctx.saved_tensors
         dx, dw, db = _ops().cuda_layer_norm_bwd(_flat(dy), x2, w, mean, rstd)
-        return dx.view(ctx.shape), dw, db, None
+        has_w, has_b = ctx.affine
+        return dx.view(ctx.shape), dw if has_w else None, db if has_b else None, None
 
 
 class _LinearFn(torch.autograd.Function):
@@ -103,12 +114,13 @@ class _LnLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, weight, bias, eps: float, gelu: bool) -> Tensor:
         x2 = _flat(x)
-        lnw = ln_weight.contiguous()
+        lnw, lnb = _affine(ln_weight, ln_bias, x)
         w = weight.contiguous()
         b = bias.contiguous() if bias is not None else None
-        out, ln_out, mean, rstd, preact = _ops().cuda_ln_linear_fwd(x2, lnw, ln_bias.contiguous(), w, b, eps, gelu)
+        out, ln_out, mean, rstd, preact = _ops().cuda_ln_linear_fwd(x2, lnw, lnb, w, b, eps, gelu)
         ctx.save_for_backward(x2, lnw, w, ln_out, mean, rstd, preact)
         ctx.has_bias, ctx.gelu = bias is not None, gelu
+        ctx.affine = (ln_weight is not None, ln_bias is not None)
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], w.shape[0])
 
@@ -116,7 +128,9 @@ class _LnLinearFn(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         x2, lnw, w, ln_out, mean, rstd, preact = ctx.saved_tensors
         dx, dlnw, dlnb, dw, db = _ops().cuda_ln_linear_bwd(_flat(dout), x2, lnw, w, ln_out, mean, rstd, preact, ctx.has_bias, ctx.gelu)
-        return dx.view(ctx.shape), dlnw, dlnb, dw, db if ctx.has_bias else None, None, None
+        has_w, has_b = ctx.affine
+        return (dx.view(ctx.shape), dlnw if has_w else None, dlnb if has_b else None, dw, db if ctx.has_bias else None,
+                None, None)
 
 
 class _AttentionFn(torch.autograd.Function):
@@ -170,7 +184,7 @@ class _PatchEmbedFn(torch.autograd.Function):
 # The op implementations (same keyword arguments as the eager ones)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
     if not _READY:
         _ensure_loaded()
     return _LayerNormFn.apply(x, weight, bias, float(eps))

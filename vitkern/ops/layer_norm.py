@@ -5,16 +5,21 @@ validate -> dispatch -> implementation. The eager implementation is `vitkern.ref
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 from vitkern import dispatch, reference
-from vitkern.ops._checks import check_same_device, check_shape, check_tensor
+from vitkern.ops._checks import check_same_device, check_same_dtype, check_shape, check_tensor
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6, *, backend: str = "auto") -> Tensor:
+def layer_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6, *, backend: str = "auto"
+) -> Tensor:
     """(x - mean) * rstd * weight + bias over the last dim, statistics in fp32.
 
-    x: [..., dim]; weight, bias: [dim]; eps: added to the variance (timm's ViT uses 1e-6).
+    x: [..., dim]; weight, bias: [dim] in x's dtype, or None (no scale / no shift, as
+    nn.LayerNorm(elementwise_affine=False)); eps: added to the variance (timm's ViT uses 1e-6).
     Returns x's shape and dtype.
     """
     check_tensor("x", x, min_ndim=1)
@@ -25,6 +30,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6, *, ba
         raise ValueError(f"eps must be positive, got {eps!r}")
     call = dict(x=x, weight=weight, bias=bias, eps=float(eps))
     check_same_device(call)
+    check_same_dtype(call)
     impl = dispatch.select("layer_norm", backend, x.device, call)
     return impl.fn(**call)
 
@@ -37,7 +43,7 @@ dispatch.register("layer_norm", "eager", reference.layer_norm)
 # around the launchers of vitkern.kernels.triton.layer_norm, and the autograd Function.
 
 if dispatch.triton_importable():
-    from typing import List, Optional, Tuple
+    from typing import List, Tuple
 
     import torch
 

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
-from vitkern.ops._checks import check_activation, check_same_device, check_shape, check_tensor
+from vitkern.ops._checks import check_activation, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
 def linear(
@@ -39,6 +39,7 @@ def linear(
     check_activation(activation)
     call = dict(x=x, weight=weight, bias=bias, activation=activation, residual=residual)
     check_same_device(call)
+    check_same_dtype(call)
     impl = dispatch.select("linear", backend, x.device, call)
     return impl.fn(**call)
 

@@ -10,13 +10,13 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
-from vitkern.ops._checks import check_activation, check_same_device, check_shape, check_tensor
+from vitkern.ops._checks import check_activation, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
 def ln_linear(
     x: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
     weight: Tensor,
     bias: Optional[Tensor] = None,
     *,
@@ -26,8 +26,9 @@ def ln_linear(
 ) -> Tensor:
     """act(LayerNorm(x) @ weight^T + bias), LayerNorm statistics in fp32.
 
-    x: [..., dim]; ln_weight, ln_bias: [dim]; weight: [out_features, dim]; bias: [out_features]
-    or None; activation: None or "gelu" (exact erf form). Returns [..., out_features] in x's dtype.
+    x: [..., dim]; ln_weight, ln_bias: [dim] or None (a LayerNorm without scale / shift);
+    weight: [out_features, dim]; bias: [out_features] or None; all in x's dtype; activation: None
+    or "gelu" (exact erf form). Returns [..., out_features] in x's dtype.
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -43,6 +44,7 @@ def ln_linear(
         raise ValueError(f"eps must be positive, got {eps!r}")
     call = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias, eps=float(eps), activation=activation)
     check_same_device(call)
+    check_same_dtype(call)
     impl = dispatch.select("ln_linear", backend, x.device, call)
     return impl.fn(**call)
 

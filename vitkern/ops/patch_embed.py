@@ -10,7 +10,7 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
-from vitkern.ops._checks import check_same_device, check_shape, check_tensor
+from vitkern.ops._checks import check_same_device, check_same_dtype, check_shape, check_tensor
 
 
 def patch_embed(
@@ -46,6 +46,7 @@ def patch_embed(
     check_shape("pos_embed", pos_embed, (1, tokens, dim), f"{tokens} tokens for a {height}x{width} image and patch {(ph, pw)}")
     call = dict(x=x, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
     check_same_device(call)
+    check_same_dtype(call)
     impl = dispatch.select("patch_embed", backend, x.device, call)
     return impl.fn(**call)
 

@@ -157,8 +157,51 @@ def available_backends() -> Dict[str, Tuple[bool, List[str]]]:
 # --------------------------------------------------------------------------------------------
 # Preference order for backend="auto"
 
-# Measured winners: {device-name substring: {op: (backend, ...)}}; filled from benchmark records.
+# Measured winners: {device-name substring: {op: (backend, ...)}}. Filled at run time, the first
+# time `auto` dispatches eagerly on a CUDA device, from that device's tuning table
+# (vitkern/kernels/triton/configs/<device>.json, "backend_order": written by the GPU suite from a
+# record's per-op timings, see `measured_order_from_record`); entries set by hand stay first.
 MEASURED_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+_ORDER_LOADED: Dict[int, bool] = {}
+
+
+def measured_order_from_record(record: Mapping[str, Any]) -> Dict[str, Tuple[str, ...]]:
+    """Per op, the vitkern backends of a GPU-suite record ordered fastest first, then "eager".
+
+    Reads the record's per-op rows ({"op", "mode", "provider": "vitkern-<backend>", "ms_median"};
+    benchmarks/results/README.md): forward+backward times where the op has them, else forward.
+    The benchmark's op names map to dispatch ops (ln_qkv -> ln_linear, proj_residual -> linear)."""
+    op_of = {"patch_embed": "patch_embed", "ln_qkv": "ln_linear", "attention": "attention",
+             "proj_residual": "linear", "layer_norm": "layer_norm"}
+    times: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for row in record.get("op_rows") or record.get("benchmark_rows") or []:
+        op, provider, ms = op_of.get(str(row.get("op"))), str(row.get("provider", "")), row.get("ms_median")
+        backend = provider.split("-", 1)[1] if provider.startswith("vitkern-") else None
+        if op is None or backend not in ("triton", "cuda") or not ms:
+            continue
+        times.setdefault(op, {}).setdefault(str(row.get("mode")), {})[backend] = float(ms)
+    order: Dict[str, Tuple[str, ...]] = {}
+    for op, by_mode in times.items():
+        timed = by_mode.get("fwdbwd") or by_mode.get("fwd") or {}
+        order[op] = tuple(sorted(timed, key=timed.get)) + tuple(b for b in ("triton", "cuda") if b not in timed) + ("eager",)
+    return order
+
+
+def _load_measured_order(device: torch.device) -> None:
+    """Once per device: its tuning table's backend order into MEASURED_ORDER (eager calls only:
+    under torch.compile the device is not asked its name and the order known so far is used)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _ORDER_LOADED.get(index) or torch.compiler.is_compiling() or not triton_importable():
+        return
+    _ORDER_LOADED[index] = True
+    from vitkern.kernels.triton import _common as triton_common
+
+    name = torch.cuda.get_device_name(index)
+    table = triton_common.table_for_device(name)
+    if table is not None and table.backend_order:
+        MEASURED_ORDER.setdefault(name, {})
+        for op, backends in table.backend_order.items():
+            MEASURED_ORDER[name].setdefault(op, tuple(backends))
 
 # Until a device has records: fused kernels beat eager. Between the two fused backends nothing is
 # measured yet (no GPU record): both pass their tests on the CPU (Triton in its interpreter, CUDA in
@@ -173,6 +216,7 @@ def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
     interpreter is a test vehicle, not a fast path: ask for backend="triton" to use it)."""
     if device.type != "cuda":
         return ("eager",)
+    _load_measured_order(device)
     if MEASURED_ORDER:  # only then ask the device its name (keeps the common path trace-friendly)
         name = torch.cuda.get_device_name(device)
         for key, table in MEASURED_ORDER.items():

@@ -57,8 +57,18 @@ vit_large_patch16_224 = _named("vit_large_patch16_224")
 vit_large_patch16_384 = _named("vit_large_patch16_384")
 vit_huge_patch14_224 = _named("vit_huge_patch14_224")
 
+def __getattr__(name: str) -> Any:
+    # `vitkern.inspect` is imported on first use: `python -m vitkern.inspect` then runs it fresh
+    # (no runpy warning) and `import vitkern` stays light.
+    if name == "inspect":
+        import importlib
+
+        return importlib.import_module("vitkern.inspect")
+    raise AttributeError(f"module 'vitkern' has no attribute {name!r}")
+
+
 __all__ = [
-    "ViT", "ViTConfig", "VARIANTS", "create_model", "list_models", "available_backends",
+    "inspect", "ViT", "ViTConfig", "VARIANTS", "create_model", "list_models", "available_backends",
     "BackendUnavailableError", "ops", "from_timm", "load_hf", "load_jax_npz", "resample_pos_embed",
     "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_base_patch32_224",
     "vit_base_patch16_384", "vit_large_patch16_224", "vit_large_patch16_384", "vit_huge_patch14_224",

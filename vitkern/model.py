@@ -164,6 +164,9 @@ class Attention(nn.Module):
 
     def core(self, qkv: Tensor) -> Tensor:
         """Packed qkv [batch, tokens, 3 dim] -> [batch, tokens, dim], before the output projection."""
+        request = getattr(self, "capture_request", None)
+        if request is not None:  # set by vitkern.inspect.capture: the same attention, statistics recorded
+            return request(self, qkv)
         if self.training and self.attn_drop > 0:
             # Attention dropout is a training-only regularizer the fused kernels do not implement;
             # torch's SDPA applies it on the probabilities exactly as timm does.
@@ -447,6 +450,13 @@ class ViT(nn.Module):
             # LayerNorm acts per token: normalizing only the class token gives the same logits.
             z = z[:, :1]
         return self.forward_head(self._norm(z))
+
+    def forward_attention(self, x: Tensor, **options):
+        """(self(x), per-layer attention statistics) from the fused kernels; options and results
+        as `vitkern.inspect.forward_attention` (full=, distance=, layers=)."""
+        from vitkern import inspect
+
+        return inspect.forward_attention(self, x, **options)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -68,7 +68,7 @@ def tree(tmp_path_factory) -> Path:
 def test_csrc_is_what_the_builds_compile():
     # setup.py compiles csrc/*.cu and csrc/*.cpp; the just-in-time build compiles cuda.py's list: the same files.
     compiled = sorted(n for n in _csrc_files() if n.endswith((".cu", ".cpp")))
-    assert compiled == sorted(cuda_kernels.KERNEL_SOURCES + (cuda_kernels.BINDINGS,))
+    assert compiled == sorted(cuda_kernels.KERNEL_SOURCES + cuda_kernels.BINDINGS_SOURCES)
     assert set(cuda_kernels.HEADERS) <= set(_csrc_files())
     assert sorted(cuda_kernels.SOURCES) == sorted(compiled + list(cuda_kernels.HEADERS))
 

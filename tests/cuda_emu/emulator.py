@@ -235,7 +235,9 @@ def _cache_dir() -> Path:
 
     h = hashlib.sha256(torch.__version__.encode())
     inputs = _sources() + [HERE / "vk_emu.h", Path(__file__)] + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
-    for p in inputs + [CSRC / "bindings.cpp"]:
+    from vitkern.kernels.cuda import BINDINGS_SOURCES
+
+    for p in inputs + [CSRC / name for name in BINDINGS_SOURCES]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update(" ".join(CXXFLAGS + SANITIZE + _include_dirs()).encode())
     h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
@@ -309,8 +311,11 @@ def build(torch_ops: bool = False, verbose: bool = False) -> Path:
     if torch_ops:
         cflags, link_flags = _torch_flags()
         # -std=c++20: recent torch headers need it (the last -std wins)
-        units.append(([*CXXFLAGS, "-std=c++20", *includes, *cflags, "-DVK_EMULATION", "-c", str(CSRC / "bindings.cpp")],
-                      out_dir / "bindings.cpp.o"))
+        from vitkern.kernels.cuda import BINDINGS_SOURCES  # every torch layer the real build links
+
+        for name in BINDINGS_SOURCES:
+            units.append(([*CXXFLAGS, "-std=c++20", *includes, *cflags, "-DVK_EMULATION", "-c", str(CSRC / name)],
+                          out_dir / (name + ".o")))
     else:
         shim = out_dir / "c_shim.cpp"
         shim.write_text(_c_shim())

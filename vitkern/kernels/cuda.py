@@ -42,10 +42,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # vitkern/
 REPO_ROOT = PACKAGE_DIR.parent
 # Longest first, so that with 2 jobs the attention file never starts last.
-KERNEL_SOURCES = ("attention.cu", "layernorm.cu", "gemm_epilogue.cu", "patch_embed.cu")
+KERNEL_SOURCES = ("attention.cu", "layernorm.cu", "gemm_epilogue.cu", "patch_embed.cu", "attention_stats.cu")
 BINDINGS = "bindings.cpp"
-HEADERS = ("common.cuh", "vitkern_kernels.h")
-SOURCES = KERNEL_SOURCES + (BINDINGS,) + HEADERS  # every file the just-in-time build reads
+# The torch layers, compiled with the host compiler: the model's ops and the inspection op's.
+BINDINGS_SOURCES = (BINDINGS, "attention_stats_bindings.cpp")
+HEADERS = ("common.cuh", "vitkern_kernels.h", "attention_stats.h")
+SOURCES = KERNEL_SOURCES + BINDINGS_SOURCES + HEADERS  # every file the just-in-time build reads
 DEFAULT_ARCHS = "80;90a"
 # Where the sources are looked for, in order: a wheel ships csrc/ as vitkern/_csrc (setup.py's
 # build_py copies it there); a checkout or an editable install has it at the repository root.
@@ -283,14 +285,15 @@ def build(archs: Optional[Sequence[str]] = None, *, jobs: Optional[int] = None, 
     nvcc = nvcc_path()
     flags = nvcc_flags(archs)
     commands: Dict[str, List[str]] = {s: [nvcc, "-c", *flags, str(CSRC / s), "-o", str(tmp / (s + ".o"))] for s in KERNEL_SOURCES}
-    commands[BINDINGS] = _bindings_cmd(CSRC / BINDINGS, tmp / (BINDINGS + ".o"))
+    for name in BINDINGS_SOURCES:
+        commands[name] = _bindings_cmd(CSRC / name, tmp / (name + ".o"))
     jobs = jobs or int(os.environ.get("MAX_JOBS", "0")) or min(4, os.cpu_count() or 1)
-    order = list(KERNEL_SOURCES[:1]) + [BINDINGS] + list(KERNEL_SOURCES[1:])
+    order = list(KERNEL_SOURCES[:1]) + list(BINDINGS_SOURCES) + list(KERNEL_SOURCES[1:])
 
     def compile_one(name: str) -> None:
         if verbose:
             print(" ".join(commands[name]), flush=True)
-        log = tmp / (name + ".ptxas.log") if name != BINDINGS else None
+        log = tmp / (name + ".ptxas.log") if name not in BINDINGS_SOURCES else None
         _run(commands[name], log)
 
     try:

@@ -34,7 +34,8 @@ class AttentionStats(NamedTuple):
     distance: [batch, heads] mean attention distance in pixels (paper fig. 7 right): the mean over
         query patches i of sum_j p_ij ||pos_i - pos_j||, keys j over patches only, no
         renormalization; None unless `grid` was given.
-    full: [batch, tokens, tokens] the probabilities averaged over heads; None unless `full=True`.
+    full: [batch, tokens, tokens] the probabilities fused over heads (mean unless `full` named "max"
+        or "min"); None unless `full` was asked for.
     """
 
     prefix_probs: Tensor
@@ -43,6 +44,17 @@ class AttentionStats(NamedTuple):
 
 
 PatchSize = Union[float, Sequence[float]]
+FUSIONS = {"mean": 1, "max": 2, "min": 3}  # the `full` codes of the kernels' schema (0: not asked for)
+
+
+def _full_code(full: object) -> int:
+    if full is False or full is None:
+        return 0
+    if full is True:
+        return FUSIONS["mean"]
+    if isinstance(full, str) and full in FUSIONS:
+        return FUSIONS[full]
+    raise ValueError(f"full must be False, True (= 'mean'), 'mean', 'max' or 'min', got {full!r}")
 
 
 def _check_qkv(qkv: object, num_heads: object) -> Tuple[int, int, int]:
@@ -92,7 +104,7 @@ def attention_stats(
     num_prefix_tokens: int = 1,
     grid: Optional[Tuple[int, int]] = None,
     patch_size: PatchSize = 1,
-    full: bool = False,
+    full: Union[bool, str] = False,
     backend: str = "auto",
 ) -> AttentionStats:
     """Statistics of softmax(q k^T * scale) per head, without the [tokens, tokens] matrix unless
@@ -104,10 +116,12 @@ def attention_stats(
     register tokens before the patches (their rows are returned). grid: (grid_h, grid_w) of the
     patch tokens, row-major; with it the mean attention distance is computed, in units of
     patch_size (pixels per grid step; a number or (height, width)). full: also return the
-    head-averaged probabilities [batch, tokens, tokens]. See `AttentionStats` for the outputs.
+    probabilities [batch, tokens, tokens] fused over heads: True or "mean" averages them, "max" and
+    "min" take the elementwise extreme (attention rollout's head fusions). See `AttentionStats`.
     """
     b, t, _ = _check_qkv(qkv, num_heads)
     prefix, grid, patch = _check_options(t, num_prefix_tokens, grid, patch_size)
+    full = _full_code(full)
     scale = None if scale is None else float(scale)
     if lse is None:
         _, lse = _forward_with_lse(qkv, num_heads, scale, backend)
@@ -119,7 +133,7 @@ def attention_stats(
     if lse.device != qkv.device:
         raise ValueError(f"lse is on {lse.device} but qkv is on {qkv.device}; both must share a device")
     call = dict(qkv=qkv, lse=lse, num_heads=num_heads, scale=scale, num_prefix_tokens=prefix, grid=grid,
-                patch_size=patch, full=bool(full))  # fmt: skip
+                patch_size=patch, full=full)  # fmt: skip
     impl = dispatch.select("attention_stats", backend, qkv.device, call)
     return impl.fn(**call)
 
@@ -132,7 +146,7 @@ def attention_with_stats(
     num_prefix_tokens: int = 1,
     grid: Optional[Tuple[int, int]] = None,
     patch_size: PatchSize = 1,
-    full: bool = False,
+    full: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tuple[Tensor, AttentionStats]:
     """`vitkern.ops.attention(qkv, num_heads, scale=scale, backend=backend)` and the statistics of
@@ -145,6 +159,7 @@ def attention_with_stats(
     """
     b, t, _ = _check_qkv(qkv, num_heads)
     _check_options(t, num_prefix_tokens, grid, patch_size)
+    _full_code(full)
     scale = None if scale is None else float(scale)
     if torch.is_grad_enabled() and qkv.requires_grad:
         out = _attention(qkv, num_heads, scale=scale, backend=backend)
@@ -209,7 +224,7 @@ def _stats_backend(backend, qkv, lse, num_heads, scale, prefix, grid, patch_size
     impl = dispatch.implementations("attention_stats").get(chosen)
     _, grid, patch = _check_options(qkv.shape[1], prefix, grid, patch_size)
     call = dict(qkv=qkv, lse=lse, num_heads=num_heads, scale=scale, num_prefix_tokens=prefix, grid=grid,
-                patch_size=patch, full=full)  # fmt: skip
+                patch_size=patch, full=_full_code(full))  # fmt: skip
     if impl is not None and not impl.not_supported_reasons(call):
         return chosen
     return backend
@@ -250,7 +265,10 @@ def _attention_stats_eager(qkv, lse, num_heads, scale, num_prefix_tokens, grid, 
     if grid is not None:
         d = patch_distances(grid, patch_size, device=qkv.device, dtype=probs.dtype)
         distance = (probs[:, :, p:, p:] * d).sum(-1).mean(-1)
-    return AttentionStats(probs[:, :, :p].contiguous(), distance, probs.mean(dim=1) if full else None)
+    fused = None
+    if full:
+        fused = {1: lambda: probs.mean(dim=1), 2: lambda: probs.amax(dim=1), 3: lambda: probs.amin(dim=1)}[full]()
+    return AttentionStats(probs[:, :, :p].contiguous(), distance, fused)
 
 
 dispatch.register("attention_stats", "eager", _attention_stats_eager)
@@ -284,11 +302,12 @@ if dispatch.triton_importable():
     @_common.library_op("vitkern::attention_stats")
     def attention_stats_op(
         qkv: Tensor, lse: Tensor, num_heads: int, scale: float, num_prefix_tokens: int, grid_h: int, grid_w: int,
-        patch_h: float, patch_w: float, full: bool,
+        patch_h: float, patch_w: float, full: int,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """qkv: [batch, tokens, 3 * dim] (stride(-1) == 1); lse: [batch, heads, tokens] fp32
         contiguous -> (rows [batch, heads, num_prefix_tokens, tokens], distance [batch, heads] or
-        [0] when grid_h == 0, full [batch, tokens, tokens] or [0] unless full), fp32."""
+        [0] when grid_h == 0, full [batch, tokens, tokens] fused over heads (full: 1 mean, 2 max,
+        3 min) or [0] when full == 0), fp32."""
         grid = (grid_h, grid_w) if grid_h > 0 else None
         return _triton_stats.attention_stats(qkv, lse, num_heads, scale, num_prefix_tokens, grid, (patch_h, patch_w), full)
 
@@ -317,7 +336,7 @@ if dispatch.triton_importable():
 # --------------------------------------------------------------------------------------------
 # CUDA (csrc/attention_stats.cu, torch layer csrc/attention_stats_bindings.cpp)
 
-CUDA_MAX_HEAD_DIM = 256  # csrc/attention_stats.cu stages one head's q and k rows in shared memory
+CUDA_MAX_HEAD_DIM = 128  # csrc/attention_stats.cu stages one head's q and k rows in shared memory (fp32)
 _CUDA_FAKES_DONE: set = set()
 
 

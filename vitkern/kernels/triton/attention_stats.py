@@ -14,7 +14,8 @@ exp away: p_ij = exp(scale * q_i . k_j - lse_i). These kernels do that second, f
       With no distance asked for, only the query blocks that hold prefix rows run (a few programs:
       the class-token maps cost about 1/tokens of an attention forward).
     _attention_stats_full_kernel    one program per (batch, query block, key block), heads looped
-        full   [batch, tokens, tokens] fp32          the head-averaged probabilities (rollout)
+        full   [batch, tokens, tokens] fp32          the probabilities fused over heads (mean, max
+                                                    or min: attention rollout's head fusions)
       Launched only when the full matrix is asked for.
 
 Patch token i (i >= prefix) sits at grid row (i - prefix) // grid_w, column (i - prefix) % grid_w;
@@ -136,6 +137,7 @@ def _attention_stats_full_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FUSION: tl.constexpr,  # 1 mean, 2 max, 3 min over heads
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -151,15 +153,26 @@ def _attention_stats_full_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < T
     q_mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Heads inside the program: the head average is a plain fp32 sum with one writer per element.
+    if FUSION == 3:
+        acc = tl.full([BLOCK_M, BLOCK_N], float("inf"), dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # probabilities are >= 0: max starts at 0
+    # Heads inside the program: the fusion is plain fp32 arithmetic with one writer per element.
     for h in range(0, H):
         head = QKV + b * stride_qkv_b + h * HEAD_DIM
         q = tl.load(head + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-        acc += _probs_tile(q, head, lse2, offs_m, offs_n, T, stride_qkv_t, dim, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+        p = _probs_tile(q, head, lse2, offs_m, offs_n, T, stride_qkv_t, dim, qk_scale, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+        if FUSION == 1:
+            acc += p
+        elif FUSION == 2:
+            acc = tl.maximum(acc, p)
+        else:
+            acc = tl.minimum(acc, p)
+    if FUSION == 1:
+        acc = acc * inv_heads
     out = FULL + b * T * T + offs_m[:, None] * T + offs_n[None, :]
-    tl.store(out, acc * inv_heads, mask=m_mask[:, None] & (offs_n < T)[None, :])
+    tl.store(out, acc, mask=m_mask[:, None] & (offs_n < T)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,14 +202,14 @@ def attention_stats(
     num_prefix_tokens: int,
     grid: Optional[Tuple[int, int]],
     patch_size: Tuple[float, float],
-    full: bool,
+    full: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv: [batch, tokens, 3 * dim] fp16/bf16/fp32, stride(-1) == 1; lse: [batch, heads, tokens]
     fp32 contiguous (the attention forward's).
 
     Returns, all fp32: rows [batch, heads, num_prefix_tokens, tokens]; distance [batch, heads], the
     mean over query patches of sum_j p_ij d_ij in pixels (shape [0] when `grid` is None); full
-    [batch, tokens, tokens] head-averaged (shape [0] unless `full`).
+    [batch, tokens, tokens] fused over heads, full = 1 mean, 2 max, 3 min (shape [0] when full = 0).
     """
     b, t, three_dim = qkv.shape
     dim = int(three_dim) // 3
@@ -231,7 +244,8 @@ def attention_stats(
         launch = (b * triton.cdiv(t, fm) * triton.cdiv(t, fn),)
         _common.launcher(_attention_stats_full_kernel)[launch](
             qkv, lse, out, t, num_heads, qkv.stride(0), qkv.stride(1), scale * LOG2E, 1.0 / num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=fm, BLOCK_N=fn, DOT_PRECISION=precision, num_warps=fwarps,
+            HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=fm, BLOCK_N=fn, FUSION=full, DOT_PRECISION=precision,
+            num_warps=fwarps,
         )  # fmt: skip
     else:
         out = _common.empty((0,), dtype=torch.float32, device=qkv.device)
@@ -272,7 +286,7 @@ def _specs() -> List[_common.KernelSpec]:
             bm, bn, warps = _tiles("full", torch_dtype)
             specs.append(_common.KernelSpec(
                 "_attention_stats_full_kernel", _attention_stats_full_kernel, full_sig,
-                {**shape, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=1, dtype=dtype,
+                {**shape, "BLOCK_M": bm, "BLOCK_N": bn, "FUSION": 1}, num_warps=warps, num_stages=1, dtype=dtype,
                 gemm_like=bm >= 64, label=f"full d{head_dim} M{bm} N{bn} w{warps}",
             ))  # fmt: skip
     return specs

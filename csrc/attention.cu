@@ -11,7 +11,12 @@
 //   * fragments are read from shared memory by three helpers whose index maps are the PTX ISA's
 //     m16n8k16 layouts, written once (frag_a, frag_b_nk, frag_b_kn) and used by all three kernels;
 //   * the backward recomputes P in two kernels (dK/dV per key tile, dQ per query tile) instead of
-//     accumulating dQ with atomics: deterministic, and no fp32 dQ buffer.
+//     accumulating dQ with atomics: deterministic, and no fp32 dQ buffer;
+//   * numerics at large logits (docs/perf/attention.md): the softmax works on natural-log scores
+//     s = scale * q.k, so lse = max + log(sum) never rounds the max through a change of base and a
+//     row with one dominant key recomputes p = 1 exactly; the dQ kernel runs first and computes
+//     delta = rowsum(P * dP) / rowsum(P) from its own P and dP, so dP - delta cancels as in eager
+//     PyTorch instead of leaving a rounding residue of |dO| |v| that a large q or k multiplies.
 // Shared-memory rows are padded by 8 elements (16 bytes) so the 32-bit fragment reads of a warp
 // fall in 32 distinct banks.
 #include "common.cuh"
@@ -112,7 +117,7 @@ template <int D> __host__ __device__ constexpr int smem_ld() { return D + 8; }
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, T* __restrict__ out,
-                     float* __restrict__ lse, int tokens, int heads, float scale_log2) {
+                     float* __restrict__ lse, int tokens, int heads, float scale) {
   constexpr int LD = smem_ld<D>();
   constexpr int BN = 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -137,7 +142,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
   float o[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
-  // Running max (in log2 units of scale * q.k) and the thread's partial row sums, rows g and g + 8.
+  // Running max of scale * q.k (natural-log units) and the thread's partial row sums, rows g and g + 8.
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
   for (int n0 = 0; n0 < tokens; n0 += BN) {
@@ -163,7 +168,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = n0 + j * 8 + 2 * t + (e & 1);
-        s[j][e] = key < tokens ? s[j][e] * scale_log2 : -INFINITY;
+        s[j][e] = key < tokens ? s[j][e] * scale : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
       }
     }
@@ -174,7 +179,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       // Key n0 < tokens is unmasked, so the new max is finite; exp2(-inf) = 0 on the first tile.
       const float m_new = fmaxf(m_run[r], mx[r]);
-      alpha[r] = exp2f(m_run[r] - m_new);
+      alpha[r] = exp2f((m_run[r] - m_new) * kLog2e);
       m_run[r] = m_new;
       l_run[r] *= alpha[r];
     }
@@ -182,7 +187,8 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
     for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2f(s[j][e] - m_run[e >> 1]);
+        // s - max is exact where p matters (Sterbenz): log2(e) multiplies a small exact difference.
+        s[j][e] = exp2f((s[j][e] - m_run[e >> 1]) * kLog2e);
         l_run[e >> 1] += s[j][e];
       }
     }
@@ -220,38 +226,22 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
       *reinterpret_cast<uint32_t*>(dst + dn * 8) = pack2<T>(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
-    if (t == 0) lse[(static_cast<int64_t>(b) * heads + h) * tokens + row] = (m_run[r] + log2f(l_run[r])) * kLn2;
+    // max + log(sum): a row whose sum is 1 saves its max exactly.
+    if (t == 0) lse[(static_cast<int64_t>(b) * heads + h) * tokens + row] = m_run[r] + log2f(l_run[r]) * kLn2;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward preprocess: delta[b, h, i] = sum_c dout[b, i, h, c] * out[b, i, h, c]. One warp per (b, i, h).
-template <typename T, int D>
-__global__ void __launch_bounds__(256)
-attention_bwd_delta_kernel(const T* __restrict__ out, const T* __restrict__ dout, float* __restrict__ delta,
-                           int64_t rows, int tokens, int heads) {
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;  // (b * tokens + i) * heads + h
-  if (w >= rows) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t off = w * D;  // out is [b, i, h, c] contiguous, so (b, i, h) rows are D apart
-  float s = 0.f;
-  for (int c = lane; c < D; c += 32) s += to_f(out[off + c]) * to_f(dout[off + c]);
-  s = warp_sum(s);
-  if (lane == 0) {
-    const int h = static_cast<int>(w % heads);
-    const int64_t bi = w / heads;
-    const int64_t b = bi / tokens, i = bi % tokens;
-    delta[(b * heads + h) * tokens + i] = s;
-  }
-}
+// Backward: the dQ kernel first (it writes delta), then dK/dV. Both recompute S and dP with the same
+// fragments and mma order as the forward, so P = exp(scale * q.k - lse) is the forward's.
 
 // dK, dV. Grid (batch * heads, ceil(tokens / 64)); each warp owns 16 keys; query tiles of BM rows.
-// Shared: K [64][ld], V [64][ld], Q [BM][ld], dO [BM][ld], lse * log2e [BM], delta [BM].
+// Shared: K [64][ld], V [64][ld], Q [BM][ld], dO [BM][ld], lse [BM], delta [BM].
 template <typename T, int D, int BM>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, const T* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                          int tokens, int heads, float scale, float scale_log2) {
+                          int tokens, int heads, float scale) {
   constexpr int LD = smem_ld<D>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -285,7 +275,7 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
     stage_rows<T, D>(sdO, LD, do_base, hd, m0, BM, tokens);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       // A query past the end gets lse = +inf, so its P column is exp2(-inf) = 0.
-      sLse[i] = m0 + i < tokens ? lse_row[m0 + i] * kLog2e : INFINITY;
+      sLse[i] = m0 + i < tokens ? lse_row[m0 + i] : INFINITY;
       sDelta[i] = m0 + i < tokens ? delta_row[m0 + i] : 0.f;
     }
     __syncthreads();
@@ -314,7 +304,7 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = qi * 8 + 2 * t + (e & 1);
-        p[qi][e] = exp2f(p[qi][e] * scale_log2 - sLse[i]);
+        p[qi][e] = exp2f((p[qi][e] * scale - sLse[i]) * kLog2e);
         dp[qi][e] = p[qi][e] * (dp[qi][e] - sDelta[i]);  // dS^T (without the scale)
       }
     }
@@ -347,13 +337,17 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
   }
 }
 
-// dQ. Grid (batch * heads, ceil(tokens / 64)); each warp owns 16 queries; key tiles of 64.
-// Shared: Q [64][ld], dO [64][ld], K [64][ld], V [64][ld].
+// dQ, and delta for the dK/dV kernel. Grid (batch * heads, ceil(tokens / 64)); each warp owns 16
+// queries; key tiles of 64. Two sweeps over the keys: the first sums rowsum(P * dP) and rowsum(P)
+// (their ratio is delta: the P-weighted mean of dP, so a common rounding factor of the recomputed
+// row, from the rounding of lse, cancels from dS), the second forms dS = P * (dP - delta) and dQ.
+// The first sweep costs two extra mma passes (S and dP) per key tile and replaces the delta kernel,
+// which read out and dout from memory. Shared: Q [64][ld], dO [64][ld], K [64][ld], V [64][ld].
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, const T* __restrict__ dout,
-                        const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                        int tokens, int heads, float scale, float scale_log2) {
+                        const float* __restrict__ lse, float* __restrict__ delta, T* __restrict__ dqkv,
+                        int tokens, int heads, float scale) {
   constexpr int LD = smem_ld<D>();
   constexpr int BN = 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -369,64 +363,85 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
   const T* q_base = qkv + b * stride_b + h * D;
   const T* do_base = dout + static_cast<int64_t>(b) * tokens * hd + h * D;
   const float* lse_row = lse + (static_cast<int64_t>(b) * heads + h) * tokens;
-  const float* delta_row = delta + (static_cast<int64_t>(b) * heads + h) * tokens;
+  float* delta_row = delta + (static_cast<int64_t>(b) * heads + h) * tokens;
 
   stage_rows<T, D>(sQ, LD, q_base, stride_t, m0, kTile, tokens);
   stage_rows<T, D>(sdO, LD, do_base, hd, m0, kTile, tokens);
-  float lse2[2], dl[2];
+  float lse_r[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + g + 8 * r;
     // Rows past the end compute finite garbage (never stored): their q and dO rows are zero.
-    lse2[r] = row < tokens ? lse_row[row] * kLog2e : 0.f;
-    dl[r] = row < tokens ? delta_row[row] : 0.f;
+    lse_r[r] = row < tokens ? lse_row[row] : 0.f;
   }
   float dq[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+  // This thread's partial sums of P * dP and P for rows g and g + 8, then delta (sweep 1).
+  float pdp[2] = {0.f, 0.f}, psum[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};
 
-  for (int n0 = 0; n0 < tokens; n0 += BN) {
-    __syncthreads();
-    stage_rows<T, D>(sK, LD, q_base + hd, stride_t, n0, BN, tokens);
-    stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, BN, tokens);
-    __syncthreads();
-    float s[BN / 8][4], dp[BN / 8][4];
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    if (sweep == 1) {
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
+      for (int r = 0; r < 2; ++r) {
+        pdp[r] += __shfl_xor_sync(0xffffffffu, pdp[r], 1);
+        pdp[r] += __shfl_xor_sync(0xffffffffu, pdp[r], 2);
+        psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 1);
+        psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 2);
+        dl[r] = pdp[r] / psum[r];
+        const int row = m0 + warp * 16 + g + 8 * r;
+        if (t == 0 && row < tokens) delta_row[row] = dl[r];
+      }
+    }
+    for (int n0 = 0; n0 < tokens; n0 += BN) {
+      __syncthreads();
+      stage_rows<T, D>(sK, LD, q_base + hd, stride_t, n0, BN, tokens);
+      stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, BN, tokens);
+      __syncthreads();
+      float s[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+      for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qa[4], doa[4];
-      frag_a(sQ, LD, warp * 16, kk * 16, qa);
-      frag_a(sdO, LD, warp * 16, kk * 16, doa);
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[4], doa[4];
+        frag_a(sQ, LD, warp * 16, kk * 16, qa);
+        frag_a(sdO, LD, warp * 16, kk * 16, doa);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          uint32_t kb[2], vb[2];
+          frag_b_nk(sK, LD, j * 8, kk * 16, kb);
+          frag_b_nk(sV, LD, j * 8, kk * 16, vb);
+          mma16816<T>(s[j], qa, kb);    // S = q k^T
+          mma16816<T>(dp[j], doa, vb);  // dP = dO v^T
+        }
+      }
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
-        uint32_t kb[2], vb[2];
-        frag_b_nk(sK, LD, j * 8, kk * 16, kb);
-        frag_b_nk(sV, LD, j * 8, kk * 16, vb);
-        mma16816<T>(s[j], qa, kb);    // S = q k^T
-        mma16816<T>(dp[j], doa, vb);  // dP = dO v^T
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + j * 8 + 2 * t + (e & 1);
+          const float pv = key < tokens ? exp2f((s[j][e] * scale - lse_r[e >> 1]) * kLog2e) : 0.f;
+          if (sweep == 0) {
+            pdp[e >> 1] += pv * dp[j][e];
+            psum[e >> 1] += pv;
+          } else {
+            dp[j][e] = pv * (dp[j][e] - dl[e >> 1]);  // dS (without the scale)
+          }
+        }
       }
-    }
+      if (sweep == 0) continue;
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
+      for (int kj = 0; kj < BN / 16; ++kj) {
+        uint32_t dsa[4];
+        acc_to_a<T>(dp[2 * kj], dp[2 * kj + 1], dsa);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + j * 8 + 2 * t + (e & 1);
-        const float pv = key < tokens ? exp2f(s[j][e] * scale_log2 - lse2[e >> 1]) : 0.f;
-        dp[j][e] = pv * (dp[j][e] - dl[e >> 1]);  // dS (without the scale)
-      }
-    }
-#pragma unroll
-    for (int kj = 0; kj < BN / 16; ++kj) {
-      uint32_t dsa[4];
-      acc_to_a<T>(dp[2 * kj], dp[2 * kj + 1], dsa);
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        uint32_t kb[2];
-        frag_b_kn(sK, LD, kj * 16, dn * 8, kb);
-        mma16816<T>(dq[dn], dsa, kb);  // dQ_i += dS_ij k_j
+        for (int dn = 0; dn < D / 8; ++dn) {
+          uint32_t kb[2];
+          frag_b_kn(sK, LD, kj * 16, dn * 8, kb);
+          mma16816<T>(dq[dn], dsa, kb);  // dQ_i += dS_ij k_j
+        }
       }
     }
   }
@@ -453,35 +468,31 @@ cudaError_t launch_fwd(const void* qkv, int64_t sb, int64_t st, void* out, float
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (e != cudaSuccess) return e;
   const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(tokens, kTile));
-  kernel<<<grid, kThreads, smem, stream>>>((const T*)qkv, sb, st, (T*)out, lse, tokens, heads, scale * kLog2e);
+  kernel<<<grid, kThreads, smem, stream>>>((const T*)qkv, sb, st, (T*)out, lse, tokens, heads, scale);
   return cudaGetLastError();
 }
 
+// out is not read: delta is recomputed from P and dP by the dQ kernel, which runs first.
 template <typename T, int D>
-cudaError_t launch_bwd(const void* qkv, int64_t sb, int64_t st, const void* out, const void* dout, const float* lse,
-                       float* delta, void* dqkv, int batch, int tokens, int heads, float scale, cudaStream_t stream) {
+cudaError_t launch_bwd(const void* qkv, int64_t sb, int64_t st, const void* dout, const float* lse, float* delta,
+                       void* dqkv, int batch, int tokens, int heads, float scale, cudaStream_t stream) {
   constexpr int LD = smem_ld<D>();
   constexpr int BM = dkdv_bm<D>();
-  const int64_t rows = int64_t(batch) * tokens * heads;
-  attention_bwd_delta_kernel<T, D><<<ceil_div(rows, 8), 256, 0, stream>>>((const T*)out, (const T*)dout, delta, rows,
-                                                                          tokens, heads);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
   const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(tokens, kTile));
+  const size_t smem_q = size_t(4) * kTile * LD * sizeof(T);
+  auto q = attention_bwd_dq_kernel<T, D>;
+  cudaError_t e = cudaFuncSetAttribute(q, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_q));
+  if (e != cudaSuccess) return e;
+  q<<<grid, kThreads, smem_q, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
+                                        scale);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
   const size_t smem_kv = (size_t(2) * kTile * LD + size_t(2) * BM * LD) * sizeof(T) + 2 * BM * sizeof(float);
   auto kv = attention_bwd_dkdv_kernel<T, D, BM>;
   e = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_kv));
   if (e != cudaSuccess) return e;
   kv<<<grid, kThreads, smem_kv, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
-                                          scale, scale * kLog2e);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  const size_t smem_q = size_t(4) * kTile * LD * sizeof(T);
-  auto q = attention_bwd_dq_kernel<T, D>;
-  e = cudaFuncSetAttribute(q, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_q));
-  if (e != cudaSuccess) return e;
-  q<<<grid, kThreads, smem_q, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
-                                        scale, scale * kLog2e);
+                                          scale);
   return cudaGetLastError();
 }
 
@@ -526,8 +537,7 @@ cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64
   if (!vk::aligned16(qkv) || !vk::aligned16(dout) || stride_b % 8 || stride_t % 8 || tokens > 65535 * vk::kTile)
     return cudaErrorInvalidValue;
   VK_DISPATCH(dtype, T, VK_HEAD_DIM_DISPATCH(head_dim, {
-    return vk::launch_bwd<T, D>(qkv, stride_b, stride_t, out, dout, lse, delta, dqkv, batch, tokens, heads, scale,
-                                stream);
+    return vk::launch_bwd<T, D>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, scale, stream);
   }));
   return cudaSuccess;
 }

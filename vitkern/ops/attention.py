@@ -30,10 +30,15 @@ def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, bac
     dim = three_dim // 3
     if dim % num_heads != 0:
         raise ValueError(f"dim = qkv.shape[-1] / 3 = {dim} must be divisible by num_heads = {num_heads}")
-    if qkv.shape[1] == 0 or qkv.shape[0] == 0:
-        raise ValueError(f"qkv must have at least one batch element and one token, got shape {tuple(qkv.shape)}")
+    if qkv.shape[1] == 0:
+        raise ValueError(f"qkv must have at least one token, got shape {tuple(qkv.shape)}")
     if scale is not None:
         scale = float(scale)
+    if qkv.shape[0] == 0:
+        # An empty batch (timm's models take one): nothing for a kernel to do, and a zero-sized
+        # launch grid is an error on CUDA. The eager op returns the empty [0, tokens, dim] on any
+        # device with its autograd edge, so the backward gives zero gradients as timm's does.
+        return reference.attention(qkv, num_heads, scale=scale)
     call = dict(qkv=qkv, num_heads=num_heads, scale=scale)
     impl = dispatch.select("attention", backend, qkv.device, call)
     return impl.fn(**call)
@@ -65,32 +70,33 @@ if dispatch.triton_importable():
         return _triton_attention.attention_fwd(qkv, num_heads, scale)
 
     @_common.library_op("vitkern::attention_bwd")
-    def attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float) -> Tensor:
-        """dout, out: [batch, tokens, dim]; qkv: [batch, tokens, 3 * dim]; lse: [batch, heads, tokens]
-        fp32 from attention_fwd -> dqkv [batch, tokens, 3 * dim] in qkv's packed layout and dtype."""
-        return _triton_attention.attention_bwd(dout, qkv, out, lse, num_heads, scale)
+    def attention_bwd(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, scale: float) -> Tensor:
+        """dout: [batch, tokens, dim]; qkv: [batch, tokens, 3 * dim]; lse: [batch, heads, tokens]
+        fp32 from attention_fwd -> dqkv [batch, tokens, 3 * dim] in qkv's packed layout and dtype.
+        The output itself is not needed: delta = rowsum(P * dP) is recomputed from P and dP."""
+        return _triton_attention.attention_bwd(dout, qkv, lse, num_heads, scale)
 
     class AttentionFn(torch.autograd.Function):
-        """out = attention(qkv); saves qkv, out and the fp32 lse, and recomputes the probabilities
-        in the backward (no [tokens, tokens] matrix is ever stored)."""
+        """out = attention(qkv); saves qkv and the fp32 lse, and recomputes the probabilities in the
+        backward (no [tokens, tokens] matrix is ever stored)."""
 
         @staticmethod
         def forward(ctx, qkv: Tensor, num_heads: int, scale: float) -> Tensor:
             out, lse = torch.ops.vitkern.attention_fwd(qkv, num_heads, scale)
-            ctx.save_for_backward(qkv, out, lse)
+            ctx.save_for_backward(qkv, lse)
             ctx.num_heads = num_heads
             ctx.scale = scale
             return out
 
         @staticmethod
         def backward(ctx, dout: Tensor):
-            qkv, out, lse = ctx.saved_tensors
+            qkv, lse = ctx.saved_tensors
             if dout.stride(-1) != 1 or not _sample_fits_int32(dout):
                 # The kernels read rows of dout with a unit feature stride (autograd hands an
                 # expanded zero-stride gradient for out.sum()) and index inside one sample in
                 # int32; any other batch and token strides are read as they are.
                 dout = dout.contiguous()
-            dqkv = torch.ops.vitkern.attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale)
+            dqkv = torch.ops.vitkern.attention_bwd(dout, qkv, lse, ctx.num_heads, ctx.scale)
             return dqkv, None, None
 
     def _sample_fits_int32(t: Tensor) -> bool:

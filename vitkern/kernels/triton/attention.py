@@ -154,25 +154,38 @@ def _attention_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward
+# Backward. Both kernels recompute the score tile S = q k^T [BLOCK_M, BLOCK_N] and dP = dO v^T
+# [BLOCK_M, BLOCK_N] with the same dots in the same orientation as the forward (main chunk, then
+# tail), so at large logits the recomputed P = exp(S * scale - lse) is the forward's bit for bit
+# (a row with one dominant key gets p = 1 exactly) and the two kernels see the same dP. dQ runs
+# first and computes delta = rowsum(P * dP) from its own P and dP (not from the rounded output):
+# where one key dominates a row, dP - delta then cancels exactly, as in eager PyTorch, instead of
+# leaving a rounding residue of |dO| |v| that the large k or q multiply into dK and dQ.
 
 
 @triton.jit
-def _attention_bwd_preprocess_kernel(
-    OUT,  # [B, T, H * HEAD_DIM], contiguous
+def _attention_bwd_dq_kernel(
+    QKV,  # [B, T, 3 * H * HEAD_DIM], last dim contiguous
     DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
-    DELTA,  # [B, H, T] fp32, contiguous
+    LSE,  # [B, H, T] fp32, contiguous
+    DELTA,  # [B, H, T] fp32, contiguous; written here, read by the dK/dV kernel
+    DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the q columns
     T,
     H,
-    stride_out_b,
-    stride_out_t,
+    stride_qkv_b,
+    stride_qkv_t,
     stride_dout_b,
     stride_dout_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
@@ -180,24 +193,84 @@ def _attention_bwd_preprocess_kernel(
     pid_bh = pid // num_m
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
+    dim = H * HEAD_DIM
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < T
-    mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o_rows = OUT + b * stride_out_b + offs_m[:, None] * stride_out_t + h * HEAD_DIM
-    do_rows = DOUT + b * stride_dout_b + offs_m[:, None] * stride_dout_t + h * HEAD_DIM
-    o = tl.load(o_rows + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_rows + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q_mask = m_mask[:, None] & d_mask
+    rows = offs_m[:, None]
+
+    head = QKV + b * stride_qkv_b + h * HEAD_DIM
+    q = tl.load(head + rows * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t + offs_d[None, :], mask=q_mask, other=0.0)
+    stats = pid_bh.to(tl.int64) * T
+    # Query rows past T are computed on zeros and never stored; their statistics only need to be finite.
+    lse = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0)
     if HAS_TAIL:
-        # Memory-bound either way; split like the matmul kernels so the fp32 tile is not 128 wide.
+        # The head's columns past BLOCK_D (see the forward).
         offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
-        mask_t = m_mask[:, None] & (offs_dt[None, :] < HEAD_DIM)
-        o_t = tl.load(o_rows + offs_dt[None, :], mask=mask_t, other=0.0)
-        do_t = tl.load(do_rows + offs_dt[None, :], mask=mask_t, other=0.0)
-        delta += tl.sum(o_t.to(tl.float32) * do_t.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=m_mask)
+        dt_mask = offs_dt[None, :] < HEAD_DIM
+        qt_mask = m_mask[:, None] & dt_mask
+        q_t = tl.load(head + rows * stride_qkv_t + offs_dt[None, :], mask=qt_mask, other=0.0)  # [BLOCK_M, BLOCK_DT]
+        do_rows = DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t
+        do_t = tl.load(do_rows + offs_dt[None, :], mask=qt_mask, other=0.0)
+        dq_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Sweep 0 sums delta = rowsum(P * dP) over all keys; sweep 1 uses it: dS = P * (dP - delta).
+    # The extra sweep costs two of the kernel's three dots per key block (S and dP again) and
+    # replaces a separate pass that read out and dout from memory.
+    for sweep in tl.static_range(2):
+        if sweep == 1:
+            # The recomputed row sums to 1 only up to the rounding of lse (|lse| ulp, relative:
+            # 6e-5 at a logit of 1000). That common factor cancels from dS only if delta is the
+            # P-weighted mean of dP, so divide by the row's own sum.
+            delta = delta / p_sum
+        k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
+        v_ptrs = k_ptrs + dim
+        if HAS_TAIL:
+            kt_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_dt[None, :]
+            vt_ptrs = kt_ptrs + dim
+        for start_n in range(0, T, BLOCK_N):
+            n_mask = (start_n + offs_n) < T
+            kv_mask = n_mask[:, None] & d_mask
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_TAIL:
+                kvt_mask = n_mask[:, None] & dt_mask
+                k_t = tl.load(kt_ptrs, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
+                v_t = tl.load(vt_ptrs, mask=kvt_mask, other=0.0)
+                s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+                dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
+            # Zero-filled keys past T would score 0, not -inf: mask them out of P.
+            p = tl.where(n_mask[None, :], tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
+            if sweep == 0:
+                delta += tl.sum(p * dp, axis=1)
+                p_sum += tl.sum(p, axis=1)
+            else:
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+                if HAS_TAIL:
+                    dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t, input_precision=DOT_PRECISION)
+            if HAS_TAIL:
+                kt_ptrs += BLOCK_N * stride_qkv_t
+                vt_ptrs += BLOCK_N * stride_qkv_t
+            k_ptrs += BLOCK_N * stride_qkv_t
+            v_ptrs += BLOCK_N * stride_qkv_t
+
+    tl.store(DELTA + stats + offs_m, delta, mask=m_mask)
+    dq = dq * scale
+    d_rows = DQKV + b * stride_dqkv_b + rows * stride_dqkv_t + h * HEAD_DIM
+    tl.store(d_rows + offs_d[None, :], dq.to(DQKV.dtype.element_ty), mask=q_mask)
+    if HAS_TAIL:
+        dq_t = dq_t * scale
+        tl.store(d_rows + offs_dt[None, :], dq_t.to(DQKV.dtype.element_ty), mask=qt_mask)
 
 
 @triton.jit
@@ -205,7 +278,7 @@ def _attention_bwd_dkdv_kernel(
     QKV,  # [B, T, 3 * H * HEAD_DIM], last dim contiguous
     DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
     LSE,  # [B, H, T] fp32, contiguous
-    DELTA,  # [B, H, T] fp32, contiguous
+    DELTA,  # [B, H, T] fp32, contiguous, from the dQ kernel
     DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the k and v columns
     T,
     H,
@@ -270,26 +343,27 @@ def _attention_bwd_dkdv_kernel(
         do = tl.load(do_ptrs, mask=q_mask, other=0.0)
         lse = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + stats + offs_qm, mask=m_mask, other=0.0)
-        # Transposed scores [BLOCK_N, BLOCK_M] keep the accumulators in the key-row layout. Key
-        # rows past T only pollute dk/dv rows that are never stored; query columns past T are
-        # zeroed so they add nothing to the valid rows.
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        # Query-major tiles [BLOCK_M, BLOCK_N], as the forward and the dQ kernel compute them (see
+        # above), transposed only after rounding to the operand dtype. Rows and columns past T are
+        # zeroed so they add nothing to the valid key rows.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_TAIL:
             qt_mask = m_mask[:, None] & dt_mask
             q_t = tl.load(qt_ptrs, mask=qt_mask, other=0.0)  # [BLOCK_M, BLOCK_DT]
             do_t = tl.load(dot_ptrs, mask=qt_mask, other=0.0)
-            s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
-        p_t = tl.exp2((s_t * scale - lse[None, :]) * 1.4426950408889634)
-        p_t = tl.where(m_mask[None, :], p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
+        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+        ds = p * (dp - delta[:, None])
+        p_t = tl.trans(p.to(do.dtype))  # [BLOCK_N, BLOCK_M]
+        ds_t = tl.trans(ds.to(q.dtype))
+        dv = tl.dot(p_t, do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
         if HAS_TAIL:
-            dv_t = tl.dot(p_t.to(do_t.dtype), do_t, dv_t, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v_t, tl.trans(do_t), dp_t, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if HAS_TAIL:
-            dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t, input_precision=DOT_PRECISION)
+            dv_t = tl.dot(p_t, do_t, dv_t, input_precision=DOT_PRECISION)
+            dk_t = tl.dot(ds_t, q_t, dk_t, input_precision=DOT_PRECISION)
             qt_ptrs += BLOCK_M * stride_qkv_t
             dot_ptrs += BLOCK_M * stride_dout_t
         q_ptrs += BLOCK_M * stride_qkv_t
@@ -305,101 +379,6 @@ def _attention_bwd_dkdv_kernel(
         dt_off = offs_n[:, None] * stride_dqkv_t + offs_dt[None, :]
         tl.store(d_head + dim + dt_off, dk_t.to(DQKV.dtype.element_ty), mask=kvt_mask)
         tl.store(d_head + 2 * dim + dt_off, dv_t.to(DQKV.dtype.element_ty), mask=kvt_mask)
-
-
-@triton.jit
-def _attention_bwd_dq_kernel(
-    QKV,  # [B, T, 3 * H * HEAD_DIM], last dim contiguous
-    DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
-    LSE,  # [B, H, T] fp32, contiguous
-    DELTA,  # [B, H, T] fp32, contiguous
-    DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the q columns
-    T,
-    H,
-    stride_qkv_b,
-    stride_qkv_t,
-    stride_dout_b,
-    stride_dout_t,
-    stride_dqkv_b,
-    stride_dqkv_t,
-    scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DT: tl.constexpr,
-    HAS_TAIL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(T, BLOCK_M)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    dim = H * HEAD_DIM
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < T
-    d_mask = offs_d[None, :] < HEAD_DIM
-    q_mask = m_mask[:, None] & d_mask
-    rows = offs_m[:, None]
-
-    head = QKV + b * stride_qkv_b + h * HEAD_DIM
-    q = tl.load(head + rows * stride_qkv_t + offs_d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t + offs_d[None, :], mask=q_mask, other=0.0)
-    stats = pid_bh.to(tl.int64) * T
-    # Query rows past T are computed on zeros and never stored; their statistics only need to be finite.
-    lse = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(DELTA + stats + offs_m, mask=m_mask, other=0.0)
-
-    k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
-    v_ptrs = k_ptrs + dim
-    if HAS_TAIL:
-        # The head's columns past BLOCK_D (see the forward).
-        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
-        dt_mask = offs_dt[None, :] < HEAD_DIM
-        qt_mask = m_mask[:, None] & dt_mask
-        q_t = tl.load(head + rows * stride_qkv_t + offs_dt[None, :], mask=qt_mask, other=0.0)  # [BLOCK_M, BLOCK_DT]
-        do_rows = DOUT + b * stride_dout_b + h * HEAD_DIM + rows * stride_dout_t
-        do_t = tl.load(do_rows + offs_dt[None, :], mask=qt_mask, other=0.0)
-        kt_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_dt[None, :]
-        vt_ptrs = kt_ptrs + dim
-        dq_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, T, BLOCK_N):
-        n_mask = (start_n + offs_n) < T
-        kv_mask = n_mask[:, None] & d_mask
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if HAS_TAIL:
-            kvt_mask = n_mask[:, None] & dt_mask
-            k_t = tl.load(kt_ptrs, mask=kvt_mask, other=0.0)  # [BLOCK_N, BLOCK_DT]
-            v_t = tl.load(vt_ptrs, mask=kvt_mask, other=0.0)
-            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
-        # Zero-filled keys past T would score 0, not -inf: mask them out of P.
-        p = tl.where(n_mask[None, :], tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_TAIL:
-            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        if HAS_TAIL:
-            dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t, input_precision=DOT_PRECISION)
-            kt_ptrs += BLOCK_N * stride_qkv_t
-            vt_ptrs += BLOCK_N * stride_qkv_t
-        k_ptrs += BLOCK_N * stride_qkv_t
-        v_ptrs += BLOCK_N * stride_qkv_t
-
-    dq = dq * scale
-    d_rows = DQKV + b * stride_dqkv_b + rows * stride_dqkv_t + h * HEAD_DIM
-    tl.store(d_rows + offs_d[None, :], dq.to(DQKV.dtype.element_ty), mask=q_mask)
-    if HAS_TAIL:
-        dq_t = dq_t * scale
-        tl.store(d_rows + offs_dt[None, :], dq_t.to(DQKV.dtype.element_ty), mask=qt_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +421,7 @@ CONFIGS = {
     # fp32 operands run exact FMA dots (no tensor cores): small tiles, a correctness path.
     ("fp32", 64): {
         "fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
-        "dkdv": [_cfg(32, 64, 8, 2)],
+        "dkdv": [_cfg(32, 32, 8, 2), _cfg(32, 64, 8, 2)],
         "dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
     },
     ("fp32", 96): {
@@ -458,8 +437,6 @@ CONFIGS = {
     },
 }
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
-_PREPROCESS_BLOCK_M = 64
-_PREPROCESS_WARPS = 4
 
 
 def _tier(dtype: torch.dtype, head_dim: int) -> Tuple[str, int]:
@@ -527,13 +504,12 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torc
     return out, lse
 
 
-def attention_bwd(
-    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float
-) -> torch.Tensor:
-    """dout, out: [batch, tokens, dim] (stride(-1) == 1); qkv: [batch, tokens, 3 * dim]
-    (stride(-1) == 1); lse: [batch, heads, tokens] fp32 contiguous, from `attention_fwd`.
+def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """dout: [batch, tokens, dim] (stride(-1) == 1); qkv: [batch, tokens, 3 * dim] (stride(-1) == 1);
+    lse: [batch, heads, tokens] fp32 contiguous, from `attention_fwd`.
 
-    Returns dqkv [batch, tokens, 3 * dim] contiguous, in qkv's dtype.
+    Returns dqkv [batch, tokens, 3 * dim] contiguous, in qkv's dtype. The dQ kernel runs first: it
+    writes delta [batch, heads, tokens] fp32 (rowsum(P * dP)), which the dK/dV kernel reads.
     """
     b, t, three_dim = qkv.shape
     # The head size is a constexpr: specialize it (int) even when torch.compile traces shapes symbolically.
@@ -544,34 +520,22 @@ def attention_bwd(
     precision = _dot_precision(qkv.dtype)
     delta = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
     dqkv = _common.empty((b, t, three_dim), dtype=qkv.dtype, device=qkv.device)
-
-    pre_grid = (b * num_heads * triton.cdiv(t, _PREPROCESS_BLOCK_M),)
-    _common.launcher(_attention_bwd_preprocess_kernel)[pre_grid](
-        out, dout, delta, t, num_heads,
-        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        **split, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=_PREPROCESS_WARPS,
-    )  # fmt: skip
     tier = _tier(qkv.dtype, head_dim)
-
-    def dkdv_grid(meta):
-        return (b * num_heads * triton.cdiv(t, meta["BLOCK_N"]),)
-
-    _common.launcher(_tuned("dkdv", tier))[dkdv_grid](
+    args = (
         qkv, dout, lse, delta, dqkv, t, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         scale,
-        **split, DOT_PRECISION=precision,
     )  # fmt: skip
 
     def dq_grid(meta):
         return (b * num_heads * triton.cdiv(t, meta["BLOCK_M"]),)
 
-    _common.launcher(_tuned("dq", tier))[dq_grid](
-        qkv, dout, lse, delta, dqkv, t, num_heads,
-        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-        scale,
-        **split, DOT_PRECISION=precision,
-    )  # fmt: skip
+    _common.launcher(_tuned("dq", tier))[dq_grid](*args, **split, DOT_PRECISION=precision)
+
+    def dkdv_grid(meta):
+        return (b * num_heads * triton.cdiv(t, meta["BLOCK_N"]),)
+
+    _common.launcher(_tuned("dkdv", tier))[dkdv_grid](*args, **split, DOT_PRECISION=precision)
     return dqkv
 
 
@@ -607,15 +571,9 @@ def _specs() -> List[_common.KernelSpec]:
             bd, bdt, has_tail = head_split(head_dim)
             shape = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_DT": bdt, "HAS_TAIL": has_tail}
             tier = _tier(torch_dtype, head_dim)
-            sig = {"OUT": ptr, "DOUT": ptr, "DELTA": "*fp32", **ints, **strides("out", "dout")}
-            specs.append(_spec(
-                "_attention_bwd_preprocess_kernel", _attention_bwd_preprocess_kernel, sig,
-                {**shape, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=_PREPROCESS_WARPS, num_stages=1, dtype=dtype,
-                label=f"d{head_dim} M{_PREPROCESS_BLOCK_M}",
-            ))  # fmt: skip
             fwd_sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "scale": "fp32"}
             bwd_sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr, **ints,
-                       **strides("qkv", "dout", "dqkv"), "scale": "fp32", "scale": "fp32"}  # fmt: skip
+                       **strides("qkv", "dout", "dqkv"), "scale": "fp32"}  # fmt: skip
             for kernel, sig in (("fwd", fwd_sig), ("dkdv", bwd_sig), ("dq", bwd_sig)):
                 fn = _KERNELS[kernel]
                 for cfg in CONFIGS[tier][kernel]:

@@ -1,5 +1,7 @@
-"""Checkpoint conversion: timm, Hugging Face transformers, the original JAX .npz files, and the
-2-D resampling of position embeddings when a checkpoint's resolution differs from the model's.
+"""Checkpoint conversion: timm, Hugging Face transformers and the original JAX .npz files.
+
+A checkpoint made at another resolution has its position embedding resampled in 2-D by
+`vitkern.pos_embed.resample_pos_embed` (re-exported here, where it used to live).
 
     model = vitkern.from_timm(timm_model)                   # or a timm model name
     model = vitkern.load_hf(hf_vit_model)                   # ViTModel / ViTForImageClassification
@@ -16,71 +18,17 @@ import copy
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern.config import ViTConfig
-
-if TYPE_CHECKING:  # model.py imports this module: the type only, no import cycle at run time
-    from vitkern.model import ViT
-
-RESAMPLE_MODES = ("bicubic", "bilinear")
+from vitkern.model import ViT
+from vitkern.pos_embed import RESAMPLE_MODES, resample_pos_embed
 
 __all__ = ["resample_pos_embed", "from_timm", "load_hf", "load_jax_npz", "timm_config"]
-
-
-# --------------------------------------------------------------------------------------------
-# Position embeddings
-
-
-def resample_pos_embed(
-    pos_embed: Tensor,
-    new_grid: Tuple[int, int],
-    old_grid: Tuple[int, int],
-    num_prefix_tokens: int = 1,
-    mode: str = "bicubic",
-    antialias: bool = True,
-) -> Tensor:
-    """Resample position embeddings [1, prefix + old_h * old_w, dim] to a new patch grid.
-
-    The prefix tokens (class token) keep their embedding; the grid part is interpolated in 2-D
-    (fp32, or fp64 for fp64 input) and cast back. `mode="bicubic", antialias=True` is timm's
-    `resample_abs_pos_embed`; `mode="bilinear"` is closest to the original JAX code, which
-    zooms the grid with linear interpolation. Returns [1, prefix + new_h * new_w, dim] in
-    pos_embed's dtype (the input itself when the grids are equal).
-    """
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
-    if not isinstance(pos_embed, Tensor):
-        raise TypeError(f"pos_embed must be a torch.Tensor, got {type(pos_embed).__name__}")
-    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must have shape [1, tokens, dim], got {tuple(pos_embed.shape)}")
-    for name, grid in (("new_grid", new_grid), ("old_grid", old_grid)):
-        if len(grid) != 2 or any(not isinstance(g, int) or g <= 0 for g in grid):
-            raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {grid!r}")
-    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
-    old_h, old_w = old_grid
-    new_h, new_w = new_grid
-    expected = num_prefix_tokens + old_h * old_w
-    if pos_embed.shape[1] != expected:
-        raise ValueError(
-            f"pos_embed has {pos_embed.shape[1]} tokens but old_grid {tuple(old_grid)} with "
-            f"{num_prefix_tokens} prefix tokens needs {expected}"
-        )
-    if (new_h, new_w) == (old_h, old_w):
-        return pos_embed
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    dim = pos_embed.shape[-1]
-    # interpolate has no half-precision CPU kernels; fp64 stays fp64 so the float64 oracle stays exact.
-    work = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
-    grid = grid.to(work).reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_h, new_w), mode=mode, antialias=antialias, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,9 +79,7 @@ def _match_source(model: nn.Module, like: Optional[Tensor], training: bool) -> n
     return model.train(training)
 
 
-def _build(config: ViTConfig, hybrid_backbone: Optional[nn.Module] = None) -> "ViT":
-    from vitkern.model import ViT
-
+def _build(config: ViTConfig, hybrid_backbone: Optional[nn.Module] = None) -> ViT:
     return ViT(hybrid_backbone=hybrid_backbone, **vars(config))
 
 
@@ -596,9 +542,11 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
     [in, out] -> Linear weights [out, in]; query/key/value kernels [D, heads, head_dim] -> rows of
     qkv [3 * D, D] (row s * D + h * head_dim + j holds kernel[:, h, j] of q, k or v for s = 0, 1, 2);
     the out kernel [heads, head_dim, D] -> proj [D, D] (column h * head_dim + j). The position
-    embedding is resampled in 2-D (`resample_mode`: "bicubic" as timm, "bilinear" as the JAX
-    code) when its grid differs from the model's. A shape that does not fit raises ValueError
-    naming the checkpoint key, its shape and the expected shape.
+    embedding is resampled in 2-D when its grid differs from the model's (`resample_mode`, see
+    `vitkern.pos_embed`: "bicubic" as timm's loader, "bilinear" as timm's bilinear option, "jax"
+    as the original JAX repo's `scipy.ndimage.zoom(order=1)`). A shape that does not fit raises
+    ValueError naming the checkpoint key, its shape and the expected shape; with `strict=False` a
+    head of another shape (another label set) is skipped with a warning, as timm's loader skips it.
     """
     keys = list(arrays)
     prefix = _jax_prefix(keys)
@@ -692,9 +640,21 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
         put("pre_logits.fc.bias", take("pre_logits/bias", (rep,), "pre_logits.fc.bias"))
     if "head.weight" in target:
         classes, features = target["head.weight"].shape
-        k = take("head/kernel", (features, classes), "head.weight (as [in, out])")
-        put("head.weight", None if k is None else k.t())
-        put("head.bias", take("head/bias", (classes,), "head.bias"))
+        head_key = prefix + "head/kernel"
+        theirs = tuple(arrays[head_key].shape) if head_key in arrays else None
+        if not strict and theirs is not None and theirs != (features, classes):
+            # Another label set (e.g. an ImageNet-21k checkpoint into a 10-class model): timm's
+            # loader keeps the model's head; say so, since the logits then come from fresh weights.
+            used.update({head_key, prefix + "head/bias"})
+            warnings.warn(
+                f"load_jax_npz: skipped the checkpoint's head: {head_key} has shape {theirs} (in, out) but the "
+                f"model's head needs {(features, classes)}; the model keeps its own head",
+                stacklevel=3,
+            )
+        else:
+            k = take("head/kernel", (features, classes), "head.weight (as [in, out])")
+            put("head.weight", None if k is None else k.t())
+            put("head.bias", take("head/bias", (classes,), "head.bias"))
 
     leftover = [k for k in keys if k not in used]
     if strict and leftover:
@@ -733,10 +693,13 @@ def load_jax_npz(
     `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_N/...`,
     `Transformer/encoder_norm`, `pre_logits`, `head`; an `opt/target/` or `params/` prefix is
     accepted). model: a `vitkern.ViT` of the checkpoint's width, depth and heads, at any
-    resolution (the position embedding is resampled with `resample_mode`, "bicubic" as timm or
-    "bilinear" for parity with the JAX code). With `strict=False`, checkpoint keys the model has no
-    place for (and model parameters the checkpoint lacks, e.g. a head) are skipped.
-    Returns `model`.
+    resolution. resample_mode: how the position embedding is resampled to the model's grid:
+    "bicubic" (default; timm's loader, antialiased when shrinking), "bilinear" (timm's bilinear,
+    half-pixel centres) or "jax" (the original repo's `scipy.ndimage.zoom(order=1)`, corner-aligned:
+    the one to use for the JAX code's own fine-tuning numbers). resample_antialias: for "bicubic"
+    and "bilinear" only. With `strict=False`, checkpoint keys the model has no place for and model
+    parameters the checkpoint lacks are skipped, and a head of another number of classes is
+    skipped with a warning (the model keeps its own head), as timm's loader does. Returns `model`.
     """
     import numpy as np
 

@@ -1,0 +1,88 @@
+"""2-D resampling of learned position embeddings to another patch grid.
+
+It sits below both `model.py` (dynamic image sizes, `set_input_size`) and `weights.py` (loading a
+checkpoint made at another resolution), so neither has to import the other for it.
+
+Three interpolations, because the checkpoints they serve were made with different ones:
+
+- "bicubic" (default, antialiased when shrinking): timm's `resample_abs_pos_embed`, what timm does
+  when it loads a checkpoint at another resolution and what `from_timm` / `load_hf` use.
+- "bilinear": timm's bilinear option (`F.interpolate(mode="bilinear", align_corners=False)`,
+  half-pixel centres). It is *not* what the original JAX code does.
+- "jax": the original google-research/vision_transformer code, which resamples with
+  `scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)`: linear interpolation with the
+  corner samples aligned (the first and last rows/columns of the old grid land exactly on the
+  first and last of the new one), no antialiasing. Implemented in torch; equal to scipy's result
+  to float rounding (tests/test_backbone_api.py checks it against scipy).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RESAMPLE_MODES = ("bicubic", "bilinear", "jax")
+
+__all__ = ["RESAMPLE_MODES", "resample_pos_embed"]
+
+
+def _check_grid(name: str, grid: Sequence[int]) -> Tuple[int, int]:
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid)):
+        raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def resample_pos_embed(
+    pos_embed: Tensor,
+    new_grid: Tuple[int, int],
+    old_grid: Tuple[int, int],
+    num_prefix_tokens: int = 1,
+    mode: str = "bicubic",
+    antialias: bool = True,
+) -> Tensor:
+    """Resample position embeddings [1, prefix + old_h * old_w, dim] to a new patch grid.
+
+    new_grid, old_grid: (rows, cols) of patches. num_prefix_tokens: leading tokens (the class
+    token) that keep their embedding unchanged. mode: "bicubic" (timm's default), "bilinear"
+    (timm's bilinear, half-pixel centres) or "jax" (the original JAX repo's
+    `scipy.ndimage.zoom(order=1)`, corner-aligned); see the module docstring. antialias: used by
+    "bicubic" and "bilinear" when shrinking, as in timm; "jax" never antialiases (scipy does not).
+
+    The grid part is interpolated in fp32 (fp64 for fp64 input) and cast back. Returns
+    [1, prefix + new_h * new_w, dim] in pos_embed's dtype (the input itself when the grids are equal).
+    """
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
+    if not isinstance(pos_embed, Tensor):
+        raise TypeError(f"pos_embed must be a torch.Tensor, got {type(pos_embed).__name__}")
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape [1, tokens, dim], got {tuple(pos_embed.shape)}")
+    new_h, new_w = _check_grid("new_grid", new_grid)
+    old_h, old_w = _check_grid("old_grid", old_grid)
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    expected = num_prefix_tokens + old_h * old_w
+    if pos_embed.shape[1] != expected:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} tokens but old_grid {(old_h, old_w)} with "
+            f"{num_prefix_tokens} prefix tokens needs {expected}"
+        )
+    if (new_h, new_w) == (old_h, old_w):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    # interpolate has no half-precision CPU kernels; fp64 stays fp64 so the float64 oracle stays exact.
+    work = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    grid = grid.to(work).reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    if mode == "jax":
+        # scipy.ndimage.zoom(order=1) maps output index i to input coordinate i * (old - 1) / (new - 1)
+        # (0 when new == 1): exactly bilinear with align_corners=True and no antialiasing.
+        grid = F.interpolate(grid, size=(new_h, new_w), mode="bilinear", align_corners=True)
+    else:
+        grid = F.interpolate(grid, size=(new_h, new_w), mode=mode, antialias=antialias, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from vitkern import dispatch, ops
 from vitkern.config import ViTConfig, to_2tuple
 from vitkern.dispatch import BackendUnavailableError
-from vitkern.weights import resample_pos_embed
+from vitkern.pos_embed import resample_pos_embed
 
 
 class DropPath(nn.Module):

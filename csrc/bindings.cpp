@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -52,6 +53,15 @@ Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
 }
 
 int dtype_code(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+// A size narrowed to the 32-bit int a kernel launcher takes (vitkern_kernels.h): refused, naming the
+// quantity, rather than wrapped into a smaller (or negative) launch.
+int to_int(const char* op, const char* what, int64_t v) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(v >= 0 && v <= kMax, "vitkern::", op, ": ", what, " is ", v,
+              "; the CUDA kernels take it as a 32-bit int (at most ", kMax, ")");
+  return static_cast<int>(v);
+}
 
 #ifdef VK_EMULATION
 bool on_kernel_device(const Tensor& t) { return t.is_cpu(); }
@@ -141,8 +151,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const Tensor&
   Tensor mean = new_output({rows}, x.options().dtype(at::kFloat));
   Tensor rstd = new_output({rows}, x.options().dtype(at::kFloat));
   check_cuda(op, vk_layer_norm_fwd(dtype_code(x), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, int(dim),
-                                   static_cast<float>(eps), stream()));
+                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
+                                   to_int(op, "x's last dim", dim), static_cast<float>(eps), stream()));
   return {y, mean, rstd};
 }
 
@@ -166,7 +176,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dout, const Tens
   Tensor partial = at::empty({vk_layer_norm_bwd_blocks(rows), 2, dim}, x.options().dtype(at::kFloat));
   check_cuda(op, vk_layer_norm_bwd(dtype_code(x), dout.data_ptr(), x.data_ptr(), weight.data_ptr(),
                                    mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(), dw.data_ptr(),
-                                   db.data_ptr(), partial.data_ptr<float>(), rows, int(dim), stream()));
+                                   db.data_ptr(), partial.data_ptr<float>(), rows, to_int(op, "x's last dim", dim),
+                                   stream()));
   return {dx, dw, db};
 }
 
@@ -293,7 +304,8 @@ void check_qkv(const char* op, const Tensor& qkv, int64_t num_heads) {
               ": qkv's last dim must be 3 * num_heads * head_dim with num_heads = ", num_heads, ", got ",
               qkv.size(2));
   const int64_t head_dim = qkv.size(2) / (3 * num_heads);
-  TORCH_CHECK(vk_attention_supports_head_dim(int(head_dim)), "vitkern::", op,
+  // Compared as int64 first: a head_dim past 2^31 must not wrap onto a supported one.
+  TORCH_CHECK(head_dim <= 128 && vk_attention_supports_head_dim(int(head_dim)), "vitkern::", op,
               ": head_dim must be 64, 80 or 128, got ", head_dim);
   TORCH_CHECK(qkv.stride(2) == 1, "vitkern::", op, ": qkv's last dim must be contiguous, got strides ",
               qkv.strides());
@@ -304,15 +316,27 @@ void check_qkv(const char* op, const Tensor& qkv, int64_t num_heads) {
   TORCH_CHECK(qkv.size(1) <= 65535 * 64, "vitkern::", op, ": at most ", 65535 * 64, " tokens, got ", qkv.size(1));
 }
 
+struct AttentionSizes {
+  int batch, tokens, heads, head_dim;
+};
+
+// The launchers' int sizes, checked; the grid's x dimension is batch * heads (at most 2^31 - 1).
+AttentionSizes attention_sizes(const char* op, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim) {
+  to_int(op, "batch * num_heads (the kernels' grid.x)", batch * heads);
+  return {to_int(op, "batch", batch), to_int(op, "tokens", tokens), to_int(op, "num_heads", heads),
+          to_int(op, "head_dim", head_dim)};
+}
+
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, double scale) {
   const char* op = "cuda_attention_fwd";
   check_qkv(op, qkv, num_heads);
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
+  const AttentionSizes sizes = attention_sizes(op, batch, tokens, num_heads, head_dim);
   VK_DEVICE_GUARD(qkv);
   Tensor out = new_output({batch, tokens, dim}, qkv.options());
   Tensor lse = new_output({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
   check_cuda(op, vk_attention_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
-                                  lse.data_ptr<float>(), int(batch), int(tokens), int(num_heads), int(head_dim),
+                                  lse.data_ptr<float>(), sizes.batch, sizes.tokens, sizes.heads, sizes.head_dim,
                                   static_cast<float>(scale), stream()));
   return {out, lse};
 }
@@ -322,6 +346,7 @@ Tensor attention_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out, c
   const char* op = "cuda_attention_bwd";
   check_qkv(op, qkv, num_heads);
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
+  const AttentionSizes sizes = attention_sizes(op, batch, tokens, num_heads, head_dim);
   check_input(op, "dout", dout, qkv, 3);
   check_shape(op, "dout", dout, {batch, tokens, dim});
   check_input(op, "out", out, qkv, 3);
@@ -332,7 +357,7 @@ Tensor attention_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out, c
   Tensor delta = at::empty({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
   check_cuda(op, vk_attention_bwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
                                   dout.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dqkv.data_ptr(),
-                                  int(batch), int(tokens), int(num_heads), int(head_dim), static_cast<float>(scale),
+                                  sizes.batch, sizes.tokens, sizes.heads, sizes.head_dim, static_cast<float>(scale),
                                   stream()));
   return dqkv;
 }
@@ -349,12 +374,26 @@ void check_patch_args(const char* op, const Tensor& x, const Tensor& weight) {
               "), got (", x.size(2), ", ", x.size(3), ")");
 }
 
+// The image geometry as the gather kernels take it (ints), checked: the patch length chans * ph * pw is
+// an int in the kernel too.
+struct ImageSizes {
+  int batch, chans, height, width, ph, pw;
+};
+
+ImageSizes image_sizes(const char* op, const Tensor& x, const Tensor& weight) {
+  to_int(op, "the patch length chans * ph * pw", x.size(1) * weight.size(2) * weight.size(3));
+  return {to_int(op, "batch", x.size(0)), to_int(op, "chans", x.size(1)), to_int(op, "height", x.size(2)),
+          to_int(op, "width", x.size(3)), to_int(op, "patch height", weight.size(2)),
+          to_int(op, "patch width", weight.size(3))};
+}
+
 Tensor patchify(const char* op, const Tensor& x, const Tensor& weight) {
   const int64_t batch = x.size(0), chans = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t ph = weight.size(2), pw = weight.size(3);
+  const ImageSizes s = image_sizes(op, x, weight);
   Tensor patches = new_output({batch * (h / ph) * (w / pw), chans * ph * pw}, x.options());
-  check_cuda(op, vk_patchify(dtype_code(x), x.data_ptr(), patches.data_ptr(), int(batch), int(chans), int(h), int(w),
-                             int(ph), int(pw), stream()));
+  check_cuda(op, vk_patchify(dtype_code(x), x.data_ptr(), patches.data_ptr(), s.batch, s.chans, s.height, s.width,
+                             s.ph, s.pw, stream()));
   return patches;
 }
 
@@ -385,8 +424,8 @@ Tensor patch_embed_fwd(const Tensor& x, const Tensor& weight, const std::optiona
        nullptr);
   Tensor out = new_output({batch, tokens, dim}, x.options());
   check_cuda(op, vk_patch_embed_epilogue(dtype_code(x), proj.data_ptr(), ptr_or_null(cls_token),
-                                         ptr_or_null(pos_embed), out.data_ptr(), int(batch), int(num_patches),
-                                         int(dim), stream()));
+                                         ptr_or_null(pos_embed), out.data_ptr(), to_int(op, "batch", batch),
+                                         to_int(op, "num_patches", num_patches), to_int(op, "dim", dim), stream()));
   return out;
 }
 
@@ -429,8 +468,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor&
     gemm(op, "dpatches = dproj @ weight", x, false, false, m, k, dim, dproj, weight, nullptr, nullptr, dpatches,
          nullptr);
     dx = new_output(x.sizes(), x.options());
-    check_cuda(op, vk_unpatchify(dtype_code(x), dpatches.data_ptr(), dx.data_ptr(), int(batch), int(x.size(1)),
-                                 int(x.size(2)), int(x.size(3)), int(weight.size(2)), int(weight.size(3)), stream()));
+    const ImageSizes s = image_sizes(op, x, weight);
+    check_cuda(op, vk_unpatchify(dtype_code(x), dpatches.data_ptr(), dx.data_ptr(), s.batch, s.chans, s.height,
+                                 s.width, s.ph, s.pw, stream()));
   }
   return {dx, dw, db, dcls, dpos};
 }

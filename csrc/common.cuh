@@ -67,15 +67,27 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Exact GELU (erf form), the paper's and timm's default, and its derivative.
-__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+// Exact GELU (erf form), the paper's and timm's default, and its derivative. The fp16 pre-activation
+// the GEMM stores is -inf where the product passed -65504, and there x * Phi(x) and x * phi(x) are
+// inf * 0 = NaN, while GELU and GELU' tend to 0 (and GELU' to 1 at +inf). A factor that is exactly 0
+// therefore contributes 0: the same values as before for every finite x, and the limits at +-inf.
+__device__ __forceinline__ float gelu_f(float x) {
+  const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+  return cdf == 0.0f ? 0.0f : x * cdf;
+}
 __device__ __forceinline__ float dgelu_f(float x) {
   const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
   const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
-  return cdf + x * pdf;
+  return pdf == 0.0f ? cdf : cdf + x * pdf;
 }
 
-inline unsigned ceil_div(long long a, long long b) { return static_cast<unsigned>((a + b - 1) / b); }
+// Blocks of b covering a, as a grid dimension. A count past 2^32 - 1 is not wrapped into a smaller grid
+// (which would silently skip work): it becomes 0, which every launch refuses (invalid configuration),
+// so the op fails with the launch error. bindings.cpp checks the sizes it narrows before that.
+inline unsigned ceil_div(long long a, long long b) {
+  const long long blocks = (a + b - 1) / b;
+  return blocks > 0xFFFFFFFFLL ? 0u : static_cast<unsigned>(blocks);
+}
 
 }  // namespace vk
 

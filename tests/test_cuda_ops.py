@@ -184,6 +184,19 @@ def test_linear(dev, dtype, lead, k, n, bias, activation, residual):
     _check_all(("dx", "dweight", "dbias", "dresidual"), grads, grads_ref, dtype)
 
 
+def test_linear_fp16_gelu_past_range(dev):
+    # x @ w^T = -1e5 is -inf in the fp16 pre-activation the GEMM stores: GELU of it is 0 (it was
+    # NaN), GELU' too, so the backward stays finite; a +7e4 product overflows to +inf, where GELU is inf.
+    x = torch.full((3, 16), 25.0, device=dev, dtype=torch.float16)
+    w = torch.full((4, 16), -250.0, device=dev, dtype=torch.float16)
+    w[3] = 175.0
+    dy = torch.ones(3, 4, device=dev, dtype=torch.float16)
+    y, (dx, dw) = _run(lambda a, b: ops.linear(a, b, activation="gelu", backend="cuda"), (x, w), dy)
+    assert torch.equal(y[:, :3].float(), torch.zeros(3, 3)), y
+    assert torch.isposinf(y[:, 3]).all(), y
+    assert torch.isfinite(dw[:3]).all() and not torch.isnan(dx).any(), (dx, dw)
+
+
 # ------------------------------------------------------------------------------------------ ln_linear
 
 

@@ -155,3 +155,15 @@ def test_model_builds_on_meta_device():
         model = vitkern.vit_large_patch16_224()
     assert model.pos_embed.device.type == "meta"
     assert sum(p.numel() for p in model.parameters()) == _param_count(model.config)
+
+
+def test_mlp_width_from_a_ratio_is_exact():
+    # A width read from weights travels as the ratio width / embed_dim: every such width comes back
+    # (int() alone lost one for about a quarter of these pairs, e.g. 112 -> 488 gave 487).
+    for dim in range(8, 1281, 8):
+        for hidden in range(dim, 4 * dim + 1, 7):
+            assert ViTConfig(embed_dim=dim, num_heads=1, mlp_ratio=hidden / dim).mlp_hidden_dim == hidden, (dim, hidden)
+    # Otherwise timm's int(): 112 * 4.36 = 488.32 -> 488, and 768 * 4.0 = 3072.
+    assert ViTConfig(embed_dim=112, num_heads=2, mlp_ratio=4.36).mlp_hidden_dim == 488
+    assert ViTConfig(embed_dim=112, num_heads=2, mlp_ratio=4.3699).mlp_hidden_dim == 489
+    assert ViTConfig().mlp_hidden_dim == 3072

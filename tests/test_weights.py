@@ -545,3 +545,61 @@ def test_load_jax_npz_accepts_prefixed_keys(tmp_path):
     a = _jax_arrays()
     model = load_jax_npz(_save(tmp_path, {"opt/target/" + k: v for k, v in a.items()}), _jax_model())
     np.testing.assert_array_equal(model.cls_token.detach().numpy(), a["cls"])
+
+
+def test_load_jax_npz_with_part_of_qkv_missing(tmp_path):
+    a = _jax_arrays()
+    b0, b1 = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/", "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/"
+    gone = (b1 + "key/kernel", b0 + "value/bias")
+    partial = {k: v for k, v in a.items() if k not in gone}
+    path = _save(tmp_path, partial, "partial.npz")
+    with pytest.raises(ValueError, match=r"only part of blocks.0.attn.qkv.bias: .*encoderblock_0/.*value/bias missing"):
+        load_jax_npz(path, _jax_model())
+    model = _jax_model()
+    init_w = model.blocks[1].attn.qkv.weight.detach().clone()
+    init_b = model.blocks[0].attn.qkv.bias.detach().clone()
+    with pytest.warns(UserWarning) as record:
+        load_jax_npz(path, model, strict=False)
+    messages = [str(w.message) for w in record if "q/k/v" in str(w.message)]
+    assert len(messages) == 1 and all(key in messages[0] for key in gone), messages
+    assert "keep the model's values" in messages[0]
+    w = model.blocks[1].attn.qkv.weight.detach()
+    # The present parts fill their rows (q: 0..D, v: 2D..3D); the missing key's rows keep the init.
+    np.testing.assert_array_equal(w[:D].numpy(), a[b1 + "query/kernel"].reshape(D, D).T)
+    np.testing.assert_array_equal(w[2 * D:].numpy(), a[b1 + "value/kernel"].reshape(D, D).T)
+    assert torch.equal(w[D:2 * D], init_w[D:2 * D])
+    bias = model.blocks[0].attn.qkv.bias.detach()
+    np.testing.assert_array_equal(bias[:D].numpy(), a[b0 + "query/bias"].reshape(D))
+    np.testing.assert_array_equal(bias[D:2 * D].numpy(), a[b0 + "key/bias"].reshape(D))
+    assert torch.equal(bias[2 * D:], init_b[2 * D:])
+    # Everything complete still loads in full (block 0's kernels, block 1's biases).
+    np.testing.assert_array_equal(model.blocks[0].attn.qkv.weight.detach()[D:2 * D].numpy(),
+                                  a[b0 + "key/kernel"].reshape(D, D).T)
+
+
+# MLP widths that are no exact float multiple of the embedding: 112 * (488 / 112) = 487.99999999999994
+# and 176 * (240 / 176) = 239.99999999999997, which int() truncated to 487 and 239.
+ODD_MLP = [(112, 488), (176, 240)]
+
+
+@pytest.mark.parametrize("dim,hidden", ODD_MLP)
+def test_from_timm_odd_mlp_width(dim, hidden):
+    tm = _tiny_timm(embed_dim=dim, depth=1, mlp_ratio=(hidden + 0.5) / dim)  # timm: int(dim * ratio) = hidden
+    assert tm.blocks[0].mlp.fc1.out_features == hidden
+    model = from_timm(tm)
+    assert model.config.mlp_hidden_dim == hidden and model.blocks[0].mlp.fc1.out_features == hidden
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(model(x), tm(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dim,hidden", ODD_MLP)
+def test_load_hf_odd_mlp_width(dim, hidden):
+    hf = transformers.ViTModel(_hf_config(hidden_size=dim, intermediate_size=hidden, num_hidden_layers=1,
+                                          num_attention_heads=2)).eval()
+    _randomize_(hf)
+    model = load_hf(hf)
+    assert model.blocks[0].mlp.fc1.out_features == hidden
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(model.forward_features(x), hf(pixel_values=x).last_hidden_state) <= 1e-5

@@ -100,7 +100,12 @@ class ViTConfig:
 
     @property
     def mlp_hidden_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        """The MLP's hidden width: timm's int(embed_dim * mlp_ratio), except that a product a float
+        rounding error below an integer is that integer. A width read from weights travels as the
+        ratio width / embed_dim, and 112 * (488 / 112) = 487.99999999999994: int() alone gave 487."""
+        width = self.embed_dim * self.mlp_ratio
+        nearest = round(width)
+        return nearest if abs(width - nearest) <= 1e-9 * max(1.0, width) else int(width)
 
     @property
     def head_dim(self) -> int:

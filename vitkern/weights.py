@@ -534,6 +534,9 @@ def _jax_prefix(keys: List[str]) -> str:
                      f"{_preview(sorted(keys), 5)})")
 
 
+_QKV = ("query", "key", "value")  # the JAX attention's projections, in the order of timm's fused qkv rows
+
+
 def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: str = "bicubic",
                 resample_antialias: bool = True, strict: bool = True) -> Dict[str, Tensor]:
     """The arrays of a JAX ViT checkpoint -> timm-layout tensors shaped for `model`.
@@ -547,6 +550,9 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
     as the original JAX repo's `scipy.ndimage.zoom(order=1)`). A shape that does not fit raises
     ValueError naming the checkpoint key, its shape and the expected shape; with `strict=False` a
     head of another shape (another label set) is skipped with a warning, as timm's loader skips it.
+    A block with only some of query/key/value (kernel or bias) is refused naming the missing keys;
+    with `strict=False` the present ones fill their rows of qkv, the others keep the model's values,
+    and one warning names every missing key.
     """
     keys = list(arrays)
     prefix = _jax_prefix(keys)
@@ -567,6 +573,34 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
     def put(dest: str, value: Optional[Tensor]) -> None:
         if value is not None:
             out[dest] = value
+
+    qkv_missing: List[str] = []
+
+    def put_qkv(dest: str, parts: List[Optional[Tensor]], scope: str, leaf: str) -> None:
+        """qkv's weight or bias from the q, k and v parts (rows s * D ... (s + 1) * D for s = 0, 1, 2).
+        With only some parts present, strict refuses; strict=False loads them into their rows and
+        keeps the model's values in the others (reported once, after every block)."""
+        present = [p for p in parts if p is not None]
+        if not present:
+            return
+        if len(present) == len(parts):
+            out[dest] = torch.cat(parts, dim=0)
+            return
+        missing = [prefix + scope + f"{n}/{leaf}" for n, p in zip(_QKV, parts) if p is None]
+        if strict:
+            raise ValueError(
+                f"the .npz has only part of {dest}: {', '.join(missing)} missing (pass strict=False to load the "
+                "parts it has and keep the model's values for the others)"
+            )
+        if dest not in target:  # e.g. q/k/v biases for a model built with qkv_bias=False: nothing to merge into
+            return
+        merged = target[dest].detach().to(device="cpu", dtype=present[0].dtype).clone()
+        rows = merged.shape[0] // len(parts)
+        for s, p in enumerate(parts):
+            if p is not None:
+                merged[s * rows:(s + 1) * rows] = p
+        out[dest] = merged
+        qkv_missing.extend(missing)
 
     proj_w = target["patch_embed.proj.weight"]
     dim, chans, ph, pw = proj_w.shape
@@ -606,14 +640,11 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
             put(t + f"{name}.bias", take(b + f"{ln}/bias", (dim,), t + f"{name}.bias"))
         a = b + "MultiHeadDotProductAttention_1/"
         kernels = [take(a + f"{n}/kernel", (dim, heads, head_dim), t + "attn.qkv.weight (per q/k/v)")
-                   for n in ("query", "key", "value")]
-        if all(k is not None for k in kernels):
-            # [D_in, heads, head_dim] -> [heads * head_dim, D_in]: the Linear weight of q, k or v.
-            out[t + "attn.qkv.weight"] = torch.cat([k.reshape(dim, dim).t() for k in kernels], dim=0)
-        biases = [take(a + f"{n}/bias", (heads, head_dim), t + "attn.qkv.bias (per q/k/v)")
-                  for n in ("query", "key", "value")]
-        if all(v is not None for v in biases):
-            out[t + "attn.qkv.bias"] = torch.cat([v.reshape(dim) for v in biases], dim=0)
+                   for n in _QKV]
+        # [D_in, heads, head_dim] -> [heads * head_dim, D_in]: the Linear weight of q, k or v.
+        put_qkv(t + "attn.qkv.weight", [None if k is None else k.reshape(dim, dim).t() for k in kernels], a, "kernel")
+        biases = [take(a + f"{n}/bias", (heads, head_dim), t + "attn.qkv.bias (per q/k/v)") for n in _QKV]
+        put_qkv(t + "attn.qkv.bias", [None if v is None else v.reshape(dim) for v in biases], a, "bias")
         o = take(a + "out/kernel", (heads, head_dim, dim), t + "attn.proj.weight")
         put(t + "attn.proj.weight", None if o is None else o.reshape(dim, dim).t())
         put(t + "attn.proj.bias", take(a + "out/bias", (dim,), t + "attn.proj.bias"))
@@ -656,6 +687,12 @@ def jax_to_timm(arrays: Mapping[str, Any], model: nn.Module, *, resample_mode: s
             put("head.weight", None if k is None else k.t())
             put("head.bias", take("head/bias", (classes,), "head.bias"))
 
+    if qkv_missing:
+        warnings.warn(
+            f"load_jax_npz: the .npz lacks {', '.join(qkv_missing)}; the matching q/k/v slices of attn.qkv keep the "
+            "model's values (its initialization, unless loaded before), the other slices were loaded",
+            stacklevel=3,
+        )
     leftover = [k for k in keys if k not in used]
     if strict and leftover:
         hybrid = [k for k in leftover if k[len(prefix):].startswith(("conv_root", "gn_root", "block"))]

@@ -74,6 +74,20 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
+def pytest_configure(config):
+    # SIGTERM (the GPU suite's stage limit, or any kill) -> KeyboardInterrupt: pytest then ends the
+    # session cleanly, so the junit XML (--junitxml) of every finished test is still written. Only
+    # in the main thread of the main process (pytest-xdist's controller stops its workers itself).
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and not hasattr(config, "workerinput"):
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt("SIGTERM: the caller's time limit")
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

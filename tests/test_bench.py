@@ -4,6 +4,7 @@ junit, the OUT copy) is right on synthetic inputs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -137,6 +138,7 @@ def suite():
 
     spec = importlib.util.spec_from_file_location("gpu_suite", os.path.join(REPO, "scripts", "gpu_suite.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_suite"] = mod  # its dataclasses resolve their module through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
@@ -198,18 +200,20 @@ def test_suite_reads_junit_and_copies_at_most_8_small_files(suite, tmp_path, mon
     md, log = tmp_path / "rec.md", tmp_path / "log.txt"
     md.write_text("# summary\n")
     log.write_text("line\n" * 2000)
-    bench_dir, prof_dir = tmp_path / "bench", tmp_path / "prof"
-    bench_dir.mkdir()
-    prof_dir.mkdir()
-    (bench_dir / "bench.png").write_bytes(b"\x89PNG")
-    (prof_dir / "trace.json").write_text("{}")
+    trace = tmp_path / "trace.json"
+    trace.write_text("{}")
     monkeypatch.setattr(suite, "MAX_OUT_BYTES", 4000)
     out = tmp_path / "out"
-    suite.copy_out(str(out), "NVIDIA H100 80GB HBM3+dirty", str(rec), str(md), str(log), str(junit),
-                   str(bench_dir), str(prof_dir))
+    files = [(str(rec), "NVIDIA H100 80GB HBM3+dirty.json"), (str(md), "rec.md"), (str(log), "suite-log.txt"),
+             (str(junit), "junit.xml"), (str(trace), "profile-trace.json.gz"), (str(tmp_path / "missing"), "x.txt")]
+    files += [(str(md), f"extra{i}.md") for i in range(5)]  # more than the tool brings back
+    suite.copy_out(str(out), files)
     names = sorted(os.listdir(out))
-    assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
-    assert "profile-trace.json.gz" in names and "gpu-tests.xml" in names
+    # at most 6 here: the 7th place in OUT stays for the sweep's tuning table
+    assert len(names) <= suite.MAX_OUT_FILES - 1 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    assert "profile-trace.json.gz" in names and "junit.xml" in names and "x.txt" not in names
+    with gzip.open(out / "profile-trace.json.gz") as f:
+        assert f.read() == b"{}"
     copied = json.loads((out / "NVIDIA-H100-80GB-HBM3-dirty.json").read_text())  # still valid JSON
     assert copied["schema"] == suite.SCHEMA and isinstance(copied["benchmarks"], str)
     assert (out / "suite-log.txt").stat().st_size <= 4000  # the end of a too-long log

@@ -356,15 +356,63 @@ def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def all_tuned() -> Dict[str, "Tuned"]:
+    """Every Tuned kernel of the kernel files, by name (imports them; a file whose tuned kernels
+    are built on first use, per tier, as attention's `_tuned(kernel, tier)` over `CONFIGS`, has
+    them built here)."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__package__ or "vitkern.kernels.triton")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        build, tiers = getattr(module, "_tuned", None), getattr(module, "CONFIGS", None)
+        if callable(build) and isinstance(tiers, dict):
+            for tier, kernels in tiers.items():
+                for kernel in kernels:
+                    build(kernel, tier)
+    return dict(TUNED)
+
+
+def table_problems(table: TuningTable) -> List[str]:
+    """What is wrong with a table's entries against the code (empty when nothing): a kernel that no
+    longer exists, a key whose names differ from the kernel's, a bucket that is no power of two,
+    a config that is not in the kernel's list."""
+    tuned_kernels = all_tuned()
+    problems = []
+    for name, entries in table.kernels.items():
+        t = tuned_kernels.get(name)
+        if t is None:
+            problems.append(f"{name}: no tuned kernel has this name")
+            continue
+        configs = [config_dict(c) for c in t.configs]
+        for i, e in enumerate(entries):
+            where = f"{name}[{i}] ({e.get('key')}, bucket {e.get('bucket')})"
+            if sorted(e["key"]) != sorted(t.key + ["dtype"]):
+                problems.append(f"{where}: key names {sorted(e['key'])} != {sorted(t.key + ['dtype'])}")
+            b = int(e["bucket"])
+            if b < 1 or b & (b - 1):
+                problems.append(f"{where}: bucket {b} is not a power of two")
+            if e["config"] not in configs:
+                problems.append(f"{where}: config {e['config']} is not one of the kernel's {len(configs)} configs")
+    return problems
+
+
 @contextmanager
 def force_config(name: str, index: int) -> Iterator[None]:
-    """Launch Tuned kernel `name` with config `index` of its pruned list (modulo its length),
-    bypassing table and autotuner, inside the block (also in the interpreter)."""
+    """Launch Tuned kernel `name` ("*": every Tuned kernel) with config `index` of its pruned list
+    (modulo its length), bypassing table and autotuner, inside the block (also in the interpreter)."""
+    previous = _FORCED.get(name)
     _FORCED[name] = index
     try:
         yield
     finally:
-        _FORCED.pop(name, None)
+        if previous is None:
+            _FORCED.pop(name, None)
+        else:
+            _FORCED[name] = previous
 
 
 def _first_tensor(named: Dict[str, Any]) -> Optional[torch.Tensor]:
@@ -427,8 +475,9 @@ class Tuned:
         """(configs to choose among, where they come from: "forced", "table", "interpreter",
         "pruned by table", "autotune") for a launch on `device_name` (None: no table)."""
         cands = self.candidates(named)
-        if self.name in _FORCED:
-            return [cands[_FORCED[self.name] % len(cands)]], "forced"
+        forced = _FORCED.get(self.name, _FORCED.get("*"))
+        if forced is not None:
+            return [cands[forced % len(cands)]], "forced"
         if device_name is None and interpreting():
             return cands[:1], "interpreter"
         table = table_for_device(device_name) if device_name else None
@@ -469,11 +518,11 @@ class Tuned:
 
         def after() -> None:
             if len(at.cache) > seen:
-                self._record(at, key, bucket, source)
+                self._record(at, key, bucket, source, device_name)
 
         return at, after
 
-    def _record(self, at: Any, key: Dict[str, Any], bucket: int, source: str) -> None:
+    def _record(self, at: Any, key: Dict[str, Any], bucket: int, source: str, device_name: Optional[str]) -> None:
         timings = getattr(at, "configs_timings", None) or {}
         ms = {}
         for cfg, t in timings.items():
@@ -483,8 +532,12 @@ class Tuned:
         result = {"kernel": self.name, "key": key, "bucket": bucket, "source": source,
                   "best": config_label(best) if best is not None else None,
                   "best_config": config_dict(best) if best is not None else None,
-                  "ms": ms, "bench_s": getattr(at, "bench_time", None)}
+                  "ms": ms, "bench_s": getattr(at, "bench_time", None), "device": device_name}
         AUTOTUNE_RESULTS.append(result)
+        sweep = os.environ.get("VITKERN_TUNING_SWEEP_TABLE")
+        if sweep and best is not None and device_name:
+            # the GPU suite's sweep: each result joins the device's table as soon as it is known
+            write_table_entry(sweep, device_name, self.name, key, bucket, config_dict(best), ms)
         path = os.environ.get("VITKERN_AUTOTUNE_LOG")
         if path:
             with open(path, "a") as f:  # one short line per result: appends from several processes stay whole

@@ -158,14 +158,19 @@ def attention(
     qkv: [batch, tokens, 3 * dim] in timm's order (3, heads, head_dim) along the last dim.
     Returns out [batch, tokens, dim] (heads concatenated, ready for the output projection), and
     with `return_probs` also the probabilities [batch, heads, tokens, tokens] in fp32 (fp64 for fp64).
-    The softmax runs in fp32 for low-precision inputs, as eager PyTorch does.
+
+    For fp16/bf16 inputs the scores q k^T and the softmax are computed in fp32 (as
+    F.scaled_dot_product_attention does): scores rounded to 16 bits would carry an absolute error
+    of |logit| * 2^-8 (bf16) into the exponent, and fp16 scores overflow past 65504. Only the
+    probabilities are rounded to the input dtype for the P v product, like the fused kernels do.
     """
     b, t, three_dim = qkv.shape
     dim = three_dim // 3
     head_dim = dim // num_heads
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = qkv.reshape(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, t, d]
-    scores = (q @ k.transpose(-2, -1)).to(_stats_dtype(qkv)) * scale
+    stats = _stats_dtype(qkv)
+    scores = (q.to(stats) @ k.to(stats).transpose(-2, -1)) * scale
     probs = scores.softmax(dim=-1)
     out = probs.to(qkv.dtype) @ v  # [b, h, t, d]
     out = out.transpose(1, 2).reshape(b, t, dim)

@@ -26,14 +26,13 @@ from conftest import TRITON_DEVICE
 from vitkern import dispatch, ops, reference
 
 REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-# |qkv| stops at 300: from about 3000 (|q.k| ~ 1e8) the fp32-accumulated dot q.k itself rounds by
-# more than the gap between the top two keys of some rows, so the argmax differs from float64
-# whatever the softmax does (docs/perf/attention.md: SDPA is off by 3x-45x there).
-SWEEP = [("logit", 1e2), ("logit", 1e3), ("logit", 1e4), ("mag", 30.0), ("mag", 300.0)]
+SWEEP = [("logit", 1e2), ("logit", 1e3), ("logit", 1e4), ("mag", 30.0), ("mag", 300.0), ("mag", 1e4)]
 
 
-def _case(batch, tokens, heads, head_dim, kind, size, seed=0):
-    """qkv [batch, tokens, 3 * heads * head_dim] and dout [batch, tokens, heads * head_dim] in float64."""
+def _case(batch, tokens, heads, head_dim, kind, size, dtype, seed=0):
+    """qkv [batch, tokens, 3 * heads * head_dim] and dout [batch, tokens, heads * head_dim]: values of
+    `dtype`, held in float64 (the oracle must see the rounded inputs: at |q| = 1e4 rounding q and k
+    to fp16 moves a logit by ~1e5, more than the gap between a row's top two keys)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, tokens, 3, heads, head_dim, generator=g, dtype=torch.float64)
     if kind == "logit":
@@ -42,7 +41,7 @@ def _case(batch, tokens, heads, head_dim, kind, size, seed=0):
     else:
         x *= size
     dout = torch.randn(batch, tokens, heads * head_dim, generator=g, dtype=torch.float64)
-    return x.reshape(batch, tokens, -1), dout
+    return x.reshape(batch, tokens, -1).to(dtype).double(), dout.to(dtype).double()
 
 
 def _fwd_bwd(fn, qkv, dout):
@@ -82,7 +81,7 @@ def _sweep_id(case):
 @pytest.mark.parametrize("case", SWEEP, ids=_sweep_id)
 def test_triton_attention_at_large_logits(dtype, case):
     heads, head_dim = 2, 64
-    qkv64, dout64 = _case(1, 40, heads, head_dim, *case)
+    qkv64, dout64 = _case(1, 40, heads, head_dim, *case, dtype)
     qkv, dout = qkv64.to(TRITON_DEVICE, dtype), dout64.to(TRITON_DEVICE, dtype)
     out, dqkv = _fwd_bwd(lambda x: ops.attention(x, heads, backend="triton"), qkv, dout)
     _check("triton", dtype, heads, qkv64, dout64, out.cpu(), dqkv.cpu())
@@ -143,7 +142,7 @@ def emu():
 def test_cuda_attention_at_large_logits(emu, dtype, case):
     heads, head_dim = 1, 64
     batch, tokens = 1, 40
-    qkv64, dout64 = _case(batch, tokens, heads, head_dim, *case)
+    qkv64, dout64 = _case(batch, tokens, heads, head_dim, *case, dtype)
     qkv, dout = qkv64.to(dtype).contiguous(), dout64.to(dtype).contiguous()
     code = {torch.float16: 0, torch.bfloat16: 1}[dtype]
     dim, scale = heads * head_dim, head_dim**-0.5
@@ -178,7 +177,7 @@ def test_eager_low_precision_matches_sdpa(dtype, logit):
     """Scores and softmax in fp32: the eager error is at most 2x SDPA's (+1e-4), and finite where
     fp16 scores q.k would overflow (logit 4e4 is q.k = 3.2e5 at head dim 64)."""
     heads = 2
-    qkv64, dout64 = _case(2, 50, heads, 64, "logit", logit)
+    qkv64, dout64 = _case(2, 50, heads, 64, "logit", logit, dtype)
     ref_out, ref_dqkv = _fwd_bwd(lambda x: reference.attention(x, heads), qkv64, dout64)
     qkv, dout = qkv64.to(dtype), dout64.to(dtype)
     out, dqkv = _fwd_bwd(lambda x: ops.attention(x, heads, backend="eager"), qkv, dout)

@@ -467,36 +467,35 @@ def _progress(items, total: int):
 def _upsample(grid_map: Tensor, size: Tuple[int, int]):
     m = grid_map[None, None].float()
     m = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
-    m = m - m.min()
-    return (m / m.max().clamp_min(1e-12)).numpy()
+    return (m / m.max().clamp_min(1e-12)).numpy()  # probabilities are >= 0: 0 stays "no attention"
 
 
 def _plot_attention(path: str, shown, cls_maps: List[Tensor], roll: Tensor, grid: Tuple[int, int], title: str) -> None:
     """The image, then the class token's attention (heads averaged) per layer and the rollout,
-    each as an overlay with its colour bar."""
+    each as an overlay scaled to its own maximum, with one shared colour bar."""
     import matplotlib.pyplot as plt
 
     panels = [(f"layer {i}: class-token attention", m) for i, m in enumerate(cls_maps)] + [("attention rollout", roll)]
     cols = min(5, len(panels) + 1)
     rows = math.ceil((len(panels) + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.8, 3.0 * rows + 0.4), squeeze=False)
     size = shown.shape[:2]
     axes[0][0].imshow(shown)
-    axes[0][0].set_title("input")
+    axes[0][0].set_title("input", fontsize=9)
     for idx, (name, m) in enumerate(panels, start=1):
         ax = axes[idx // cols][idx % cols]
         ax.imshow(shown)
         im = ax.imshow(_upsample(m.reshape(grid), size), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="relative attention")
     for ax in axes.flat:
         ax.set_xlabel("x (pixels)", fontsize=7)
         ax.set_ylabel("y (pixels)", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in axes.flat[len(panels) + 1:]:
         ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.04, right=0.9, bottom=0.1, top=0.84, wspace=0.35, hspace=0.4)
+    fig.colorbar(im, cax=fig.add_axes([0.92, 0.15, 0.012, 0.65]), label="attention / its maximum")
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -548,26 +547,27 @@ def _plot_pos_similarity(path: str, sim: Tensor, title: str) -> None:
 
 
 def _plot_filters(path: str, pcs: Tensor, title: str) -> None:
-    """The principal components of the patch filters as RGB tiles (paper fig. 7 left), each
-    scaled to [0, 1] on its own."""
+    """The principal components of the patch filters as RGB tiles in one mosaic (paper fig. 7
+    left), each tile scaled to [0, 1] on its own, numbered by rank."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    k = pcs.shape[0]
+    k, _, ph, pw = pcs.shape
     cols = min(7, k)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows + 0.6), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= k:
-            ax.axis("off")
-            continue
-        f = pcs[i]
-        f = f if f.shape[0] == 3 else f[:1].expand(3, -1, -1)
+    pad = max(1, ph // 4)
+    mosaic = np.ones((rows * (ph + pad) - pad, cols * (pw + pad) - pad, 3), dtype=np.float32)
+    for i in range(k):
+        f = pcs[i] if pcs.shape[1] == 3 else pcs[i, :1].expand(3, -1, -1)
         f = (f - f.min()) / (f.max() - f.min()).clamp_min(1e-12)
-        ax.imshow(f.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"PC {i + 1}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        r, c = divmod(i, cols)
+        mosaic[r * (ph + pad):r * (ph + pad) + ph, c * (pw + pad):c * (pw + pad) + pw] = f.permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(1.1 * cols + 0.6, 1.15 * rows + 0.9))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([c * (pw + pad) + pw / 2 - 0.5 for c in range(cols)], [f"+{c}" for c in range(cols)], fontsize=7)
+    ax.set_yticks([r * (ph + pad) + ph / 2 - 0.5 for r in range(rows)], [f"PC {r * cols + 1}" for r in range(rows)], fontsize=7)
+    ax.set_xlabel("principal component = row label + column offset (by explained variance)", fontsize=7)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1138,7 +1138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="a CPU smoke run of the suite itself (tiny stages; its record stays out of benchmarks/results/)")
     args = p.parse_args(argv)
     try:
-        stages, total = scaled_plan(args.run, args.budget_s if args.budget_s is not None else (480.0 if args.quick else None))
+        stages, total = scaled_plan(args.run, args.budget_s if args.budget_s is not None else (600.0 if args.quick else None))
     except ValueError as exc:
         p.error(str(exc))
     if args.dry_run:

@@ -133,12 +133,12 @@ class _Launcher:
             if counter is not None:  # a dry run: count what this launch would compile and tune, launch nothing
                 counter.record(self.kernel, args, kwargs)
                 return
+            if interpreting() and any(_is_fake_or_meta(a) for a in (*args, *kwargs.values())):
+                return
             kernel, after = self.kernel, None
             if isinstance(kernel, Tuned):  # the table's config, or an autotuner over the pruned list
                 kernel, after = kernel.resolve(args, kwargs)
             if interpreting():
-                if any(_is_fake_or_meta(a) for a in (*args, *kwargs.values())):
-                    return
                 kernel[grid](*args, **kwargs)
             else:
                 torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
@@ -316,9 +316,12 @@ def table_for_device(device_name: str) -> Optional[TuningTable]:
 
 
 def clear_table_cache() -> None:
-    """Forget the tables read so far (after the sweep writes one, or in tests)."""
+    """Forget the tables read so far, and the configs launches took from them (after the sweep
+    writes a table, or in tests)."""
     with _LOCK:
         _TABLES.clear()
+        for t in TUNED.values():
+            t._resolved.clear()
 
 
 def write_table_entry(path: str, device: str, kernel: str, key: Dict[str, Any], bucket: int,
@@ -445,6 +448,9 @@ class Tuned:
         self.prune = prune
         self.arg_names = arg_names
         self._autotuners: Dict[Tuple[int, Tuple[int, ...]], Any] = {}
+        self._resolved: Dict[Tuple[Any, ...], Any] = {}
+        self._key_pos = [(k, arg_names.index(k)) for k in self.key]
+        self._rows_pos = arg_names.index(rows) if isinstance(rows, str) else -1
         TUNED[name] = self
 
     def __repr__(self) -> str:
@@ -463,7 +469,9 @@ class Tuned:
         first = _first_tensor(named)
         key["dtype"] = str(first.dtype).replace("torch.", "") if first is not None else None
         rows = self.rows(named) if callable(self.rows) else named[self.rows]
-        return key, bucket_of(rows)
+        # A symbolic row count (tracing with dynamic shapes) gets bucket 0 rather than a guard that
+        # would specialize the graph on it: the autotuner then tunes at run time.
+        return key, bucket_of(rows) if isinstance(rows, int) else 0
 
     def candidates(self, named: Dict[str, Any]) -> List[triton.Config]:
         """The configs that can run these arguments (the kernel's prune applied; never empty)."""
@@ -494,8 +502,38 @@ class Tuned:
         return cands, "autotune"
 
     # -- launching --------------------------------------------------------------------------
+    def _fast_key(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+        """The launch's key values, rows, first dtype and device, read without building dicts:
+        a repeated launch then costs one lookup (eager ViT steps launch ~100 kernels)."""
+        try:
+            values = tuple(kwargs[k] if k in kwargs else args[i] for k, i in self._key_pos)
+            if callable(self.rows):
+                rows = self.rows(self.named_args(args, kwargs))
+            else:
+                rows = kwargs[self.rows] if self.rows in kwargs else args[self._rows_pos]
+            first = next(a for a in args if isinstance(a, torch.Tensor))
+        except (IndexError, StopIteration, KeyError):
+            return None
+        key = values + (rows, first.dtype, first.device)
+        try:
+            hash(key)
+        except TypeError:  # symbolic sizes (torch.compile with dynamic shapes): no fast path
+            return None
+        return key
+
     def resolve(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Optional[Callable[[], None]]]:
         """(the Triton kernel object to launch, a callback recording a fresh autotune result)."""
+        fast = None if _FORCED else self._fast_key(args, kwargs)
+        if fast is not None:
+            hit = self._resolved.get(fast)
+            if hit is not None:
+                return hit, None
+        at, after = self._resolve(args, kwargs)
+        if fast is not None:
+            self._resolved[fast] = at  # from now on this launch's choice (tuned or not) is settled
+        return at, after
+
+    def _resolve(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Optional[Callable[[], None]]]:
         named = self.named_args(args, kwargs)
         first = _first_tensor(named)
         device_name = None

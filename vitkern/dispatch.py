@@ -246,6 +246,11 @@ def select(op: str, backend: str, device: torch.device, call: Call) -> Implement
     """The implementation of `op` that runs `call` (its keyword arguments) on `device`."""
     backend = requested_backend(backend)
     impls = _REGISTRY[op]
+    if op in OPS and _rows_empty(call) and "eager" in impls:
+        # An empty batch (timm's models accept one): nothing for a kernel to compute, and a
+        # zero-sized grid is an error on CUDA. Any backend's answer is the eager op's empty result,
+        # whose autograd edge gives the zero gradients timm's do.
+        return impls["eager"]
     if backend != "auto":
         impl = impls.get(backend)
         reasons = (
@@ -268,6 +273,12 @@ def select(op: str, backend: str, device: torch.device, call: Call) -> Implement
             return impl
         skipped.append(f"{name}: " + "; ".join(reasons))
     raise BackendUnavailableError(f"no backend can run vitkern.ops.{op} here:\n  - " + "\n  - ".join(skipped))
+
+
+def _rows_empty(call: Call) -> bool:
+    """The call's first tensor (x or qkv: the rows every op maps) has no elements."""
+    first = next((v for v in call.values() if isinstance(v, torch.Tensor)), None)
+    return first is not None and first.numel() == 0
 
 
 def _log_once(op: str, chosen: str, skipped: Sequence[str]) -> None:

@@ -18,14 +18,15 @@ the residual add runs outside the GEMM, because it must add the dropped-out bran
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Set, Tuple, Union
+from typing import NamedTuple, Optional, Set, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkern import dispatch, ops
+from vitkern import dispatch, fusion, ops
 from vitkern.config import ViTConfig, to_2tuple
 from vitkern.dispatch import BackendUnavailableError
 from vitkern.pos_embed import resample_pos_embed
@@ -41,19 +42,26 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return _drop_path(x, self.drop_prob)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def _drop_path(x: Tensor, drop_prob: float) -> Tensor:
+    """x [batch, ...] with each sample's branch zeroed with probability drop_prob (else scaled up)."""
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
 
 
 class PatchEmbed(nn.Module):
     """Image (or a hybrid backbone's feature map) -> patch tokens, as a strided Conv2d `proj`.
 
     With `backbone`, images go through it first and `proj` runs on its feature map
-    [batch, feature_dim, H', W'] (the paper's hybrid; patch size 1 by default).
+    [batch, feature_dim, H', W'] (the paper's hybrid; patch size 1 by default). `forward` returns
+    timm's format: [batch, patches, dim], or [batch, grid_h, grid_w, dim] under dynamic_img_size
+    (timm's output_fmt="NHWC", which lets the model resample pos_embed to the grid).
     """
 
     def __init__(
@@ -85,40 +93,115 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"patch_size {patch_size} is larger than the {'feature map' if backbone else 'image'} {feature_size}")
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(feature_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.output_fmt = "NHWC" if dynamic_img_size else "NLC"
+        self.norm = nn.Identity()  # timm's PatchEmbed has one (norm_layer=None): same module tree
 
     def prepare(self, x: Tensor) -> Tensor:
         """Validate the image, run the hybrid backbone, pad to whole patches: -> [batch, chans, H, W]."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch [batch, chans, height, width], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have in_chans={self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        height, width = x.shape[-2:]
-        if not self.dynamic_img_size and (height, width) != self.img_size:
-            raise ValueError(
-                f"x's height and width must equal img_size={self.img_size}, got {(height, width)} "
-                "(build the model with dynamic_img_size=True to accept other sizes)"
-            )
+        x = _checked_image(x, self.in_chans, self.img_size, self.dynamic_img_size)
         if self.backbone is not None:
             x = self.backbone(x)
             if isinstance(x, (list, tuple)):
                 x = x[-1]  # timm's feature extractors return every stage; the last is the map
-        ph, pw = self.patch_size
-        height, width = x.shape[-2:]
-        if height % ph or width % pw:
-            if not self.dynamic_img_pad:
-                raise ValueError(
-                    f"x's height and width {(height, width)} must be multiples of patch_size={self.patch_size} "
-                    "(build the model with dynamic_img_pad=True to pad)"
-                )
-            x = F.pad(x, (0, (pw - width % pw) % pw, 0, (ph - height % ph) % ph))
-        return x
+        return _padded_to_patches(x, self.patch_size, self.dynamic_img_pad)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Tokens without class token or position embedding: [batch, patches, dim] (timm's PatchEmbed)."""
+        """Tokens without class token or position embedding, in timm's format: [batch, patches, dim],
+        or [batch, grid_h, grid_w, dim] under dynamic_img_size. A `proj` that is not a plain
+        patch Conv2d (or has hooks) is called as a module, as timm does."""
         x = self.prepare(x)
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, backend=_backend_of(self))
+        if fusion.is_plain_patch_conv(self.proj):
+            tokens = ops.patch_embed(x, self.proj.weight, self.proj.bias, backend=_backend_of(self))
+            if self.output_fmt == "NHWC":
+                tokens = tokens.unflatten(1, (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]))
+        else:
+            y = self.proj(x)
+            tokens = y.permute(0, 2, 3, 1) if self.output_fmt == "NHWC" else y.flatten(2).transpose(1, 2)
+        return tokens if fusion.is_plain(self.norm, nn.Identity) else self.norm(tokens)
+
+
+# Shape-dependent steps as functions of their own: torch.fx records each as one node (torch.fx.wrap
+# below) instead of tracing Python branches on shapes it cannot know, and they run when the traced
+# module runs, so a traced model validates its input as the model does.
+
+
+def _checked_image(x: Tensor, in_chans: int, img_size: Tuple[int, int], dynamic_img_size: bool) -> Tensor:
+    """x itself, once it is an image batch [batch, in_chans, H, W] of the model's size."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be an image batch [batch, chans, height, width], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"x must have in_chans={in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    height, width = x.shape[-2:]
+    if not dynamic_img_size and (height, width) != tuple(img_size):
+        raise ValueError(
+            f"x's height and width must equal img_size={tuple(img_size)}, got {(height, width)} "
+            "(build the model with dynamic_img_size=True to accept other sizes)"
+        )
+    return x
+
+
+def _padded_to_patches(x: Tensor, patch_size: Tuple[int, int], dynamic_img_pad: bool) -> Tensor:
+    """x [batch, chans, H, W] zero-padded at the bottom and right to whole patches (dynamic_img_pad)."""
+    ph, pw = patch_size
+    height, width = x.shape[-2:]
+    if height % ph or width % pw:
+        if not dynamic_img_pad:
+            raise ValueError(
+                f"x's height and width {(height, width)} must be multiples of patch_size={tuple(patch_size)} "
+                "(build the model with dynamic_img_pad=True to pad)"
+            )
+        x = F.pad(x, (0, (pw - width % pw) % pw, 0, (ph - height % ph) % ph))
+    return x
+
+
+def _position_embedding(
+    pos_embed: Tensor, image: Tensor, patch_size: Tuple[int, int], grid_size: Tuple[int, int],
+    num_prefix_tokens: int, dynamic_img_size: bool,
+) -> Tensor:
+    """pos_embed [1, prefix + gh * gw, dim] for the patch grid of `image` [batch, chans, H, W]
+    (resampled in 2-D when it differs from the built grid, under dynamic_img_size)."""
+    grid = (image.shape[-2] // patch_size[0], image.shape[-1] // patch_size[1])
+    return _pos_embed_for_grid(pos_embed, grid, grid_size, num_prefix_tokens, dynamic_img_size)
+
+
+def _pos_embed_for_grid(pos_embed, grid, grid_size, num_prefix_tokens, dynamic_img_size) -> Tensor:
+    if tuple(grid) == tuple(grid_size):
+        return pos_embed
+    if not dynamic_img_size:
+        raise ValueError(f"the patch grid {tuple(grid)} differs from the model's {tuple(grid_size)}")
+    return resample_pos_embed(pos_embed, tuple(grid), tuple(grid_size), num_prefix_tokens)
+
+
+def _add_prefix_and_position(
+    tokens: Tensor, cls_token: Optional[Tensor], pos_embed: Tensor, grid_size: Tuple[int, int],
+    num_prefix_tokens: int, dynamic_img_size: bool,
+) -> Tensor:
+    """timm's `_pos_embed` after a patch_embed module: tokens [batch, patches, dim] or
+    [batch, gh, gw, dim] -> [cls; tokens] + pos_embed, [batch, prefix + patches, dim]."""
+    grid = tuple(grid_size)
+    if tokens.dim() == 4:
+        grid = (tokens.shape[1], tokens.shape[2])
+        tokens = tokens.flatten(1, 2)
+    pos = _pos_embed_for_grid(pos_embed, grid, grid_size, num_prefix_tokens, dynamic_img_size)
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    return tokens + pos
+
+
+def _attention_with_dropout(qkv: Tensor, num_heads: int, p: float, scale: float) -> Tensor:
+    """Attention with dropout on the probabilities, by torch's SDPA as in timm (training only):
+    qkv [batch, tokens, 3 dim] -> [batch, tokens, dim]."""
+    b, t, three_dim = qkv.shape
+    q, k, v = qkv.reshape(b, t, 3, num_heads, three_dim // 3 // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+for _leaf in ("_drop_path", "_checked_image", "_padded_to_patches", "_position_embedding", "_add_prefix_and_position",
+              "_attention_with_dropout"):
+    torch.fx.wrap(_leaf)
 
 
 def _probe_backbone(backbone: nn.Module, in_chans: int, img_size: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
@@ -143,11 +226,12 @@ def _probe_backbone(backbone: nn.Module, in_chans: int, img_size: Tuple[int, int
     return out.shape[1], (out.shape[2], out.shape[3])
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameters: `qkv` Linear(dim, 3 dim), `proj` Linear(dim, dim).
+class Attention(fusion.WatchesSwaps, nn.Module):
+    """Multi-head self-attention with timm's parameters and sub-modules: `qkv` Linear(dim, 3 dim),
+    `q_norm`, `k_norm`, `norm` (Identity), `proj` Linear(dim, dim), `proj_drop`.
 
-    `forward(x)` takes the already normalized tokens, as timm's does; `Block` calls the pieces
-    itself to fuse LN1 into the QKV projection and the residual into `proj`.
+    `forward(x)` takes the already normalized tokens [batch, tokens, dim], as timm's does; a plain
+    `Block` calls `core` itself to fuse LN1 into the QKV projection and the residual into `proj`.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
@@ -158,7 +242,10 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
         self.attn_drop = attn_drop
+        self.norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -170,36 +257,80 @@ class Attention(nn.Module):
         if self.training and self.attn_drop > 0:
             # Attention dropout is a training-only regularizer the fused kernels do not implement;
             # torch's SDPA applies it on the probabilities exactly as timm does.
-            b, t, _ = qkv.shape
-            q, k, v = qkv.reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop, scale=self.scale)
-            return out.transpose(1, 2).reshape(b, t, -1)
+            return _attention_with_dropout(qkv, self.num_heads, self.attn_drop, self.scale)
         return ops.attention(qkv, self.num_heads, scale=self.scale, backend=_backend_of(self))
 
     def forward(self, x: Tensor) -> Tensor:
+        """timm's order: qkv -> q_norm, k_norm -> attention -> norm -> proj -> proj_drop; each
+        sub-module that is not plain (or LoRA for the linears) is called as a module."""
         backend = _backend_of(self)
-        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
-        return self.proj_drop(ops.linear(self.core(qkv), self.proj.weight, self.proj.bias, backend=backend))
+        qkv = fusion.call_linear(self.qkv, x, backend=backend)
+        if not (fusion.is_plain(self.q_norm, nn.Identity) and fusion.is_plain(self.k_norm, nn.Identity)):
+            # timm normalizes q and k as [batch, heads, tokens, head_dim]; repacked for the op.
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = torch.stack((self.q_norm(q), self.k_norm(k), v)).permute(1, 3, 0, 2, 4).flatten(2)
+        a = self.core(qkv)
+        if not fusion.is_plain(self.norm, nn.Identity):
+            a = self.norm(a)
+        return self.proj_drop(fusion.call_linear(self.proj, a, backend=backend))
 
 
-class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout, with timm's names `fc1`, `fc2`."""
+class Mlp(fusion.WatchesSwaps, nn.Module):
+    """fc1 -> act (GELU) -> drop1 -> norm (Identity) -> fc2 -> drop2, with timm's names."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., in_features] -> [..., in_features]; GELU rides in fc1's epilogue while fc1 is a
+        plain or LoRA linear and `act` the exact GELU, else each sub-module is called."""
         backend = _backend_of(self)
-        h = self.drop1(ops.linear(x, self.fc1.weight, self.fc1.bias, activation="gelu", backend=backend))
-        return self.drop2(ops.linear(h, self.fc2.weight, self.fc2.bias, backend=backend))
+        fc1 = fusion.linear_call(self.fc1, fusion.linear_kind(self.fc1))
+        if fc1 is not None and fusion.is_plain_gelu(self.act):
+            h = fusion.run_linear(fc1, x, activation="gelu", backend=backend)
+        else:
+            h = self.act(self.fc1(x) if fc1 is None else fusion.run_linear(fc1, x, backend=backend))
+        h = self.drop1(h)
+        if not fusion.is_plain(self.norm, nn.Identity):
+            h = self.norm(h)
+        return self.drop2(fusion.call_linear(self.fc2, h, backend=backend))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (paper eqs. 2-3), five fused ops in eval mode."""
+class _BlockPlan(NamedTuple):
+    """What a Block may fuse (see vitkern.fusion): valid while `key` equals fusion.plan_key() and the
+    fused leaf modules still have the classes in `types`."""
+
+    key: Tuple[int, int]
+    leaves: Tuple[nn.Module, ...]
+    types: Tuple[type, ...]
+    attn: bool  # LN1 + QKV, attention, proj + residual as fused ops
+    qkv: Optional[str]  # fusion.PLAIN or fusion.LORA
+    proj: Optional[str]
+    mlp: bool  # LN2 + fc1 + GELU, fc2 + residual as fused ops
+    fc1: Optional[str]
+    fc2: Optional[str]
+
+
+class Block(fusion.WatchesSwaps, nn.Module):
+    """Pre-norm transformer block (paper eqs. 2-3) with timm's sub-modules: five fused ops while they
+    are the plain modules vitkern built, timm's module calls otherwise.
+
+    forward: x [batch, tokens, dim] -> [batch, tokens, dim] in x's dtype. Each half (attention,
+    MLP) runs fused while its sub-modules (norm, linears, Identity placeholders `ls*`, `q_norm`,
+    `k_norm`, `norm`, the dropouts, `drop_path*`) are of vitkern's exact types with no hooks, and
+    no global module hook is set; a PEFT LoRA linear without dropout stays fused (the low-rank term
+    rides in the epilogue). Otherwise that half calls the sub-modules as timm's Block does:
+    `x + drop_path(ls(attn(norm1(x))))`, still through vitkern's ops for every plain piece.
+
+    The decision is cached in `_plan` (see vitkern.fusion for what invalidates it and why): on an
+    unmodified model a call costs one key comparison and six class checks.
+    """
 
     def __init__(
         self,
@@ -216,30 +347,82 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.ls1 = nn.Identity()  # timm's LayerScale slot (init_values=None)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_hidden_dim, proj_drop)
+        self.ls2 = nn.Identity()
         self.drop_path2 = DropPath(drop_path)
+        self._plan: Optional[_BlockPlan] = None
 
     def _residual_branch_is_identity(self, dropout: nn.Dropout, drop_path: DropPath) -> bool:
         return not self.training or (dropout.p == 0.0 and drop_path.drop_prob == 0.0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        backend = _backend_of(self)
+    def _make_plan(self) -> _BlockPlan:
+        key = fusion.plan_key()
         attn, mlp = self.attn, self.mlp
-        qkv = ops.ln_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                            eps=self.norm1.eps, backend=backend)
-        a = attn.core(qkv)
-        if self._residual_branch_is_identity(attn.proj_drop, self.drop_path1):
-            x = ops.linear(a, attn.proj.weight, attn.proj.bias, residual=x, backend=backend)
-        else:
-            x = x + self.drop_path1(attn.proj_drop(ops.linear(a, attn.proj.weight, attn.proj.bias, backend=backend)))
-        h = ops.ln_linear(x, self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-                          eps=self.norm2.eps, activation="gelu", backend=backend)
-        h = mlp.drop1(h)
-        if self._residual_branch_is_identity(mlp.drop2, self.drop_path2):
-            return ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x, backend=backend)
-        return x + self.drop_path2(mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=backend)))
+        plain = fusion.is_plain
+        no_global_hooks = not fusion.global_hooks_registered()
+        attn_ok = (
+            no_global_hooks and fusion.is_plain_layer_norm(self.norm1) and plain(attn, Attention)
+            and plain(attn.q_norm, nn.Identity) and plain(attn.k_norm, nn.Identity) and plain(attn.norm, nn.Identity)
+            and fusion.is_plain_dropout(attn.proj_drop) and plain(self.ls1, nn.Identity) and plain(self.drop_path1, DropPath)
+        )
+        qkv = fusion.linear_kind(attn.qkv) if attn_ok else None
+        proj = fusion.linear_kind(attn.proj) if attn_ok else None
+        attn_ok = attn_ok and qkv is not None and proj is not None
+        mlp_ok = (
+            no_global_hooks and fusion.is_plain_layer_norm(self.norm2) and plain(mlp, Mlp)
+            and fusion.is_plain_gelu(mlp.act) and fusion.is_plain_dropout(mlp.drop1) and plain(mlp.norm, nn.Identity)
+            and fusion.is_plain_dropout(mlp.drop2) and plain(self.ls2, nn.Identity) and plain(self.drop_path2, DropPath)
+        )
+        fc1 = fusion.linear_kind(mlp.fc1) if mlp_ok else None
+        fc2 = fusion.linear_kind(mlp.fc2) if mlp_ok else None
+        mlp_ok = mlp_ok and fc1 is not None and fc2 is not None
+        leaves = ((self.norm1, attn.qkv, attn.proj) if attn_ok else ()) + ((self.norm2, mlp.fc1, mlp.fc2) if mlp_ok else ())
+        return _BlockPlan(key, leaves, tuple(map(type, leaves)), attn_ok, qkv, proj, mlp_ok, fc1, fc2)
+
+    def _current_plan(self) -> _BlockPlan:
+        if torch.compiler.is_compiling():
+            # Decided at trace time; dynamo guards on the hooks and modules it read.
+            return self._make_plan()
+        plan = self._plan
+        if plan is None or plan.key != fusion.plan_key() or tuple(map(type, plan.leaves)) != plan.types:
+            plan = self._make_plan()
+            # Only a fully fused plan is kept: a block that calls modules re-decides on every call
+            # (it is the slow path anyway), so removing a hook restores the fused path.
+            self._plan = plan if plan.attn and plan.mlp else None
+        return plan
+
+    def forward(self, x: Tensor) -> Tensor:
+        plan = self._current_plan()
+        backend = _backend_of(self)
+        x = self._attention_half(x, plan, backend)
+        return self._mlp_half(x, plan, backend)
+
+    def _attention_half(self, x: Tensor, plan: _BlockPlan, backend: str) -> Tensor:
+        attn = self.attn
+        if plan.attn:
+            qkv_call = fusion.linear_call(attn.qkv, plan.qkv)
+            proj_call = fusion.linear_call(attn.proj, plan.proj)
+            if qkv_call is not None and proj_call is not None:
+                a = attn.core(fusion.run_ln_linear(self.norm1, qkv_call, x, backend=backend))
+                if self._residual_branch_is_identity(attn.proj_drop, self.drop_path1):
+                    return fusion.run_linear(proj_call, a, residual=x, backend=backend)
+                return x + self.drop_path1(attn.proj_drop(fusion.run_linear(proj_call, a, backend=backend)))
+        return x + self.drop_path1(self.ls1(attn(fusion.call_norm(self.norm1, x, backend=backend))))
+
+    def _mlp_half(self, x: Tensor, plan: _BlockPlan, backend: str) -> Tensor:
+        mlp = self.mlp
+        if plan.mlp:
+            fc1_call = fusion.linear_call(mlp.fc1, plan.fc1)
+            fc2_call = fusion.linear_call(mlp.fc2, plan.fc2)
+            if fc1_call is not None and fc2_call is not None:
+                h = mlp.drop1(fusion.run_ln_linear(self.norm2, fc1_call, x, activation="gelu", backend=backend))
+                if self._residual_branch_is_identity(mlp.drop2, self.drop_path2):
+                    return fusion.run_linear(fc2_call, h, residual=x, backend=backend)
+                return x + self.drop_path2(mlp.drop2(fusion.run_linear(fc2_call, h, backend=backend)))
+        return x + self.drop_path2(self.ls2(mlp(fusion.call_norm(self.norm2, x, backend=backend))))
 
 
 def _backend_of(module: nn.Module) -> str:
@@ -397,18 +580,23 @@ class ViT(nn.Module):
     # ----------------------------------------------------------------------------------------
     def _pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
         """pos_embed for a patch grid; resampled in 2-D when it differs from the built one."""
-        if grid == self.patch_embed.grid_size:
-            return self.pos_embed
-        if not self.dynamic_img_size:
-            raise ValueError(f"the patch grid {grid} differs from the model's {self.patch_embed.grid_size}")
-        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        return _pos_embed_for_grid(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens,
+                                   self.dynamic_img_size)
 
     def _embed(self, x: Tensor) -> Tensor:
-        x = self.patch_embed.prepare(x)
-        ph, pw = self.patch_embed.patch_size
-        grid = (x.shape[-2] // ph, x.shape[-1] // pw)
-        proj = self.patch_embed.proj
-        z = ops.patch_embed(x, proj.weight, proj.bias, self.cls_token, self._pos_embed_for(grid), backend=self.backend)
+        """Images [batch, in_chans, H, W] -> [cls; patch tokens] + pos_embed, [batch, tokens, dim]:
+        one fused op while patch_embed is vitkern's plain PatchEmbed, else timm's order (the
+        patch_embed module, then class token and position embedding)."""
+        pe = self.patch_embed
+        if (type(pe) is PatchEmbed and not fusion.has_hooks(pe) and fusion.is_plain_patch_conv(pe.proj)
+                and fusion.is_plain(pe.norm, nn.Identity)):
+            x = pe.prepare(x)
+            pos = _position_embedding(self.pos_embed, x, pe.patch_size, pe.grid_size, self.num_prefix_tokens,
+                                      self.dynamic_img_size)
+            z = ops.patch_embed(x, pe.proj.weight, pe.proj.bias, self.cls_token, pos, backend=self.backend)
+        else:
+            z = _add_prefix_and_position(pe(x), self.cls_token, self.pos_embed, pe.grid_size, self.num_prefix_tokens,
+                                         self.dynamic_img_size)
         return self.pos_drop(z)
 
     def _blocks(self, z: Tensor) -> Tensor:
@@ -420,9 +608,9 @@ class ViT(nn.Module):
         return z
 
     def _norm(self, z: Tensor) -> Tensor:
-        if isinstance(self.norm, nn.LayerNorm):
-            return ops.layer_norm(z, self.norm.weight, self.norm.bias, self.norm.eps, backend=self.backend)
-        return z
+        if fusion.is_plain(self.norm, nn.Identity):
+            return z
+        return fusion.call_norm(self.norm, z, backend=self.backend)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images [batch, in_chans, H, W] -> normalized tokens [batch, tokens, embed_dim]."""
@@ -438,16 +626,17 @@ class ViT(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens [batch, tokens, embed_dim] -> logits [batch, num_classes] (pooled features with pre_logits)."""
         y = self._pool(x)
-        if isinstance(self.fc_norm, nn.LayerNorm):
-            y = ops.layer_norm(y, self.fc_norm.weight, self.fc_norm.bias, self.fc_norm.eps, backend=self.backend)
+        if not fusion.is_plain(self.fc_norm, nn.Identity):
+            y = fusion.call_norm(self.fc_norm, y, backend=self.backend)
         y = self.pre_logits(y)
         y = self.head_drop(y)
         return y if pre_logits else self.head(y)
 
     def forward(self, x: Tensor) -> Tensor:
         z = self._blocks(self._embed(x))
-        if self.global_pool == "token":
-            # LayerNorm acts per token: normalizing only the class token gives the same logits.
+        if self.global_pool == "token" and (fusion.is_plain_layer_norm(self.norm) or fusion.is_plain(self.norm, nn.Identity)):
+            # LayerNorm acts per token: normalizing only the class token gives the same logits (a
+            # swapped or hooked norm sees every token, as in timm).
             z = z[:, :1]
         return self.forward_head(self._norm(z))
 

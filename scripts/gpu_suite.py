@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import glob
 import gzip
 import json
 import os
@@ -719,8 +720,7 @@ class Suite:
     def limit_for(self, index: int) -> float:
         """This stage's limit: time left minus the budgets of the (unconditional) stages after it."""
         later = sum(s.budget for s in self.plan[index + 1:] if not s.only_if_left_s)
-        own = self.plan[index].budget
-        return max(min(5.0, own) if own else 5.0, self.left() - later)
+        return max(5.0, self.left() - later)
 
     def run_stage(self, index: int, cmd: Optional[List[str]], extra_env: Optional[Dict[str, str]] = None,
                   skip_reason: Optional[str] = None, ok_codes: Sequence[int] = (0,)) -> Dict[str, Any]:
@@ -1074,7 +1074,7 @@ def run_plan(suite: Suite) -> None:
             cases += [[L16, 256, "infer", p, 0] for p in prov] + [[H14, 256, "infer", p, 0] for p in prov]
             models_stage(suite, index, quick_cases(cases) if q else cases, "models_more")
         elif name == "profile":
-            best = best_vitkern_provider(model_rows(suite.record.get("models")))
+            best = best_vitkern_provider(model_rows(suite.record.get("models") or run1_models()))
             prof = os.path.join(w, "profile")
             args = ["--quick"] if q else ["--model", B16, "--batch", "256", "--provider", best]
             suite.run_stage(index, [PY, "-m", "vitkern.profile", "--out", prof] + args)
@@ -1105,6 +1105,13 @@ def run_plan(suite: Suite) -> None:
         stage = suite.stages[-1]
         suite.stage_line(stage)
         suite.write_outputs()
+
+
+def run1_models() -> Optional[Dict[str, Any]]:
+    """The B/16 model results of the newest run-1 record in benchmarks/results/ (run 2 profiles the
+    backend run 1 found fastest), or None."""
+    paths = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "*-run1.json")), key=os.path.getmtime)
+    return (load_json(paths[-1]) or {}).get("models") if paths else None
 
 
 def write_backend_order(suite: Suite) -> None:

@@ -210,3 +210,31 @@ def test_gpu_b16_ratio_vs_timm():
     with torch.no_grad():
         assert_ratio(vk(x.bfloat16()).double().cpu(), low(x.bfloat16()).double().cpu(), oracle(x).cpu(),
                      name="B/16 logits vs timm", floor=1e-3)
+
+
+def test_sigterm_to_pytest_still_writes_its_junit_xml(tmp_path):
+    """tests/conftest.py turns SIGTERM into a clean pytest exit: the test in flight is interrupted
+    and the junit XML of the finished ones is written (what the suite's test stages return)."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                            "def test_slow():\n    time.sleep(120)\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    junit = tmp_path / "junit.xml"
+    env = _env(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "conftest", "-v", "-p", "no:cacheprovider",
+                             "-c", str(tmp_path / "pytest.ini"), str(tmp_path / "test_slow.py"), f"--junitxml={junit}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # -v names a test as it starts
+            seen.append(line)
+            if "test_slow" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, "".join(seen) + rest  # pytest's "interrupted"
+    xml = junit.read_text()
+    assert 'name="test_fast"' in xml and "KeyboardInterrupt" in "".join(seen) + rest

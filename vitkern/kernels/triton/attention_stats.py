@@ -183,11 +183,14 @@ def _attention_stats_full_kernel(
 # the padding of head dim 80 costs only the QK^T dot.
 
 
-def _tiles(kind: str, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of `kind` ("rows", "dist" or "full") for `dtype`."""
+def _tiles(kind: str, dtype: torch.dtype, block_d: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of `kind` ("rows", "dist" or "full") for `dtype` and the padded
+    head width. Audited: no spills on sm_80/sm_90 (16-bit 64 x 64 tiles take 8 warps at width 128,
+    where 4 warps sit at sm_80's 255 registers; fp32's full tile is 16 x 32 there)."""
     if dtype == torch.float32:
-        return {"rows": (16, 64, 4), "dist": (32, 32, 4), "full": (32, 32, 4)}[kind]
-    return {"rows": (16, 64, 4), "dist": (64, 64, 4), "full": (64, 64, 4)}[kind]
+        return {"rows": (16, 64, 4), "dist": (32, 32, 4), "full": (32, 32, 4) if block_d <= 64 else (16, 32, 4)}[kind]
+    wide = 8 if block_d > 64 else 4
+    return {"rows": (16, 64, 4), "dist": (64, 64, wide), "full": (64, 64, wide)}[kind]
 
 
 def block_d(head_dim: int) -> int:
@@ -221,7 +224,7 @@ def attention_stats(
     rows = _common.empty((b, num_heads, p, t), dtype=torch.float32, device=qkv.device)
 
     tile = "dist" if want_dist else "rows"
-    bm, bn, warps = _tiles(tile, qkv.dtype)
+    bm, bn, warps = _tiles(tile, qkv.dtype, bd)
     num_m = triton.cdiv(t, bm) if want_dist else triton.cdiv(p, bm)
     partial = _common.empty((b, num_heads, num_m) if want_dist else (0,), dtype=torch.float32, device=qkv.device)
     if num_m > 0:
@@ -240,7 +243,7 @@ def attention_stats(
         distance = partial
     if full:
         out = _common.empty((b, t, t), dtype=torch.float32, device=qkv.device)
-        fm, fn, fwarps = _tiles("full", qkv.dtype)
+        fm, fn, fwarps = _tiles("full", qkv.dtype, bd)
         launch = (b * triton.cdiv(t, fm) * triton.cdiv(t, fn),)
         _common.launcher(_attention_stats_full_kernel)[launch](
             qkv, lse, out, t, num_heads, qkv.stride(0), qkv.stride(1), scale * LOG2E, 1.0 / num_heads,
@@ -273,7 +276,7 @@ def _specs() -> List[_common.KernelSpec]:
                         "P": "i32", "NUM_M": "i32", "GRID_W": "i32", "patch_h": "fp32", "patch_w": "fp32",
                         **strides, "qk_scale": "fp32"}  # fmt: skip
             for tile, want_dist in (("rows", False), ("dist", True)):
-                bm, bn, warps = _tiles(tile, torch_dtype)
+                bm, bn, warps = _tiles(tile, torch_dtype, block_d(head_dim))
                 specs.append(_common.KernelSpec(
                     "_attention_stats_rows_kernel", _attention_stats_rows_kernel, rows_sig,
                     {**shape, "BLOCK_M": bm, "BLOCK_N": bn, "STORE_ROWS": True, "WANT_DIST": want_dist},
@@ -283,7 +286,7 @@ def _specs() -> List[_common.KernelSpec]:
                 ))  # fmt: skip
             full_sig = {"QKV": ptr, "LSE": "*fp32", "FULL": "*fp32", "T": "i32", "H": "i32", **strides,
                         "qk_scale": "fp32", "inv_heads": "fp32"}  # fmt: skip
-            bm, bn, warps = _tiles("full", torch_dtype)
+            bm, bn, warps = _tiles("full", torch_dtype, block_d(head_dim))
             specs.append(_common.KernelSpec(
                 "_attention_stats_full_kernel", _attention_stats_full_kernel, full_sig,
                 {**shape, "BLOCK_M": bm, "BLOCK_N": bn, "FUSION": 1}, num_warps=warps, num_stages=1, dtype=dtype,

@@ -734,7 +734,6 @@ class Suite:
             stage.update(status="skipped", reason=skip_reason, seconds=0.0, rc=None)
             with open(log_path, "w") as f:
                 f.write(f"skipped: {skip_reason}\n")
-            self.stage_line(stage)
             return stage
         env = dict(self.env, **(extra_env or {}))
         t = time.monotonic()
@@ -823,6 +822,8 @@ class Suite:
         if self.out:
             copy_out(self.out, [(paths["record"], self.base + ".json"), (paths["summary"], self.base + ".md"),
                                 (paths["log"], "suite-log.txt"), (self.junit, "junit.xml"),
+                                (os.path.join(self.work, "tests_more.xml"), "tests_more.xml"),
+                                (os.path.join(self.work, "tests_int32.xml"), "tests_int32.xml"),
                                 (os.path.join(self.work, "profile", "trace.json"), "profile-trace.json.gz")])
 
 
@@ -842,9 +843,8 @@ def copy_out(out: str, files: List[Tuple[str, str]]) -> None:
     there directly, is one of them), each under MAX_OUT_BYTES (the record drops its raw parts, a
     text keeps its end), names of letters, digits, '.', '_' and '-'; '.gz' names are gzipped."""
     os.makedirs(out, exist_ok=True)
-    for src, name in files[:MAX_OUT_FILES - 1]:  # one place stays for the tuning table
-        if not os.path.exists(src):
-            continue
+    present = [(src, name) for src, name in files if os.path.exists(src)]
+    for src, name in present[:MAX_OUT_FILES - 1]:  # one place stays for the tuning table
         dst = os.path.join(out, sanitize(name))
         if name.endswith(".gz") and not src.endswith(".gz"):
             with open(src, "rb") as s, gzip.open(dst + ".tmp", "wb", compresslevel=6) as d:
@@ -1034,7 +1034,7 @@ def run_plan(suite: Suite) -> None:
             out = os.path.join(w, "cuda_build.json")
             suite.run_stage(index, [PY, "-c", CUDA_SCRIPT, out, REPO])
             suite.record["cuda_build"] = load_json(out)
-            if (suite.record["cuda_build"] or {}).get("load_error") is not None:
+            if suite.record["cuda_build"] is None or suite.record["cuda_build"].get("load_error") is not None:
                 # a failed or unfinished build must not be retried (for minutes) by every later process
                 suite.env["VITKERN_CUDA_JIT"] = "0"
         elif name in ("correctness", "tests_more", "tests_int32"):
@@ -1142,10 +1142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan with counted compiles and autotune configs")
     p.add_argument("--device-name", default=DEFAULT_DEVICE, help=f"the dry run's device (default {DEFAULT_DEVICE!r})")
     p.add_argument("--quick", action="store_true",
-                   help="a CPU smoke run of the suite itself (tiny stages; its record stays out of benchmarks/results/)")
+                   help="a CPU smoke run of the suite itself (tiny stages, 1200 s unless --budget-s; its record "
+                        "stays out of benchmarks/results/)")
     args = p.parse_args(argv)
     try:
-        stages, total = scaled_plan(args.run, args.budget_s if args.budget_s is not None else (600.0 if args.quick else None))
+        stages, total = scaled_plan(args.run, args.budget_s if args.budget_s is not None else (1200.0 if args.quick else None))
     except ValueError as exc:
         p.error(str(exc))
     if args.dry_run:

@@ -224,3 +224,28 @@ def test_table_entries_compile_aot_for_sm90_without_spills(table_dir):
     assert len(result["rows"]) >= 3
     bad = [r for r in result["rows"] if not r["ok"] or r["spill"]]
     assert bad == [], bad
+
+
+def test_autotune_results_reach_the_log_and_the_sweep_table(common, tmp_path, monkeypatch):
+    """A fresh autotune result (kernel, key, bucket, every config's time) is appended to
+    $VITKERN_AUTOTUNE_LOG (the suite's record reads it) and, in the sweep, written into the
+    table at once."""
+    t = common.TUNED["linear.fwd_tc"]
+
+    class FakeAutotuner:  # what Triton's Autotuner holds after benchmarking
+        configs_timings = {t.configs[0]: [0.30, 0.29, 0.31], t.configs[2]: [0.20, 0.19, 0.21]}
+        best_config = t.configs[2]
+        bench_time = 0.4
+
+    log = tmp_path / "autotune.jsonl"
+    table = tmp_path / "sweep.json"
+    monkeypatch.setenv("VITKERN_AUTOTUNE_LOG", str(log))
+    monkeypatch.setenv("VITKERN_TUNING_SWEEP_TABLE", str(table))
+    t._record(FakeAutotuner(), FWD_KEY, 65536, "autotune", DEVICE)
+    result = json.loads(log.read_text().splitlines()[-1])
+    assert result["kernel"] == "linear.fwd_tc" and result["bucket"] == 65536 and result["key"] == FWD_KEY
+    assert sorted(result["ms"].values()) == [0.20, 0.30]
+    assert result["best_config"] == common.config_dict(t.configs[2])
+    written = common.load_table(str(table))
+    assert written.device == DEVICE and written.lookup("linear.fwd_tc", FWD_KEY, 65536) == common.config_dict(t.configs[2])
+    assert common.table_problems(written) == []

@@ -4,6 +4,8 @@ and the named constructors, `create_model` and `list_models`, checked against ti
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -17,23 +19,23 @@ TABLE_1 = {"tiny": (12, 192, 768, 3), "small": (12, 384, 1536, 6), "base": (12, 
 NAMED = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_base_patch32_224",
          "vit_base_patch16_384", "vit_large_patch16_224", "vit_large_patch16_384", "vit_huge_patch14_224"]
 
-# timm's defaults for these are ImageNet-21k feature models without a classifier head.
-_NO_HEAD_IN_TIMM = ("vit_huge_patch14_224", "vit_large_patch32_224")
+# The paper's family names among the variants: vit_<family>_patch<P>_<img> with a Table 1 family.
+PAPER_NAMES = sorted(n for n in VARIANTS if re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch\d+_\d+", n))
 
 
 def test_families_are_table_1():
     assert FAMILIES == TABLE_1
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", PAPER_NAMES)
 def test_variant_config(name):
+    # timm's heads and sizes per name are compared with timm in tests/test_backbone_api.py (every name).
     family, patch, img = name.split("_")[1], int(name.split("patch")[1].split("_")[0]), int(name.split("_")[-1])
     depth, dim, mlp, heads = TABLE_1[family]
     cfg = VARIANTS[name]
     assert (cfg.depth, cfg.embed_dim, cfg.mlp_hidden_dim, cfg.num_heads) == (depth, dim, mlp, heads)
     assert (cfg.patch_size, cfg.img_size) == (patch, img)
     assert (cfg.global_pool, cfg.class_token, cfg.qkv_bias, cfg.norm_eps) == ("token", True, True, 1e-6)
-    assert cfg.num_classes == (0 if name in _NO_HEAD_IN_TIMM else 1000)
 
 
 def _param_count(cfg: ViTConfig) -> int:
@@ -45,20 +47,12 @@ def _param_count(cfg: ViTConfig) -> int:
     return patch + tokens + cfg.depth * block + 2 * d + (d * cfg.num_classes + cfg.num_classes)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_named_variant_matches_timm_architecture(name):
-    timm = pytest.importorskip("timm")
-    with torch.device("meta"):  # timm's architecture without allocating or initializing weights
-        tm = timm.create_model(name, pretrained=False)
-    cfg = get_config(name)
-    assert to_2tuple(cfg.img_size, "img_size") == tuple(tm.patch_embed.img_size)
-    assert to_2tuple(cfg.patch_size, "patch_size") == tuple(tm.patch_embed.patch_size)
-    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (tm.embed_dim, len(tm.blocks), tm.blocks[0].attn.num_heads)
-    assert cfg.mlp_hidden_dim == tm.blocks[0].mlp.fc1.out_features
-    assert cfg.norm_eps == tm.blocks[0].norm1.eps
-    assert (cfg.global_pool, cfg.class_token) == (tm.global_pool, tm.cls_token is not None)
-    assert cfg.num_classes == tm.num_classes
-    assert _param_count(cfg) == sum(p.numel() for p in tm.parameters())
+@pytest.mark.parametrize("name", PAPER_NAMES)
+def test_paper_variant_parameter_count_by_hand(name):
+    # An oracle independent of timm; the count against timm's is in tests/test_backbone_api.py.
+    with torch.device("meta"):
+        model = vitkern.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == _param_count(model.config)
 
 
 def test_base_parameter_count_is_86_6m():
@@ -87,10 +81,8 @@ def test_create_model_and_list_models():
     model = vitkern.create_model("vit_small_patch16_224", num_classes=0, global_pool="avg", depth=1)
     assert model.config == get_config("vit_small_patch16_224", num_classes=0, global_pool="avg", depth=1)
     assert isinstance(model.fc_norm, torch.nn.LayerNorm) and isinstance(model.norm, torch.nn.Identity)
-    with pytest.raises(ValueError, match=r"unknown model name 'vit_gigantic_patch14_224'"):
-        vitkern.create_model("vit_gigantic_patch14_224")
-    with pytest.raises(ValueError, match="pretrained=True would download weights"):
-        vitkern.create_model("vit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(ValueError, match=r"unknown model name 'vit_colossal_patch14_224'"):
+        vitkern.create_model("vit_colossal_patch14_224")
     with pytest.raises(TypeError, match=r"unknown ViTConfig fields: \['embed_size'\]"):
         vitkern.create_model("vit_tiny_patch16_224", embed_size=10)
 

@@ -1,15 +1,17 @@
 """Model configuration: the `ViTConfig` dataclass and the table of named variants.
 
-The variants are the paper's Table 1 (Base, Large, Huge) plus the smaller Tiny and Small that
-DeiT and timm made common. Names follow timm exactly (``vit_base_patch16_224``) so that a user can
-swap ``timm.create_model(name)`` for ``vitkern.create_model(name)``.
+The variants are every plain patch ViT timm names: the paper's Table 1 (Base, Large, Huge), the
+smaller Tiny and Small that DeiT and timm made common, the larger Giant and Gigantic, and the
+DeiT, EVA, SigLIP-GAP, ... checkpoints with the same architecture. Names follow timm exactly
+(``vit_base_patch16_224``, with pretrained tags as in ``vit_base_patch16_224.augreg2_in21k_ft_in1k``)
+so that a user can swap ``timm.create_model(name)`` for ``vitkern.create_model(name)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 GLOBAL_POOLS = ("token", "avg", "")
@@ -152,38 +154,319 @@ FAMILIES = {
 }
 
 
-def _variant(family: str, patch: int, img: int) -> ViTConfig:
-    depth, dim, mlp, heads = FAMILIES[family]
-    # timm's default heads: these two exist only as ImageNet-21k feature models (no classifier).
-    num_classes = 0 if (family, patch, img) in {("huge", 14, 224), ("large", 32, 224)} else 1000
-    return ViTConfig(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                     mlp_ratio=mlp / dim, num_classes=num_classes)
+# --------------------------------------------------------------------------------------------
+# timm's names and pretrained tags, as data (vitkern needs no timm at run time)
+#
+# Every model timm registers (modules vision_transformer and deit) that is a plain patch ViT
+# vitkern builds exactly: `vitkern.weights.timm_config` accepts it and it has no hybrid backbone.
+# Derived from timm 1.0.31's registry (tests/test_backbone_api.py checks names, parameter counts
+# and pretrained cfgs against the installed timm). TIMM_ARCHS holds each name's ViTConfig fields
+# that differ from the defaults, except num_classes and img_size, which come from the
+# pretrained tag as in timm. TIMM_TAGS holds, per name, its pretrained tags in timm's order (the
+# first is the default) and each tag's pretrained cfg as the fields that differ from _TIMM_CFG_BASE
+# (_ABSENT: the tag has no such field).
 
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+ZERO_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+_ABSENT = object()
 
-# The named variants, keyed by timm's model names.
-VARIANTS = {
-    f"vit_{family}_patch{patch}_{img}": _variant(family, patch, img)
-    for family, patch, img in [
-        ("tiny", 16, 224),
-        ("tiny", 16, 384),
-        ("small", 16, 224),
-        ("small", 32, 224),
-        ("small", 16, 384),
-        ("base", 8, 224),
-        ("base", 16, 224),
-        ("base", 32, 224),
-        ("base", 16, 384),
-        ("base", 32, 384),
-        ("large", 16, 224),
-        ("large", 32, 224),
-        ("large", 16, 384),
-        ("huge", 14, 224),
-    ]
+_TIMM_CFG_BASE: Dict[str, Any] = dict(
+    url="", hf_hub_id=None, architecture=None, tag=None, custom_load=False, input_size=(3, 224, 224),
+    fixed_input_size=True, interpolation="bicubic", crop_pct=0.9, crop_mode="center", mean=INCEPTION_MEAN,
+    std=INCEPTION_STD, num_classes=1000, pool_size=None, first_conv="patch_embed.proj", classifier="head",
+    license="apache-2.0",
+)
+
+TIMM_ARCHS: Dict[str, Dict[str, Any]] = {
+    'deit_base_patch16_224': dict(),
+    'deit_base_patch16_384': dict(),
+    'deit_small_patch16_224': dict(embed_dim=384, num_heads=6),
+    'deit_tiny_patch16_224': dict(embed_dim=192, num_heads=3),
+    'eva_large_patch14_196': dict(patch_size=14, global_pool='avg', embed_dim=1024, depth=24, num_heads=16),
+    'eva_large_patch14_336': dict(patch_size=14, global_pool='avg', embed_dim=1024, depth=24, num_heads=16),
+    'test_vit': dict(embed_dim=64, depth=6, num_heads=2, mlp_ratio=3.0, dynamic_img_size=True),
+    'vit_base_patch16_224': dict(),
+    'vit_base_patch16_224_miil': dict(qkv_bias=False),
+    'vit_base_patch16_384': dict(),
+    'vit_base_patch16_gap_224': dict(global_pool='avg', num_heads=16, class_token=False, fc_norm=False),
+    'vit_base_patch16_siglip_gap_224': dict(global_pool='avg', class_token=False, fc_norm=False),
+    'vit_base_patch16_siglip_gap_256': dict(global_pool='avg', class_token=False, fc_norm=False),
+    'vit_base_patch16_siglip_gap_384': dict(global_pool='avg', class_token=False, fc_norm=False),
+    'vit_base_patch16_siglip_gap_512': dict(global_pool='avg', class_token=False, fc_norm=False),
+    'vit_base_patch32_224': dict(patch_size=32),
+    'vit_base_patch32_384': dict(patch_size=32),
+    'vit_base_patch8_224': dict(patch_size=8),
+    'vit_giant_patch14_224': dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=4.363636363636363),
+    'vit_giant_patch16_gap_224': dict(global_pool='avg', embed_dim=1408, depth=40, num_heads=16, mlp_ratio=4.363636363636363, class_token=False, fc_norm=False),
+    'vit_gigantic_patch14_224': dict(patch_size=14, embed_dim=1664, depth=48, num_heads=16, mlp_ratio=4.923076923076923),
+    'vit_huge_patch14_224': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    'vit_huge_patch14_gap_224': dict(patch_size=14, global_pool='avg', embed_dim=1280, depth=32, num_heads=16, class_token=False, fc_norm=False),
+    'vit_huge_patch16_gap_448': dict(global_pool='avg', embed_dim=1280, depth=32, num_heads=16, class_token=False, fc_norm=False),
+    'vit_large_patch14_224': dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),
+    'vit_large_patch16_224': dict(embed_dim=1024, depth=24, num_heads=16),
+    'vit_large_patch16_384': dict(embed_dim=1024, depth=24, num_heads=16),
+    'vit_large_patch16_siglip_gap_256': dict(global_pool='avg', embed_dim=1024, depth=24, num_heads=16, class_token=False, fc_norm=False),
+    'vit_large_patch16_siglip_gap_384': dict(global_pool='avg', embed_dim=1024, depth=24, num_heads=16, class_token=False, fc_norm=False),
+    'vit_large_patch32_224': dict(patch_size=32, embed_dim=1024, depth=24, num_heads=16),
+    'vit_large_patch32_384': dict(patch_size=32, embed_dim=1024, depth=24, num_heads=16),
+    'vit_small_patch16_224': dict(embed_dim=384, num_heads=6),
+    'vit_small_patch16_384': dict(embed_dim=384, num_heads=6),
+    'vit_small_patch32_224': dict(patch_size=32, embed_dim=384, num_heads=6),
+    'vit_small_patch32_384': dict(patch_size=32, embed_dim=384, num_heads=6),
+    'vit_small_patch8_224': dict(patch_size=8, embed_dim=384, num_heads=6),
+    'vit_so400m_patch14_siglip_gap_224': dict(patch_size=14, global_pool='avg', embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, class_token=False, fc_norm=False),
+    'vit_so400m_patch14_siglip_gap_378': dict(patch_size=14, global_pool='avg', embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, class_token=False, fc_norm=False),
+    'vit_so400m_patch14_siglip_gap_384': dict(patch_size=14, global_pool='avg', embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, class_token=False, fc_norm=False),
+    'vit_so400m_patch14_siglip_gap_448': dict(patch_size=14, global_pool='avg', embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, class_token=False, fc_norm=False),
+    'vit_so400m_patch14_siglip_gap_896': dict(patch_size=14, global_pool='avg', embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, class_token=False, fc_norm=False),
+    'vit_tiny_patch16_224': dict(embed_dim=192, num_heads=3),
+    'vit_tiny_patch16_384': dict(embed_dim=192, num_heads=3),
+}
+
+TIMM_TAGS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    'deit_base_patch16_224': {
+        'fb_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    },
+    'deit_base_patch16_384': {
+        'fb_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_base_patch16_384-8de9b5d1.pth', input_size=(3, 384, 384), crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    },
+    'deit_small_patch16_224': {
+        'fb_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    },
+    'deit_tiny_patch16_224': {
+        'fb_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    },
+    'eva_large_patch14_196': {
+        'in22k_ft_in22k_in1k': dict(input_size=(3, 196, 196), crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, license='mit'),
+        'in22k_ft_in1k': dict(input_size=(3, 196, 196), crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, license='mit'),
+    },
+    'eva_large_patch14_336': {
+        'in22k_ft_in22k_in1k': dict(input_size=(3, 336, 336), crop_pct=1.0, crop_mode='squash', mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, license='mit'),
+        'in22k_ft_in1k': dict(input_size=(3, 336, 336), crop_pct=1.0, crop_mode='squash', mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, license='mit'),
+    },
+    'test_vit': {
+        'r160_in1k': dict(input_size=(3, 160, 160), crop_pct=0.95),
+    },
+    'vit_base_patch16_224': {
+        'augreg2_in21k_ft_in1k': dict(),
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz', custom_load=True),
+        'orig_in21k_ft_in1k': dict(url='https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/jx_vit_base_p16_224-80ecf9dd.pth'),
+        'augreg_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_224.npz', custom_load=True),
+        'orig_in21k': dict(num_classes=0),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
+        'sam_in1k': dict(url='https://storage.googleapis.com/vit_models/sam/ViT-B_16.npz', custom_load=True),
+        'bamboo': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=115217, origin_url='https://github.com/ZhangYuanhan-AI/Bamboo', paper_ids='arXiv:2203.07845', license=_ABSENT),
+        'dino': dict(url='https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0),
+        'mae': dict(url='https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+    },
+    'vit_base_patch16_224_miil': {
+        'in21k': dict(url='https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-tresnet/vit_base_patch16_224_in21k_miil-887286df.pth', interpolation='bilinear', crop_pct=0.875, mean=ZERO_MEAN, std=UNIT_STD, num_classes=11221),
+        'in21k_ft_in1k': dict(url='https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-tresnet/vit_base_patch16_224_1k_miil_84_4-2deb18e3.pth', interpolation='bilinear', crop_pct=0.875, mean=ZERO_MEAN, std=UNIT_STD),
+    },
+    'vit_base_patch16_384': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+        'orig_in21k_ft_in1k': dict(url='https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/jx_vit_base_p16_384-83fb41ba.pth', input_size=(3, 384, 384), crop_pct=1.0),
+        'augreg_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_base_patch16_gap_224': {
+        'untrained': dict(hf_hub_id=_ABSENT),
+    },
+    'vit_base_patch16_siglip_gap_224': {
+        'v2_webli': dict(num_classes=0),
+        'webli': dict(num_classes=0),
+    },
+    'vit_base_patch16_siglip_gap_256': {
+        'v2_webli': dict(input_size=(3, 256, 256), num_classes=0),
+        'webli': dict(input_size=(3, 256, 256), num_classes=0),
+        'webli_i18n': dict(input_size=(3, 256, 256), num_classes=0),
+    },
+    'vit_base_patch16_siglip_gap_384': {
+        'v2_webli': dict(input_size=(3, 384, 384), num_classes=0),
+        'webli': dict(input_size=(3, 384, 384), num_classes=0),
+    },
+    'vit_base_patch16_siglip_gap_512': {
+        'v2_webli': dict(input_size=(3, 512, 512), num_classes=0),
+        'webli': dict(input_size=(3, 512, 512), num_classes=0),
+    },
+    'vit_base_patch32_224': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz', custom_load=True),
+        'augreg_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_32-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_224.npz', custom_load=True),
+        'orig_in21k': dict(num_classes=0),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
+        'sam_in1k': dict(url='https://storage.googleapis.com/vit_models/sam/ViT-B_32.npz', custom_load=True),
+    },
+    'vit_base_patch32_384': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+        'augreg_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_32-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_base_patch8_224': {
+        'augreg2_in21k_ft_in1k': dict(),
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz', custom_load=True),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
+        'dino': dict(url='https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0),
+    },
+    'vit_giant_patch14_224': {
+        'untrained': dict(hf_hub_id=_ABSENT),
+    },
+    'vit_giant_patch16_gap_224': {
+        'in22k_ijepa': dict(hf_hub_id=_ABSENT, url='https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.g.16-600e.pth.tar', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+    },
+    'vit_gigantic_patch14_224': {
+        'untrained': dict(hf_hub_id=_ABSENT),
+    },
+    'vit_huge_patch14_224': {
+        'orig_in21k': dict(num_classes=0),
+        'untrained': dict(hf_hub_id=_ABSENT),
+        'mae': dict(url='https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+    },
+    'vit_huge_patch14_gap_224': {
+        'in1k_ijepa': dict(hf_hub_id=_ABSENT, url='https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+        'in22k_ijepa': dict(hf_hub_id=_ABSENT, url='https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+    },
+    'vit_huge_patch16_gap_448': {
+        'in1k_ijepa': dict(hf_hub_id=_ABSENT, url='https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.16-448px-300e.pth.tar', input_size=(3, 448, 448), crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+    },
+    'vit_large_patch14_224': {
+        'untrained': dict(hf_hub_id=_ABSENT),
+    },
+    'vit_large_patch16_224': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_224.npz', custom_load=True),
+        'orig_in21k': dict(num_classes=0),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz', custom_load=True, num_classes=21843),
+        'mae': dict(url='https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0, license='cc-by-nc-4.0'),
+    },
+    'vit_large_patch16_384': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_large_patch16_siglip_gap_256': {
+        'v2_webli': dict(input_size=(3, 256, 256), num_classes=0),
+        'webli': dict(input_size=(3, 256, 256), num_classes=0),
+    },
+    'vit_large_patch16_siglip_gap_384': {
+        'v2_webli': dict(input_size=(3, 384, 384), num_classes=0),
+        'webli': dict(input_size=(3, 384, 384), num_classes=0),
+    },
+    'vit_large_patch32_224': {
+        'orig_in21k': dict(num_classes=0),
+    },
+    'vit_large_patch32_384': {
+        'orig_in21k_ft_in1k': dict(url='https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/jx_vit_large_p32_384-9b920ba8.pth', input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_small_patch16_224': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz', custom_load=True),
+        'augreg_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz', custom_load=True),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
+        'dino': dict(url='https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0),
+    },
+    'vit_small_patch16_384': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+        'augreg_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_small_patch32_224': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz', custom_load=True),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
+    },
+    'vit_small_patch32_384': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_small_patch8_224': {
+        'dino': dict(url='https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0),
+    },
+    'vit_so400m_patch14_siglip_gap_224': {
+        'v2_webli': dict(num_classes=0),
+        'webli': dict(num_classes=0),
+        'pali_mix': dict(num_classes=0),
+        'pali_pt': dict(num_classes=0),
+        'pali2_3b_pt': dict(num_classes=0),
+        'pali2_10b_pt': dict(num_classes=0),
+    },
+    'vit_so400m_patch14_siglip_gap_378': {
+        'v2_webli': dict(input_size=(3, 378, 378), num_classes=0),
+        'webli': dict(input_size=(3, 378, 378), crop_pct=1.0, num_classes=0),
+        'webli_ft_in1k': dict(input_size=(3, 378, 378), crop_pct=1.0, crop_mode='squash'),
+    },
+    'vit_so400m_patch14_siglip_gap_384': {
+        'webli': dict(input_size=(3, 384, 384), crop_pct=1.0, num_classes=0),
+    },
+    'vit_so400m_patch14_siglip_gap_448': {
+        'pali_mix': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali_pt': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali_refcoco_seg': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali_ocrvqa': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali2_3b_pt': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali2_10b_pt': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali2_3b_docci': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+        'pali2_10b_docci': dict(input_size=(3, 448, 448), crop_pct=1.0, num_classes=0),
+    },
+    'vit_so400m_patch14_siglip_gap_896': {
+        'pali_pt': dict(input_size=(3, 896, 896), crop_pct=1.0, num_classes=0),
+        'pali_refcoco_seg': dict(input_size=(3, 896, 896), crop_pct=1.0, num_classes=0),
+        'pali_ocrvqa': dict(input_size=(3, 896, 896), crop_pct=1.0, num_classes=0),
+        'pali2_3b_pt': dict(input_size=(3, 896, 896), crop_pct=1.0, num_classes=0),
+        'pali2_10b_pt': dict(input_size=(3, 896, 896), crop_pct=1.0, num_classes=0),
+    },
+    'vit_tiny_patch16_224': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz', custom_load=True),
+        'augreg_in21k': dict(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
+    },
+    'vit_tiny_patch16_384': {
+        'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
 }
 
 
+def split_model_name(name: str) -> Tuple[str, Optional[str]]:
+    """A model name split into (architecture, pretrained tag or None), as timm splits
+    "vit_base_patch16_224.augreg2_in21k_ft_in1k". Raises ValueError for an unknown name or tag."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    arch, _, tag = name.partition(".")
+    if arch not in TIMM_ARCHS:
+        raise ValueError(f"unknown model name {arch!r}; known: {sorted(TIMM_ARCHS)}")
+    if tag and tag not in TIMM_TAGS[arch]:
+        raise ValueError(f"unknown pretrained tag {tag!r} of {arch}; known: {list(TIMM_TAGS[arch])}")
+    return arch, (tag or None)
+
+
+def pretrained_cfg(name: str) -> Dict[str, Any]:
+    """timm's pretrained cfg (a new dict) of `name` ("arch" for its default tag, or "arch.tag"): the
+    checkpoint's url / hf_hub_id, input_size, interpolation, crop_pct, mean, std, num_classes, ..."""
+    arch, tag = split_model_name(name)
+    tag = tag or next(iter(TIMM_TAGS[arch]))
+    cfg = dict(_TIMM_CFG_BASE, hf_hub_id=f"timm/{arch}.{tag}", architecture=arch, tag=tag)
+    cfg.update(TIMM_TAGS[arch][tag])
+    return {k: v for k, v in cfg.items() if v is not _ABSENT}
+
+
+def _tag_defaults(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ViT arguments a pretrained cfg sets unless the caller gives them (timm's rule): its
+    num_classes, its input channels and, for a fixed-size checkpoint, its image size."""
+    out: Dict[str, Any] = {}
+    if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
+        out["num_classes"] = cfg["num_classes"]
+    if cfg.get("global_pool") is not None:
+        out["global_pool"] = cfg["global_pool"]
+    size = cfg.get("input_size")
+    if size is not None:
+        out["in_chans"] = size[0]
+        if cfg.get("fixed_input_size", False):
+            out["img_size"] = size[1] if size[1] == size[2] else (size[1], size[2])
+    return out
+
+
+def _named_config(name: str) -> ViTConfig:
+    arch, _ = split_model_name(name)
+    return ViTConfig(**dict(TIMM_ARCHS[arch], **_tag_defaults(pretrained_cfg(name))))
+
+
+# The named variants, keyed by timm's model names (each with its default tag's head and size).
+VARIANTS = {name: _named_config(name) for name in TIMM_ARCHS}
+
+
 def get_config(name: str, **overrides: Any) -> ViTConfig:
-    """The config of variant `name` with `overrides` applied."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model name {name!r}; known: {sorted(VARIANTS)}")
-    return VARIANTS[name].replace(**overrides) if overrides else dataclasses.replace(VARIANTS[name])
+    """The config of variant `name` ("arch" or "arch.tag": a tag sets its checkpoint's
+    num_classes and image size, as in timm) with `overrides` applied."""
+    cfg = _named_config(name)
+    return cfg.replace(**overrides) if overrides else cfg

@@ -17,8 +17,10 @@ the residual add runs outside the GEMM, because it must add the dropped-out bran
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.fx
@@ -29,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from vitkern import dispatch, fusion, ops
 from vitkern.config import ViTConfig, to_2tuple
 from vitkern.dispatch import BackendUnavailableError
-from vitkern.pos_embed import resample_pos_embed
+from vitkern.features import Indices, take_indices
+from vitkern.pos_embed import resample_patch_kernel, resample_pos_embed
 
 
 class DropPath(nn.Module):
@@ -429,6 +432,25 @@ def _backend_of(module: nn.Module) -> str:
     return getattr(module, "backend", "auto")
 
 
+def _built_on_device(init: Callable[..., None]) -> Callable[..., None]:
+    """Give `ViT.__init__` timm's `device=` and `dtype=` keywords: the modules are created under
+    `torch.device(device)` (so `device="meta"` allocates nothing and a GPU model never exists on the
+    CPU), then floating-point parameters and buffers are cast to `dtype`."""
+
+    @functools.wraps(init)
+    def init_on_device(self: nn.Module, *args: Any, device: Optional[Union[str, torch.device]] = None,
+                       dtype: Optional[torch.dtype] = None, **kwargs: Any) -> None:
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        where = torch.device(device) if device is not None else contextlib.nullcontext()
+        with where:
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    return init_on_device
+
+
 class ViT(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2020), a drop-in for timm's `VisionTransformer`.
 
@@ -439,8 +461,16 @@ class ViT(nn.Module):
 
     forward: images [batch, in_chans, H, W] -> logits [batch, num_classes] (pooled features when
     num_classes == 0; every token's features when global_pool == '').
+
+    timm's backbone API: `forward_intermediates`, `get_intermediate_layers`,
+    `prune_intermediate_layers`, `feature_info`, `set_input_size`, `group_matcher`,
+    `pretrained_cfg` (alias `default_cfg`; set by `vitkern.create_model` and `from_timm`, empty for
+    a model built directly, as in timm) and the attributes `in_chans`, `num_features` (embed_dim),
+    `head_hidden_size` (the head's input width), `num_prefix_tokens`. `device=` and `dtype=` build
+    the model straight on a device (e.g. "meta") and cast it to a floating dtype.
     """
 
+    @_built_on_device
     def __init__(
         self,
         img_size: Union[int, Tuple[int, int]] = 224,
@@ -484,7 +514,11 @@ class ViT(nn.Module):
         self.config = cfg
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.embed_dim = self.num_features = embed_dim
+        # timm's names: num_features is what forward_features gives per token, head_hidden_size
+        # what the classifier reads (representation_size when the pre-logits head is there).
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.in_chans = in_chans
+        self.pretrained_cfg: Dict[str, Any] = {}
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
@@ -508,11 +542,11 @@ class ViT(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         if representation_size:
             self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, representation_size), act=nn.Tanh()))
-            self.num_features = representation_size
+            self.head_hidden_size = representation_size
         else:
             self.pre_logits = nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.backend = backend
         self.init_weights()
 
@@ -562,20 +596,24 @@ class ViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh Linear(num_features, num_classes) (Identity for 0)."""
-        if global_pool is not None:
-            self.config = self.config.replace(global_pool=global_pool)
-            self.global_pool = global_pool
-        if not isinstance(num_classes, int) or num_classes < 0:
+        """Replace the head with a fresh Linear(head_hidden_size, num_classes) (Identity for 0) on
+        the model's device and dtype and in its train/eval mode; `global_pool` ("token", "avg",
+        "") changes the pooling but not where the final norm sits (timm's rule)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            # fc_norm made explicit: the norm modules stay where they are when the pooling changes.
+            self.config = self.config.replace(global_pool=global_pool, fc_norm=not fusion.is_plain(self.fc_norm, nn.Identity))
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.config.num_classes = num_classes
         device = self.pos_embed.device
         dtype = self.pos_embed.dtype
-        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        head = nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        self.head = head.train(self.training)
 
     # ----------------------------------------------------------------------------------------
     def _pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
@@ -646,6 +684,156 @@ class ViT(nn.Module):
         from vitkern import inspect
 
         return inspect.forward_attention(self, x, **options)
+
+    # ----------------------------------------------------------------------------------------
+    # timm's backbone API (same signatures and results as timm's VisionTransformer)
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, value: Dict[str, Any]) -> None:
+        self.pretrained_cfg = value
+
+    @property
+    def feature_info(self) -> List[Dict[str, Any]]:
+        """One dict per block: `module` ("blocks.i"), `num_chs` (embed_dim) and `reduction` (input
+        pixels per token along a side: the patch size, times the hybrid backbone's stride)."""
+        pe = self.patch_embed
+        stride = max(pe.img_size[0] // pe.feature_size[0], pe.img_size[1] // pe.feature_size[1])
+        reduction = stride * max(pe.patch_size)
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=reduction) for i in range(len(self.blocks))]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm.optim's `layer_decay`): the
+        embedding is layer 0, block i is layer i + 1, the final norm and the head come last.
+        `coarse` is accepted for timm's signature; a ViT has one grouping."""
+        return dict(
+            stem=r"^(?:cls_token|pos_embed|patch_embed\.)",
+            blocks=[(r"^blocks\.(\d+)\.", None), (r"^norm\.", (99999,))],
+        )
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Change the input resolution and/or patch size in place, as timm's does: pos_embed is
+        resampled to the new patch grid (bicubic, antialiased) and a new patch size resamples the
+        patch kernel [embed_dim, chans, ph, pw] by FlexiViT's pseudo-inverse resize."""
+        pe = self.patch_embed
+        new_img = pe.img_size if img_size is None else to_2tuple(img_size, "img_size")
+        new_patch = pe.patch_size if patch_size is None else to_2tuple(patch_size, "patch_size")
+        feature_chans, feature_size = pe.proj.in_channels, new_img
+        if pe.backbone is not None:
+            feature_chans, feature_size = _probe_backbone(pe.backbone, pe.in_chans, new_img)
+        new_grid = (feature_size[0] // new_patch[0], feature_size[1] // new_patch[1])
+        if new_grid[0] == 0 or new_grid[1] == 0:
+            raise ValueError(f"patch_size {new_patch} is larger than the {'feature map' if pe.backbone else 'image'} {feature_size}")
+        old_grid = tuple(pe.grid_size)
+        with torch.no_grad():
+            if new_patch != tuple(pe.patch_size):
+                old = pe.proj
+                proj = nn.Conv2d(feature_chans, old.out_channels, kernel_size=new_patch, stride=new_patch,
+                                 bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+                proj.weight.copy_(resample_patch_kernel(old.weight, new_patch))
+                proj.weight.requires_grad_(old.weight.requires_grad)
+                if old.bias is not None:
+                    proj.bias.copy_(old.bias)
+                    proj.bias.requires_grad_(old.bias.requires_grad)
+                pe.proj = proj
+            if new_grid != old_grid:
+                pos = resample_pos_embed(self.pos_embed.detach(), new_grid, old_grid, self.num_prefix_tokens)
+                self.pos_embed = nn.Parameter(pos.clone(), requires_grad=self.pos_embed.requires_grad)
+        pe.img_size, pe.patch_size, pe.feature_size = new_img, new_patch, feature_size
+        pe.grid_size, pe.num_patches = new_grid, new_grid[0] * new_grid[1]
+        self.config = self.config.replace(img_size=new_img, patch_size=new_patch)
+
+    def _feature_grid(self, height: int, width: int, patch_tokens: int) -> Tuple[int, int]:
+        """(rows, cols) of the patch tokens of an input of height x width."""
+        pe = self.patch_embed
+        if (height, width) == tuple(pe.img_size):
+            return tuple(pe.grid_size)
+        if pe.backbone is None:
+            return self.config.grid_size((height, width))
+        # A hybrid at another size: the backbone's stride, read off the built size.
+        sh, sw = pe.img_size[0] // pe.feature_size[0], pe.img_size[1] // pe.feature_size[1]
+        grid = (height // sh // pe.patch_size[0], width // sw // pe.patch_size[1])
+        if grid[0] * grid[1] != patch_tokens:
+            raise ValueError(f"cannot tell the patch grid of the hybrid backbone's feature map for a {height}x{width} "
+                             "input; use output_fmt='NLC'")
+        return grid
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[Any], Tuple[Tensor, List[Any]]]:
+        """Images [batch, in_chans, H, W] -> (forward_features' tokens [batch, tokens, dim], the
+        outputs of the selected blocks), as timm's.
+
+        indices: None for every block, n for the last n, or a list of block indices (negative from
+        the end); the outputs come in block order. Each intermediate drops the prefix (class) token:
+        [batch, dim, grid_h, grid_w] for output_fmt="NCHW", [batch, patches, dim] for "NLC"; with
+        return_prefix_tokens each is a pair (that, prefix tokens [batch, prefix, dim]). norm: apply
+        the final norm to each. stop_early: run no block past the last selected one (the first
+        result is then the norm of that block's output). intermediates_only: return the list only.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        taken, last = take_indices(len(self.blocks), indices)
+        height, width = (x.shape[-2], x.shape[-1]) if isinstance(x, Tensor) else (0, 0)
+        z = self._embed(x)
+        blocks = self.blocks[:last + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                z = checkpoint(blk, z, use_reentrant=False)
+            else:
+                z = blk(z)
+            if i in taken:
+                intermediates.append(self._norm(z) if norm else z)
+        prefix = self.num_prefix_tokens
+        prefixes = [y[:, :prefix] for y in intermediates]
+        maps = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW" and maps:
+            gh, gw = self._feature_grid(height, width, maps[0].shape[1])
+            maps = [y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+        out: List[Any] = list(zip(maps, prefixes)) if return_prefix_tokens and prefix else maps
+        if intermediates_only:
+            return out
+        return self._norm(z), out
+
+    def prune_intermediate_layers(self, indices: Indices = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks past the last of `indices` (and the final norm with prune_norm, the
+        head, fc_norm and pre-logits with prune_head) from this model in place, as timm's; returns
+        the selected block indices, counted from 0."""
+        taken, last = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        self.config.depth = len(self.blocks)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.embed_dim
+            self.config = self.config.replace(fc_norm=False, representation_size=None)
+            self.reset_classifier(0, "")
+        return taken
+
+    def get_intermediate_layers(self, x: Tensor, n: Indices = 1, reshape: bool = False,
+                                return_prefix_tokens: bool = False, norm: bool = False) -> List[Any]:
+        """The outputs of the last n blocks (or of the blocks listed in n) without the prefix token:
+        [batch, patches, dim] each, or [batch, dim, grid_h, grid_w] with reshape (DINO's API, as
+        timm's; `forward_intermediates(..., intermediates_only=True)`)."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -1,4 +1,5 @@
-"""2-D resampling of learned position embeddings to another patch grid.
+"""2-D resampling of learned position embeddings to another patch grid (and, for
+`ViT.set_input_size(patch_size=...)`, of the patch-embedding kernel to another patch size).
 
 It sits below both `model.py` (dynamic image sizes, `set_input_size`) and `weights.py` (loading a
 checkpoint made at another resolution), so neither has to import the other for it.
@@ -26,7 +27,7 @@ from torch import Tensor
 
 RESAMPLE_MODES = ("bicubic", "bilinear", "jax")
 
-__all__ = ["RESAMPLE_MODES", "resample_pos_embed"]
+__all__ = ["RESAMPLE_MODES", "resample_pos_embed", "resample_patch_kernel"]
 
 
 def _check_grid(name: str, grid: Sequence[int]) -> Tuple[int, int]:
@@ -86,3 +87,31 @@ def resample_pos_embed(
         grid = F.interpolate(grid, size=(new_h, new_w), mode=mode, antialias=antialias, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def resample_patch_kernel(weight: Tensor, new_size: Tuple[int, int]) -> Tensor:
+    """The patch-embedding kernel [dim, chans, ph, pw] for another patch size [dim, chans, nh, nw].
+
+    FlexiViT's pseudo-inverse resize (Beyer et al., 2023; timm's `resample_patch_embed`): with R the
+    linear map that resizes a ph x pw patch to nh x nw (bicubic, antialiased), the new kernel w'
+    is the least-squares solution of <R x, w'> = <x, w> for every patch x, i.e. w' = pinv(R^T) w,
+    so a resized patch gives the token the original kernel gave the original patch. Computed in
+    fp64, returned in weight's dtype on weight's device.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a patch kernel [dim, chans, ph, pw], got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    new_h, new_w = _check_grid("new_size", new_size)
+    dim, chans, old_h, old_w = weight.shape
+    if (new_h, new_w) == (old_h, old_w):
+        return weight
+    old_n = old_h * old_w
+    # Row i of `resize_t` is R applied to the i-th pixel basis patch: R^T as [old_n, new_n], built on
+    # the CPU in fp64 (a small matrix). A shrink along one side leaves R^T rank-deficient: its null
+    # directions have singular values at fp64 rounding (~1e-15) and must be cut, not inverted.
+    basis = torch.eye(old_n, dtype=torch.float64).reshape(old_n, 1, old_h, old_w)
+    resize_t = F.interpolate(basis, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    solve = torch.linalg.pinv(resize_t.reshape(old_n, new_h * new_w), rtol=1e-10)  # [new_n, old_n] = pinv(R^T)
+    solve = solve.to(weight.device)
+    flat = weight.detach().to(torch.float64).reshape(dim * chans, old_n)
+    return (flat @ solve.T).reshape(dim, chans, new_h, new_w).to(weight.dtype)

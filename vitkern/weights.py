@@ -280,10 +280,10 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
     bicubically, as timm does), num_classes (a freshly initialized head replaces timm's),
     global_pool, backend, dynamic_img_size, dynamic_img_pad and the dropout rates.
 
-    The returned model has timm's device, dtype and train/eval mode; a hybrid backbone is deep
-    copied, so the two models share no parameters. Raises NotImplementedError listing the timm
-    features vitkern does not implement (register tokens, qk_norm, layer scale, no_embed_class,
-    pre_norm, non-LayerNorm norms, non-GELU activations, ...).
+    The returned model has timm's device, dtype, train/eval mode and `pretrained_cfg`; a hybrid
+    backbone is deep copied, so the two models share no parameters. Raises NotImplementedError
+    listing the timm features vitkern does not implement (register tokens, qk_norm, layer scale,
+    no_embed_class, pre_norm, non-LayerNorm norms, non-GELU activations, ...).
     """
     if isinstance(timm_model_or_name, str):
         import timm
@@ -312,6 +312,8 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
             if key in model.state_dict():
                 state[key] = model.state_dict()[key]
     _load_checked(model, state, source="timm")
+    # The checkpoint's preprocessing (mean, std, crop_pct, ...): timm.data.resolve_data_config reads it.
+    model.pretrained_cfg = copy.deepcopy(dict(getattr(timm_model, "pretrained_cfg", None) or {}))
     like = next(timm_model.parameters(), None)
     return _match_source(model, like, timm_model.training)
 

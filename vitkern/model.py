@@ -13,6 +13,11 @@ Triton or CUDA kernels. A block is five fused ops:
 
 Dropout and stochastic depth (training only) are applied between the ops; when they are active
 the residual add runs outside the GEMM, because it must add the dropped-out branch.
+
+The sub-modules are timm's (names and placeholders such as `ls1`, `attn.q_norm`, `mlp.act`), and
+the fused ops run only while they are the plain ones built here: a hook, a swapped or wrapped
+module, a subclass or a parametrization makes the block call them in timm's order instead, PEFT
+LoRA layers excepted (`vitkern.fusion` decides and says what invalidates its cached plan).
 """
 
 from __future__ import annotations

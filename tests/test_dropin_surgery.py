@@ -252,6 +252,18 @@ def test_forward_hooks_fire_with_timms_tensors(monkeypatch):
     assert dict(log.modules) == {"Linear": 1}, "removing the hooks brings the fused path back"
 
 
+def test_patch_embed_hook_under_dynamic_img_size_sees_timms_nhwc_tokens():
+    tm, vk = _pair(dynamic_img_size=True)
+    x = torch.randn(2, 3, 32, 40)
+    seen = {}
+    for which, model in (("timm", tm), ("vitkern", vk)):
+        model.patch_embed.register_forward_hook(lambda m, a, out, which=which: seen.__setitem__(which, out))
+    with torch.no_grad():
+        assert _max_diff(vk(x), tm(x)) <= TOL
+    assert seen["vitkern"].shape == seen["timm"].shape == (2, 4, 5, 32)
+    assert _max_diff(seen["vitkern"], seen["timm"]) <= TOL
+
+
 def test_pre_hook_and_backward_hook_change_results_as_in_timm():
     tm, vk = _pair()
     x = torch.randn(2, 3, 32, 32)

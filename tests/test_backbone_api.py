@@ -12,6 +12,7 @@ configs, eager backend, fp32: the kernels themselves are tested elsewhere.
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import sys
 import warnings
@@ -214,6 +215,8 @@ def test_meta_device_and_dtype_construction():
     assert all(p.dtype == torch.float16 for p in half.parameters())
     with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype, got torch.int8"):
         vitkern.ViT(**TINY, dtype=torch.int8)
+    params = inspect.signature(vitkern.ViT).parameters  # help(ViT) shows them
+    assert params["device"].kind is params["dtype"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import OrderedDict
+from inspect import Parameter
+from inspect import signature as inspect_signature
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
@@ -453,6 +455,10 @@ def _built_on_device(init: Callable[..., None]) -> Callable[..., None]:
         if dtype is not None:
             self.to(dtype=dtype)
 
+    # help() and inspect show the real signature: the model's arguments, then device and dtype.
+    sig = inspect_signature(init)
+    extra = [Parameter(name, Parameter.KEYWORD_ONLY, default=None) for name in ("device", "dtype")]
+    init_on_device.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
     return init_on_device
 
 

@@ -47,11 +47,11 @@ __device__ __forceinline__ void tile_scores(const float* sQ, const float* sK, in
   }
 }
 
-__device__ __forceinline__ float patch_distance(int i, int j, int prefix, int grid_w, float patch_h, float patch_w) {
-  const int qi = i - prefix, kj = j - prefix;
-  const float dy = float(qi / grid_w - kj / grid_w) * patch_h;
-  const float dx = float(qi % grid_w - kj % grid_w) * patch_w;
-  return sqrtf(dy * dy + dx * dx);
+// Pixel position (.x column, .y row) of patch token i >= prefix: computed once per row or key, so a
+// (query, key) pair costs two subtractions, the norm and one FMA (no integer division per pair).
+__device__ __forceinline__ float2 patch_position(int i, int prefix, int grid_w, float patch_h, float patch_w) {
+  const int p = i - prefix;
+  return make_float2(float(p % grid_w) * patch_w, float(p / grid_w) * patch_h);
 }
 
 // Both kernels: the minimum of 1 CTA per SM in __launch_bounds__ lifts ptxas's register target,
@@ -86,6 +86,12 @@ attention_stats_rows_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t
   }
   const int key_in_tile = threadIdx.x % kStatsKeys;
   const int row0 = (threadIdx.x / kStatsKeys) * kRowsPerThread;
+  float2 q_pos[kRowsPerThread];
+#pragma unroll
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const int i = m0 + row0 + r;
+    q_pos[r] = dist != nullptr && i >= prefix ? patch_position(i, prefix, grid_w, patch_h, patch_w) : make_float2(0.f, 0.f);
+  }
   float acc = 0.f;
   for (int n0 = 0; n0 < tokens; n0 += kStatsKeys) {
     __syncthreads();  // sQ/sL written (first tile); the previous tile's readers are done
@@ -94,6 +100,8 @@ attention_stats_rows_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t
     float s[kRowsPerThread];
     tile_scores(sQ, sK, ldk, head_dim, key_in_tile, row0, s);
     const int j = n0 + key_in_tile;
+    const float2 k_pos = dist != nullptr && j >= prefix ? patch_position(j, prefix, grid_w, patch_h, patch_w)
+                                                        : make_float2(0.f, 0.f);
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) {
       const int i = m0 + row0 + r;
@@ -101,7 +109,10 @@ attention_stats_rows_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t
       const float p = exp2f(s[r] * scale_log2 - sL[row0 + r]);
       if (rows != nullptr && i < prefix) rows[(int64_t(bh) * prefix + i) * tokens + j] = p;
       // Prefix queries and keys are dropped without renormalizing (the usual definition).
-      if (dist != nullptr && i >= prefix && j >= prefix) acc += p * patch_distance(i, j, prefix, grid_w, patch_h, patch_w);
+      if (dist != nullptr && i >= prefix && j >= prefix) {
+        const float dx = q_pos[r].x - k_pos.x, dy = q_pos[r].y - k_pos.y;
+        acc += p * sqrtf(dy * dy + dx * dx);
+      }
     }
   }
   if (dist == nullptr) return;  // uniform over the CTA: no thread is left at a barrier

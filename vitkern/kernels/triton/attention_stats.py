@@ -97,10 +97,12 @@ def _attention_stats_rows_kernel(
     lse2 = tl.load(LSE + stats + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
 
     # Grid coordinates of the query patches; prefix rows get -1 and are masked out of the distance.
+    # Pixel coordinates per query row and (in the loop) per key column, so that a (query, key) pair
+    # costs two subtractions, the norm and one FMA (no integer division per pair).
     q_patch = m_mask & (offs_m >= P)
     qi = tl.where(q_patch, offs_m - P, 0)
-    q_row = qi // GRID_W
-    q_col = qi % GRID_W
+    q_y = (qi // GRID_W).to(tl.float32) * patch_h
+    q_x = (qi % GRID_W).to(tl.float32) * patch_w
     row_store = (offs_m < P)[:, None]
     rows_base = ROWS + pid_bh.to(tl.int64) * P * T + offs_m[:, None] * T
     dist_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -112,8 +114,8 @@ def _attention_stats_rows_kernel(
         if WANT_DIST:
             k_patch = (offs_n < T) & (offs_n >= P)
             kj = tl.where(k_patch, offs_n - P, 0)
-            dy = (q_row[:, None] - (kj // GRID_W)[None, :]).to(tl.float32) * patch_h
-            dx = (q_col[:, None] - (kj % GRID_W)[None, :]).to(tl.float32) * patch_w
+            dy = q_y[:, None] - ((kj // GRID_W).to(tl.float32) * patch_h)[None, :]
+            dx = q_x[:, None] - ((kj % GRID_W).to(tl.float32) * patch_w)[None, :]
             # Prefix queries and keys are dropped without renormalizing the patch rows (the
             # definition of mean attention distance the usual implementations share).
             keep = q_patch[:, None] & k_patch[None, :]

@@ -112,6 +112,7 @@ def _named(name: str):
         return create_model(name, pretrained=pretrained, **overrides)
 
     constructor.__name__ = constructor.__qualname__ = name
+    constructor.__test__ = False  # timm's `test_vit` is a model, not a test pytest should collect
     constructor.__doc__ = (f"`{name}` with timm's config and default pretrained cfg; keyword arguments as "
                            "`vitkern.create_model` (any ViT argument, device, dtype, features_only).")
     return constructor

@@ -58,3 +58,10 @@ gpu-sweep: .vitkern-commit-file
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+
+# The embedded training run: a tiny ViT on scikit-learn's digits (minutes on 2 CPU cores);
+# ARGS passes flags, e.g. `make train ARGS="--objective mpp --out runs/mpp"`.
+.PHONY: train
+ARGS ?=
+train: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VPY) -m vitkern.train $(ARGS)

@@ -104,6 +104,19 @@ def test_intermediate_indices_errors():
         vk.forward_intermediates(x, output_fmt="NHWC")
 
 
+def test_hybrid_intermediates_and_set_input_size_match_timm():
+    tm = timm.create_model("vit_small_r26_s32_224", pretrained=False, img_size=64, depth=2).eval()
+    vk = vitkern.from_timm(tm, backend="eager").eval()
+    assert vk.feature_info == tm.feature_info  # reduction 32: the ResNet's stride times patch 1
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _same(vk.forward_intermediates(x, indices=[0, 1]), tm.forward_intermediates(x, indices=[0, 1]))
+        tm.set_input_size(img_size=96)
+        vk.set_input_size(img_size=96)  # the backbone's feature map is probed again: a 3 x 3 grid
+        x = torch.randn(1, 3, 96, 96)
+        _same(vk.get_intermediate_layers(x, reshape=True), tm.get_intermediate_layers(x, reshape=True))
+
+
 def test_prune_intermediate_layers_matches_timm():
     tm, vk = _pair()
     assert vk.prune_intermediate_layers([1, -3]) == tm.prune_intermediate_layers([1, -3]) == [1, 1]

@@ -159,7 +159,8 @@ FAMILIES = {
 #
 # Every model timm registers (modules vision_transformer and deit) that is a plain patch ViT
 # vitkern builds exactly: `vitkern.weights.timm_config` accepts it and it has no hybrid backbone.
-# Derived from timm 1.0.31's registry (tests/test_backbone_api.py checks names, parameter counts
+# Derived from timm 1.0.31's registry by building each of those models on the meta device and
+# keeping the ones timm_config accepts (tests/test_backbone_api.py checks names, parameter counts
 # and pretrained cfgs against the installed timm). TIMM_ARCHS holds each name's ViTConfig fields
 # that differ from the defaults, except num_classes and img_size, which come from the
 # pretrained tag as in timm. TIMM_TAGS holds, per name, its pretrained tags in timm's order (the

@@ -464,6 +464,11 @@ def _progress(items, total: int):
         return counted()
 
 
+def _entropy(weights: Tensor) -> float:
+    p = weights.double() / weights.double().sum().clamp_min(1e-300)
+    return float(-(p * p.clamp_min(1e-300).log()).sum())
+
+
 def _upsample(grid_map: Tensor, size: Tuple[int, int]):
     m = grid_map[None, None].float()
     m = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -616,7 +621,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         top = logits[0].float().softmax(-1).topk(min(5, logits.shape[-1])) if logits.dim() == 2 else None
         report["images"].append({
             "name": name, "mean_attention_distance_px": dist.tolist(),
-            "cls_attention_entropy_per_layer": [float(-(m * m.clamp_min(1e-12).log()).sum()) for m in cls_maps],
+            # Entropy (nats) of the class token's attention over the patches, renormalized to sum to 1:
+            # log(patches) for uniform attention, lower as it focuses.
+            "cls_attention_entropy_per_layer": [_entropy(m) for m in cls_maps],
             "top5": None if top is None else {"classes": top.indices.tolist(), "probs": top.values.tolist()},
         })  # fmt: skip
     mean_dist = dist_sum / count

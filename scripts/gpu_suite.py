@@ -422,7 +422,9 @@ for model, batch, dtype in shapes:
     img = cost.arch_of(model).img_size[0]
     x = torch.randn(batch, 3, img, img, device=dev, dtype=dt)
     before = len(_common.AUTOTUNE_RESULTS)
-    net(x).float().sum().backward()  # every tuned kernel of a training step times its whole list
+    with torch.no_grad():  # inference keys (no GELU' saved) differ from training's
+        net.eval()(x)
+    net.train()(x).float().sum().backward()  # every tuned kernel of a training step times its whole list
     torch.cuda.synchronize()
     print(f"{model} b{batch} {dtype}: {len(_common.AUTOTUNE_RESULTS) - before} kernels tuned "
           f"({time.monotonic() - t0:.0f} s)", flush=True)

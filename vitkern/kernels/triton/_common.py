@@ -1,7 +1,7 @@
-"""Helpers every Triton kernel file uses: output allocation (poisoned under test), the autotune
-config list (one config in the interpreter), `tuned` (a kernel with its configs, autotune key and
-M bucket, whose config comes from the device's tuning table when it has one; see the tuning section below), the
-one launch path, and the spec a kernel gives `vitkern.audit`.
+"""Helpers every Triton kernel file uses: output allocation (poisoned under test), `tuned` (a
+kernel with its configs, autotune key and M bucket, whose config comes from the device's tuning
+table when it has one: see the tuning section below), the one launch path, and the spec a kernel
+gives `vitkern.audit`.
 
 Importing this module imports triton; the ops layer imports kernel files only when triton is
 importable.
@@ -9,9 +9,14 @@ importable.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -79,13 +84,6 @@ def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> 
     if os.environ.get("VITKERN_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out
-
-
-def autotune_configs(configs: List[triton.Config]) -> List[triton.Config]:
-    """The configs to autotune over: all of them on a GPU, the first one in the interpreter
-    (which cannot benchmark several). The kernel code is the same either way; list the config
-    that suits small test shapes first."""
-    return configs[:1] if interpreting() else configs
 
 
 
@@ -177,25 +175,19 @@ def library_op(name: str) -> Callable[[Callable[..., Any]], Any]:
 #
 # `tuned(kernel, configs, key=[...], name=..., rows="M")` replaces `triton.autotune(...)`. At a
 # launch the config comes, in this order, from:
-#   1. a forced config (`force_config`: the every-config test and the GPU suite's sweep);
+#   1. a forced config (`force_config`: the every-config test runs each config once);
 #   2. the tuning table of the launching device (configs/<device>.json, e.g. nvidia_h200.json,
 #      written by `scripts/gpu_suite.py --run sweep`): the entry with the same key values and
 #      dtype whose M bucket is nearest (in log2) to this launch's;
 #   3. otherwise Triton's autotuner over a pruned list: the configs the table picked for this kernel
 #      at other keys when it has any, else every config (minus what the kernel's own `prune`
-#      drops). One autotuner per M bucket, so a config tuned on the tests' small M is never reused
-#      at batch 256 (Triton's own key holds only the kernel arguments named in `key`).
+#      drops; VITKERN_TUNING_TABLES=0, as in the sweep, ignores the table). One autotuner per M
+#      bucket, so a config tuned on the tests' small M is never reused at batch 256 (Triton's own
+#      key holds only the kernel arguments named in `key`).
 # In the interpreter only the first config runs (it cannot benchmark). Tables are read on the first
 # launch on a CUDA device, from the device name of the launching tensor: nothing at import.
 # Every autotune result (kernel, key, M bucket, every config's time) is kept in `AUTOTUNE_RESULTS`
 # and appended as one JSON line to $VITKERN_AUTOTUNE_LOG when set (the GPU suite's record reads it).
-
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import threading  # noqa: E402
-from typing import Iterator, Optional, Tuple  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 
 TABLE_SCHEMA = "vitkern.tuning/1"
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

@@ -499,7 +499,8 @@ def _plot_attention(path: str, shown, cls_maps: List[Tensor], roll: Tensor, grid
     for ax in axes.flat[len(panels) + 1:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.04, right=0.9, bottom=0.1, top=0.84, wspace=0.35, hspace=0.4)
+    height = 3.0 * rows + 0.4
+    fig.subplots_adjust(left=0.04, right=0.9, bottom=0.3 / height, top=1 - 0.55 / height, wspace=0.35, hspace=0.4)
     fig.colorbar(im, cax=fig.add_axes([0.92, 0.15, 0.012, 0.65]), label="attention / its maximum")
     fig.savefig(path, dpi=90)
     plt.close(fig)

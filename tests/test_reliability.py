@@ -146,3 +146,80 @@ def test_layer_norm_and_ln_linear_without_affine(backend, affine):
                 assert gr is None, f"{name} grad {i}"
                 continue
             assert_close(gr, gr_ref, torch.float32, scale=4, name=f"{name} grad {i}")
+
+
+# ------------------------------------------------------------------------------ strides past 2^31 / BLOCK (7)
+
+# Runs in a child process (a wrapped int32 pointer step is a SIGSEGV, which would kill pytest).
+# Each operand lives in a sparse anonymous mapping (MAP_NORESERVE): gigabytes of address space,
+# of which only the touched elements' pages take memory (a few hundred KiB).
+_STRIDED_CHILD = r"""
+import mmap, os, sys
+import torch
+from vitkern import ops, reference
+
+S = 2 ** 27  # BLOCK * S passes 2^31 for BLOCK >= 16: the reduction tiles are 16 or 32 wide
+
+
+def sparse(shape, strides):
+    n = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+    region = mmap.mmap(-1, n * 4, flags=flags)
+    t = torch.frombuffer(region, dtype=torch.float32, count=n).as_strided(shape, strides)
+    t.copy_(torch.randn(shape))
+    return t
+
+
+def check(name, got, ref):
+    err = (got.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    print(name, err, flush=True)
+    if not err < 1e-4:
+        sys.exit(f"{name}: relative error {err}")
+
+
+def grads(fn, *leaves, dy):
+    leaves = [t.requires_grad_() for t in leaves]
+    y = fn(*leaves)
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+torch.manual_seed(0)
+M, K, N = 20, 24, 8
+# linear: x's reduction-dim (column) stride is S in the forward; its row stride is S in the
+# backward's dW = dy^T x, whose reduction runs over the rows.
+for x in (sparse((M, K), (1, S)), sparse((M, K), (S, 1))):
+    w, b, dy = torch.randn(N, K), torch.randn(N), torch.randn(M, N)
+    got = grads(lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="triton"), x, w, b, dy=dy)
+    ref = grads(lambda x, w, b: reference.linear(x, w, b, activation="gelu"),
+                x.detach().double(), w.double(), b.double(), dy=dy.double())
+    for name, g, r in zip(("linear y", "linear dx", "linear dw", "linear db"), got, ref):
+        check(f"{name} x.stride={x.stride()}", g.detach(), r.detach())
+# ln_linear: the weight's column stride (the reduction dim of the forward) and x's row stride
+# (the backward's dW reduction) are S.
+x, w = sparse((M, K), (S, 1)), sparse((N, K), (1, S))
+g, beta, dy = torch.randn(K), torch.randn(K), torch.randn(M, N)
+for design in ("normalize", "fold"):
+    os.environ["VITKERN_LN_LINEAR_DESIGN"] = design
+    got = grads(lambda *a: ops.ln_linear(*a, backend="triton"), x, g, beta, w, dy=dy)
+    ref = grads(lambda *a: reference.ln_linear(*a), *(t.detach().double() for t in (x, g, beta, w)), dy=dy.double())
+    for name, gg, r in zip(("y", "dx", "dln_weight", "dln_bias", "dweight"), got, ref):
+        check(f"ln_linear ({design}) {name}", gg.detach(), r.detach())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not importable")
+def test_triton_gemms_with_strides_past_int32_over_block():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _STRIDED_CHILD], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), (
+        f"exit status {proc.returncode} (a negative status is the signal that killed it, -11 SIGSEGV)\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )

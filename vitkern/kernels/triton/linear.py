@@ -13,8 +13,9 @@ Backward, with dy' = dy * dact when the forward had GELU (else dy' = dy):
     copy); the programs of the first output-column tile also sum their dy'^T tiles, which gives
     db = sum_rows(dy') deterministically (no atomics, no extra pass over dy).
 
-Index arithmetic: row offsets are int64 before they meet a stride (M * N exceeds 2^31 at batch 4096
-of ViT-B); the K loop advances pointers, which are 64-bit, by BLOCK_K * stride.
+Index arithmetic: every offset is int64 before it meets a stride (M * N exceeds 2^31 at batch 4096
+of ViT-B), and so is the K loop's pointer step BLOCK_K * stride (a view's stride can pass
+2^31 / BLOCK_K: at 2^27 an int32 step wrapped and the load left the tensor).
 Autotuning is keyed on (N, K) and the epilogue flags, never on M (the batch).
 """
 
@@ -86,7 +87,11 @@ def _mainloop(
     """acc[r, c] = sum_l A'[r, l] B[l, c] in fp32 for one tile, A' = A (or A * S with SCALE_A; S
     has A's strides), A and B addressed through strides; with ROWSUM also rowsum[r] = sum_l A'[r, l]
     in fp32 (else zeros)."""
-    offs_l = tl.arange(0, BLOCK_L)
+    # Offsets and pointer steps along the reduction are int64 too: with a view's stride past
+    # 2^31 / BLOCK_L (e.g. a column stride of 2^27), l * stride and BLOCK_L * stride wrap in int32.
+    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)
+    step_al = tl.cast(stride_al, tl.int64) * BLOCK_L
+    step_bl = tl.cast(stride_bl, tl.int64) * BLOCK_L
     a_offs = (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l * stride_al)[None, :]
     a_ptrs = a_ptr + a_offs
     s_ptrs = s_ptr + a_offs
@@ -102,10 +107,10 @@ def _mainloop(
         acc = _dot_acc(a, b, acc, IEEE)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_L * stride_al
+        a_ptrs += step_al
         if SCALE_A:
-            s_ptrs += BLOCK_L * stride_al
-        b_ptrs += BLOCK_L * stride_bl
+            s_ptrs += step_al
+        b_ptrs += step_bl
     return acc, rowsum
 
 

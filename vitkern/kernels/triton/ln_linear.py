@@ -63,7 +63,11 @@ def _ln_linear_fwd_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    # int64 offsets and steps along D: a weight view's column stride past 2^31 / BLOCK_K would wrap
+    # BLOCK_K * stride in int32 (as in linear._mainloop).
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    step_xd = tl.cast(stride_xd, tl.int64) * BLOCK_K
+    step_wd = tl.cast(stride_wd, tl.int64) * BLOCK_K
     m_ok = offs_m < M
     n_ok = offs_n < N
     mean = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
@@ -80,8 +84,8 @@ def _ln_linear_fwd_kernel(
         a = ((x - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot_acc(a, b, acc, IEEE)
-        x_ptrs += BLOCK_K * stride_xd
-        w_ptrs += BLOCK_K * stride_wd
+        x_ptrs += step_xd
+        w_ptrs += step_wd
     _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
                     HAS_BIAS, ACT_GELU, False, SAVE_DACT)
 
@@ -95,7 +99,11 @@ def _ln_dw_mainloop(
 ):
     """acc[n, d] = sum_m dh[m, n] LN(x)[m, d] over all rows m in fp32, dh = dy * dact with
     SCALE_A (else dy), and with ROWSUM also rowsum[n] = sum_m dh[m, n]."""
-    offs_l = tl.arange(0, BLOCK_L)
+    # int64 offsets and steps along the rows: dy's or x's row stride past 2^31 / BLOCK_L would wrap
+    # BLOCK_L * stride in int32.
+    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)
+    step_dym = tl.cast(stride_dym, tl.int64) * BLOCK_L
+    step_xm = tl.cast(stride_xm, tl.int64) * BLOCK_L
     r_ok = offs_r < N
     c_ok = offs_c < D
     gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
@@ -118,10 +126,10 @@ def _ln_dw_mainloop(
         acc = _dot_acc(a, b, acc, IEEE)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_L * stride_dym
+        a_ptrs += step_dym
         if SCALE_A:
-            s_ptrs += BLOCK_L * stride_dym
-        b_ptrs += BLOCK_L * stride_xm
+            s_ptrs += step_dym
+        b_ptrs += step_xm
     return acc, rowsum
 
 
@@ -210,7 +218,7 @@ def _ln_linear_fold_weight_kernel(
     for d0 in range(0, D, BLOCK_D):
         d_ok = offs_d < D - d0
         mask = n_ok[:, None] & d_ok[None, :]
-        w = tl.load(w_ptr + (offs_n.to(tl.int64) * stride_wn)[:, None] + ((d0 + offs_d) * stride_wd)[None, :],
+        w = tl.load(w_ptr + (offs_n.to(tl.int64) * stride_wn)[:, None] + ((d0 + offs_d).to(tl.int64) * stride_wd)[None, :],
                     mask=mask, other=0.0).to(tl.float32)
         gamma = tl.load(gamma_ptr + d0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + d0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -243,7 +251,9 @@ def _ln_linear_fold_fwd_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # int64 offsets and steps along D, as above
+    step_xd = tl.cast(stride_xd, tl.int64) * BLOCK_K
+    step_wd = tl.cast(stride_wd, tl.int64) * BLOCK_K
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k * stride_xd)[None, :]
@@ -259,8 +269,8 @@ def _ln_linear_fold_fwd_kernel(
         xf = x.to(tl.float32)
         row_sum += tl.sum(xf, axis=1)
         row_sq += tl.sum(xf * xf, axis=1)
-        x_ptrs += BLOCK_K * stride_xd
-        w_ptrs += BLOCK_K * stride_wd
+        x_ptrs += step_xd
+        w_ptrs += step_wd
     mean = row_sum / D
     # E[x^2] - mean^2 in fp32: loses digits only when |mean| / std exceeds ~10^3 (clamped at 0).
     var = tl.maximum(row_sq / D - mean * mean, 0.0)

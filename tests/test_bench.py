@@ -69,6 +69,38 @@ def test_quick_json_fields(quick_run):
     assert all(row["vitkern_tpu_core_days_equivalent"] > 0 for row in rec["tpu_table"])
 
 
+def test_quick_is_labelled_a_smoke_run_and_reports_the_spread(quick_run):
+    # Two timed calls after one warm-up gave ratios from 0.04x to 1.08x between reruns: a quick run
+    # now times more calls, reports min-max and an interval per ratio, and says it is a smoke run.
+    out, stdout = quick_run
+    assert "SMOKE RUN" in stdout and "not a measurement" in stdout
+    assert "ms min-max (calls)" in stdout and "[IQR interval]" in stdout
+    rec = json.loads((out / "bench.json").read_text())
+    assert rec["settings"]["smoke_run"] is True
+    ok = [r for r in rec["results"] if r["status"] == "ok"]
+    assert ok
+    for r in ok:
+        t = r["timing"]
+        assert t["iters"] >= 5 and t["min_ms"] <= t["median_ms"] <= t["max_ms"]
+        assert t["quartiles_ms"][0] <= t["median_ms"] <= t["quartiles_ms"][1]
+        lo, hi = r["speedup_interval_vs_timm_eager"]
+        assert lo <= r["speedup_vs_timm_eager"] <= hi
+        if r["provider"] != "timm-eager":
+            assert f"{r['speedup_vs_timm_eager']:.2f}x [{lo:.2f}, {hi:.2f}]" in stdout
+
+
+def test_ratio_interval_brackets_the_ratio_of_medians():
+    from vitkern import _timing
+
+    base = _timing.Timing([10.0, 11.0, 12.0, 13.0, 30.0], 1, "perf_counter")
+    other = _timing.Timing([5.0, 5.5, 6.0, 6.5, 7.0], 1, "perf_counter")
+    lo, hi = _timing.ratio_interval(base, other)
+    assert lo <= base.median_ms / other.median_ms <= hi
+    q1b, q3b = base.quartiles_ms
+    q1o, q3o = other.quartiles_ms
+    assert (lo, hi) == (q1b / q3o, q3b / q1o)
+
+
 def test_plan_puts_the_baseline_first_and_largest_batch_first():
     cases = bench.plan(["vit_base_patch16_224"], [1, 256], ["infer"], ["vitkern-auto", "hf-sdpa", "timm-eager"])
     assert [(c.batch, c.provider) for c in cases] == [

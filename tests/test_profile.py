@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vitkern import bench, cost, profile
 
@@ -21,11 +22,11 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "vitkern.profile", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout, proc.stderr
 
 
 def test_quick_writes_tables_trace_png(quick_run):
-    out, stdout = quick_run
+    out, stdout, _ = quick_run
     assert "## Op families: measured vs. floor" in stdout and "| name | family | calls/step |" in stdout
     trace = json.loads((out / "trace.json").read_text())
     assert len(trace["traceEvents"]) > 100
@@ -50,6 +51,14 @@ def test_quick_writes_tables_trace_png(quick_run):
     assert fc1[0]["gflop_per_call"] == pytest.approx(2 * rows * a.embed_dim * a.mlp_dim / 1e9)
     assert fc1[0]["bytes_per_call"] == 4 * (rows * a.embed_dim + a.embed_dim * a.mlp_dim + rows * a.mlp_dim)
     assert fc1[0]["tflops"] > 0 and fc1[0]["pct_of_floor"] > 0
+
+
+def test_quick_on_a_cpu_prints_no_profiler_error(quick_run):
+    # Kineto's GPU probe for the trace's device properties logged "ERROR ... gpuGetDeviceCount failed"
+    # on machines without a GPU, though the CPU trace was fine.
+    _, _, stderr = quick_run
+    if not torch.cuda.is_available():
+        assert "gpuGetDeviceCount" not in stderr and "ERROR:" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.parametrize("name,family", [

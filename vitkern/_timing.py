@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -117,16 +117,36 @@ class Timing:
         return min(self.times_ms)
 
     @property
-    def iqr_ms(self) -> float:
+    def max_ms(self) -> float:
+        return max(self.times_ms)
+
+    @property
+    def quartiles_ms(self) -> Tuple[float, float]:
+        """(first, third) quartile of the per-call times; (min, max) with fewer than 4 calls."""
         if len(self.times_ms) < 4:
-            return max(self.times_ms) - min(self.times_ms)
+            return self.min_ms, self.max_ms
         q = statistics.quantiles(self.times_ms, n=4)
-        return q[2] - q[0]
+        return q[0], q[2]
+
+    @property
+    def iqr_ms(self) -> float:
+        q1, q3 = self.quartiles_ms
+        return q3 - q1
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        d.update(median_ms=self.median_ms, min_ms=self.min_ms, iqr_ms=self.iqr_ms, iters=len(self.times_ms))
+        d.update(median_ms=self.median_ms, min_ms=self.min_ms, max_ms=self.max_ms, iqr_ms=self.iqr_ms,
+                 quartiles_ms=list(self.quartiles_ms), iters=len(self.times_ms))
         return d
+
+
+def ratio_interval(base: "Timing", other: "Timing") -> Tuple[float, float]:
+    """The spread of base / other (a speedup of `other` over `base`) from the two runs' interquartile
+    ranges: (base q1 / other q3, base q3 / other q1). The ratio of the medians lies inside it; a wide
+    interval says the two providers' times overlap and the ratio is noise."""
+    b1, b3 = base.quartiles_ms
+    o1, o3 = other.quartiles_ms
+    return b1 / o3, b3 / o1
 
 
 class _Timed:

@@ -198,11 +198,12 @@ class Settings:
     min_iters: int = 3
     max_iters: int = 50
     cuda_graph_batch1: bool = True
+    smoke_run: bool = False  # --quick: checks that everything runs; its times are not a measurement
 
     def to_dict(self) -> Dict[str, Any]:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "peak": self.peak.to_dict(),
                 "warmup": self.warmup, "target_ms": self.target_ms, "min_iters": self.min_iters,
-                "max_iters": self.max_iters, "cuda_graph_batch1": self.cuda_graph_batch1}
+                "max_iters": self.max_iters, "cuda_graph_batch1": self.cuda_graph_batch1, "smoke_run": self.smoke_run}
 
 
 def default_settings(device: torch.device, dtype: Optional[torch.dtype] = None, *, quick: bool = False,
@@ -217,8 +218,10 @@ def default_settings(device: torch.device, dtype: Optional[torch.dtype] = None, 
         peak = cost.measured_device(_timing.device_name(device), {cost.dtype_name(dtype): ceilings["gemm_flops"]},
                                     ceilings["copy_bytes_per_s"])
     if quick or device.type != "cuda":
-        # the CPU smoke run: one warm-up and two timed calls per case keep `--quick` near a minute
-        return Settings(device, dtype, peak, warmup=1, target_ms=0.0, min_iters=2, max_iters=2)
+        # The CPU smoke run: about 200 ms of timed calls per case (at least 5, so the quartiles
+        # mean something) keep `--quick` near a minute. Two calls after one warm-up gave ratios
+        # from 0.04x to 1.08x between reruns on a shared CPU; the report marks it a smoke run.
+        return Settings(device, dtype, peak, warmup=2, target_ms=200.0, min_iters=5, max_iters=20, smoke_run=True)
     return Settings(device, dtype, peak)
 
 
@@ -312,20 +315,50 @@ def _fmt(v: Optional[float], spec: str, none: str = "-") -> str:
     return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def add_speedup_intervals(results: Sequence[Dict[str, Any]]) -> None:
+    """Give each measured case the spread of its speedup over timm eager in the same run
+    (`speedup_interval_vs_timm_eager`, see `_timing.ratio_interval`), next to the ratio of medians."""
+    def key(r: Dict[str, Any]) -> Tuple:
+        return r["model"], r["img_size"], r["batch"], r["mode"]
+
+    base = {key(r): r for r in results if r["provider"] == "timm-eager" and r["status"] == "ok" and r.get("timing")}
+    for r in results:
+        b = base.get(key(r))
+        if r["status"] != "ok" or not r.get("timing") or b is None:
+            r["speedup_interval_vs_timm_eager"] = None
+            continue
+        lo, hi = _timing.ratio_interval(_timing.Timing(b["timing"]["times_ms"], b["timing"]["warmup"], ""),
+                                        _timing.Timing(r["timing"]["times_ms"], r["timing"]["warmup"], ""))
+        r["speedup_interval_vs_timm_eager"] = [lo, hi]
+
+
 def markdown_table(results: Sequence[Dict[str, Any]]) -> str:
-    """One row per case: img/s, ms per step, peak memory, MFU, speedup vs timm eager, status."""
-    lines = ["| model | img | batch | mode | provider | img/s | ms/step | peak mem GiB | MFU | vs timm eager | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per case: img/s, ms per step (median, min-max over the timed calls, how many),
+    peak memory, MFU, speedup vs timm eager with its interquartile interval, status."""
+    lines = ["| model | img | batch | mode | provider | img/s | ms/step (median) | ms min-max (calls) | peak mem GiB | MFU "
+             "| vs timm eager [IQR interval] | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-        if r.get("timing") and r["timing"].get("method", "").startswith("cuda-graph"):
+        timing = r.get("timing") or {}
+        if timing.get("method", "").startswith("cuda-graph"):
             status += " (CUDA graph)"
+        spread = "-"
+        if timing.get("times_ms"):
+            spread = f"{min(timing['times_ms']):.3f}-{max(timing['times_ms']):.3f} ({len(timing['times_ms'])})"
+        speedup = "-"
+        if r["speedup_vs_timm_eager"]:
+            speedup = f"{r['speedup_vs_timm_eager']:.2f}x"
+            interval = r.get("speedup_interval_vs_timm_eager")
+            if interval and r["provider"] != "timm-eager":
+                speedup += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
         lines.append(
             f"| {SHORT.get(r['model'], r['model'])} | {r['img_size']} | {r['batch']} | {r['mode']} | {r['provider']} | "
-            f"{_fmt(r['img_per_s'], ',.1f')} | {_fmt(r['ms'], '.3f')} | {_fmt(mem, '.2f', 'n/a' if r['status'] == 'ok' else '-')} | "
+            f"{_fmt(r['img_per_s'], ',.1f')} | {_fmt(r['ms'], '.3f')} | {spread} | "
+            f"{_fmt(mem, '.2f', 'n/a' if r['status'] == 'ok' else '-')} | "
             f"{_fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '.1f')}{'%' if r['mfu'] is not None else ''} | "
-            f"{_fmt(r['speedup_vs_timm_eager'], '.2f')}{'x' if r['speedup_vs_timm_eager'] else ''} | {status} |"
+            f"{speedup} | {status} |"
         )
     return "\n".join(lines)
 
@@ -440,7 +473,8 @@ def plot(record: Dict[str, Any], path: str) -> Optional[str]:
         ax.grid(axis="y", which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
     env = record["environment"]
-    fig.suptitle(f"vitkern bench on {env['device']} ({record['settings']['dtype']}), "
+    smoke = "SMOKE RUN, not a measurement: " if record["settings"].get("smoke_run") else ""
+    fig.suptitle(f"{smoke}vitkern bench on {env['device']} ({record['settings']['dtype']}), "
                  f"torch {env['torch']}, commit {env['git_commit']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -453,6 +487,7 @@ def write_report(record: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "bench.json"), "markdown": os.path.join(out_dir, "bench.md"),
              "png": os.path.join(out_dir, "bench.png")}
+    add_speedup_intervals(record["results"])
     record["tpu_table"] = tpu_rows(record["results"])
     peak = cost.Device(**record["settings"]["peak"])
     png_note = plot(record, paths["png"])
@@ -474,15 +509,25 @@ def _rate(flops_per_s: float) -> str:
 def render_markdown(record: Dict[str, Any], peak: cost.Device) -> str:
     env = record["environment"]
     st = record["settings"]
-    parts = [
-        f"# vitkern bench: {env['device']}",
-        "",
+    smoke = st.get("smoke_run", False)
+    parts = [f"# vitkern bench{' SMOKE RUN' if smoke else ''}: {env['device']}", ""]
+    if smoke:
+        parts += [
+            f"**A smoke run (`--quick`, or a CPU), not a measurement**: {st['min_iters']}-{st['max_iters']} timed "
+            "calls per case, on a device other work may share. It shows that every provider runs and that the report "
+            "is written; its ratios moved by tens of percent between reruns (read each interval). Measure on a GPU "
+            "without `--quick` for numbers.",
+            "",
+        ]
+    parts += [
         f"{env['date_utc']}, commit {env['git_commit']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
         f"timm {env.get('timm')}, transformers {env.get('transformers')}; dtype {st['dtype']}.",
         f"Timing: {st['warmup']} warm-up calls, then "
         + (f"{st['min_iters']} timed calls" if st["target_ms"] <= 0 or st["min_iters"] == st["max_iters"] else
            f"{st['min_iters']}-{st['max_iters']} timed calls (about {st['target_ms']:.0f} ms)")
-        + ", median per step; GPU: CUDA events, batch-1 inference replays a CUDA graph.",
+        + ", median per step with the min-max over those calls; the speedup is the ratio of medians, in brackets "
+          "the interval from the two interquartile ranges (timm eager q1 / this q3, q3 / q1); "
+          "GPU: CUDA events, batch-1 inference replays a CUDA graph.",
         f"MFU = model FLOPs/s / {_rate(peak.peak(st['dtype']))} ({peak.name}, {peak.source}).",
         "",
         markdown_table(record["results"]),

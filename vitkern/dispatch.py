@@ -190,8 +190,10 @@ def measured_order_from_record(record: Mapping[str, Any]) -> Dict[str, Tuple[str
 def _load_measured_order(device: torch.device) -> None:
     """Once per device: its tuning table's backend order into MEASURED_ORDER (eager calls only:
     under torch.compile the device is not asked its name and the order known so far is used)."""
+    if torch.compiler.is_compiling():
+        return
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if _ORDER_LOADED.get(index) or torch.compiler.is_compiling() or not triton_importable():
+    if _ORDER_LOADED.get(index) or not triton_importable():
         return
     _ORDER_LOADED[index] = True
     from vitkern.kernels.triton import _common as triton_common

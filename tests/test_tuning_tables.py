@@ -249,3 +249,19 @@ def test_autotune_results_reach_the_log_and_the_sweep_table(common, tmp_path, mo
     written = common.load_table(str(table))
     assert written.device == DEVICE and written.lookup("linear.fwd_tc", FWD_KEY, 65536) == common.config_dict(t.configs[2])
     assert common.table_problems(written) == []
+
+
+def test_dispatch_takes_the_backend_order_from_the_device_table(common, table_dir, monkeypatch):
+    """`auto` on a CUDA device reads MEASURED_ORDER from that device's table on its first eager
+    dispatch (the device is asked its name then, never at import)."""
+    path = str(table_dir / (common.device_table_name(DEVICE) + ".json"))
+    common.write_backend_order(path, DEVICE, {"attention": ["cuda", "triton", "eager"]})
+    common.clear_table_cache()
+    monkeypatch.setattr(dispatch, "MEASURED_ORDER", {})
+    monkeypatch.setattr(dispatch, "_ORDER_LOADED", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: DEVICE)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda", 0)
+    assert dispatch.auto_order("attention", cuda) == ("cuda", "triton", "eager")
+    assert dispatch.auto_order("linear", cuda) == dispatch.PREDICTED_ORDER  # not in the table
+    assert dispatch.MEASURED_ORDER == {DEVICE: {"attention": ("cuda", "triton", "eager")}}

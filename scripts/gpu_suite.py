@@ -81,6 +81,9 @@ COMPILE_S = 0.6  # one Triton compile for sm_90 under triton 3.6 (0.56 s measure
 AUTOTUNE_CONFIG_S = 0.15  # one config timed by the autotuner (25 ms warm-up + 100 ms of timing + launches)
 DEFAULT_DEVICE = "NVIDIA H200"  # whose tuning table the dry run assumes
 TOTALS = {"1": 330.0, "2": 240.0, "sweep": 240.0}
+# Seconds between a stage's SIGTERM and SIGKILL: pytest writes its junit XML, the model stages have
+# written every finished case; SIGTERM is sent this long before the stage's limit.
+STOP_GRACE_S = 8.0
 MAX_OUT_FILES = 7
 MAX_OUT_BYTES = 15 * 2**20
 B16 = "vit_base_patch16_224"
@@ -746,7 +749,8 @@ class Suite:
                                                  start_new_session=True)
             try:
                 try:
-                    rc = proc.wait(timeout=limit)
+                    # SIGTERM comes early enough that the stage's clean exit still ends inside its limit
+                    rc = proc.wait(timeout=max(1.0, limit - STOP_GRACE_S))
                     status = "ok" if rc in ok_codes else "failed"
                 except subprocess.TimeoutExpired:
                     self._stop(proc)
@@ -768,7 +772,7 @@ class Suite:
     def _stop(proc: subprocess.Popen) -> None:
         """SIGTERM to the stage's main process first (pytest/xdist then shut their workers down and
         write their XML, the benchmark scripts their JSON), then SIGKILL to its whole group."""
-        for sig, grace, group in ((signal.SIGTERM, 15, False), (signal.SIGKILL, 5, True)):
+        for sig, grace, group in ((signal.SIGTERM, STOP_GRACE_S, False), (signal.SIGKILL, 5, True)):
             try:
                 if group:
                     os.killpg(proc.pid, sig)

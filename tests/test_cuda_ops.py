@@ -197,6 +197,16 @@ def test_linear_fp16_gelu_past_range(dev):
     assert torch.isfinite(dw[:3]).all() and not torch.isnan(dx).any(), (dx, dw)
 
 
+def test_sizes_past_int32_are_refused_by_name(dev):
+    # The kernels take batch, heads, tokens as ints and launch batch * heads blocks along grid.x: a
+    # batch of 2^31 (a stride-0 view, nothing allocated) is refused naming it instead of wrapping.
+    from vitkern.ops import _cuda
+
+    qkv = torch.zeros(1, 1, 3 * 64, device=dev, dtype=torch.float16).expand(2**31, 1, 3 * 64)
+    with pytest.raises(RuntimeError, match=r"batch \* num_heads \(the kernels' grid.x\) is 2147483648"):
+        _cuda._ops().cuda_attention_fwd(qkv, 1, 0.125)
+
+
 # ------------------------------------------------------------------------------------------ ln_linear
 
 

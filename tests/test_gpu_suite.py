@@ -243,3 +243,21 @@ def test_sigterm_to_pytest_still_writes_its_junit_xml(tmp_path):
     assert proc.returncode == 2, "".join(seen) + rest  # pytest's "interrupted"
     xml = junit.read_text()
     assert 'name="test_fast"' in xml and "KeyboardInterrupt" in "".join(seen) + rest
+
+
+def test_stage_past_its_limit_is_stopped_inside_it(suite, tmp_path, monkeypatch):
+    """A hung stage gets SIGTERM STOP_GRACE_S before its limit (SIGKILL after), is recorded as
+    `timeout`, and has ended by its limit, so the run keeps its total."""
+    monkeypatch.setattr(suite, "REPO", str(tmp_path))  # the work folder goes under tmp_path
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        s = suite.Suite("1", [suite.Stage("hung", 12, "sleeps", 1)], 12 + suite.RECORD_RESERVE_S, None, True)
+        t = time.monotonic()
+        stage = s.run_stage(0, [sys.executable, "-c", "import time; time.sleep(120)"])
+        took = time.monotonic() - t
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stage["status"] == "timeout" and stage["rc"] == -signal.SIGTERM
+    assert took <= stage["limit_s"] + 1.0
+    with open(os.path.join(s.work, stage["log"])) as f:
+        assert "stopped at its limit" in f.read()

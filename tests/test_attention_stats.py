@@ -9,6 +9,8 @@ launch (conftest), so an element a kernel forgets to write fails.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -229,3 +231,18 @@ def test_grad_recording_keeps_out_differentiable():
     out.sum().backward()
     assert qkv.grad is not None and stats.distance.requires_grad is False
     assert_close(stats.prefix_probs, _oracle(qkv.detach(), 2, 16 ** -0.5)[:, :, :1], torch.float64, name="rows")
+
+
+def test_cuda_op_fake_matches_the_kernel_on_the_emulator(monkeypatch):
+    """The Python fake of cuda_attention_stats allocates what csrc/attention_stats_bindings.cpp returns."""
+    # The module itself (vitkern.ops.attention_stats, the attribute, is the function of that name).
+    stats_module = importlib.import_module("vitkern.ops.attention_stats")
+
+    _use_emulated_cuda(monkeypatch)
+    monkeypatch.setattr(stats_module, "_CUDA_FAKES_DONE", set(stats_module._CUDA_FAKES_DONE))
+    stats_module._register_cuda_fake()
+    qkv = torch.randn(2, 5, 3 * 2 * 16, dtype=torch.float16)
+    lse = _lse(qkv, 2, 0.25)
+    for args in ((qkv, lse, 2, 0.25, 1, 2, 2, 16.0, 16.0, 1), (qkv, lse, 2, 0.25, 0, 0, 0, 1.0, 1.0, 0)):
+        torch.library.opcheck(torch.ops.vitkern_emu.cuda_attention_stats.default, args,
+                              test_utils=("test_schema", "test_faketensor"))

@@ -47,9 +47,10 @@ def vit_from(recipe, num_classes=10):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """6 uninterrupted steps (checkpoints at 3 and 6, held-out evaluation at the end)."""
+    """6 uninterrupted steps (checkpoints at 3 and 6, held-out evaluation at the end), with
+    dropout before the head so that resuming must restore the global RNG too."""
     out = tmp_path_factory.mktemp("full")
-    recipe = tiny(out, steps=6)
+    recipe = tiny(out, steps=6, drop_rate=0.2)
     return recipe, train(recipe)
 
 
@@ -87,10 +88,10 @@ def test_digits_run_writes_csv_png_summary_and_loadable_checkpoint(full_run):
 
 def test_stop_and_resume_replays_the_uninterrupted_run_bit_for_bit(full_run, tmp_path):
     recipe, _ = full_run
-    first = tiny(tmp_path, steps=6, stop_at=3)
+    first = tiny(tmp_path, steps=6, stop_at=3, drop_rate=0.2)
     summary = train(first)
     assert summary["steps_done"] == 3 and summary["stopped_early"]
-    train(tiny(tmp_path, steps=6, resume=True))
+    train(tiny(tmp_path, steps=6, resume=True, drop_rate=0.2))
     want, got = read_metrics(recipe.out), read_metrics(str(tmp_path))
     for column in ("loss", "lr", "grad_norm"):
         assert [r[column] for r in got] == [r[column] for r in want], column
@@ -153,7 +154,7 @@ def test_batch_not_divisible(tmp_path):
 def test_checkpoint_from_another_model(full_run, tmp_path):
     recipe, _ = full_run
     with pytest.raises(ValueError, match="--resume: the checkpoint .* another model:\n  embed_dim: checkpoint 32, this run 48"):
-        train(tiny(recipe.out, embed_dim=48, steps=6, resume=True))
+        train(tiny(recipe.out, embed_dim=48, steps=6, resume=True, drop_rate=0.2))
     with pytest.raises(ValueError, match="--init: the weights .* from another model"):
         train(tiny(tmp_path, embed_dim=48, steps=1, warmup_steps=1, init=recipe.out))
     with pytest.raises(ValueError, match="--resume: no checkpoint in --out"):
@@ -264,3 +265,16 @@ def test_triton_backend_trains_with_eager_losses(tmp_path):
     for e, t in zip(eager, triton):
         assert t["loss"] == pytest.approx(e["loss"], rel=2e-5, abs=2e-5)
         assert t["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4)
+
+
+def test_bf16_master_weights_checkpointing_and_accumulation_train_like_fp32(tmp_path):
+    # bf16 parameters with fp32 master copies (what CUDA runs by default), activation
+    # checkpointing and 2 accumulated micro-batches: the losses follow the fp32 run to bf16 rounding.
+    common = dict(steps=3, stop_at=2, grad_accum=2)
+    train(tiny(tmp_path / "fp32", **common))
+    train(tiny(tmp_path / "bf16", precision="bf16", grad_checkpointing=True, **common))
+    fp32, bf16 = read_metrics(str(tmp_path / "fp32")), read_metrics(str(tmp_path / "bf16"))
+    for a, b in zip(fp32, bf16):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+    weights = ckpt.load_safetensors(os.path.join(ckpt.latest_checkpoint(str(tmp_path / "bf16")), "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())  # the masters are saved, not bf16 copies

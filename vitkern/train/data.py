@@ -251,9 +251,11 @@ class TrainStream:
             self.sampler.set_epoch(epoch, start=done * per_step)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)  # workers are re-created per epoch, so they see it
+            # An explicit generator: a DataLoader iterator otherwise draws its worker seed from the
+            # global RNG, and a resumed run (one more iterator, mid-epoch) would shift dropout's draws.
             loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler,
                                 num_workers=self.num_workers, collate_fn=collate, drop_last=True,
-                                persistent_workers=False)
+                                persistent_workers=False, generator=torch.Generator().manual_seed(self.seed + epoch))
             it = iter(loader)
             for _ in range(self.steps_per_epoch - done):
                 yield [next(it) for _ in range(self.grad_accum)]

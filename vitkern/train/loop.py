@@ -231,7 +231,8 @@ class Schedule:
 def measure_cpu_peak(seconds: float = 0.3) -> float:
     """fp32 FLOP/s of a 512^3 GEMM on this CPU with torch's threads: the CPU's MFU denominator
     (cost.measured_device's convention: a large GEMM's measured rate)."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    g = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what the original drew
+    a, b = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -264,3 +264,11 @@ def test_cli_loads_checkpoints_and_walks_a_folder(tmp_path, pair, monkeypatch):
     assert report["weights"] == "checkpoint:w.pth"
     assert [Path(i["name"]).name for i in report["images"]] == ["a.png", "b.png"]
     assert (out / "a_attention.png").is_file() and (out / "b_attention.png").is_file()
+
+
+def test_cli_bench_quick_records_every_variant(tmp_path):
+    assert inspect.main(["--quick", "--bench", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["variants"]) == [name for name, _ in inspect.BENCH_VARIANTS]
+    assert all(v["median_ms"] > 0 and v["iters"] >= 3 for v in report["variants"].values())
+    assert report["variants"]["plain forward"]["extra_vs_plain"] == 0.0

@@ -353,7 +353,65 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--head-fusion", default="mean", choices=HEAD_FUSIONS, help="rollout's head fusion")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of the weakest links")
     p.add_argument("--quick", action="store_true", help="a tiny random model on a small image: a smoke run for CI")
+    p.add_argument("--bench", action="store_true", help=(
+        "time the plain forward against the forwards that capture statistics (random images of the model's size, "
+        "--batch of them, --dtype) and write bench.json instead of the figures"))
+    p.add_argument("--batch", type=int, default=256, help="--bench: images per forward (default 256)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="--bench: model and input dtype on a GPU (the CPU runs float32)")
     return p.parse_args(argv)
+
+
+BENCH_VARIANTS = (
+    ("plain forward", None),
+    ("class-token rows", dict(full=False, distance=False)),
+    ("rows + mean distance", dict(full=False, distance=True)),
+    ("rows + distance + head-mean matrix", dict(full="mean", distance=True)),
+)
+
+
+def bench_stats(model: nn.Module, images: Tensor, *, target_ms: float = 500.0) -> Dict[str, Any]:
+    """Median time of `model(images)` without and with each capture variant (`BENCH_VARIANTS`),
+    in ms, and each variant's extra time as a fraction of the plain forward."""
+    from vitkern import _timing
+
+    device = images.device
+    rows: Dict[str, Any] = {}
+    with torch.no_grad():
+        for name, options in BENCH_VARIANTS:
+            if options is None:
+                fn = lambda: model(images)  # noqa: E731
+            else:
+                fn = lambda options=options: forward_attention(model, images, **options)  # noqa: E731
+            timing = _timing.measure(fn, device, warmup=3 if device.type == "cuda" else 1, target_ms=target_ms)
+            rows[name] = {"median_ms": timing.median_ms, "iqr_ms": timing.iqr_ms, "iters": len(timing.times_ms),
+                          "method": timing.method}  # fmt: skip
+    base = rows["plain forward"]["median_ms"]
+    for name, row in rows.items():
+        row["extra_vs_plain"] = row["median_ms"] / base - 1.0
+    return rows
+
+
+def _bench_main(args: argparse.Namespace, model: nn.Module) -> int:
+    from vitkern import _timing
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    batch = 2 if args.quick else args.batch
+    model = model.to(device=device, dtype=dtype).eval()
+    images = torch.randn(batch, model.patch_embed.in_chans, *model.patch_embed.img_size, device=device, dtype=dtype)
+    rows = bench_stats(model, images, target_ms=50.0 if args.quick else 500.0)
+    report = {"model": "quick" if args.quick else args.model, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+              "backend": args.backend, "environment": _timing.environment(device), "variants": rows}  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"{report['model']} batch {batch} {report['dtype']} on {_timing.device_name(device)} (backend {args.backend}):")
+    for name, row in rows.items():
+        print(f"  {name:<36} {row['median_ms']:9.3f} ms  (+{100 * row['extra_vs_plain']:5.1f} %)")
+    print(f"wrote {path}")
+    return 0
 
 
 def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, str, Tuple[float, float, float], Tuple[float, float, float]]:
@@ -589,6 +647,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     matplotlib.use("Agg")
     args = _parse_args(argv)
     model, weights, mean, std = _load_model(args)
+    if args.bench:  # timing does not depend on the weights
+        return _bench_main(args, model)
     if weights.startswith("random"):
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     model = model.to(args.device)

@@ -306,14 +306,16 @@ import vitkern.kernels.cuda as c
 t = time.monotonic()
 err = c.load_error()
 info = {"load_error": err, "seconds": round(time.monotonic() - t, 1), "loaded_from": c.loaded_from(), "ptxas": []}
-if err is None and torch.cuda.is_available() and c.loaded_from() and "vitkern._C" not in str(c.loaded_from()):
-    major, minor = torch.cuda.get_device_capability()
+if err is None and torch.cuda.is_available():
+    major, minor = torch.cuda.get_device_capability()  # the archs load_error builds for (this GPU's)
     own = f"{major}{minor}" + ("a" if major == 9 else "")
     archs = c.cuda_archs() if "VITKERN_CUDA_ARCHS" in os.environ else [own]
     if not any(a.rstrip("a") == f"{major}{minor}" for a in archs):
         archs = archs + [own]
+    jit = str(c.loaded_from() or "").startswith(str(c.cache_dir(archs)))
+    info["archs"] = archs if jit else "installed extension (vitkern._C): no ptxas reports"
+if err is None and torch.cuda.is_available() and jit:
     res = c.build(archs)  # the build load_error just made or found: cached, returns its ptxas reports
-    info["archs"] = archs
     for source in c.KERNEL_SOURCES:
         kernels = c.parse_ptxas(res.ptxas_logs[source])
         for name, k in zip(c.demangle([k.function for k in kernels]), kernels):

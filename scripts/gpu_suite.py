@@ -232,14 +232,15 @@ def _run_workload(w: Workload) -> None:
 
 def dry_run(run: str, stages: List[Stage], total: float, device_name: str) -> int:
     """Print the plan with each stage's counted compiles and autotune configs; `total <s> s` last.
-    Returns 1 when a stage's estimate exceeds its budget or the plan its total, else 0."""
+    Returns 1 when a stage's estimate exceeds its budget, the plan its total, or a workload could
+    not run (then its launches are missing from the count), else 0."""
     os.environ["TRITON_INTERPRET"] = "1"  # meta tensors only: nothing is compiled or launched
     os.environ.setdefault("VITKERN_POISON_OUTPUTS", "0")
     sys.path.insert(0, REPO)
     from vitkern.kernels.triton import _common
 
     counter = _common.LaunchCounter(device_name)
-    rows, over = [], []
+    rows, over, errors = [], [], []
     print(f"GPU suite run {run}: plan for {device_name} (tuning table: "
           f"{'yes' if _common.table_for_device(device_name) else 'none, every tuned kernel autotunes'})")
     print(f"{'stage':<13}{'budget s':>9}{'compiles':>9}{'autotune':>9}{'est s':>7}  what")
@@ -247,7 +248,10 @@ def dry_run(run: str, stages: List[Stage], total: float, device_name: str) -> in
         counter.new_process()  # each stage is a new process: in-memory autotune results are gone
         with _common.counting(counter=counter):
             for w in stage.workloads:
-                _run_workload(w)
+                try:
+                    _run_workload(w)
+                except Exception as exc:  # a workload that cannot run cannot be counted: the plan is unchecked
+                    errors.append(f"{stage.name}: {w.label()}: {type(exc).__name__}: {str(exc).strip()[:300]}")
         c = counter.reset_stage()
         est = stage.fixed_s + (c["compiles"] * COMPILE_S + c["autotune_configs"] * AUTOTUNE_CONFIG_S) / stage.parallel
         fits = stage.budget == 0 or est <= stage.budget
@@ -264,11 +268,13 @@ def dry_run(run: str, stages: List[Stage], total: float, device_name: str) -> in
     print(f"(record) {RECORD_RESERVE_S:>13.0f}")
     print(f"estimates: fixed work + (compiles x {COMPILE_S} s + autotune configs x {AUTOTUNE_CONFIG_S} s) / parallel "
           "processes; compiles are distinct (Triton's disk cache spans the run), autotuning restarts per stage")
-    print(json.dumps({"run": run, "device": device_name, "stages": rows, "total_s": planned}))
+    for e in errors:
+        print(f"NOT COUNTED: {e}")
+    print(json.dumps({"run": run, "device": device_name, "stages": rows, "total_s": planned, "errors": errors}))
     print(f"total {planned:.0f} s")
     if planned > total + 1e-6:
         over.append(f"total {planned:.0f} > {total:.0f}")
-    return 1 if over else 0
+    return 1 if over or errors else 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_digits_run_writes_csv_png_summary_and_loadable_checkpoint(full_run):
     assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["mfu"] > 0 for r in rows)
     assert rows[0]["lr"] == pytest.approx(recipe.lr / 2)  # warm-up 1/2, 2/2, then linear decay
     assert rows[-1]["eval_accuracy"] is not None
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["loss"] for line in f] == [r["loss"] for r in rows]
     with open(os.path.join(out, "summary.json")) as f:
         saved = json.load(f)
     assert saved["final_loss"] == pytest.approx(rows[-1]["loss"])

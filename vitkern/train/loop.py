@@ -34,7 +34,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -562,7 +562,7 @@ class Trainer:
         schedule_flops = self.train_flops_per_image * r.global_batch * r.steps
         evals = [row for row in log.rows if row.get("eval_accuracy") is not None]
         summary = {
-            "preset_recipe": r.to_dict(), "objective": r.objective, "steps_done": self.step, "steps": r.steps,
+            "recipe": r.to_dict(), "objective": r.objective, "steps_done": self.step, "steps": r.steps,
             "stopped_early": self.step < r.steps, "final_loss": loss,
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
             "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,

@@ -1,5 +1,5 @@
-"""What a run reports: OUT/metrics.csv (one row per optimizer step), OUT/summary.json, OUT/curves.png
-and a progress bar. Only rank 0 writes."""
+"""What a run reports: OUT/metrics.csv and OUT/metrics.jsonl (one row per optimizer step, the same
+numbers), OUT/summary.json, OUT/curves.png and a progress bar. Only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "mfu", "peak_mem_mb", "skipped_images",
            "eval_loss", "eval_accuracy", "wall_s")
@@ -22,6 +22,7 @@ class MetricsLog:
 
     def __init__(self, out: str, resume_step: int = 0) -> None:
         self.path = os.path.join(out, "metrics.csv")
+        self.jsonl = os.path.join(out, "metrics.jsonl")
         self.rows: List[Dict[str, Any]] = []
         if resume_step > 0 and os.path.exists(self.path):
             with open(self.path, newline="") as f:
@@ -30,11 +31,20 @@ class MetricsLog:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows([{k: _fmt(r.get(k)) for k in COLUMNS} for r in self.rows])
+        with open(self.jsonl, "w") as f:
+            f.writelines(_json_line(r) for r in self.rows)
 
     def log(self, row: Dict[str, Any]) -> None:
         self.rows.append(dict(row))
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=COLUMNS).writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        with open(self.jsonl, "a") as f:
+            f.write(_json_line(row))
+
+
+def _json_line(row: Dict[str, Any]) -> str:
+    clean = {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k)) for k in COLUMNS}
+    return json.dumps(clean) + "\n"
 
 
 def _fmt(value: Any) -> str:

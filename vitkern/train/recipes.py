@@ -32,7 +32,7 @@ per micro-batch), so `lr` and the step-indexed schedule mean the same on 1 or 64
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 OBJECTIVES = ("classify", "mpp")
@@ -158,7 +158,7 @@ def _flag(name: str) -> str:
 PRESETS: Dict[str, Recipe] = {
     "digits": Recipe(),
     "digits-finetune": Recipe(
-        img_size=48, optimizer="sgd", lr=0.03, momentum=0.9, weight_decay=0.0, grad_clip=1.0, schedule="cosine",
+        img_size=48, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, grad_clip=1.0, schedule="cosine",
         warmup_steps=50, steps=500, new_head=True, out="runs/digits-finetune", save_every=250, eval_every=100,
     ),
     "pretrain": Recipe(

@@ -7,8 +7,10 @@
 * LayerNorm without affine parameters (weight / bias None) on eager and Triton (the CUDA backend's
   case is in test_cuda_ops.py, on the emulator);
 * Triton linear / ln_linear with a stride whose BLOCK multiple passes 2^31 (it crashed the process:
-  run in a subprocess so a crash fails the test instead of killing pytest);
-* the strict=False JAX loader with part of q/k/v missing, and odd MLP widths through timm and HF.
+  run in a subprocess so a crash fails the test instead of killing pytest).
+
+The loader cases (part of q/k/v missing, odd MLP widths through timm and HF) are in test_weights.py
+and test_config.py; the CUDA backend's (GELU at +-inf, sizes past int32) in test_cuda_ops.py.
 
 The Triton cases run in the interpreter on CPU tensors (fp32/fp16 only there).
 """
@@ -26,7 +28,7 @@ import vitkern
 from vitkern import dispatch, ops, reference
 
 HAS_TRITON = not dispatch.backend_unavailable_reasons("triton")
-FUSED = ["eager"] + (["triton"] if HAS_TRITON else [])
+BACKENDS_HERE = ["eager"] + (["triton"] if HAS_TRITON else [])  # the CUDA backend: test_cuda_ops.py
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
 
@@ -61,7 +63,7 @@ def _mixed_calls(dev):
 @pytest.mark.parametrize("case", list(_mixed_calls("cpu")))
 def test_mixed_dtypes_refused_alike_on_every_backend(case):
     messages = {}
-    for backend in FUSED:
+    for backend in BACKENDS_HERE:
         call, name = _mixed_calls(_dev(backend))[case]
         with pytest.raises(TypeError) as info:
             call(backend)
@@ -80,7 +82,7 @@ def test_fp64_image_in_fp32_model_names_x_and_weight():
 # ------------------------------------------------------------------------------ fp16 epilogues (5)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_fp16_gelu_of_huge_negative_preactivation_is_zero(backend):
     dev = _dev(backend)
     # x @ w^T = -1e5 (past fp16's 65504); GELU of it is -0 to every digit.
@@ -88,10 +90,10 @@ def test_fp16_gelu_of_huge_negative_preactivation_is_zero(backend):
     w = torch.full((4, 16), -250.0, device=dev, dtype=torch.float16)
     y = ops.linear(x, w, torch.zeros(4, device=dev, dtype=torch.float16), activation="gelu", backend=backend)
     assert y.dtype == torch.float16
-    assert torch.equal(y.float(), torch.zeros(2, 4)), y
+    assert torch.equal(y.float(), torch.zeros(2, 4, device=dev)), y
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_fp16_product_past_range_cancelled_by_residual_is_finite(backend):
     dev = _dev(backend)
     x = torch.full((2, 16), 25.0, device=dev, dtype=torch.float16)
@@ -116,7 +118,7 @@ def test_eager_fp16_linear_rounds_once():
 # ------------------------------------------------------------------------------ LayerNorm without affine (9)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("affine", ["none", "weight only", "bias only"])
 def test_layer_norm_and_ln_linear_without_affine(backend, affine):
     dev = _dev(backend)

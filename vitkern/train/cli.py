@@ -19,7 +19,10 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional
 
-from vitkern.train.recipes import PRESETS, Recipe, preset
+from vitkern.train.recipes import BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe, preset
+
+CHOICES = dict(objective=OBJECTIVES, optimizer=OPTIMIZERS, schedule=SCHEDULES, parallel=PARALLEL,
+               precision=PRECISIONS, backend=BACKENDS, device=("auto", "cpu", "cuda"))
 
 HELP = {
     "model": "a named variant (vit_base_patch16_224, ...); unset: build from --patch-size/--embed-dim/--depth/--num-heads/--mlp-ratio",
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_flag(field.name), dest=field.name, default=None, type=args[0], nargs=len(args),
                                 help=help_text)
         else:
-            parser.add_argument(_flag(field.name), dest=field.name, default=None, type=kind, help=help_text)
+            parser.add_argument(_flag(field.name), dest=field.name, default=None, type=kind, help=help_text,
+                                choices=CHOICES.get(field.name))
     return parser
 
 

@@ -601,8 +601,6 @@ def train(recipe: Recipe) -> Dict[str, Any]:
     (rank 0; {} on other ranks), also written to OUT/summary.json."""
     recipe.validate()
     if recipe.threads is not None:
-        if recipe.threads <= 0:
-            raise ValueError(f"--threads must be a positive int, got {recipe.threads!r}")
         torch.set_num_threads(recipe.threads)
     env = setup_distributed(recipe)
     try:

@@ -131,6 +131,8 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"--{_flag(name)} must be a positive int, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
+            raise ValueError(f"--threads must be a positive int, got {self.threads!r}")
         for name in ("warmup_steps", "num_workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

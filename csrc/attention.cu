@@ -530,6 +530,8 @@ cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64
   return cudaSuccess;
 }
 
+// `out` is not read (kept in the entry point's signature for csrc/bindings.cpp): the dQ kernel recomputes
+// delta = rowsum(P * dP) / rowsum(P) itself and writes it to `delta` (scratch) for the dK/dV kernel.
 cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* out,
                              const void* dout, const float* lse, float* delta, void* dqkv, int batch, int tokens,
                              int heads, int head_dim, float scale, cudaStream_t stream) {

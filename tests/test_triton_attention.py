@@ -282,3 +282,15 @@ def test_triton_refuses_a_sample_past_int32():
     impl = dispatch.implementations("attention")["triton"]
     reasons = impl.not_supported_reasons(dict(qkv=qkv, num_heads=1, scale=None))
     assert any("int32" in r for r in reasons), reasons
+
+
+def test_interpreter_configs_share_the_score_tile():
+    """The first config of each kernel in a tier (the one the interpreter runs) has the same
+    (BLOCK_M, BLOCK_N): the interpreter's dot (numpy matmul) rounds differently per tile shape, and
+    the backward must recompute the forward's scores and the dQ kernel's dP bit for bit (large-logit
+    accuracy, tests/test_attention_numerics.py)."""
+    from vitkern.kernels.triton import attention as kernels
+
+    for tier, lists in kernels.CONFIGS.items():
+        tiles = {k: (c[0].kwargs["BLOCK_M"], c[0].kwargs["BLOCK_N"]) for k, c in lists.items()}
+        assert len(set(tiles.values())) == 1, f"tier {tier}: first configs differ: {tiles}"

@@ -11,14 +11,21 @@ Layouts (the contract of DESIGN.md section 1, no split, permute or copy of q, k,
 Kernels (one program per (batch, head, row block), 1-D grid with the row block fastest so the
 programs that share a head's K/V run next to each other and hit L2):
 
-    _attention_fwd_kernel           online softmax over key blocks in fp32 with exp2 (log2(e)
-                                    folded into the scale); writes out and lse.
-    _attention_bwd_preprocess_kernel delta = rowsum(dout * out) in fp32, [batch, heads, tokens].
-    _attention_bwd_dkdv_kernel      per key block: recompute P^T from lse, accumulate dV and dK
-                                    over all query blocks; writes the k and v columns of dqkv.
-    _attention_bwd_dq_kernel        per query block: accumulate dQ over all key blocks; writes the
-                                    q columns of dqkv. Separate from dK/dV so nothing is atomic:
-                                    the result is deterministic.
+    _attention_fwd_kernel           online softmax over key blocks in fp32 on natural-log scores
+                                    s = scale * q.k, p = exp2((s - max) * log2(e)); writes out and
+                                    lse = max + log(sum) (the max is never rounded on the way).
+    _attention_bwd_dq_kernel        per query block, run first: sweep 1 over all key blocks sums
+                                    delta = rowsum(P * dP) / rowsum(P) and stores it
+                                    [batch, heads, tokens] fp32; sweep 2 accumulates dQ; writes the
+                                    q columns of dqkv.
+    _attention_bwd_dkdv_kernel      per key block: recompute P and dP (query-major, as the forward
+                                    and dQ do) from lse, accumulate dV and dK over all query
+                                    blocks; writes the k and v columns of dqkv. Separate from dQ
+                                    so nothing is atomic: the result is deterministic.
+
+docs/perf/attention.md ("Numerics at large logits") says why the statistics and the recomputation
+are arranged this way: at logits of 1e3-1e8 a rounded lse, a delta summed from the rounded output
+or a score recomputed in a different order costs whole digits of the gradient.
 
 Any token count works: key columns past `T` get -inf scores, query rows past `T` are masked on
 load and store. A power-of-two head_dim is one chunk of BLOCK_D = head_dim columns; any other is
@@ -388,7 +395,10 @@ def _attention_bwd_dkdv_kernel(
 # register budget, not deep pipelining. One list per tier (16-bit or fp32 operands x the padded head
 # width the kernel computes on: <= 64, <= 96 (the split 64 + 16 and 64 + 32) or 128), so every config
 # the autotuner may pick compiles without spills on sm_80 and sm_90 (vitkern.audit checks each, at
-# the widest head of each tier). The first config of a list is the one the interpreter runs.
+# the widest head of each tier). The first config of a list is the one the interpreter runs, and
+# within a tier the first fwd, dq and dkdv configs share (BLOCK_M, BLOCK_N): the interpreter's dot
+# is numpy's matmul, whose rounding depends on the tile shape, and the backward must recompute the
+# forward's scores bit for bit (see the backward's comment; a test checks the lists).
 # Autotune keys: token count and head size, and (`_common.tuned`) the M bucket of batch x heads.
 
 
@@ -408,14 +418,14 @@ CONFIGS = {
     # at 96, so the 64-row tiles take 32 keys or 8 warps.
     ("half", 96): {
         "fwd": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
-        "dkdv": [_cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3)],
+        "dkdv": [_cfg(64, 32, 4, 3), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3)],
         "dq": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
     },
     # Padded to 128 (head dims 97-128): 8 warps for the 64-row tiles, and no 32-key dK/dV tile (its
     # M = 32 dots cannot use wgmma).
     ("half", 128): {
         "fwd": [_cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 3)],
-        "dkdv": [_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2)],
+        "dkdv": [_cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2)],
         "dq": [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2)],
     },
     # fp32 operands run exact FMA dots (no tensor cores): small tiles, a correctness path.
@@ -432,8 +442,8 @@ CONFIGS = {
     # Audited at head dim 128 itself (the fwd 32 x 16 and dq 16 x 32 tiles used before spill there).
     ("fp32", 128): {
         "fwd": [_cfg(32, 32, 8, 2)],
-        "dkdv": [_cfg(16, 32, 4, 2)],
-        "dq": [_cfg(32, 16, 4, 2), _cfg(32, 32, 8, 2)],
+        "dkdv": [_cfg(32, 32, 8, 2), _cfg(16, 32, 4, 2)],
+        "dq": [_cfg(32, 32, 8, 2), _cfg(32, 16, 4, 2)],
     },
 }
 _KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}

@@ -281,3 +281,13 @@ def test_bf16_master_weights_checkpointing_and_accumulation_train_like_fp32(tmp_
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
     weights = ckpt.load_safetensors(os.path.join(ckpt.latest_checkpoint(str(tmp_path / "bf16")), "model.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values())  # the masters are saved, not bf16 copies
+
+
+def test_digits_arrays_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    from vitkern.train.data import load_digits_arrays
+
+    images, labels = load_digits_arrays()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8) and (images == reference.images).all() and (labels == reference.target).all()

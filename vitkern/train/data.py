@@ -40,6 +40,27 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 # The embedded default: scikit-learn's bundled 8x8 digits
 
 
+def load_digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: (images float64 [1797, 8, 8] with values 0..16, labels int64 [1797]).
+
+    Read from the CSV scikit-learn ships (what `sklearn.datasets.load_digits` reads) without
+    importing scikit-learn, whose import (scipy) costs seconds in every rank of a run.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("--data digits needs scikit-learn installed (its bundled digits set): pip install scikit-learn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if not os.path.exists(path):  # a future layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target.astype(np.int64)
+    table = np.loadtxt(path, delimiter=",")  # [1797, 64 pixels + label]
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 class DigitsDataset(Dataset):
     """scikit-learn's digits (1797 grayscale 8x8 images, 10 classes), upscaled to img_size.
 
@@ -54,14 +75,10 @@ class DigitsDataset(Dataset):
                  std: Sequence[float] = DEFAULT_STD, seed: int = 0, augment: bool = False) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as exc:  # pragma: no cover - a dev dependency
-            raise ImportError("--preset digits needs scikit-learn (pip install scikit-learn)") from exc
-        digits = load_digits()
-        order = np.random.RandomState(_SPLIT_SEED).permutation(len(digits.target))
+        images, targets = load_digits_arrays()
+        order = np.random.RandomState(_SPLIT_SEED).permutation(len(targets))
         idx = order[:-DIGITS_HELD_OUT] if split == "train" else order[-DIGITS_HELD_OUT:]
-        pixels = torch.from_numpy(digits.images[idx]).float() / 16.0  # [N, 8, 8] in [0, 1]
+        pixels = torch.from_numpy(images[idx]).float() / 16.0  # [N, 8, 8] in [0, 1]
         # Bilinear upscaling keeps strokes smooth; all three channels carry the same gray level.
         up = F.interpolate(pixels[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
         up = up.clamp_(0, 1).expand(-1, 3, -1, -1)
@@ -69,7 +86,7 @@ class DigitsDataset(Dataset):
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.images = ((up - mean_t) / std_t).contiguous()  # [N, 3, img_size, img_size]
         self.background = ((0.0 - mean_t) / std_t).view(3, 1, 1)  # what a shift fills in
-        self.labels = torch.from_numpy(digits.target[idx]).long()
+        self.labels = torch.from_numpy(targets[idx]).long()
         self.shift = max(1, img_size // 8) if augment else 0
         self.seed = seed
         self.epoch = 0

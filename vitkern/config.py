@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
-GLOBAL_POOLS = ("token", "avg", "")
+GLOBAL_POOLS = ("token", "avg", "map", "")
+ACT_LAYERS = ("gelu", "gelu_tanh", "quick_gelu")  # timm's act_layer names vitkern fuses
 
 
 def to_2tuple(value: Union[int, Tuple[int, int], list], name: str) -> Tuple[int, int]:
@@ -40,6 +41,14 @@ class ViTConfig:
 
     `representation_size` adds the paper's pre-training head (Linear + tanh before the
     classifier); `hybrid_backbone` is not a field (it is a module, passed to `ViT` directly).
+
+    The ViT family's options, timm's names and defaults: `qk_norm` (LayerNorm of q and k per
+    head), `init_values` (LayerScale, None = off), `no_embed_class` (pos_embed covers the patch
+    tokens only), `reg_tokens` (register tokens after the class token), `pre_norm` (a LayerNorm
+    `norm_pre` before the blocks; the patch embedding then has no bias), `act_layer` (None or
+    "gelu", "gelu_tanh", "quick_gelu"), `patch_drop_rate` (PatchDropout in training),
+    global_pool="map" (attention-pool head). `distilled` (not a timm argument: timm has the class
+    `VisionTransformerDistilled`) adds DeiT's distillation token and `head_dist`.
     """
 
     img_size: Union[int, Tuple[int, int]] = 224
@@ -64,6 +73,14 @@ class ViTConfig:
     dynamic_img_pad: bool = False
     representation_size: Optional[int] = None
     backend: str = "auto"
+    qk_norm: bool = False
+    init_values: Optional[float] = None
+    no_embed_class: bool = False
+    reg_tokens: int = 0
+    pre_norm: bool = False
+    act_layer: Optional[str] = None
+    patch_drop_rate: float = 0.0
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,7 +106,7 @@ class ViTConfig:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' or ''")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
-        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "patch_drop_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -99,6 +116,26 @@ class ViTConfig:
             raise ValueError(f"representation_size must be a positive int or None, got {self.representation_size!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("qk_norm", "no_embed_class", "pre_norm", "distilled"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
+        if self.init_values is not None and (isinstance(self.init_values, bool) or not isinstance(self.init_values, (int, float))):
+            raise TypeError(f"init_values must be a float or None (no LayerScale), got {self.init_values!r}")
+        if self.act_layer is not None and self.act_layer not in ACT_LAYERS:
+            raise ValueError(f"act_layer must be None or one of {ACT_LAYERS}, got {self.act_layer!r}")
+        if self.distilled:
+            # timm's VisionTransformerDistilled: the heads read tokens 0 (class) and 1 (distillation).
+            if not self.class_token or self.global_pool not in ("token", ""):
+                raise ValueError("distilled=True needs class_token=True and global_pool='token' (the heads read the "
+                                 f"class and distillation tokens), got class_token={self.class_token}, "
+                                 f"global_pool={self.global_pool!r}")
+            if self.reg_tokens:
+                raise ValueError(f"distilled=True takes no register tokens (timm's VisionTransformerDistilled has none), "
+                                 f"got reg_tokens={self.reg_tokens}")
+            if self.representation_size is not None:
+                raise ValueError("distilled=True has no pre-logits layer; leave representation_size=None")
 
     @property
     def mlp_hidden_dim(self) -> int:
@@ -120,7 +157,13 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.class_token else 0
+        """Class token, distillation token, register tokens: the rows before the patch tokens."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def pos_embed_prefix_tokens(self) -> int:
+        """The prefix tokens pos_embed has rows for: none with no_embed_class."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     def grid_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> Tuple[int, int]:
         """Patch grid (rows, cols) for an input of `img_size`; the default is the grid the position
@@ -165,7 +208,9 @@ FAMILIES = {
 # that differ from the defaults, except num_classes and img_size, which come from the
 # pretrained tag as in timm. TIMM_TAGS holds, per name, its pretrained tags in timm's order (the
 # first is the default) and each tag's pretrained cfg as the fields that differ from _TIMM_CFG_BASE
-# (_ABSENT: the tag has no such field).
+# (_ABSENT: the tag has no such field). The ViT family's names at the end of both tables (DINOv2,
+# CLIP, SigLIP, DeiT distilled, DeiT III: issue 13) were derived the same way from the same registry;
+# timm has more names with those options, which `from_timm` converts.
 
 INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -224,6 +269,14 @@ TIMM_ARCHS: Dict[str, Dict[str, Any]] = {
     'vit_so400m_patch14_siglip_gap_896': dict(patch_size=14, global_pool='avg', embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.736111111111111, class_token=False, fc_norm=False),
     'vit_tiny_patch16_224': dict(embed_dim=192, num_heads=3),
     'vit_tiny_patch16_384': dict(embed_dim=192, num_heads=3),
+    # The ViT family (issue 13): the common checkpoints of each option, by timm's names.
+    'vit_small_patch14_dinov2': dict(patch_size=14, embed_dim=384, num_heads=6, init_values=1e-5),
+    'vit_small_patch14_reg4_dinov2': dict(patch_size=14, embed_dim=384, num_heads=6, init_values=1e-5, reg_tokens=4,
+                                          no_embed_class=True),
+    'vit_base_patch16_clip_224': dict(pre_norm=True, norm_eps=1e-5),
+    'vit_base_patch16_siglip_224': dict(global_pool='map', class_token=False),
+    'deit_small_distilled_patch16_224': dict(embed_dim=384, num_heads=6, distilled=True),
+    'deit3_small_patch16_224': dict(embed_dim=384, num_heads=6, no_embed_class=True, init_values=1e-6),
 }
 
 TIMM_TAGS: Dict[str, Dict[str, Dict[str, Any]]] = {
@@ -414,6 +467,38 @@ TIMM_TAGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     'vit_tiny_patch16_384': {
         'augreg_in21k_ft_in1k': dict(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    },
+    'vit_small_patch14_dinov2': {
+        'lvd142m': dict(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0),
+    },
+    'vit_small_patch14_reg4_dinov2': {
+        'lvd142m': dict(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=0),
+    },
+    'vit_base_patch16_clip_224': {
+        'laion2b_ft_in12k_in1k': dict(crop_pct=0.95, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+        'openai_ft_in12k_in1k': dict(crop_pct=0.95, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+        'laion2b_ft_in1k': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+        'openai_ft_in1k': dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
+        'laion2b_ft_in12k': dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=11821),
+        'openai_ft_in12k': dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=11821),
+        'laion2b': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512),
+        'laion400m_e32': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512, license='mit'),
+        'datacompxl': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512),
+        'dfn2b': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512, license='apple-ascl'),
+        'metaclip_2pt5b': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+        'metaclip_400m': dict(crop_pct=1.0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+        'openai': dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, num_classes=512, notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    },
+    'vit_base_patch16_siglip_224': {
+        'v2_webli': dict(num_classes=0),
+        'webli': dict(num_classes=0),
+    },
+    'deit_small_distilled_patch16_224': {
+        'fb_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_small_distilled_patch16_224-649709d9.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD, classifier=('head', 'head_dist')),
+    },
+    'deit3_small_patch16_224': {
+        'fb_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_3_small_224_1k.pth', mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        'fb_in22k_ft_in1k': dict(url='https://dl.fbaipublicfiles.com/deit/deit_3_small_224_21k.pth', crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     },
 }
 

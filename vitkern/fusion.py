@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 from torch.utils.hooks import RemovableHandle
 
-from vitkern import ops
+from vitkern import ops, reference
 
 # --------------------------------------------------------------------------------------------
 # Plain modules
@@ -78,6 +78,33 @@ def is_plain_layer_norm(module: object) -> bool:
 
 def is_plain_gelu(module: object) -> bool:
     return is_plain(module, nn.GELU) and module.approximate == "none"
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's activation (timm's act_layer="quick_gelu")."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reference.quick_gelu(x)
+
+
+def _activate(x: Tensor, activation: Optional[str]) -> Tensor:
+    """x through the named activation as the modules compute it (torch's GELU kernels, timm's
+    QuickGELU formula): for the paths where it runs outside the fused epilogue."""
+    if activation is None:
+        return x
+    if activation == "quick_gelu":
+        return reference.quick_gelu(x)
+    return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def activation_of(module: object) -> Optional[str]:
+    """The epilogue activation a plain activation module computes ("gelu", "gelu_tanh",
+    "quick_gelu"), or None when it is anything else (then it is called as a module)."""
+    if is_plain(module, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    if is_plain(module, QuickGELU):
+        return "quick_gelu"
+    return None
 
 
 def is_plain_dropout(module: object) -> bool:
@@ -217,23 +244,26 @@ def _low_rank(x: Tensor, adapters: Tuple[Adapter, ...], residual: Optional[Tenso
 
 def run_linear(
     call: LinearCall, x: Tensor, *, activation: Optional[str] = None, residual: Optional[Tensor] = None,
-    backend: str = "auto",
+    scale: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
-    """act(x @ weight^T + bias + LoRA terms) + residual through `ops.linear`.
+    """residual + scale * act(x @ weight^T + bias + LoRA terms) through `ops.linear`.
 
-    x: [..., in]; residual: [..., out] or None. Without activation the LoRA terms ride in the
-    residual epilogue: two rank-r GEMMs per adapter and one extra [..., out] read and write. With
-    GELU they must enter before the activation, which the op's epilogue applies first: the base
-    GEMM then adds them as its residual and GELU runs as a separate elementwise op (one more
-    [..., out] read and write).
+    x: [..., in]; residual: [..., out] or None; scale: LayerScale's gamma [out] or None. Without
+    activation or scale the LoRA terms ride in the residual epilogue: two rank-r GEMMs per adapter
+    and one extra [..., out] read and write. With an activation or a scale they must enter before
+    them, which the op's epilogue applies first: the base GEMM then adds them as its residual and
+    the activation, scale and skip connection run as separate elementwise ops.
     """
     if not call.adapters:
-        return ops.linear(x, call.weight, call.bias, activation=activation, residual=residual, backend=backend)
-    if activation is None:
+        return ops.linear(x, call.weight, call.bias, activation=activation, residual=residual, scale=scale,
+                          backend=backend)
+    if activation is None and scale is None:
         low = _low_rank(x, call.adapters, residual, backend)
         return ops.linear(x, call.weight, call.bias, residual=low, backend=backend)
     pre = ops.linear(x, call.weight, call.bias, residual=_low_rank(x, call.adapters, None, backend), backend=backend)
-    out = F.gelu(pre)
+    out = _activate(pre, activation)
+    if scale is not None:
+        out = out * scale
     return out if residual is None else out + residual
 
 
@@ -248,6 +278,7 @@ def run_ln_linear(
     rank-r B GEMM adds s * u B^T to the base op's output as its residual (one [..., out] read and
     write). With GELU the base op runs without its activation epilogue and GELU follows as a
     separate elementwise op (the terms must enter before it).
+    activation: None or one of vitkern.reference.ACTIVATIONS.
     """
     eps = norm.eps
     if not call.adapters:
@@ -258,7 +289,7 @@ def run_ln_linear(
         u = ops.ln_linear(x, norm.weight, norm.bias, ad.a, eps=eps, backend=backend)  # [..., rank]
         b_bias = ad.b_bias * ad.scaling if ad.b_bias is not None else None
         pre = ops.linear(u, ad.b * ad.scaling, b_bias, residual=pre, backend=backend)
-    return pre if activation is None else F.gelu(pre)
+    return _activate(pre, activation)
 
 
 def call_linear(module: nn.Module, x: Tensor, *, backend: str = "auto") -> Tensor:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkern import dispatch, fusion, ops
+from vitkern import dispatch, fusion, ops, reference
 from vitkern.config import ViTConfig, to_2tuple
 from vitkern.dispatch import BackendUnavailableError
 from vitkern.features import Indices, take_indices
@@ -65,6 +65,52 @@ def _drop_path(x: Tensor, drop_prob: float) -> Tensor:
     return x * mask / keep
 
 
+class LayerScale(nn.Module):
+    """timm's LayerScale: x * gamma, gamma [dim] initialized to `init_values` (DINOv2, DeiT III).
+    A plain Block multiplies gamma in the epilogue of the branch's last linear instead of calling it."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class PatchDropout(nn.Module):
+    """timm's PatchDropout (training only): keep a random max(1, int(patches * (1 - prob))) of the
+    patch tokens of each image, in random order, and every prefix token; eval is the identity.
+
+    It draws exactly as timm's does (torch.randn(batch, patches) on the tokens' device, argsorted),
+    so under one seed the two keep the same tokens."""
+
+    def __init__(self, prob: float = 0.5, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {prob!r}")
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [batch, prefix + patches, dim] -> [batch, prefix + kept, dim]."""
+        if not self.training or self.prob == 0.0:
+            return x
+        return _patch_dropout(x, self.prob, self.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
+def _patch_dropout(x: Tensor, prob: float, num_prefix_tokens: int) -> Tensor:
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    batch, length = patches.shape[0], patches.shape[1]
+    keep = max(1, int(length * (1.0 - prob)))
+    kept = torch.argsort(torch.randn(batch, length, device=x.device), dim=-1)[:, :keep]
+    patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    return torch.cat((prefix, patches), dim=1) if num_prefix_tokens else patches
+
+
 class PatchEmbed(nn.Module):
     """Image (or a hybrid backbone's feature map) -> patch tokens, as a strided Conv2d `proj`.
 
@@ -84,6 +130,7 @@ class PatchEmbed(nn.Module):
         dynamic_img_size: bool = False,
         dynamic_img_pad: bool = False,
         backbone: Optional[nn.Module] = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.img_size = img_size
@@ -102,7 +149,7 @@ class PatchEmbed(nn.Module):
         if self.grid_size[0] == 0 or self.grid_size[1] == 0:
             raise ValueError(f"patch_size {patch_size} is larger than the {'feature map' if backbone else 'image'} {feature_size}")
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(feature_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(feature_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.output_fmt = "NHWC" if dynamic_img_size else "NLC"
         self.norm = nn.Identity()  # timm's PatchEmbed has one (norm_layer=None): same module tree
 
@@ -185,19 +232,23 @@ def _pos_embed_for_grid(pos_embed, grid, grid_size, num_prefix_tokens, dynamic_i
 
 
 def _add_prefix_and_position(
-    tokens: Tensor, cls_token: Optional[Tensor], pos_embed: Tensor, grid_size: Tuple[int, int],
-    num_prefix_tokens: int, dynamic_img_size: bool,
+    tokens: Tensor, prefix: Optional[Tensor], pos_embed: Tensor, grid_size: Tuple[int, int],
+    num_prefix_tokens: int, dynamic_img_size: bool, no_embed_class: bool = False,
 ) -> Tensor:
     """timm's `_pos_embed` after a patch_embed module: tokens [batch, patches, dim] or
-    [batch, gh, gw, dim] -> [cls; tokens] + pos_embed, [batch, prefix + patches, dim]."""
+    [batch, gh, gw, dim] -> [prefix; tokens] + pos_embed, [batch, prefix + patches, dim]
+    (with no_embed_class pos_embed is added to the patch tokens before the prefix is prepended).
+    num_prefix_tokens: the prefix rows of pos_embed (0 with no_embed_class)."""
     grid = tuple(grid_size)
     if tokens.dim() == 4:
         grid = (tokens.shape[1], tokens.shape[2])
         tokens = tokens.flatten(1, 2)
     pos = _pos_embed_for_grid(pos_embed, grid, grid_size, num_prefix_tokens, dynamic_img_size)
-    if cls_token is not None:
-        tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-    return tokens + pos
+    if no_embed_class:
+        tokens = tokens + pos
+    if prefix is not None:
+        tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    return tokens if no_embed_class else tokens + pos
 
 
 def _attention_with_dropout(qkv: Tensor, num_heads: int, p: float, scale: float) -> Tensor:
@@ -210,7 +261,7 @@ def _attention_with_dropout(qkv: Tensor, num_heads: int, p: float, scale: float)
 
 
 for _leaf in ("_drop_path", "_checked_image", "_padded_to_patches", "_position_embedding", "_add_prefix_and_position",
-              "_attention_with_dropout"):
+              "_attention_with_dropout", "_patch_dropout"):
     torch.fx.wrap(_leaf)
 
 
@@ -238,13 +289,15 @@ def _probe_backbone(backbone: nn.Module, in_chans: int, img_size: Tuple[int, int
 
 class Attention(fusion.WatchesSwaps, nn.Module):
     """Multi-head self-attention with timm's parameters and sub-modules: `qkv` Linear(dim, 3 dim),
-    `q_norm`, `k_norm`, `norm` (Identity), `proj` Linear(dim, dim), `proj_drop`.
+    `q_norm`, `k_norm` (LayerNorm(head_dim) with qk_norm, else Identity), `norm` (Identity),
+    `proj` Linear(dim, dim), `proj_drop`.
 
     `forward(x)` takes the already normalized tokens [batch, tokens, dim], as timm's does; a plain
     `Block` calls `core` itself to fuse LN1 into the QKV projection and the residual into `proj`.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 qk_norm: bool = False, norm_eps: float = 1e-6) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim must be divisible by num_heads: dim={dim}, num_heads={num_heads}")
@@ -252,64 +305,152 @@ class Attention(fusion.WatchesSwaps, nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = nn.Identity()
-        self.k_norm = nn.Identity()
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
         self.norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def qk_norm_args(self) -> Optional[Tuple[Any, Any]]:
+        """(q_norm, k_norm) as `ops.attention` arguments ((weight, bias, eps) or None each) while both
+        are plain (an Identity or a plain LayerNorm), else None: they must be called as modules."""
+        args = []
+        for norm in (self.q_norm, self.k_norm):
+            if fusion.is_plain(norm, nn.Identity):
+                args.append(None)
+            elif fusion.is_plain_layer_norm(norm):
+                args.append((norm.weight, norm.bias, norm.eps))
+            else:
+                return None
+        return args[0], args[1]
+
+    def _normalized_qk(self, qkv: Tensor) -> Tensor:
+        """qkv [batch, tokens, 3 dim] with q_norm and k_norm applied as modules (timm normalizes
+        q and k as [batch, heads, tokens, head_dim]), repacked for the op."""
+        if fusion.is_plain(self.q_norm, nn.Identity) and fusion.is_plain(self.k_norm, nn.Identity):
+            return qkv
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return torch.stack((self.q_norm(q), self.k_norm(k), v)).permute(1, 3, 0, 2, 4).flatten(2)
+
     def core(self, qkv: Tensor) -> Tensor:
-        """Packed qkv [batch, tokens, 3 dim] -> [batch, tokens, dim], before the output projection."""
+        """Packed qkv [batch, tokens, 3 dim] (before q_norm / k_norm) -> [batch, tokens, dim],
+        before the output projection. Plain QK-norm LayerNorms run inside the attention op."""
         request = getattr(self, "capture_request", None)
-        if request is not None:  # set by vitkern.inspect.capture: the same attention, statistics recorded
-            return request(self, qkv)
+        norms = self.qk_norm_args()
+        if request is not None or norms is None or (self.training and self.attn_drop > 0):
+            qkv = self._normalized_qk(qkv)
+            if request is not None:  # set by vitkern.inspect.capture: the same attention, statistics recorded
+                return request(self, qkv)
+            norms = (None, None)
         if self.training and self.attn_drop > 0:
             # Attention dropout is a training-only regularizer the fused kernels do not implement;
             # torch's SDPA applies it on the probabilities exactly as timm does.
             return _attention_with_dropout(qkv, self.num_heads, self.attn_drop, self.scale)
-        return ops.attention(qkv, self.num_heads, scale=self.scale, backend=_backend_of(self))
+        q_norm, k_norm = norms
+        return ops.attention(qkv, self.num_heads, scale=self.scale, q_norm=q_norm, k_norm=k_norm,
+                             backend=_backend_of(self))
 
     def forward(self, x: Tensor) -> Tensor:
         """timm's order: qkv -> q_norm, k_norm -> attention -> norm -> proj -> proj_drop; each
         sub-module that is not plain (or LoRA for the linears) is called as a module."""
         backend = _backend_of(self)
         qkv = fusion.call_linear(self.qkv, x, backend=backend)
-        if not (fusion.is_plain(self.q_norm, nn.Identity) and fusion.is_plain(self.k_norm, nn.Identity)):
-            # timm normalizes q and k as [batch, heads, tokens, head_dim]; repacked for the op.
-            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-            qkv = torch.stack((self.q_norm(q), self.k_norm(k), v)).permute(1, 3, 0, 2, 4).flatten(2)
         a = self.core(qkv)
         if not fusion.is_plain(self.norm, nn.Identity):
             a = self.norm(a)
         return self.proj_drop(fusion.call_linear(self.proj, a, backend=backend))
 
 
-class Mlp(fusion.WatchesSwaps, nn.Module):
-    """fc1 -> act (GELU) -> drop1 -> norm (Identity) -> fc2 -> drop2, with timm's names."""
+ACT_LAYERS = ("gelu", "gelu_tanh", "quick_gelu")
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+
+def make_act_layer(act_layer: Optional[str]) -> nn.Module:
+    """timm's act_layer names -> the module: exact GELU (None, "gelu"), tanh GELU ("gelu_tanh",
+    SigLIP) or QuickGELU ("quick_gelu", OpenAI CLIP)."""
+    if act_layer in (None, "gelu"):
+        return nn.GELU()
+    if act_layer == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if act_layer == "quick_gelu":
+        return fusion.QuickGELU()
+    raise ValueError(f"act_layer must be None or one of {ACT_LAYERS}, got {act_layer!r}")
+
+
+class Mlp(fusion.WatchesSwaps, nn.Module):
+    """fc1 -> act (GELU, tanh GELU or QuickGELU) -> drop1 -> norm (Identity) -> fc2 -> drop2, with timm's names."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0,
+                 act_layer: Optional[str] = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = make_act_layer(act_layer)
         self.drop1 = nn.Dropout(drop)
         self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., in_features] -> [..., in_features]; GELU rides in fc1's epilogue while fc1 is a
-        plain or LoRA linear and `act` the exact GELU, else each sub-module is called."""
+        """x [..., in_features] -> [..., in_features]; the activation rides in fc1's epilogue while
+        fc1 is a plain or LoRA linear and `act` a plain GELU / tanh GELU / QuickGELU, else each
+        sub-module is called."""
         backend = _backend_of(self)
         fc1 = fusion.linear_call(self.fc1, fusion.linear_kind(self.fc1))
-        if fc1 is not None and fusion.is_plain_gelu(self.act):
-            h = fusion.run_linear(fc1, x, activation="gelu", backend=backend)
+        activation = fusion.activation_of(self.act)
+        if fc1 is not None and activation is not None:
+            h = fusion.run_linear(fc1, x, activation=activation, backend=backend)
         else:
             h = self.act(self.fc1(x) if fc1 is None else fusion.run_linear(fc1, x, backend=backend))
         h = self.drop1(h)
         if not fusion.is_plain(self.norm, nn.Identity):
             h = self.norm(h)
         return self.drop2(fusion.call_linear(self.fc2, h, backend=backend))
+
+
+class AttentionPoolLatent(fusion.WatchesSwaps, nn.Module):
+    """timm's attention-pool head (global_pool="map", SigLIP): one learned latent query attends over
+    the patch tokens, then proj and a residual MLP; timm's names `latent`, `q`, `kv`, `q_norm`,
+    `k_norm`, `proj`, `proj_drop`, `norm`, `mlp`.
+
+    forward: tokens [batch, tokens, dim] -> pooled [batch, dim]. The linears, the norm and the MLP
+    run through vitkern's ops; the attention itself (one query row per image: nothing for a tiled
+    kernel to tile) is `vitkern.reference.latent_attention`, eager, fp32 softmax.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, norm_eps: float = 1e-6,
+                 act_layer: Optional[str] = None) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim must be divisible by num_heads: dim={dim}, num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.pool = "token"
+        self.latent_len = 1
+        self.latent_dim = dim
+        self.latent = nn.Parameter(torch.zeros(1, self.latent_len, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_hidden_dim, act_layer=act_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = _backend_of(self)
+        # The latent query is the same for every image: project it once, then broadcast.
+        q = fusion.call_linear(self.q, self.latent, backend=backend).expand(x.shape[0], -1, -1)
+        kv = fusion.call_linear(self.kv, x, backend=backend)  # [batch, tokens, 2 dim]
+        if not (fusion.is_plain(self.q_norm, nn.Identity) and fusion.is_plain(self.k_norm, nn.Identity)):
+            q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+            k, v = kv.unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2)
+            kv = torch.stack((self.k_norm(k), v), dim=2).flatten(2)
+        a = reference.latent_attention(q, kv, self.num_heads, scale=self.scale)
+        y = self.proj_drop(fusion.call_linear(self.proj, a, backend=backend))
+        y = y + self.mlp(fusion.call_norm(self.norm, y, backend=backend))
+        return y[:, 0] if self.pool == "token" else y.mean(1)
 
 
 class _BlockPlan(NamedTuple):
@@ -322,9 +463,10 @@ class _BlockPlan(NamedTuple):
     attn: bool  # LN1 + QKV, attention, proj + residual as fused ops
     qkv: Optional[str]  # fusion.PLAIN or fusion.LORA
     proj: Optional[str]
-    mlp: bool  # LN2 + fc1 + GELU, fc2 + residual as fused ops
+    mlp: bool  # LN2 + fc1 + activation, fc2 + residual as fused ops
     fc1: Optional[str]
     fc2: Optional[str]
+    act: Optional[str]  # the fc1 epilogue's activation (fusion.activation_of)
 
 
 class Block(fusion.WatchesSwaps, nn.Module):
@@ -332,8 +474,9 @@ class Block(fusion.WatchesSwaps, nn.Module):
     are the plain modules vitkern built, timm's module calls otherwise.
 
     forward: x [batch, tokens, dim] -> [batch, tokens, dim] in x's dtype. Each half (attention,
-    MLP) runs fused while its sub-modules (norm, linears, Identity placeholders `ls*`, `q_norm`,
-    `k_norm`, `norm`, the dropouts, `drop_path*`) are of vitkern's exact types with no hooks, and
+    MLP) runs fused while its sub-modules (norm, linears, `ls*` (Identity or LayerScale, whose gamma
+    rides in the residual epilogue), `q_norm`, `k_norm` (Identity or LayerNorm, applied inside the
+    attention op), `norm`, the activation, the dropouts, `drop_path*`) are of vitkern's exact types with no hooks, and
     no global module hook is set; a PEFT LoRA linear without dropout stays fused (the low-rank term
     rides in the epilogue). Otherwise that half calls the sub-modules as timm's Block does:
     `x + drop_path(ls(attn(norm1(x))))`, still through vitkern's ops for every plain piece.
@@ -353,15 +496,19 @@ class Block(fusion.WatchesSwaps, nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
+        qk_norm: bool = False,
+        init_values: Optional[float] = None,
+        act_layer: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        self.ls1 = nn.Identity()  # timm's LayerScale slot (init_values=None)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, qk_norm=qk_norm, norm_eps=norm_eps)
+        # timm's LayerScale slots: Identity unless init_values is given.
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_hidden_dim, proj_drop)
-        self.ls2 = nn.Identity()
+        self.mlp = Mlp(dim, mlp_hidden_dim, proj_drop, act_layer=act_layer)
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
         self._plan: Optional[_BlockPlan] = None
 
@@ -375,22 +522,26 @@ class Block(fusion.WatchesSwaps, nn.Module):
         no_global_hooks = not fusion.global_hooks_registered()
         attn_ok = (
             no_global_hooks and fusion.is_plain_layer_norm(self.norm1) and plain(attn, Attention)
-            and plain(attn.q_norm, nn.Identity) and plain(attn.k_norm, nn.Identity) and plain(attn.norm, nn.Identity)
-            and fusion.is_plain_dropout(attn.proj_drop) and plain(self.ls1, nn.Identity) and plain(self.drop_path1, DropPath)
+            and attn.qk_norm_args() is not None and plain(attn.norm, nn.Identity)
+            and fusion.is_plain_dropout(attn.proj_drop) and _is_plain_scale(self.ls1) and plain(self.drop_path1, DropPath)
         )
         qkv = fusion.linear_kind(attn.qkv) if attn_ok else None
         proj = fusion.linear_kind(attn.proj) if attn_ok else None
         attn_ok = attn_ok and qkv is not None and proj is not None
+        act = fusion.activation_of(mlp.act) if plain(mlp, Mlp) else None
         mlp_ok = (
             no_global_hooks and fusion.is_plain_layer_norm(self.norm2) and plain(mlp, Mlp)
-            and fusion.is_plain_gelu(mlp.act) and fusion.is_plain_dropout(mlp.drop1) and plain(mlp.norm, nn.Identity)
-            and fusion.is_plain_dropout(mlp.drop2) and plain(self.ls2, nn.Identity) and plain(self.drop_path2, DropPath)
+            and act is not None and fusion.is_plain_dropout(mlp.drop1) and plain(mlp.norm, nn.Identity)
+            and fusion.is_plain_dropout(mlp.drop2) and _is_plain_scale(self.ls2) and plain(self.drop_path2, DropPath)
         )
         fc1 = fusion.linear_kind(mlp.fc1) if mlp_ok else None
         fc2 = fusion.linear_kind(mlp.fc2) if mlp_ok else None
         mlp_ok = mlp_ok and fc1 is not None and fc2 is not None
-        leaves = ((self.norm1, attn.qkv, attn.proj) if attn_ok else ()) + ((self.norm2, mlp.fc1, mlp.fc2) if mlp_ok else ())
-        return _BlockPlan(key, leaves, tuple(map(type, leaves)), attn_ok, qkv, proj, mlp_ok, fc1, fc2)
+        # The per-call class check covers the fused leaves, LayerScale and QK-norm included (a
+        # parametrization changes a module's class without a swap).
+        leaves = ((self.norm1, attn.qkv, attn.proj, attn.q_norm, attn.k_norm, self.ls1) if attn_ok else ()) + (
+            (self.norm2, mlp.fc1, mlp.fc2, mlp.act, self.ls2) if mlp_ok else ())
+        return _BlockPlan(key, leaves, tuple(map(type, leaves)), attn_ok, qkv, proj, mlp_ok, fc1, fc2, act)
 
     def _current_plan(self) -> _BlockPlan:
         if torch.compiler.is_compiling():
@@ -418,8 +569,8 @@ class Block(fusion.WatchesSwaps, nn.Module):
             if qkv_call is not None and proj_call is not None:
                 a = attn.core(fusion.run_ln_linear(self.norm1, qkv_call, x, backend=backend))
                 if self._residual_branch_is_identity(attn.proj_drop, self.drop_path1):
-                    return fusion.run_linear(proj_call, a, residual=x, backend=backend)
-                return x + self.drop_path1(attn.proj_drop(fusion.run_linear(proj_call, a, backend=backend)))
+                    return fusion.run_linear(proj_call, a, residual=x, scale=_gamma(self.ls1), backend=backend)
+                return x + self.drop_path1(self.ls1(attn.proj_drop(fusion.run_linear(proj_call, a, backend=backend))))
         return x + self.drop_path1(self.ls1(attn(fusion.call_norm(self.norm1, x, backend=backend))))
 
     def _mlp_half(self, x: Tensor, plan: _BlockPlan, backend: str) -> Tensor:
@@ -428,11 +579,21 @@ class Block(fusion.WatchesSwaps, nn.Module):
             fc1_call = fusion.linear_call(mlp.fc1, plan.fc1)
             fc2_call = fusion.linear_call(mlp.fc2, plan.fc2)
             if fc1_call is not None and fc2_call is not None:
-                h = mlp.drop1(fusion.run_ln_linear(self.norm2, fc1_call, x, activation="gelu", backend=backend))
+                h = mlp.drop1(fusion.run_ln_linear(self.norm2, fc1_call, x, activation=plan.act, backend=backend))
                 if self._residual_branch_is_identity(mlp.drop2, self.drop_path2):
-                    return fusion.run_linear(fc2_call, h, residual=x, backend=backend)
-                return x + self.drop_path2(mlp.drop2(fusion.run_linear(fc2_call, h, backend=backend)))
+                    return fusion.run_linear(fc2_call, h, residual=x, scale=_gamma(self.ls2), backend=backend)
+                return x + self.drop_path2(self.ls2(mlp.drop2(fusion.run_linear(fc2_call, h, backend=backend))))
         return x + self.drop_path2(self.ls2(mlp(fusion.call_norm(self.norm2, x, backend=backend))))
+
+
+def _is_plain_scale(module: nn.Module) -> bool:
+    """A LayerScale slot the fused epilogue can take: vitkern's Identity or LayerScale, no hooks."""
+    return fusion.is_plain(module, nn.Identity) or fusion.is_plain(module, LayerScale)
+
+
+def _gamma(module: nn.Module) -> Optional[Tensor]:
+    """LayerScale's gamma [dim] for the residual epilogue, None for the Identity slot."""
+    return module.gamma if type(module) is LayerScale else None
 
 
 def _backend_of(module: nn.Module) -> str:
@@ -473,6 +634,13 @@ class ViT(nn.Module):
     forward: images [batch, in_chans, H, W] -> logits [batch, num_classes] (pooled features when
     num_classes == 0; every token's features when global_pool == '').
 
+    The ViT family (timm's arguments, names and state-dict keys): `init_values` (LayerScale
+    `blocks.N.ls1.gamma`, `ls2.gamma`, in the residual epilogue), `qk_norm` (`attn.q_norm`,
+    `attn.k_norm`, inside the attention op), `act_layer` ("gelu", "gelu_tanh", "quick_gelu", in
+    fc1's epilogue), `reg_tokens` (`reg_token`), `no_embed_class`, `pre_norm` (`norm_pre`),
+    global_pool="map" (`attn_pool.*`), `class_token=False`, `patch_drop_rate` (PatchDropout, training
+    only) and `distilled` (DeiT's `dist_token` and `head_dist`: timm's VisionTransformerDistilled).
+
     timm's backbone API: `forward_intermediates`, `get_intermediate_layers`,
     `prune_intermediate_layers`, `feature_info`, `set_input_size`, `group_matcher`,
     `pretrained_cfg` (alias `default_cfg`; set by `vitkern.create_model` and `from_timm`, empty for
@@ -507,6 +675,14 @@ class ViT(nn.Module):
         representation_size: Optional[int] = None,
         hybrid_backbone: Optional[nn.Module] = None,
         backend: str = "auto",
+        qk_norm: bool = False,
+        init_values: Optional[float] = None,
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        act_layer: Optional[str] = None,
+        patch_drop_rate: float = 0.0,
+        distilled: bool = False,
     ) -> None:
         super().__init__()
         if hybrid_backbone is not None and not isinstance(hybrid_backbone, nn.Module):
@@ -520,7 +696,9 @@ class ViT(nn.Module):
             drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
             dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad,
-            representation_size=representation_size, backend=backend,
+            representation_size=representation_size, backend=backend, qk_norm=qk_norm, init_values=init_values,
+            no_embed_class=no_embed_class, reg_tokens=reg_tokens, pre_norm=pre_norm, act_layer=act_layer,
+            patch_drop_rate=patch_drop_rate, distilled=distilled,
         )
         self.config = cfg
         self.num_classes = num_classes
@@ -531,6 +709,10 @@ class ViT(nn.Module):
         self.in_chans = in_chans
         self.pretrained_cfg: Dict[str, Any] = {}
         self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.distilled_training = False  # timm's VisionTransformerDistilled: set_distilled_training()
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self._backend = backend
@@ -538,18 +720,27 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbed(
             to_2tuple(img_size, "img_size"), to_2tuple(patch_size, "patch_size"), in_chans, embed_dim,
             dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad, backbone=hybrid_backbone,
+            bias=not pre_norm,  # timm: a pre-norm (CLIP) patch embedding has no bias
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + cfg.pos_embed_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.patch_drop = (PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens)
+                           if patch_drop_rate > 0 else nn.Identity())
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         drop_path_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, cfg.mlp_hidden_dim, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_eps=norm_eps)
+                  attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_eps=norm_eps, qk_norm=qk_norm,
+                  init_values=init_values, act_layer=act_layer)
             for i in range(depth)
         ])
         use_fc_norm = cfg.use_fc_norm
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, cfg.mlp_hidden_dim, norm_eps, act_layer)
+                          if global_pool == "map" else None)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         if representation_size:
             self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, representation_size), act=nn.Tanh()))
@@ -558,6 +749,8 @@ class ViT(nn.Module):
             self.pre_logits = nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.backend = backend
         self.init_weights()
 
@@ -577,7 +770,7 @@ class ViT(nn.Module):
         self._backend = value
         self.config.backend = value
         for module in self.modules():
-            if isinstance(module, (PatchEmbed, Attention, Mlp, Block)):
+            if isinstance(module, (PatchEmbed, Attention, Mlp, Block, AttentionPoolLatent)):
                 module.backend = value
 
     def init_weights(self) -> None:
@@ -587,6 +780,12 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.attn_pool.latent_dim ** -0.5)
         backbone = self.patch_embed.backbone
         skip = set(backbone.modules()) if backbone is not None else set()
         for module in self.modules():
@@ -597,14 +796,22 @@ class ViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {"pos_embed", "cls_token"}
+        # timm's set; it names dist_token (no decay on DeiT's distillation token) but not reg_token.
+        return {"pos_embed", "cls_token"} | ({"dist_token"} if self.dist_token is not None else set())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward instead of storing them."""
         self.grad_checkpointing = enable
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
+        """The head; (head, head_dist) for a distilled model, as timm's."""
+        return (self.head, self.head_dist) if self.dist_token is not None else self.head
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Distilled models: in training, return (class logits, distillation logits) instead of
+        their mean (timm's VisionTransformerDistilled)."""
+        self.distilled_training = enable
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the head with a fresh Linear(head_hidden_size, num_classes) (Identity for 0) on
@@ -625,28 +832,52 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
         self.head = head.train(self.training)
+        if self.dist_token is not None:
+            head_dist = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+            if num_classes > 0:
+                nn.init.trunc_normal_(head_dist.weight, std=0.02)
+                nn.init.zeros_(head_dist.bias)
+            self.head_dist = head_dist.train(self.training)
 
     # ----------------------------------------------------------------------------------------
     def _pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
         """pos_embed for a patch grid; resampled in 2-D when it differs from the built one."""
-        return _pos_embed_for_grid(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens,
+        return _pos_embed_for_grid(self.pos_embed, grid, self.patch_embed.grid_size, self._pos_prefix,
                                    self.dynamic_img_size)
 
+    @property
+    def _pos_prefix(self) -> int:
+        """The prefix tokens pos_embed has rows for (none with no_embed_class)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    def _prefix_tokens(self) -> Optional[Tensor]:
+        """[1, prefix, dim]: class, distillation and register tokens in timm's order, or None."""
+        parts = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def _embed(self, x: Tensor) -> Tensor:
-        """Images [batch, in_chans, H, W] -> [cls; patch tokens] + pos_embed, [batch, tokens, dim]:
+        """Images [batch, in_chans, H, W] -> [prefix; patch tokens] + pos_embed, [batch, tokens, dim]:
         one fused op while patch_embed is vitkern's plain PatchEmbed, else timm's order (the
-        patch_embed module, then class token and position embedding)."""
+        patch_embed module, then the prefix tokens and position embedding); then timm's pos_drop,
+        patch_drop (training) and norm_pre."""
         pe = self.patch_embed
+        prefix = self._prefix_tokens()
         if (type(pe) is PatchEmbed and not fusion.has_hooks(pe) and fusion.is_plain_patch_conv(pe.proj)
                 and fusion.is_plain(pe.norm, nn.Identity)):
             x = pe.prepare(x)
-            pos = _position_embedding(self.pos_embed, x, pe.patch_size, pe.grid_size, self.num_prefix_tokens,
+            pos = _position_embedding(self.pos_embed, x, pe.patch_size, pe.grid_size, self._pos_prefix,
                                       self.dynamic_img_size)
-            z = ops.patch_embed(x, pe.proj.weight, pe.proj.bias, self.cls_token, pos, backend=self.backend)
+            z = ops.patch_embed(x, pe.proj.weight, pe.proj.bias, prefix, pos, no_embed_class=self.no_embed_class,
+                                backend=self.backend)
         else:
-            z = _add_prefix_and_position(pe(x), self.cls_token, self.pos_embed, pe.grid_size, self.num_prefix_tokens,
-                                         self.dynamic_img_size)
-        return self.pos_drop(z)
+            z = _add_prefix_and_position(pe(x), prefix, self.pos_embed, pe.grid_size, self._pos_prefix,
+                                         self.dynamic_img_size, self.no_embed_class)
+        z = self.patch_drop(self.pos_drop(z))
+        if not fusion.is_plain(self.norm_pre, nn.Identity):
+            z = fusion.call_norm(self.norm_pre, z, backend=self.backend)
+        return z
 
     def _blocks(self, z: Tensor) -> Tensor:
         for blk in self.blocks:
@@ -666,6 +897,8 @@ class ViT(nn.Module):
         return self._norm(self._blocks(self._embed(x)))
 
     def _pool(self, z: Tensor) -> Tensor:
+        if self.attn_pool is not None:
+            return self.attn_pool(z[:, self.num_prefix_tokens:])
         if self.global_pool == "avg":
             return z[:, self.num_prefix_tokens:].mean(dim=1)
         if self.global_pool == "token":
@@ -673,7 +906,11 @@ class ViT(nn.Module):
         return z
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens [batch, tokens, embed_dim] -> logits [batch, num_classes] (pooled features with pre_logits)."""
+        """Tokens [batch, tokens, embed_dim] -> logits [batch, num_classes] (pooled features with pre_logits).
+        A distilled model returns the mean of the class and distillation heads, or both in
+        distilled training (timm's VisionTransformerDistilled)."""
+        if self.dist_token is not None:
+            return self._distilled_head(x, pre_logits)
         y = self._pool(x)
         if not fusion.is_plain(self.fc_norm, nn.Identity):
             y = fusion.call_norm(self.fc_norm, y, backend=self.backend)
@@ -681,12 +918,22 @@ class ViT(nn.Module):
         y = self.head_drop(y)
         return y if pre_logits else self.head(y)
 
+    def _distilled_head(self, x: Tensor, pre_logits: bool) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        y, y_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return (y + y_dist) / 2
+        y, y_dist = self.head(y), self.head_dist(y_dist)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return y, y_dist
+        return (y + y_dist) / 2
+
     def forward(self, x: Tensor) -> Tensor:
         z = self._blocks(self._embed(x))
         if self.global_pool == "token" and (fusion.is_plain_layer_norm(self.norm) or fusion.is_plain(self.norm, nn.Identity)):
-            # LayerNorm acts per token: normalizing only the class token gives the same logits (a
-            # swapped or hooked norm sees every token, as in timm).
-            z = z[:, :1]
+            # LayerNorm acts per token: normalizing only the tokens the head reads (class, and
+            # distillation for a distilled model) gives the same logits (a swapped or hooked norm
+            # sees every token, as in timm).
+            z = z[:, :2] if self.dist_token is not None else z[:, :1]
         return self.forward_head(self._norm(z))
 
     def forward_attention(self, x: Tensor, **options):
@@ -723,7 +970,7 @@ class ViT(nn.Module):
         embedding is layer 0, block i is layer i + 1, the final norm and the head come last.
         `coarse` is accepted for timm's signature; a ViT has one grouping."""
         return dict(
-            stem=r"^(?:cls_token|pos_embed|patch_embed\.)",
+            stem=r"^(?:cls_token|reg_token|dist_token|pos_embed|patch_embed\.)",
             blocks=[(r"^blocks\.(\d+)\.", None), (r"^norm\.", (99999,))],
         )
 
@@ -754,7 +1001,7 @@ class ViT(nn.Module):
                     proj.bias.requires_grad_(old.bias.requires_grad)
                 pe.proj = proj
             if new_grid != old_grid:
-                pos = resample_pos_embed(self.pos_embed.detach(), new_grid, old_grid, self.num_prefix_tokens)
+                pos = resample_pos_embed(self.pos_embed.detach(), new_grid, old_grid, self._pos_prefix)
                 self.pos_embed = nn.Parameter(pos.clone(), requires_grad=self.pos_embed.requires_grad)
         pe.img_size, pe.patch_size, pe.feature_size = new_img, new_patch, feature_size
         pe.grid_size, pe.num_patches = new_grid, new_grid[0] * new_grid[1]
@@ -831,6 +1078,7 @@ class ViT(nn.Module):
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
+            self.attn_pool = None
             self.fc_norm = nn.Identity()
             self.pre_logits = nn.Identity()
             self.head_hidden_size = self.embed_dim

@@ -20,7 +20,9 @@ from typing import Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-ACTIVATIONS = (None, "gelu")
+# The fc1 epilogues: exact GELU (the paper's and timm's default), tanh GELU (SigLIP, timm's
+# "gelu_tanh") and QuickGELU (OpenAI CLIP, timm's "quick_gelu").
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -31,6 +33,24 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 def gelu(x: Tensor) -> Tensor:
     """Exact GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (the paper's and timm's default)."""
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """tanh GELU, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (torch's approximate="tanh")."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """QuickGELU, x * sigmoid(1.702 x) (OpenAI CLIP's activation)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activate(x: Tensor, activation: Optional[str]) -> Tensor:
+    """x through the named epilogue activation (None: unchanged)."""
+    _check_activation(activation)
+    if activation is None:
+        return x
+    return {"gelu": gelu, "gelu_tanh": gelu_tanh, "quick_gelu": quick_gelu}[activation](x)
 
 
 def patchify(x: Tensor, patch_size: Tuple[int, int]) -> Tensor:
@@ -53,20 +73,27 @@ def patch_embed(
     bias: Optional[Tensor] = None,
     cls_token: Optional[Tensor] = None,
     pos_embed: Optional[Tensor] = None,
+    *,
+    no_embed_class: bool = False,
 ) -> Tensor:
-    """Patch embedding, eq. (1) of the paper: [x_cls; patches(x) E + b] + E_pos.
+    """Patch embedding, eq. (1) of the paper: [prefix; patches(x) E + b] + E_pos.
 
     x: [batch, chans, H, W]; weight: [dim, chans, ph, pw] (the Conv2d weight); bias: [dim];
-    cls_token: [1, 1, dim] prepended as token 0; pos_embed: [1, tokens, dim] added to every token
-    (class token included, timm's default). Returns [batch, tokens, dim] in x's dtype.
+    cls_token: the prefix tokens [1, prefix, dim] (class, distillation and register tokens, in
+    that order) prepended as tokens 0 .. prefix - 1; pos_embed: [1, prefix + patches, dim] added to
+    every token (timm's default), or with `no_embed_class` [1, patches, dim] added to the patch
+    tokens only (timm's no_embed_class: DeiT III, DINOv2 with registers). Returns
+    [batch, tokens, dim] in x's dtype.
     """
     dim, _, ph, pw = weight.shape
     tokens = patchify(x, (ph, pw)) @ weight.reshape(dim, -1).t()
     if bias is not None:
         tokens = tokens + bias
+    if no_embed_class and pos_embed is not None:
+        tokens = tokens + pos_embed
     if cls_token is not None:
         tokens = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-    if pos_embed is not None:
+    if not no_embed_class and pos_embed is not None:
         tokens = tokens + pos_embed
     return tokens
 
@@ -104,12 +131,14 @@ def linear(
     *,
     activation: Optional[str] = None,
     residual: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """y = act(x @ weight.T + bias) + residual.
+    """y = residual + scale * act(x @ weight.T + bias).
 
     x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features];
-    residual: [..., out_features] added after the activation (the block's skip connection); all
-    in one dtype. Returns [..., out_features] in x's dtype.
+    activation: one of ACTIVATIONS; scale: [out_features], the per-channel LayerScale gamma
+    multiplying the branch before the skip connection; residual: [..., out_features] (the block's
+    skip connection); all in one dtype. Returns [..., out_features] in x's dtype.
 
     fp16/bf16 operands are multiplied and the epilogue (bias, GELU, residual) is computed in fp32,
     rounding once at the end, as the fused kernels do: a pre-activation past fp16's range (65504)
@@ -122,8 +151,9 @@ def linear(
     y = x.to(acc_dtype) @ weight.to(acc_dtype).t()
     if bias is not None:
         y = y + bias.to(acc_dtype)
-    if activation == "gelu":
-        y = gelu(y)
+    y = activate(y, activation)
+    if scale is not None:
+        y = y * scale.to(acc_dtype)
     if residual is not None:
         y = y + residual.to(acc_dtype)
     return y.to(x.dtype)
@@ -139,7 +169,7 @@ def ln_linear(
     eps: float = 1e-6,
     activation: Optional[str] = None,
 ) -> Tensor:
-    """LayerNorm then Linear (then GELU): LN1 + QKV and LN2 + fc1 of a block.
+    """LayerNorm then Linear (then an activation of ACTIVATIONS): LN1 + QKV and LN2 + fc1 of a block.
 
     x: [..., dim]; ln_weight, ln_bias: [dim]; weight: [out_features, dim]; bias: [out_features].
     """
@@ -152,10 +182,16 @@ def attention(
     *,
     scale: Optional[float] = None,
     return_probs: bool = False,
+    q_norm: Optional[Tuple[Optional[Tensor], Optional[Tensor], float]] = None,
+    k_norm: Optional[Tuple[Optional[Tensor], Optional[Tensor], float]] = None,
 ):
     """Multi-head self-attention from the packed QKV projection, with an explicit softmax.
 
     qkv: [batch, tokens, 3 * dim] in timm's order (3, heads, head_dim) along the last dim.
+    q_norm, k_norm: QK-norm (timm's qk_norm=True), each None or (weight [head_dim] or None,
+    bias [head_dim] or None, eps): a LayerNorm over head_dim of every head's q (k) row, shared by
+    the heads, applied before the scores (statistics in fp32, result in qkv's dtype, as timm's
+    LayerNorm on [batch, heads, tokens, head_dim]).
     Returns out [batch, tokens, dim] (heads concatenated, ready for the output projection), and
     with `return_probs` also the probabilities [batch, heads, tokens, tokens] in fp32 (fp64 for fp64).
 
@@ -169,12 +205,34 @@ def attention(
     head_dim = dim // num_heads
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = qkv.reshape(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, t, d]
+    if q_norm is not None:
+        q = layer_norm(q, *q_norm)
+    if k_norm is not None:
+        k = layer_norm(k, *k_norm)
     stats = _stats_dtype(qkv)
     scores = (q.to(stats) @ k.to(stats).transpose(-2, -1)) * scale
     probs = scores.softmax(dim=-1)
     out = probs.to(qkv.dtype) @ v  # [b, h, t, d]
     out = out.transpose(1, 2).reshape(b, t, dim)
     return (out, probs) if return_probs else out
+
+
+def latent_attention(q: Tensor, kv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> Tensor:
+    """Attention of a few latent queries over tokens (the attention-pool head, global_pool='map').
+
+    q: [batch, queries, dim] (the projected latents); kv: [batch, tokens, 2 * dim] in timm's order
+    (2, heads, head_dim) along the last dim. Scores and softmax in fp32 (fp64 for fp64) as in
+    `attention`. Returns [batch, queries, dim], heads concatenated.
+    """
+    b, n, dim = q.shape
+    t = kv.shape[1]
+    head_dim = dim // num_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    qh = q.reshape(b, n, num_heads, head_dim).transpose(1, 2)  # [b, h, n, d]
+    k, v = kv.reshape(b, t, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, t, d]
+    stats = _stats_dtype(q)
+    probs = ((qh.to(stats) @ k.to(stats).transpose(-2, -1)) * scale).softmax(dim=-1)
+    return (probs.to(q.dtype) @ v).transpose(1, 2).reshape(b, n, dim)
 
 
 def block(
@@ -184,16 +242,23 @@ def block(
     *,
     eps: float = 1e-6,
     prefix: str = "",
+    activation: str = "gelu",
 ) -> Tensor:
-    """One pre-norm transformer block, eqs. (2)-(3): z' = z + proj(MSA(LN1 z)); z = z' + MLP(LN2 z').
+    """One pre-norm transformer block, eqs. (2)-(3): z' = z + ls1 * proj(MSA(LN1 z)); z = z' + ls2 * MLP(LN2 z').
 
-    x: [batch, tokens, dim]; params: timm's names under `prefix` (e.g. "blocks.0.").
+    x: [batch, tokens, dim]; params: timm's names under `prefix` (e.g. "blocks.0."), with the
+    optional LayerScale `ls1.gamma`, `ls2.gamma` and QK-norm `attn.q_norm.*`, `attn.k_norm.*`;
+    activation: the MLP's (one of ACTIVATIONS).
     """
     p = lambda name: params.get(prefix + name)  # noqa: E731
     qkv = ln_linear(x, p("norm1.weight"), p("norm1.bias"), p("attn.qkv.weight"), p("attn.qkv.bias"), eps=eps)
-    x = linear(attention(qkv, num_heads), p("attn.proj.weight"), p("attn.proj.bias"), residual=x)
-    h = ln_linear(x, p("norm2.weight"), p("norm2.bias"), p("mlp.fc1.weight"), p("mlp.fc1.bias"), eps=eps, activation="gelu")
-    return linear(h, p("mlp.fc2.weight"), p("mlp.fc2.bias"), residual=x)
+    qn = (p("attn.q_norm.weight"), p("attn.q_norm.bias"), eps) if p("attn.q_norm.weight") is not None else None
+    kn = (p("attn.k_norm.weight"), p("attn.k_norm.bias"), eps) if p("attn.k_norm.weight") is not None else None
+    a = attention(qkv, num_heads, q_norm=qn, k_norm=kn)
+    x = linear(a, p("attn.proj.weight"), p("attn.proj.bias"), residual=x, scale=p("ls1.gamma"))
+    h = ln_linear(x, p("norm2.weight"), p("norm2.bias"), p("mlp.fc1.weight"), p("mlp.fc1.bias"), eps=eps,
+                  activation=activation)
+    return linear(h, p("mlp.fc2.weight"), p("mlp.fc2.bias"), residual=x, scale=p("ls2.gamma"))
 
 
 def vit_forward(

@@ -90,8 +90,33 @@ def _build(config: ViTConfig, hybrid_backbone: Optional[nn.Module] = None) -> Vi
 # except img_size (pos_embed is resampled) and num_classes (a fresh head).
 _TIMM_OVERRIDABLE = (
     "backend", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
-    "dynamic_img_size", "dynamic_img_pad", "img_size", "num_classes", "global_pool",
+    "dynamic_img_size", "dynamic_img_pad", "img_size", "num_classes", "global_pool", "patch_drop_rate",
 )
+
+# timm's activation modules -> vitkern's act_layer names (timm's GELU / nn.GELU are the exact form).
+def _act_layer_name(act: nn.Module) -> Optional[str]:
+    name = type(act).__name__
+    if name == "GELU":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(act, "approximate", "none"))
+    return {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}.get(name)
+
+
+def _other_family_refusals(tm: nn.Module) -> List[str]:
+    """What a timm model of another ViT family (EVA, BEiT) uses that vitkern does not implement."""
+    why: List[str] = []
+    name = type(tm).__name__
+    if getattr(tm, "rope", None) is not None:
+        why.append(f"rotary position embeddings ({name}'s rope: RoPE)")
+    blocks = list(getattr(tm, "blocks", []))
+    mlps = {type(getattr(b, "mlp", None)).__name__ for b in blocks}
+    if mlps & {"SwiGLU", "GluMlp", "SwiGLUPacked"}:
+        why.append(f"a gated MLP ({', '.join(sorted(mlps))}: SwiGLU)")
+    if getattr(tm, "rel_pos_bias", None) is not None or any(
+            getattr(getattr(b, "attn", None), "relative_position_bias_table", None) is not None for b in blocks):
+        why.append(f"relative position bias ({name}'s relative_position_bias_table)")
+    if name in ("Eva", "Beit") and not why:
+        why.append(f"{name}'s blocks ({type(blocks[0]).__name__ if blocks else 'none'}), not timm's VisionTransformer Block")
+    return why
 
 
 def _timm_refusals(tm: nn.Module) -> List[str]:
@@ -110,23 +135,41 @@ def _timm_refusals(tm: nn.Module) -> List[str]:
         return (isinstance(m, nn.LayerNorm) and type(m).__name__ == "LayerNorm" and m.elementwise_affine
                 and m.bias is not None and len(m.normalized_shape) == 1)
 
-    if getattr(tm, "reg_token", None) is not None:
-        why.append(f"register tokens (reg_tokens={tm.reg_token.shape[1]})")
-    for name in ("dist_token",):
-        if getattr(tm, name, None) is not None:
-            why.append(f"a distillation token ({name})")
-    if getattr(tm, "no_embed_class", False):
-        why.append("position embeddings that skip the class token (no_embed_class=True)")
+    from timm.models.deit import VisionTransformerDistilled
+
+    distilled = isinstance(tm, VisionTransformerDistilled)
+    if distilled and getattr(tm, "reg_token", None) is not None:
+        why.append("register tokens in a distilled model (timm's VisionTransformerDistilled does not use reg_token)")
     if getattr(tm, "pos_embed", None) is None:
         why.append("no learned position embedding (pos_embed='none')")
-    if not is_identity(getattr(tm, "norm_pre", None)):
-        why.append("a norm before the blocks (pre_norm=True)")
-    if not is_identity(getattr(tm, "patch_drop", None)):
-        why.append("patch dropout (patch_drop_rate > 0)")
-    if tm.global_pool not in ("token", "avg", ""):
-        why.append(f"global_pool={tm.global_pool!r} (vitkern has 'token', 'avg' and '')")
-    if getattr(tm, "attn_pool", None) is not None:
-        why.append("attention pooling (attn_pool)")
+    if not is_identity(getattr(tm, "norm_pre", None)) and not is_plain_layer_norm(tm.norm_pre):
+        why.append(f"norm_pre is {type(tm.norm_pre).__name__}, not LayerNorm")
+    patch_drop = getattr(tm, "patch_drop", None)
+    if not is_identity(patch_drop):
+        if type(patch_drop).__name__ != "PatchDropout" or getattr(patch_drop, "ordered", False):
+            why.append(f"patch_drop is {type(patch_drop).__name__} (ordered={getattr(patch_drop, 'ordered', None)}), "
+                       "not timm's unordered PatchDropout")
+        elif patch_drop.num_prefix_tokens != tm.num_prefix_tokens:
+            why.append(f"patch dropout that keeps {patch_drop.num_prefix_tokens} prefix token(s) of the model's "
+                       f"{tm.num_prefix_tokens} (patch_drop_rate with a distillation token)")
+    if tm.global_pool not in ("token", "avg", "map", ""):
+        why.append(f"global_pool={tm.global_pool!r} (vitkern has 'token', 'avg', 'map' and '')")
+    attn_pool = getattr(tm, "attn_pool", None)
+    if attn_pool is not None:
+        if type(attn_pool).__name__ != "AttentionPoolLatent":
+            why.append(f"attn_pool is {type(attn_pool).__name__}, not AttentionPoolLatent (global_pool='map')")
+        else:
+            pool_mlp = getattr(attn_pool, "mlp", None)
+            block_mlp = getattr(tm.blocks[0], "mlp", None)
+            if (attn_pool.latent_len != 1 or attn_pool.pos_embed is not None or attn_pool.pool != "token"
+                    or not isinstance(attn_pool.q, nn.Linear) or attn_pool.latent_dim != tm.embed_dim
+                    or not is_identity(attn_pool.q_norm) or not is_identity(attn_pool.k_norm)
+                    or not is_plain_layer_norm(attn_pool.norm) or pool_mlp is None
+                    or getattr(getattr(pool_mlp, "fc1", None), "out_features", None)
+                    != getattr(getattr(block_mlp, "fc1", None), "out_features", None)
+                    or _act_layer_name(pool_mlp.act) != _act_layer_name(getattr(block_mlp, "act", None) or nn.Identity())):
+                why.append("an attention-pool head other than timm's default for global_pool='map' (one latent, "
+                           "q projection, no pos_embed or qk_norm, LayerNorm, the blocks' MLP)")
     if getattr(tm, "pool_include_prefix", False):
         why.append("pooling over the prefix tokens (pool_include_prefix=True)")
     norm, fc_norm = getattr(tm, "norm", None), getattr(tm, "fc_norm", None)
@@ -142,13 +185,14 @@ def _timm_refusals(tm: nn.Module) -> List[str]:
     proj = getattr(pe, "proj", None)
     if not isinstance(proj, nn.Conv2d):
         why.append(f"patch_embed.proj is {type(proj).__name__}, not Conv2d")
-    elif proj.bias is None:
-        why.append("a patch embedding without bias (pre_norm models)")
     if not is_identity(getattr(pe, "norm", None)):
         why.append("a norm inside the patch embedding (embed_norm_layer)")
     if type(pe).__name__ not in ("PatchEmbed", "HybridEmbed"):
         why.append(f"patch_embed is {type(pe).__name__} (vitkern has PatchEmbed and HybridEmbed)")
 
+    if isinstance(proj, nn.Conv2d) and (proj.bias is None) != (not is_identity(getattr(tm, "norm_pre", None))):
+        why.append("a patch embedding whose bias does not follow timm's pre_norm rule (bias exactly when pre_norm=False)")
+    qk_norm_seen: Dict[str, bool] = {}
     eps = {m.eps for m in tm.modules() if isinstance(m, nn.LayerNorm)}
     if len(eps) > 1:
         why.append(f"LayerNorms with different eps {sorted(eps)}")
@@ -167,14 +211,20 @@ def _timm_refusals(tm: nn.Module) -> List[str]:
         for name in ("norm1", "norm2"):
             if not is_plain_layer_norm(getattr(blk, name)):
                 note(f"{where}.{name} is {type(getattr(blk, name)).__name__}, not LayerNorm")
-        if not is_identity(blk.ls1) or not is_identity(blk.ls2):
-            note(f"layer scale ({where}.ls1/ls2; timm's init_values)")
+        ls_names = {type(blk.ls1).__name__, type(blk.ls2).__name__}
+        if not ls_names <= {"Identity", "LayerScale"} or len(ls_names) != 1:
+            note(f"{where}.ls1/ls2 are {sorted(ls_names)}, not both timm's LayerScale or both Identity")
         attn, mlp = blk.attn, blk.mlp
         if type(attn) is not TimmAttention:
             note(f"{where}.attn is {type(attn).__name__}, not timm's Attention")
         else:
-            if not is_identity(attn.q_norm) or not is_identity(attn.k_norm):
-                note(f"qk normalization ({where}.attn.q_norm/k_norm; qk_norm=True)")
+            qk = {is_identity(attn.q_norm), is_identity(attn.k_norm)}
+            if qk == {False} and not (is_plain_layer_norm(attn.q_norm) and is_plain_layer_norm(attn.k_norm)):
+                note(f"{where}.attn.q_norm/k_norm are {type(attn.q_norm).__name__}, not LayerNorm")
+            elif len(qk) > 1:
+                note(f"only one of {where}.attn.q_norm/k_norm")
+            if not qk_norm_seen.setdefault("value", qk == {False}) == (qk == {False}):
+                note("blocks with and without qk_norm")
             if not is_identity(getattr(attn, "norm", None)):
                 note(f"a norm on the attention output ({where}.attn.norm; scale_attn_norm=True)")
             if getattr(attn, "gate", None) is not None:
@@ -188,13 +238,14 @@ def _timm_refusals(tm: nn.Module) -> List[str]:
             dims.add(("heads", attn.num_heads))
             dims.add(("qkv_bias", attn.qkv.bias is not None))
         if type(mlp) is not TimmMlp:
-            note(f"{where}.mlp is {type(mlp).__name__}, not timm's Mlp")
+            gated = " (a gated MLP: SwiGLU)" if type(mlp).__name__ in ("GluMlp", "SwiGLU", "SwiGLUPacked") else ""
+            note(f"{where}.mlp is {type(mlp).__name__}{gated}, not timm's Mlp")
         else:
             act = mlp.act
-            exact_gelu = type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "none"
-            if not exact_gelu:
+            if _act_layer_name(act) is None:
                 detail = f"(approximate={act.approximate!r})" if hasattr(act, "approximate") else ""
-                note(f"{where}.mlp.act is {type(act).__name__}{detail}, not the exact (erf) GELU")
+                note(f"{where}.mlp.act is {type(act).__name__}{detail}, not GELU, tanh GELU or QuickGELU")
+            dims.add(("act", _act_layer_name(act)))
             if not is_identity(getattr(mlp, "norm", None)):
                 note(f"a norm inside the MLP ({where}.mlp.norm; scale_mlp_norm=True)")
             if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
@@ -205,7 +256,7 @@ def _timm_refusals(tm: nn.Module) -> List[str]:
                 dims.add(("mlp", mlp.fc1.out_features))
     for message, indices in block_why.items():
         why.append(f"{message} [blocks {_ranges(indices)}]")
-    for what in ("heads", "qkv_bias", "mlp"):
+    for what in ("heads", "qkv_bias", "mlp", "act"):
         values = {v for k, v in dims if k == what}
         if len(values) > 1:
             why.append(f"blocks with different {what} {sorted(values)}")
@@ -229,9 +280,15 @@ def timm_config(timm_model: nn.Module) -> Tuple[ViTConfig, Optional[nn.Module]]:
     Raises NotImplementedError listing every feature of the timm model vitkern does not
     implement, and TypeError when `timm_model` is not a timm VisionTransformer.
     """
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(timm_model, VisionTransformer):
+        other = _other_family_refusals(timm_model)
+        if other:
+            raise NotImplementedError(
+                f"vitkern cannot convert this timm {type(timm_model).__name__}: it uses\n  - " + "\n  - ".join(other)
+            )
         raise TypeError(
             f"timm_model_or_name must be a timm VisionTransformer or a timm model name, got {type(timm_model).__name__}"
         )
@@ -267,6 +324,14 @@ def timm_config(timm_model: nn.Module) -> Tuple[ViTConfig, Optional[nn.Module]]:
         norm_eps=blk.norm1.eps,
         dynamic_img_size=bool(tm.dynamic_img_size),
         dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+        qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+        init_values=float(getattr(blk.ls1, "init_values", 1e-5)) if type(blk.ls1).__name__ == "LayerScale" else None,
+        no_embed_class=bool(getattr(tm, "no_embed_class", False)),
+        reg_tokens=int(getattr(tm, "num_reg_tokens", 0) or 0),
+        pre_norm=not isinstance(getattr(tm, "norm_pre", None) or nn.Identity(), nn.Identity),
+        act_layer=None if _act_layer_name(blk.mlp.act) == "gelu" else _act_layer_name(blk.mlp.act),
+        patch_drop_rate=float(getattr(tm.patch_drop, "prob", 0.0)) if not isinstance(tm.patch_drop, nn.Identity) else 0.0,
+        distilled=isinstance(tm, VisionTransformerDistilled),
     )
     return config, backbone
 
@@ -282,8 +347,11 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
 
     The returned model has timm's device, dtype, train/eval mode and `pretrained_cfg`; a hybrid
     backbone is deep copied, so the two models share no parameters. Raises NotImplementedError
-    listing the timm features vitkern does not implement (register tokens, qk_norm, layer scale,
-    no_embed_class, pre_norm, non-LayerNorm norms, non-GELU activations, ...).
+    listing the timm features vitkern does not implement (RoPE, SwiGLU and relative position bias
+    of the EVA / BEiT families, non-LayerNorm norms, activations other than GELU / tanh GELU /
+    QuickGELU, ...). The ViT family converts: LayerScale, QK-norm, register tokens, no_embed_class,
+    pre_norm, class_token=False, global_pool='map', patch dropout, and timm's
+    VisionTransformerDistilled (DeiT's distillation token).
     """
     if isinstance(timm_model_or_name, str):
         import timm
@@ -304,14 +372,15 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
     model = _build(config, copy.deepcopy(backbone) if backbone is not None else None)
     new_grid = tuple(model.patch_embed.grid_size)
     if new_grid != old_grid:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_grid, old_grid, model.num_prefix_tokens)
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_grid, old_grid, model._pos_prefix)
     if config.num_classes != timm_model.num_classes:
         # A new label set: timm's head does not apply; keep the freshly initialized one.
-        for key in ("head.weight", "head.bias"):
+        for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
             state.pop(key, None)
             if key in model.state_dict():
                 state[key] = model.state_dict()[key]
     _load_checked(model, state, source="timm")
+    model.distilled_training = bool(getattr(timm_model, "distilled_training", False))
     # The checkpoint's preprocessing (mean, std, crop_pct, ...): timm.data.resolve_data_config reads it.
     model.pretrained_cfg = copy.deepcopy(dict(getattr(timm_model, "pretrained_cfg", None) or {}))
     like = next(timm_model.parameters(), None)

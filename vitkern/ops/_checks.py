@@ -62,9 +62,59 @@ def check_same_dtype(call: Mapping[str, object]) -> None:
             )
 
 
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")  # = vitkern.reference.ACTIVATIONS
+
+
 def check_activation(activation: Optional[str]) -> None:
-    if activation not in (None, "gelu"):
-        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_norm_args(name: str, value: object, dim: int, like: Tensor) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], float]]:
+    """`value` (QK-norm arguments) must be None or (weight [dim] or None, bias [dim] or None, eps > 0)
+    with the tensors on like's device and in its dtype; returns it with eps as a float."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise TypeError(f"{name} must be None or a tuple (weight, bias, eps), got {type(value).__name__} {value!r}"[:200])
+    weight, bias, eps = value
+    for part, t in (("weight", weight), ("bias", bias)):
+        check_shape(f"{name}'s {part}", t, (dim,), "head_dim")
+        if t is not None and (t.device != like.device or t.dtype != like.dtype):
+            raise TypeError(f"{name}'s {part} is {t.dtype} on {t.device}; it must match qkv: {like.dtype} on {like.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{name}'s eps must be a positive float, got {eps!r}")
+    return (weight, bias, float(eps))
+
+
+def option_reasons(
+    call: Mapping[str, object],
+    backend: str,
+    *,
+    activations: Sequence[Optional[str]] = (None, "gelu"),
+    scale: bool = False,
+    qk_norm: bool = False,
+    max_prefix_tokens: int = 1,
+    no_embed_class: bool = False,
+) -> List[str]:
+    """Why a backend's kernels lack an option of the ViT family that `call` uses (the options ride
+    in the call only when set): an activation, LayerScale `scale`, QK-norm, more prefix tokens than
+    the kernel writes, position embeddings that skip the prefix. Empty when the kernels have them."""
+    reasons: List[str] = []
+    activation = call.get("activation")
+    if activation not in activations:
+        reasons.append(f"activation={activation!r}; the {backend} kernels fuse {tuple(a for a in activations if a)} only")
+    if isinstance(call.get("scale"), Tensor) and not scale:  # linear's LayerScale (attention's scale is a float)
+        reasons.append(f"scale (LayerScale) is not in the {backend} linear epilogue")
+    if (call.get("q_norm") is not None or call.get("k_norm") is not None) and not qk_norm:
+        reasons.append(f"q_norm/k_norm (QK-norm) is not in the {backend} attention kernels")
+    prefix = call.get("cls_token")
+    if isinstance(prefix, Tensor) and prefix.shape[1] > max_prefix_tokens:
+        reasons.append(f"{prefix.shape[1]} prefix tokens (cls_token {tuple(prefix.shape)}); the {backend} "
+                       f"patch_embed writes at most {max_prefix_tokens}")
+    if call.get("no_embed_class") and not no_embed_class:
+        reasons.append(f"no_embed_class=True (pos_embed without the prefix tokens) is not in the {backend} patch_embed")
+    return reasons
 
 
 def fused_backend_reasons(

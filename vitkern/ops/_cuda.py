@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vitkern import dispatch
 from vitkern.kernels import cuda as cuda_kernels
-from vitkern.ops._checks import fused_backend_reasons
+from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
 DTYPES = (torch.float16, torch.bfloat16)
 LAYER_NORM_MAX_DIM = 1280  # csrc/layernorm.cu: one warp holds a row in registers
@@ -220,7 +220,10 @@ def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None) -> Tensor:
 
 
 def _common(call: Mapping[str, object]) -> List[str]:
-    return fused_backend_reasons(call, dtypes=DTYPES, allow_cpu=ACCEPTS_CPU, backend="cuda")
+    # csrc/ has none of the ViT family's options yet (LayerScale, tanh GELU / QuickGELU, QK-norm,
+    # several prefix tokens, no_embed_class): a call that uses one is declined with its name.
+    return (fused_backend_reasons(call, dtypes=DTYPES, allow_cpu=ACCEPTS_CPU, backend="cuda")
+            + option_reasons(call, "cuda"))
 
 
 def _rows_reasons(x: Tensor) -> List[str]:

@@ -7,18 +7,31 @@ validate -> dispatch -> implementation. The eager implementation is `vitkern.ref
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor
 
 from vitkern import dispatch, reference
-from vitkern.ops._checks import check_tensor
+from vitkern.ops._checks import check_norm_args, check_tensor
+
+NormArgs = Tuple[Optional[Tensor], Optional[Tensor], float]
 
 
-def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+def attention(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: Optional[float] = None,
+    q_norm: Optional[NormArgs] = None,
+    k_norm: Optional[NormArgs] = None,
+    backend: str = "auto",
+) -> Tensor:
     """softmax(q k^T * scale) v per head, from the packed projection.
 
     qkv: [batch, tokens, 3 * dim]; num_heads divides dim; scale defaults to head_dim ** -0.5.
+    q_norm, k_norm: QK-norm (timm's qk_norm=True), each None or (weight [head_dim] or None,
+    bias [head_dim] or None, eps): LayerNorm over head_dim of each head's q (k), applied as they
+    are loaded, statistics in fp32; weights in qkv's dtype.
     Returns [batch, tokens, dim] in qkv's dtype (softmax statistics in fp32).
     """
     check_tensor("qkv", qkv, ndim=3)
@@ -34,12 +47,17 @@ def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, bac
         raise ValueError(f"qkv must have at least one token, got shape {tuple(qkv.shape)}")
     if scale is not None:
         scale = float(scale)
+    q_norm = check_norm_args("q_norm", q_norm, dim // num_heads, qkv)
+    k_norm = check_norm_args("k_norm", k_norm, dim // num_heads, qkv)
+    # Family options ride in the call only when set: every backend's reasons see them, and an
+    # implementation without them is never handed one.
+    options = {name: v for name, v in (("q_norm", q_norm), ("k_norm", k_norm)) if v is not None}
     if qkv.shape[0] == 0:
         # An empty batch (timm's models take one): nothing for a kernel to do, and a zero-sized
         # launch grid is an error on CUDA. The eager op returns the empty [0, tokens, dim] on any
         # device with its autograd edge, so the backward gives zero gradients as timm's does.
-        return reference.attention(qkv, num_heads, scale=scale)
-    call = dict(qkv=qkv, num_heads=num_heads, scale=scale)
+        return reference.attention(qkv, num_heads, scale=scale, **options)
+    call = dict(qkv=qkv, num_heads=num_heads, scale=scale, **options)
     impl = dispatch.select("attention", backend, qkv.device, call)
     return impl.fn(**call)
 
@@ -58,7 +76,7 @@ if dispatch.triton_importable():
 
     from vitkern.kernels.triton import attention as _triton_attention
     from vitkern.kernels.triton import _common
-    from vitkern.ops._checks import fused_backend_reasons
+    from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
     TRITON_MIN_HEAD_DIM = 16  # tl.dot's smallest K
     TRITON_MAX_HEAD_DIM = 128  # q, k, v and the accumulators of one head stay in registers/shared memory
@@ -119,7 +137,7 @@ if dispatch.triton_importable():
             dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(),
             backend="triton",
-        )
+        ) + option_reasons(call, "triton")
         qkv, num_heads = call["qkv"], call["num_heads"]
         head_dim = qkv.shape[-1] // 3 // num_heads
         if not TRITON_MIN_HEAD_DIM <= head_dim <= TRITON_MAX_HEAD_DIM:

@@ -21,12 +21,14 @@ def linear(
     *,
     activation: Optional[str] = None,
     residual: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """act(x @ weight^T + bias) + residual.
+    """residual + scale * act(x @ weight^T + bias).
 
     x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features] or None;
-    activation: None or "gelu"; residual: [..., out_features] or None (added after the activation).
+    activation: None, "gelu" (exact), "gelu_tanh" or "quick_gelu"; scale: [out_features] or None
+    (LayerScale's gamma, per output channel); residual: [..., out_features] or None (added last).
     Returns [..., out_features] in x's dtype.
     """
     check_tensor("x", x, min_ndim=1)
@@ -36,8 +38,13 @@ def linear(
         raise ValueError(f"x's last dim must be weight's in_features {in_features} (weight {tuple(weight.shape)}), got {x.shape[-1]}")
     check_shape("bias", bias, (out_features,), "weight's out_features")
     check_shape("residual", residual, tuple(x.shape[:-1]) + (out_features,), "x's leading dims + out_features")
+    check_shape("scale", scale, (out_features,), "weight's out_features")
     check_activation(activation)
     call = dict(x=x, weight=weight, bias=bias, activation=activation, residual=residual)
+    if scale is not None:
+        # Family options ride in the call only when set: every backend's reasons see them, and an
+        # implementation without them is never handed one.
+        call["scale"] = scale
     check_same_device(call)
     check_same_dtype(call)
     impl = dispatch.select("linear", backend, x.device, call)
@@ -54,7 +61,7 @@ if dispatch.triton_importable():
 
     from vitkern.kernels.triton import linear as _triton_linear
     from vitkern.kernels.triton import _common
-    from vitkern.ops._checks import fused_backend_reasons
+    from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
     @_common.library_op("vitkern::linear_fwd")
     def linear_fwd(
@@ -128,6 +135,6 @@ if dispatch.triton_importable():
         return fused_backend_reasons(
             call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(), backend="triton",
-        )
+        ) + option_reasons(call, "triton")
 
     dispatch.register("linear", "triton", _linear_triton, supports=_linear_triton_reasons)

@@ -27,8 +27,8 @@ def ln_linear(
     """act(LayerNorm(x) @ weight^T + bias), LayerNorm statistics in fp32.
 
     x: [..., dim]; ln_weight, ln_bias: [dim] or None (a LayerNorm without scale / shift);
-    weight: [out_features, dim]; bias: [out_features] or None; all in x's dtype; activation: None
-    or "gelu" (exact erf form). Returns [..., out_features] in x's dtype.
+    weight: [out_features, dim]; bias: [out_features] or None; all in x's dtype; activation: None,
+    "gelu" (exact erf form), "gelu_tanh" or "quick_gelu". Returns [..., out_features] in x's dtype.
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -60,7 +60,7 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import layer_norm as _triton_layer_norm
     from vitkern.kernels.triton import ln_linear as _triton_ln_linear
     from vitkern.kernels.triton import _common
-    from vitkern.ops._checks import fused_backend_reasons
+    from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
     @_common.library_op("vitkern::ln_linear_fwd")
     def ln_linear_fwd(
@@ -139,7 +139,7 @@ if dispatch.triton_importable():
         reasons = fused_backend_reasons(
             call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(), backend="triton",
-        )
+        ) + option_reasons(call, "triton")
         dim = call["x"].shape[-1]
         if dim > _triton_layer_norm.MAX_N:
             reasons.append(

@@ -20,14 +20,17 @@ def patch_embed(
     cls_token: Optional[Tensor] = None,
     pos_embed: Optional[Tensor] = None,
     *,
+    no_embed_class: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """[x_cls; patches(x) @ W^T + b] + pos_embed, the patch grid flattened row-major.
+    """[prefix; patches(x) @ W^T + b] + pos_embed, the patch grid flattened row-major.
 
     x: [batch, chans, H, W] with H, W multiples of the patch size; weight: [dim, chans, ph, pw]
-    (a Conv2d weight, stride = kernel); bias: [dim] or None; cls_token: [1, 1, dim] or None
-    (prepended as token 0); pos_embed: [1, tokens, dim] or None, tokens = (1 if cls_token) +
-    (H / ph) * (W / pw). Returns [batch, tokens, dim] in x's dtype.
+    (a Conv2d weight, stride = kernel); bias: [dim] or None; cls_token: the prefix tokens
+    [1, prefix, dim] or None (class, distillation, register tokens, prepended in that order);
+    pos_embed: [1, tokens, dim] or None, tokens = prefix + (H / ph) * (W / pw), or, with
+    `no_embed_class` (timm's), [1, (H / ph) * (W / pw), dim] added to the patch tokens only.
+    Returns [batch, prefix + patches, dim] in x's dtype.
     """
     check_tensor("x", x, ndim=4)
     check_tensor("weight", weight, ndim=4)
@@ -40,11 +43,21 @@ def patch_embed(
             f"x's height and width must be multiples of the patch size {(ph, pw)}, got {(height, width)} "
             "(pad the image, e.g. ViT(dynamic_img_pad=True))"
         )
-    tokens = (1 if cls_token is not None else 0) + (height // ph) * (width // pw)
+    if not isinstance(no_embed_class, bool):
+        raise TypeError(f"no_embed_class must be a bool, got {type(no_embed_class).__name__}")
+    if cls_token is not None:
+        check_tensor("cls_token", cls_token, ndim=3)
+        check_shape("cls_token", cls_token, (1, cls_token.shape[1], dim), "[1, prefix tokens, dim]")
+    prefix = cls_token.shape[1] if cls_token is not None else 0
+    patches = (height // ph) * (width // pw)
+    tokens = patches if no_embed_class else prefix + patches
     check_shape("bias", bias, (dim,))
-    check_shape("cls_token", cls_token, (1, 1, dim))
-    check_shape("pos_embed", pos_embed, (1, tokens, dim), f"{tokens} tokens for a {height}x{width} image and patch {(ph, pw)}")
+    what = (f"{patches} patch tokens (no_embed_class)" if no_embed_class else f"{prefix} prefix + {patches} patch tokens")
+    check_shape("pos_embed", pos_embed, (1, tokens, dim), f"{what} for a {height}x{width} image and patch {(ph, pw)}")
     call = dict(x=x, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
+    if no_embed_class:
+        # Family options ride in the call only when set (see vitkern.ops.linear).
+        call["no_embed_class"] = True
     check_same_device(call)
     check_same_dtype(call)
     impl = dispatch.select("patch_embed", backend, x.device, call)
@@ -65,7 +78,7 @@ if dispatch.triton_importable():
 
     from vitkern.kernels.triton import patch_embed as _tpe
     from vitkern.kernels.triton import _common
-    from vitkern.ops._checks import fused_backend_reasons
+    from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
     @_common.library_op("vitkern::patch_embed_fwd")
     def _patch_embed_fwd_op(
@@ -120,6 +133,6 @@ if dispatch.triton_importable():
             dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(),
             backend="triton",
-        )
+        ) + option_reasons(call, "triton")
 
     dispatch.register("patch_embed", "triton", _patch_embed_triton, supports=_patch_embed_triton_reasons)

@@ -272,3 +272,30 @@ def test_cli_bench_quick_records_every_variant(tmp_path):
     assert list(report["variants"]) == [name for name, _ in inspect.BENCH_VARIANTS]
     assert all(v["median_ms"] > 0 and v["iters"] >= 3 for v in report["variants"].values())
     assert report["variants"]["plain forward"]["extra_vs_plain"] == 0.0
+
+
+def test_cli_loads_npz_and_hf_checkpoints(tmp_path, monkeypatch):
+    """--checkpoint FILE.npz goes through vitkern.load_jax_npz (tested with real JAX arrays in
+    test_weights.py); --hf DIR loads a transformers ViT saved with save_pretrained."""
+    seen = {}
+
+    def fake_npz(path, model):
+        seen["npz"] = path
+        return model
+
+    monkeypatch.setattr(vitkern, "create_model", lambda name, **kw: _tiny(**kw))
+    monkeypatch.setattr(vitkern, "load_jax_npz", fake_npz)
+    _, weights, _, _ = inspect._load_model(inspect._parse_args(["--checkpoint", "ViT-B_16.npz"]))
+    assert seen["npz"] == "ViT-B_16.npz" and weights == "checkpoint:ViT-B_16.npz"
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, num_labels=3)
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, weights, mean, std = inspect._load_model(inspect._parse_args(["--hf", str(tmp_path / "hf"), "--backend", "eager"]))
+    assert weights == f"hf:{tmp_path / 'hf'}" and model.backend == "eager" and mean == std == (0.5, 0.5, 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(x), hf(pixel_values=x).logits, torch.float32, scale=10, name="hf logits")
+        assert len(inspect.attention_maps(model, x)) == 2

@@ -585,7 +585,8 @@ class Trainer:
         name = r.model or f"ViT d{self.vit.embed_dim} L{len(self.vit.blocks)} p{self.vit.patch_embed.patch_size[0]}"
         title = (f"{name} at {r.img_size}px, {r.objective}, {r.data or 'data'}: {self.step} steps x {r.global_batch} images"
                  + (f", held-out accuracy {100 * summary['eval_accuracy']:.1f}%" if summary["eval_accuracy"] is not None else ""))
-        plot_curves(log.rows, os.path.join(r.out, "curves.png"), title)
+        label = "held-out colour accuracy" if r.objective == "mpp" else "held-out accuracy"  # of corrupted patches
+        plot_curves(log.rows, os.path.join(r.out, "curves.png"), title, label)
         return summary
 
 

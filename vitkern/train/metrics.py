@@ -80,7 +80,7 @@ def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(rows: List[Dict[str, Any]], path: str, title: str) -> None:
+def plot_curves(rows: List[Dict[str, Any]], path: str, title: str, accuracy_label: str = "held-out accuracy") -> None:
     """Training loss (and held-out loss) per step on the left, held-out accuracy on the right."""
     import matplotlib
 
@@ -107,7 +107,7 @@ def plot_curves(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     acc = [r for r in rows if r.get("eval_accuracy") is not None]
     if acc:
         ax_acc.plot([r["step"] for r in acc], [100 * r["eval_accuracy"] for r in acc], "o-", color="tab:green",
-                    label="held-out accuracy")
+                    label=accuracy_label)
         last = acc[-1]
         ax_acc.annotate(f"{100 * last['eval_accuracy']:.1f}%", (last["step"], 100 * last["eval_accuracy"]),
                         textcoords="offset points", xytext=(-10, -16), ha="right")
@@ -117,7 +117,7 @@ def plot_curves(rows: List[Dict[str, Any]], path: str, title: str) -> None:
                     transform=ax_acc.transAxes)
     ax_acc.set_ylim(0, 100)
     ax_acc.set_xlabel("optimizer step")
-    ax_acc.set_ylabel("held-out accuracy (%)")
+    ax_acc.set_ylabel(f"{accuracy_label} (%)")
     ax_acc.set_title("accuracy")
     ax_acc.grid(alpha=0.3)
     fig.suptitle(title)

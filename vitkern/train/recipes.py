@@ -18,8 +18,8 @@ The paper's recipes (Dosovitskiy et al. 2020, Appendix B, Tables 3 and 4):
 
 And the embedded ones that need no download (scikit-learn's bundled 8x8 digits, upscaled):
 
-* `digits` (the default): a 4-block ViT (dim 64) at 32x32, patch 8, Adam; trains on two CPU
-  cores in a few minutes (see README "Training" for the measured held-out accuracy).
+* `digits` (the default): a 4-block ViT (dim 64) at 32x32, patch 8, Adam, 600 steps of 64
+  images; measured: 97.6% held-out accuracy (chance 10%) in 4.6 minutes on two busy CPU cores.
 * `digits-finetune`: the paper's fine-tuning recipe at digits scale: from `--init` (e.g. a
   `--objective mpp` run), SGD momentum 0.9, no weight decay, clipping at 1, cosine decay, a new
   zero-initialized head and a higher resolution (48x48, patch grid 4x4 -> 6x6).
@@ -48,7 +48,9 @@ class Recipe:
     """Every setting of a training run. Sizes are in images and optimizer steps."""
 
     # -- model (a `vitkern.ViT`; `model` names a variant, the fields below override it)
-    model: Optional[str] = None  # e.g. "vit_base_patch16_224"; None: build from the fields below
+    # A named variant (e.g. "vit_base_patch16_224") fixes patch size, width, depth, heads and MLP
+    # ratio (the five fields after img_size are then ignored); None builds from those fields.
+    model: Optional[str] = None
     img_size: int = 32
     patch_size: int = 8
     embed_dim: int = 64

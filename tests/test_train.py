@@ -149,13 +149,15 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
 
 
 def test_batch_not_divisible(tmp_path):
-    with pytest.raises(ValueError, match="--global-batch 16 is not divisible by the number of ranks \\(1\\) x --grad-accum \\(3\\)"):
+    expected = "--global-batch 16 is not divisible by the number of ranks \\(1\\) x --grad-accum \\(3\\)"
+    with pytest.raises(ValueError, match=expected):
         train(tiny(tmp_path, grad_accum=3))
 
 
 def test_checkpoint_from_another_model(full_run, tmp_path):
     recipe, _ = full_run
-    with pytest.raises(ValueError, match="--resume: the checkpoint .* another model:\n  embed_dim: checkpoint 32, this run 48"):
+    expected = "--resume: the checkpoint .* another model:\n  embed_dim: checkpoint 32, this run 48"
+    with pytest.raises(ValueError, match=expected):
         train(tiny(recipe.out, embed_dim=48, steps=6, resume=True, drop_rate=0.2))
     with pytest.raises(ValueError, match="--init: the weights .* from another model"):
         train(tiny(tmp_path, embed_dim=48, steps=1, warmup_steps=1, init=recipe.out))
@@ -258,7 +260,8 @@ def test_mpp_loss_decreases_then_finetunes_from_the_checkpoint(tmp_path):
 # The Triton backend trains like eager
 
 
-@pytest.mark.skipif(TRITON_DEVICE != "cpu" or not INTERPRETING, reason="CPU interpreter check (the GPU suite runs the real kernels)")
+@pytest.mark.skipif(TRITON_DEVICE != "cpu" or not INTERPRETING,
+                    reason="CPU interpreter check (the GPU suite runs the real kernels)")
 def test_triton_backend_trains_with_eager_losses(tmp_path):
     # --stop-at before --steps: two steps and no held-out evaluation (the interpreter is slow).
     common = dict(depth=1, global_batch=4, steps=3, stop_at=2, save_every=3)

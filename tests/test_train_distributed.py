@@ -23,8 +23,8 @@ from vitkern.train.recipes import preset
 pytestmark = pytest.mark.timeout(300)
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, global_batch=16,
-            grad_accum=1, warmup_steps=1, steps=5, stop_at=4, eval_every=1000, save_every=4, progress=False, backend="eager",
-            device="cpu", threads=1, grad_clip=1.0)
+            grad_accum=1, warmup_steps=1, steps=5, stop_at=4, eval_every=1000, save_every=4, progress=False,
+            backend="eager", device="cpu", threads=1, grad_clip=1.0)
 
 
 def tiny(out, **overrides):

@@ -19,13 +19,15 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional
 
-from vitkern.train.recipes import BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe, preset
+from vitkern.train.recipes import (BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe,
+                                   preset)
 
 CHOICES = dict(objective=OBJECTIVES, optimizer=OPTIMIZERS, schedule=SCHEDULES, parallel=PARALLEL,
                precision=PRECISIONS, backend=BACKENDS, device=("auto", "cpu", "cuda"))
 
 HELP = {
-    "model": "a named variant (vit_base_patch16_224, ...); unset: build from --patch-size/--embed-dim/--depth/--num-heads/--mlp-ratio",
+    "model": "a named variant (vit_base_patch16_224, ...); unset: build from --patch-size, --embed-dim, --depth, "
+             "--num-heads, --mlp-ratio",
     "objective": "classify, or mpp: masked patch prediction (paper 4.6)",
     "steps": "the schedule's total number of optimizer steps",
     "stop_at": "end after this step with a checkpoint, as a kill would (to test --resume)",

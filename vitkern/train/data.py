@@ -50,7 +50,8 @@ def load_digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
 
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("--data digits needs scikit-learn installed (its bundled digits set): pip install scikit-learn")
+        raise ImportError("--data digits needs scikit-learn installed (its bundled digits set): "
+                          "pip install scikit-learn")
     path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
     if not os.path.exists(path):  # a future layout: ask scikit-learn itself
         from sklearn.datasets import load_digits

@@ -140,8 +140,10 @@ def load_init_weights(vit: vitkern.ViT, path: str, new_head: bool) -> None:
         raise ValueError(f"--init: the weights at {path!r} are from another model: {exc}") from None
     allowed = {"head.weight", "head.bias"} if new_head else set()
     if unexpected or set(missing) - allowed:
-        raise ValueError(f"--init: the weights at {path!r} are from another model: missing {sorted(set(missing) - allowed)}, "
-                         f"unexpected {sorted(unexpected)}")
+        head_keys = [k for k in list(missing) + list(unexpected) if k.startswith("head.")]
+        hint = " (pass --new-head to attach a fresh classifier)" if head_keys and not new_head else ""
+        raise ValueError(f"--init: the weights at {path!r} are from another model: "
+                         f"missing {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}{hint}")
     if new_head and isinstance(vit.head, nn.Linear):
         # The paper's fine-tuning head: a zero-initialized D x K layer (so training starts at uniform logits).
         with torch.no_grad():
@@ -309,10 +311,13 @@ class Trainer:
         groups = param_groups(named, recipe.weight_decay, self.no_decay)
         if recipe.optimizer == "adam":
             # Adam with decoupled weight decay (the paper's flax Adam applied decay the same way: lr x wd x w).
-            self.optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas),
+                                               weight_decay=recipe.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, Schedule(recipe.schedule, recipe.warmup_steps, recipe.steps))
+            self.optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
+                                             weight_decay=recipe.weight_decay)
+        schedule = Schedule(recipe.schedule, recipe.warmup_steps, recipe.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
         if self.resume_from:
             self._load(self.resume_from)
@@ -365,7 +370,8 @@ class Trainer:
         if self.r.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            sd = get_model_state_dict(self.loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            sd = get_model_state_dict(self.loss_module, options=options)
             return {k[len("net."):]: v.float() for k, v in sd.items()}
         sd = {k: v.float() for k, v in self.net.state_dict().items()}
         if self.masters:
@@ -461,7 +467,8 @@ class Trainer:
             labels = self._targets(images) if self.r.objective == "mpp" else labels.to(self.device)
             g = torch.Generator().manual_seed(7919 + b)  # a fixed corruption: evaluations are comparable
             loss, correct, count = self.module(images, labels, g)
-            totals += weight * torch.tensor([loss.item() * count.item(), correct.item(), count.item()], dtype=torch.float64)
+            n_items = count.item()
+            totals += weight * torch.tensor([loss.item() * n_items, correct.item(), n_items], dtype=torch.float64)
         if env.distributed:
             dist.all_reduce(totals)
         self.net.train()
@@ -520,7 +527,6 @@ class Trainer:
         t_start = time.perf_counter()
         rates: List[float] = []
         skipped_total = sum((row.get("skipped_images") or 0) for row in (log.rows if log else []))
-        last_eval: Tuple[Optional[float], Optional[float]] = (None, None)
         loss = float("nan")
         while self.step < end:
             t0 = time.perf_counter()
@@ -540,26 +546,32 @@ class Trainer:
                    "grad_norm": norm, "img_per_s": img_s, "mfu": mfu, "peak_mem_mb": _peak_memory_mb(self.device),
                    "skipped_images": skipped, "wall_s": time.perf_counter() - t_start}
             if self.step % r.eval_every == 0 or self.step == r.steps:
-                last_eval = self.evaluate()
+                last_eval = self.evaluate()  # (loss, accuracy), or Nones without a held-out set
                 row["eval_loss"], row["eval_accuracy"] = last_eval
                 if is_main and last_eval[1] is not None:
-                    progress.write(f"step {self.step}: held-out loss {last_eval[0]:.4f}, accuracy {100 * last_eval[1]:.2f}%")
+                    progress.write(f"step {self.step}: held-out loss {last_eval[0]:.4f}, "
+                                   f"accuracy {100 * last_eval[1]:.2f}%")
             if log:
                 log.log(row)
             progress.update(self.step, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "img/s": f"{img_s:.0f}"})
             if self.step % r.save_every == 0 or self.step == end:
                 self.save(final=self.step == end)
         progress.close()
-        summary = self._summary(log, loss, last_eval, rates, skipped_total, time.perf_counter() - t_start) if is_main else {}
+        summary = {}
+        if is_main:
+            summary = self._summary(log, loss, rates, skipped_total, time.perf_counter() - t_start)
         env.barrier()
         return summary
 
-    def _summary(self, log: MetricsLog, loss: float, last_eval, rates: List[float], skipped: int, wall: float) -> Dict[str, Any]:
+    def _summary(self, log: MetricsLog, loss: float, rates: List[float], skipped: int, wall: float) -> Dict[str, Any]:
         r = self.r
         img_s = sorted(rates)[len(rates) // 2] if rates else None  # the median: robust to stalls
-        mfu = (self.train_flops_per_image * img_s / self.env.world / self.peak) if img_s and math.isfinite(self.peak) else None
+        mfu = None
+        if img_s and math.isfinite(self.peak):
+            mfu = self.train_flops_per_image * img_s / self.env.world / self.peak
         run_flops = self.train_flops_per_image * r.global_batch * self.step
         schedule_flops = self.train_flops_per_image * r.global_batch * r.steps
+        valid_mfu = mfu is not None and 0 < mfu <= 1
         evals = [row for row in log.rows if row.get("eval_accuracy") is not None]
         summary = {
             "recipe": r.to_dict(), "objective": r.objective, "steps_done": self.step, "steps": r.steps,
@@ -567,7 +579,7 @@ class Trainer:
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
             "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
             "eval_step": evals[-1]["step"] if evals else None,
-            "chance_accuracy": (1.0 / self.vit.num_classes) if r.objective == "classify" and self.vit.num_classes else None,
+            "chance_accuracy": 1.0 / self.vit.num_classes if r.objective == "classify" else None,
             "world_size": self.env.world, "parallel": r.parallel, "device": str(self.device),
             "compute_dtype": str(self.compute_dtype).replace("torch.", ""), "global_batch": r.global_batch,
             "micro_batch": self.micro_batch, "img_per_s_median": img_s,
@@ -575,16 +587,17 @@ class Trainer:
             "peak_source": self.peak_source, "mfu": mfu, "skipped_images": skipped, "wall_s_this_process": wall,
             "train_flops_this_run": run_flops,
             # cost.tpu_core_days_equivalent: the FLOPs / (MFU x one TPUv3 core's 61.5 TFLOP/s x 1 day).
-            "tpuv3_core_days_equivalent": cost.tpu_core_days_equivalent(run_flops, mfu) if mfu and 0 < mfu <= 1 else None,
+            "tpuv3_core_days_equivalent": cost.tpu_core_days_equivalent(run_flops, mfu) if valid_mfu else None,
             "tpuv3_core_days_equivalent_full_schedule":
-                cost.tpu_core_days_equivalent(schedule_flops, mfu) if mfu and 0 < mfu <= 1 else None,
+                cost.tpu_core_days_equivalent(schedule_flops, mfu) if valid_mfu else None,
             "checkpoint": ckpt.latest_checkpoint(r.out),
             "skipped_note": "unreadable images are replaced by the next readable one and counted",
         }
         write_json_atomic(os.path.join(r.out, "summary.json"), summary)
         name = r.model or f"ViT d{self.vit.embed_dim} L{len(self.vit.blocks)} p{self.vit.patch_embed.patch_size[0]}"
-        title = (f"{name} at {r.img_size}px, {r.objective}, {r.data or 'data'}: {self.step} steps x {r.global_batch} images"
-                 + (f", held-out accuracy {100 * summary['eval_accuracy']:.1f}%" if summary["eval_accuracy"] is not None else ""))
+        title = f"{name} at {r.img_size}px, {r.objective}, {r.data}: {self.step} steps x {r.global_batch} images"
+        if summary["eval_accuracy"] is not None:
+            title += f", held-out accuracy {100 * summary['eval_accuracy']:.1f}%"
         label = "held-out colour accuracy" if r.objective == "mpp" else "held-out accuracy"  # of corrupted patches
         plot_curves(log.rows, os.path.join(r.out, "curves.png"), title, label)
         return summary

@@ -73,7 +73,8 @@ class MaskedPatchPrediction(nn.Module):
     """
 
     def __init__(self, vit: nn.Module, *, corrupt: float = 0.5, mask: float = 0.8, random: float = 0.1,
-                 bits: int = 3, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+                 bits: int = 3, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
         super().__init__()
         if vit.num_prefix_tokens != 1 or vit.cls_token is None:
             raise ValueError("MaskedPatchPrediction needs a ViT with a class token (class_token=True)")

@@ -142,7 +142,8 @@ class Recipe:
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"--weight-decay and --grad-clip must be >= 0, got {self.weight_decay!r}, {self.grad_clip!r}")
+            raise ValueError(f"--weight-decay and --grad-clip must be >= 0, got {self.weight_decay!r}, "
+                             f"{self.grad_clip!r}")
         if not 0.0 < self.mpp_corrupt <= 1.0:
             raise ValueError(f"--mpp-corrupt must be in (0, 1], got {self.mpp_corrupt!r}")
         if self.mpp_mask < 0 or self.mpp_random < 0 or self.mpp_mask + self.mpp_random > 1.0:

@@ -1,5 +1,6 @@
 """vitkern.train on 2 ranks (torch.multiprocessing + gloo, CPU): DDP and FSDP2 give the
-single-process losses and weights for the same global batch, within fp32 rounding; FSDP2's
+single-process losses, weights and held-out evaluation for the same global batch, within fp32
+rounding; FSDP2's
 sharded (DCP) checkpoint resumes; a global batch the ranks cannot split is refused.
 
 One spawn runs every 2-rank case (starting processes is the slow part); the single-process
@@ -23,7 +24,7 @@ from vitkern.train.recipes import preset
 pytestmark = pytest.mark.timeout(300)
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, global_batch=16,
-            grad_accum=1, warmup_steps=1, steps=5, stop_at=4, eval_every=1000, save_every=4, progress=False,
+            grad_accum=1, warmup_steps=1, steps=5, stop_at=4, eval_every=4, save_every=4, progress=False,
             backend="eager", device="cpu", threads=1, grad_clip=1.0)
 
 
@@ -89,6 +90,9 @@ def test_two_ranks_match_one_process(runs, kind):
         assert b["lr"] == a["lr"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # The held-out evaluation at step 4: 297 images split 149 + 148 (one stand-in not counted).
+    assert multi[-1]["eval_loss"] == pytest.approx(single[-1]["eval_loss"], rel=1e-5)
+    assert multi[-1]["eval_accuracy"] == pytest.approx(single[-1]["eval_accuracy"], abs=1.5 / 297)
     want, got = _final_weights(os.path.join(runs, "single")), _final_weights(os.path.join(runs, kind))
     assert want.keys() == got.keys()
     for k in want:

@@ -450,24 +450,34 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Tuple[Optional[float], Optional[float]]:
-        """(mean loss, accuracy) on the held-out set, every rank a strided share; (None, None) without one."""
+        """(mean loss, accuracy) on the held-out set, every rank a strided share decoded by DataLoader
+        workers; (None, None) without one."""
         if self.val_set is None:
             return None, None
+        from torch.utils.data import DataLoader, Subset
+
         env, n = self.env, len(self.val_set)
-        self.net.eval()
         mine = list(range(env.rank, n, env.world))
         per_rank = -(-n // env.world)
+        # Every rank runs the same number of forwards (FSDP2's collectives need it): a rank with one
+        # image fewer gets a stand-in (index 0) at the end, run but not counted.
+        indices = mine + [0] * (per_rank - len(mine))
         bs = max(1, min(256, self.r.global_batch // env.world))
+        workers = 0 if self.r.data == "digits" else self.r.num_workers
+        loader = DataLoader(Subset(self.val_set, indices), batch_size=bs, shuffle=False, num_workers=workers,
+                            collate_fn=collate, generator=torch.Generator().manual_seed(0))
         totals = torch.zeros(3, dtype=torch.float64)
-        for b in range(-(-per_rank // bs)):  # the same number of forwards on every rank (FSDP2 needs it)
-            idx = mine[b * bs:(b + 1) * bs]
-            weight = 1.0 if idx else 0.0
-            images, labels, _ = collate([self.val_set[i] for i in (idx or [0])])
+        self.net.eval()
+        for b, (images, labels, _) in enumerate(loader):
+            real = max(0, min(bs, len(mine) - b * bs))
+            if real:
+                images, labels = images[:real], labels[:real]
             images = images.to(self.device)
             labels = self._targets(images) if self.r.objective == "mpp" else labels.to(self.device)
             g = torch.Generator().manual_seed(7919 + b)  # a fixed corruption: evaluations are comparable
             loss, correct, count = self.module(images, labels, g)
             n_items = count.item()
+            weight = 1.0 if real else 0.0
             totals += weight * torch.tensor([loss.item() * n_items, correct.item(), n_items], dtype=torch.float64)
         if env.distributed:
             dist.all_reduce(totals)

@@ -1,7 +1,6 @@
 """vitkern.train on 2 ranks (torch.multiprocessing + gloo, CPU): DDP and FSDP2 give the
 single-process losses, weights and held-out evaluation for the same global batch, within fp32
-rounding; FSDP2's
-sharded (DCP) checkpoint resumes; a global batch the ranks cannot split is refused.
+rounding; FSDP2's sharded (DCP) checkpoint resumes; a global batch the ranks cannot split is refused.
 
 One spawn runs every 2-rank case (starting processes is the slow part); the single-process
 reference runs here."""

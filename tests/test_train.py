@@ -294,3 +294,11 @@ def test_digits_arrays_are_scikit_learns():
     images, labels = load_digits_arrays()
     reference = load_digits()
     assert images.shape == (1797, 8, 8) and (images == reference.images).all() and (labels == reference.target).all()
+
+
+def test_mpp_refuses_vit_options_it_does_not_reproduce():
+    for options, message in ((dict(pre_norm=True), "pre_norm"), (dict(no_embed_class=True), "no_embed_class"),
+                             (dict(reg_tokens=2), "no other prefix tokens")):
+        vit = vitkern.ViT(img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=2, num_classes=0, **options)
+        with pytest.raises(ValueError, match=message):
+            MaskedPatchPrediction(vit)

@@ -77,7 +77,18 @@ class MaskedPatchPrediction(nn.Module):
                  std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
         super().__init__()
         if vit.num_prefix_tokens != 1 or vit.cls_token is None:
-            raise ValueError("MaskedPatchPrediction needs a ViT with a class token (class_token=True)")
+            raise ValueError("MaskedPatchPrediction needs a ViT with a class token and no other prefix tokens "
+                             f"(class_token=True, reg_tokens=0), got {vit.num_prefix_tokens} prefix tokens")
+        # The embedding below is the paper's plain one; refuse the timm options it does not reproduce
+        # rather than train a different model silently.
+        unsupported = [name for name, active in (
+            ("no_embed_class", bool(getattr(vit, "no_embed_class", False))),
+            ("pre_norm", not isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity)),
+            ("patch_drop_rate", not isinstance(getattr(vit, "patch_drop", nn.Identity()), nn.Identity)),
+            ("norm on patch_embed", not isinstance(getattr(vit.patch_embed, "norm", nn.Identity()), nn.Identity)),
+        ) if active]
+        if unsupported:
+            raise ValueError(f"MaskedPatchPrediction does not implement these ViT options: {', '.join(unsupported)}")
         self.vit = vit
         self.corrupt, self.mask, self.random, self.bits = corrupt, mask, random, bits
         self.mean, self.std = tuple(mean), tuple(std)

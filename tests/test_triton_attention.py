@@ -291,6 +291,11 @@ def test_interpreter_configs_share_the_score_tile():
     accuracy, tests/test_attention_numerics.py)."""
     from vitkern.kernels.triton import attention as kernels
 
+    # fp32 heads of 97-128: no tile shape of the dK/dV kernel and the forward both compile without
+    # spills (docs/perf/attention.md); the one tier without a shared tile, listed here on purpose.
+    unshared = {("fp32", 128)}
     for tier, lists in kernels.CONFIGS.items():
+        if tier in unshared:
+            continue
         tiles = {k: (c[0].kwargs["BLOCK_M"], c[0].kwargs["BLOCK_N"]) for k, c in lists.items()}
         assert len(set(tiles.values())) == 1, f"tier {tier}: first configs differ: {tiles}"

@@ -21,16 +21,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 E = inspect.Parameter.empty
 POS, KW = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
 
-# Issue 2, point 6, verbatim: (name, kind, default) of every parameter.
+# Issue 2, point 6, verbatim: (name, kind, default) of every parameter; plus the ViT family's keyword
+# options of issue 13 (no_embed_class, q_norm / k_norm, scale), before `backend`.
 SIGNATURES = {
     "patch_embed": [("x", POS, E), ("weight", POS, E), ("bias", POS, E), ("cls_token", POS, None),
-                    ("pos_embed", POS, None), ("backend", KW, "auto")],
+                    ("pos_embed", POS, None), ("no_embed_class", KW, False), ("backend", KW, "auto")],
     "layer_norm": [("x", POS, E), ("weight", POS, E), ("bias", POS, E), ("eps", POS, 1e-6), ("backend", KW, "auto")],
     "ln_linear": [("x", POS, E), ("ln_weight", POS, E), ("ln_bias", POS, E), ("weight", POS, E), ("bias", POS, None),
                   ("eps", KW, 1e-6), ("activation", KW, None), ("backend", KW, "auto")],
-    "attention": [("qkv", POS, E), ("num_heads", POS, E), ("scale", KW, None), ("backend", KW, "auto")],
+    "attention": [("qkv", POS, E), ("num_heads", POS, E), ("scale", KW, None), ("q_norm", KW, None),
+                  ("k_norm", KW, None), ("backend", KW, "auto")],
     "linear": [("x", POS, E), ("weight", POS, E), ("bias", POS, None), ("activation", KW, None),
-               ("residual", KW, None), ("backend", KW, "auto")],
+               ("residual", KW, None), ("scale", KW, None), ("backend", KW, "auto")],
 }
 
 
@@ -203,7 +205,7 @@ def test_layer_norm_and_ln_linear_errors():
         ops.layer_norm(x, torch.randn(16), torch.randn(16), eps=0.0)
     with pytest.raises(ValueError, match=r"weight must have shape \(out_features, 16\).*got \(32, 8\)"):
         ops.ln_linear(x, torch.randn(16), torch.randn(16), torch.randn(32, 8))
-    with pytest.raises(ValueError, match=r"activation must be None or 'gelu', got 'relu'"):
+    with pytest.raises(ValueError, match=r"activation must be one of \(None, 'gelu', 'gelu_tanh', 'quick_gelu'\), got 'relu'"):
         ops.ln_linear(x, torch.randn(16), torch.randn(16), torch.randn(32, 16), activation="relu")
     with pytest.raises(ValueError, match=r"ln_bias must have shape \(16,\)"):
         ops.ln_linear(x, torch.randn(16), torch.randn(3), torch.randn(32, 16))

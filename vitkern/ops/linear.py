@@ -63,6 +63,9 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
+    # The fc1 epilogue computes all three GELUs and their derivatives (kernels/triton/linear.py).
+    TRITON_ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
+
     @_common.library_op("vitkern::linear_fwd")
     def linear_fwd(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str],
@@ -70,7 +73,7 @@ if dispatch.triton_importable():
     ) -> Tuple[Tensor, Tensor]:
         """x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None; one dtype.
         Returns (y [M, N], dact): y = act(x @ weight^T + bias) + residual, and dact = GELU'(the
-        pre-activation) [M, N] kept for the backward when activation == "gelu" and save_dact (else
+        pre-activation) [M, N] kept for the backward when there is an activation and save_dact (else
         an empty [0] tensor: inference skips that [M, N] write)."""
         return _triton_linear.linear_fwd(x, weight, bias, residual, activation, save_dact)
 
@@ -79,7 +82,7 @@ if dispatch.triton_importable():
         dy: Tensor, x: Tensor, weight: Tensor, dact: Tensor, activation: Optional[str],
         has_bias: bool, need_dx: bool, need_dw: bool,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; dact: from
+        """dy: [M, N] (contiguous with an activation); x: [M, K]; weight: [N, K]; dact: from
         linear_fwd. Returns (dx [M, K], dweight [N, K], dbias [N]) in dy's dtype; a gradient not
         asked for (need_dx, need_dw, has_bias) is an empty [0] tensor."""
         return _triton_linear.linear_bwd(dy, x, weight, dact, activation, has_bias, need_dx, need_dw)
@@ -101,7 +104,7 @@ if dispatch.triton_importable():
         def backward(ctx, dy):
             x2d, weight, dact = ctx.saved_tensors
             need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
-            if ctx.activation == "gelu" and not dy.is_contiguous():
+            if ctx.activation is not None and not dy.is_contiguous():
                 # dy' = dy * dact is formed on load with one set of offsets for both, and dact is
                 # contiguous; without GELU the GEMMs read dy through any strides.
                 dy = dy.contiguous()
@@ -135,6 +138,6 @@ if dispatch.triton_importable():
         return fused_backend_reasons(
             call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(), backend="triton",
-        ) + option_reasons(call, "triton")
+        ) + option_reasons(call, "triton", activations=TRITON_ACTIVATIONS)
 
     dispatch.register("linear", "triton", _linear_triton, supports=_linear_triton_reasons)

@@ -62,6 +62,9 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
+    # The fc1 epilogue computes all three GELUs and their derivatives (kernels/triton/linear.py).
+    TRITON_ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
+
     @_common.library_op("vitkern::ln_linear_fwd")
     def ln_linear_fwd(
         x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -70,7 +73,7 @@ if dispatch.triton_importable():
         """x: [M, D] (unit column stride); ln_weight, ln_bias: [D]; weight: [N, D]; bias: [N] or
         None; one dtype. Returns (y [M, N] = act(LayerNorm(x) @ weight^T + bias) in x's dtype,
         mean [M] fp32, rstd [M] fp32, dact): pre is the pre-activation [M, N] kept for the backward
-        when activation == "gelu" and save_dact, else an empty [0] tensor (inference skips that
+        when there is an activation and save_dact, else an empty [0] tensor (inference skips that
         [M, N] write). VITKERN_LN_LINEAR_DESIGN=fold selects the folded-LayerNorm forward
         (design (b) of docs/perf/ln_linear.md) instead of the normalize-on-load one."""
         return _triton_ln_linear.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, eps, activation, save_dact)
@@ -80,7 +83,7 @@ if dispatch.triton_importable():
         dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
         dact: Tensor, activation: Optional[str], has_bias: bool,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """dy: [M, N] (contiguous when activation == "gelu"); x, ln_weight, ln_bias, weight as in
+        """dy: [M, N] (contiguous with an activation); x, ln_weight, ln_bias, weight as in
         ln_linear_fwd; mean, rstd, dact from it. Returns (dx [M, D], dln_weight [D], dln_bias [D],
         dweight [N, D], dbias [N], or an empty [0] tensor when not has_bias), in x's dtype."""
         return _triton_ln_linear.ln_linear_bwd(dy, x, ln_weight, ln_bias, weight, mean, rstd, dact, activation, has_bias)
@@ -104,7 +107,7 @@ if dispatch.triton_importable():
         def backward(ctx, dy):
             x2d, ln_weight, ln_bias, weight, mean, rstd, dact = ctx.saved_tensors
             need = ctx.needs_input_grad
-            if ctx.activation == "gelu" and not dy.is_contiguous():
+            if ctx.activation is not None and not dy.is_contiguous():
                 # dy' = dy * dact is formed on load with one set of offsets for both, and dact is
                 # contiguous; without GELU the GEMMs read dy through any strides.
                 dy = dy.contiguous()
@@ -139,7 +142,7 @@ if dispatch.triton_importable():
         reasons = fused_backend_reasons(
             call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(), backend="triton",
-        ) + option_reasons(call, "triton")
+        ) + option_reasons(call, "triton", activations=TRITON_ACTIVATIONS)
         dim = call["x"].shape[-1]
         if dim > _triton_layer_norm.MAX_N:
             reasons.append(

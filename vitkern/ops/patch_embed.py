@@ -46,8 +46,11 @@ def patch_embed(
     if not isinstance(no_embed_class, bool):
         raise TypeError(f"no_embed_class must be a bool, got {type(no_embed_class).__name__}")
     if cls_token is not None:
-        check_tensor("cls_token", cls_token, ndim=3)
-        check_shape("cls_token", cls_token, (1, cls_token.shape[1], dim), "[1, prefix tokens, dim]")
+        check_tensor("cls_token", cls_token)
+        prefix = cls_token.shape[1] if cls_token.dim() == 3 else 1
+        if cls_token.dim() != 3 or cls_token.shape[0] != 1 or cls_token.shape[2] != dim:
+            raise ValueError(f"cls_token must have shape (1, {prefix}, {dim}), got {tuple(cls_token.shape)} "
+                             "(the prefix tokens: [1, prefix, dim])")
     prefix = cls_token.shape[1] if cls_token is not None else 0
     patches = (height // ph) * (width // pw)
     tokens = patches if no_embed_class else prefix + patches

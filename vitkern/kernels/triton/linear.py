@@ -31,6 +31,19 @@ from vitkern.kernels.triton import _common
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), tanh GELU
+_QUICK_GELU = tl.constexpr(1.702)  # QuickGELU's x * sigmoid(1.702 x)
+
+# ACT_KIND (the activation when ACT_GELU is set): the GELU family of the fc1 epilogue. A constexpr
+# that is not part of the autotuning keys: the three cost the same few FLOPs per element on the
+# accumulator, so the tile tuned for exact GELU serves the other two (and the tuning tables' keys
+# stay as they are).
+ACT_KINDS = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2}
+
+
+def act_flags(activation: Optional[str]) -> Tuple[bool, int]:
+    """(ACT_GELU, ACT_KIND) of an `activation` name (None: no activation)."""
+    return activation is not None, ACT_KINDS.get(activation, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,6 +54,24 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 def _normal_cdf(z):
     """Phi(z) of fp32 z, through the exact erf: GELU(z) = z Phi(z), GELU'(z) = Phi(z) + z phi(z)."""
     return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+
+
+@triton.jit
+def _activation(acc, ACT_KIND: tl.constexpr):
+    """(act(acc), act'(acc)) of fp32 acc: exact GELU (0), tanh GELU (1) or QuickGELU (2)."""
+    if ACT_KIND == 0:
+        cdf = _normal_cdf(acc)  # one erf serves both GELU and its derivative
+        return acc * cdf, cdf + acc * _INV_SQRT_2PI * tl.exp(-0.5 * acc * acc)
+    elif ACT_KIND == 1:
+        # tanh(u) = 2 sigmoid(2u) - 1: no tanh in every Triton's tl.math; saturates to +-1 cleanly.
+        # Tensor first in each product: constexpr * tensor would stay a constexpr wrapper.
+        u = (acc + 0.044715 * acc * acc * acc) * _SQRT_2_OVER_PI
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        du = (1.0 + 3.0 * 0.044715 * acc * acc) * _SQRT_2_OVER_PI
+        return 0.5 * acc * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * acc * (1.0 - t * t) * du
+    else:
+        sig = tl.sigmoid(acc * _QUICK_GELU)
+        return acc * sig, sig + acc * _QUICK_GELU * sig * (1.0 - sig)
 
 
 @triton.jit
@@ -119,10 +150,12 @@ def _epilogue_store(
     acc, offs_m, offs_n, M, N,
     bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_DACT: tl.constexpr,
+    ACT_KIND: tl.constexpr,
 ):
-    """y = act(acc + bias) + residual on the fp32 accumulator, one rounding at the store; with GELU
-    and SAVE_DACT also dact = GELU'(acc + bias). dact and y are contiguous [M, N]; the residual is
-    read through its strides."""
+    """y = act(acc + bias) + residual on the fp32 accumulator, one rounding at the store; with an
+    activation (ACT_GELU; ACT_KIND picks exact GELU, tanh GELU or QuickGELU) and SAVE_DACT also
+    dact = act'(acc + bias). dact and y are contiguous [M, N]; the residual is read through its
+    strides."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     mask = m_ok[:, None] & n_ok[None, :]
@@ -131,11 +164,9 @@ def _epilogue_store(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT_GELU:
-        cdf = _normal_cdf(acc)  # one erf serves both GELU and its derivative
+        acc, dact = _activation(acc, ACT_KIND)
         if SAVE_DACT:
-            dact = cdf + acc * _INV_SQRT_2PI * tl.exp(-0.5 * acc * acc)
             tl.store(dact_ptr + out_offs, dact.to(dact_ptr.dtype.element_ty), mask=mask)
-        acc = acc * cdf
     if HAS_RES:
         res = tl.load(res_ptr + (rows * stride_rm)[:, None] + (offs_n * stride_rn)[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)
@@ -153,12 +184,13 @@ def _linear_fwd_kernel(
     w_ptr,     # [N, K] any strides (B[k, n] = w[n, k])
     bias_ptr,  # [N]; read only if HAS_BIAS
     res_ptr,   # [M, N] any strides; read only if HAS_RES
-    dact_ptr,  # [M, N] contiguous, out: GELU'(pre-activation); written only if ACT_GELU and SAVE_DACT
+    dact_ptr,  # [M, N] contiguous, out: act'(pre-activation); written only if ACT_GELU and SAVE_DACT
     y_ptr,     # [M, N] contiguous, out
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
     SCALE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_DACT: tl.constexpr,
+    ACT_KIND: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -168,7 +200,7 @@ def _linear_fwd_kernel(
     acc, _ = _mainloop(x_ptr, xs_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
                        BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
     _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr,
-                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_DACT)
+                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_DACT, ACT_KIND)
 
 
 @triton.jit
@@ -265,13 +297,13 @@ def linear_fwd(
     """y = act(x @ weight^T + bias) + residual.
 
     x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None (any strides);
-    activation: None or "gelu". All one dtype. Returns (y [M, N], dact), both contiguous in x's
-    dtype; dact is GELU'(pre-activation) [M, N] when activation == "gelu" and save_dact (what the
-    backward needs), else an empty [0] tensor.
+    activation: None, "gelu", "gelu_tanh" or "quick_gelu". All one dtype. Returns (y [M, N], dact),
+    both contiguous in x's dtype; dact is act'(pre-activation) [M, N] when there is an activation
+    and save_dact (what the backward needs), else an empty [0] tensor.
     """
     M, K = x.shape
     N = weight.shape[0]
-    gelu = activation == "gelu"
+    gelu, act_kind = act_flags(activation)
     keep = gelu and save_dact
     y = _common.empty((M, N), dtype=x.dtype, device=x.device)
     dact = _common.empty((M, N) if keep else (0,), dtype=x.dtype, device=x.device)
@@ -284,7 +316,7 @@ def linear_fwd(
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
         SCALE_A=False, HAS_BIAS=bias is not None, ACT_GELU=gelu, HAS_RES=residual is not None, SAVE_DACT=keep,
-        IEEE=is_f32(x.dtype),
+        ACT_KIND=act_kind, IEEE=is_f32(x.dtype),
     )
     return y, dact
 
@@ -307,7 +339,7 @@ def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, dact: Optional[torch.T
         M, K, N,
         dy.stride(0), dy.stride(1), weight.stride(1), weight.stride(0), 0, 0,
         SCALE_A=dact is not None, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False,
-        IEEE=is_f32(dy.dtype),
+        ACT_KIND=0, IEEE=is_f32(dy.dtype),
     )
     return dx
 
@@ -354,12 +386,12 @@ def linear_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of linear_fwd with respect to x, weight and bias (the residual's is dy itself).
 
-    dy: [M, N] (contiguous when activation == "gelu"); x: [M, K]; weight: [N, K]; dact: the
-    forward's GELU'(pre-activation) [M, N] (contiguous) when activation == "gelu". Returns
+    dy: [M, N] (contiguous with an activation); x: [M, K]; weight: [N, K]; dact: the forward's
+    act'(pre-activation) [M, N] (contiguous) when there is an activation. Returns
     (dx [M, K], dw [N, K], db [N]); a gradient not asked for (need_dx, need_dw, has_bias) is an
     empty [0] tensor.
     """
-    scale = dact if activation == "gelu" else None
+    scale = dact if activation is not None else None
     empty = lambda: _common.empty((0,), dtype=dy.dtype, device=dy.device)  # noqa: E731
     dx = linear_bwd_dx(dy, weight, scale) if need_dx else empty()
     if need_dw:
@@ -398,9 +430,11 @@ def _audit_specs() -> List["_common.KernelSpec"]:
             # fc1 (bias + GELU, GELU' saved), proj/fc2 (bias + residual), and the backward's dx
             # GEMM: the same kernel, weight's strides swapped, dy * GELU' formed on load.
             for flags, what in (
-                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True), "fc1: bias+gelu+dact"),
-                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_DACT=False), "proj/fc2: bias+residual"),
-                (dict(SCALE_A=True, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False), "dx: (dy*dact) @ w"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=0), "fc1: bias+gelu+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=1), "fc1: bias+gelu_tanh+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=2), "fc1: bias+quick_gelu+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_DACT=False, ACT_KIND=0), "proj/fc2: bias+residual"),
+                (dict(SCALE_A=True, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False, ACT_KIND=0), "dx: (dy*dact) @ w"),
             ):
                 dx = flags["SCALE_A"]
                 unit = dict(stride_xk=1, stride_wn=1, stride_rm=0, stride_rn=0) if dx else dict(stride_xk=1, stride_wk=1, stride_rn=1)

@@ -38,6 +38,7 @@ from vitkern.kernels.triton.linear import (
     _configs,
     _scaled_load,
     _spec,
+    act_flags,
     is_f32,
     linear_bwd_dx,
     tiles_grid,
@@ -53,11 +54,12 @@ def _ln_linear_fwd_kernel(
     beta_ptr,   # [D]
     w_ptr,      # [N, D] any strides
     bias_ptr,   # [N]; read only if HAS_BIAS
-    dact_ptr,   # [M, N] contiguous, out: GELU'(pre-activation); written only if ACT_GELU and SAVE_DACT
+    dact_ptr,   # [M, N] contiguous, out: act'(pre-activation); written only if ACT_GELU and SAVE_DACT
     y_ptr,      # [M, N] contiguous, out
     M, N, D,
     stride_xm, stride_xd, stride_wn, stride_wd,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, SAVE_DACT: tl.constexpr, IEEE: tl.constexpr,
+    ACT_KIND: tl.constexpr,  # linear.ACT_KINDS: exact GELU, tanh GELU, QuickGELU
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -87,7 +89,7 @@ def _ln_linear_fwd_kernel(
         x_ptrs += step_xd
         w_ptrs += step_wd
     _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
-                    HAS_BIAS, ACT_GELU, False, SAVE_DACT)
+                    HAS_BIAS, ACT_GELU, False, SAVE_DACT, ACT_KIND)
 
 
 @triton.jit
@@ -241,11 +243,12 @@ def _ln_linear_fold_fwd_kernel(
     c_ptr,       # [N] fp32: W beta + bias
     mean_ptr,    # [M] fp32, out (written by the programs of the first column tile)
     rstd_ptr,    # [M] fp32, out (idem)
-    dact_ptr,    # [M, N] contiguous, out: GELU'(pre-activation); written only if ACT_GELU and SAVE_DACT
+    dact_ptr,    # [M, N] contiguous, out: act'(pre-activation); written only if ACT_GELU and SAVE_DACT
     y_ptr,       # [M, N] contiguous, out
     M, N, D, eps,
     stride_xm, stride_xd, stride_wn, stride_wd,
     ACT_GELU: tl.constexpr, SAVE_DACT: tl.constexpr, IEEE: tl.constexpr,
+    ACT_KIND: tl.constexpr,  # linear.ACT_KINDS
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -283,7 +286,7 @@ def _ln_linear_fold_fwd_kernel(
     acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :]) + c[None, :]
     # bias is already in c: the shared epilogue adds no bias and no residual here.
     _epilogue_store(acc, offs_m, offs_n, M, N, c_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
-                    False, ACT_GELU, False, SAVE_DACT)
+                    False, ACT_GELU, False, SAVE_DACT, ACT_KIND)
 
 
 _FOLD_KEY = ["N", "D", "ACT_GELU", "SAVE_DACT"]
@@ -309,12 +312,12 @@ def ln_linear_fwd(
 
     x: [M, D] (unit column stride; any row stride); ln_weight, ln_bias: [D]; weight: [N, D];
     bias: [N] or None; all one dtype. Returns (y [M, N] contiguous in x's dtype, mean [M] fp32,
-    rstd [M] fp32, dact), dact = GELU'(pre-activation) [M, N] when activation == "gelu" and
-    save_dact, else an empty [0] tensor.
+    rstd [M] fp32, dact), dact = act'(pre-activation) [M, N] when there is an activation ("gelu",
+    "gelu_tanh", "quick_gelu") and save_dact, else an empty [0] tensor.
     """
     M, D = x.shape
     N = weight.shape[0]
-    gelu = activation == "gelu"
+    gelu, act_kind = act_flags(activation)
     keep = gelu and save_dact
     mean, rstd = layer_norm_stats(x, eps)
     y = _common.empty((M, N), dtype=x.dtype, device=x.device)
@@ -326,7 +329,7 @@ def ln_linear_fwd(
         x, mean, rstd, ln_weight, ln_bias, weight, bias if bias is not None else y, dact if keep else y, y,
         M, N, D,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype),
+        HAS_BIAS=bias is not None, ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype), ACT_KIND=act_kind,
     )
     return y, mean, rstd, dact
 
@@ -340,7 +343,7 @@ def ln_linear_fwd_folded(
     weight fold (N x D, once per call) and the GEMM; no statistics pass over x."""
     M, D = x.shape
     N = weight.shape[0]
-    gelu = activation == "gelu"
+    gelu, act_kind = act_flags(activation)
     keep = gelu and save_dact
     dev = x.device
     y = _common.empty((M, N), dtype=x.dtype, device=dev)
@@ -364,7 +367,7 @@ def ln_linear_fwd_folded(
         x, wg, colsum, c, mean, rstd, dact if keep else y, y,
         M, N, D, float(eps),
         x.stride(0), x.stride(1), wg.stride(0), wg.stride(1),
-        ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype),
+        ACT_GELU=gelu, SAVE_DACT=keep, IEEE=is_f32(x.dtype), ACT_KIND=act_kind,
     )
     return y, mean, rstd, dact
 
@@ -422,12 +425,12 @@ def ln_linear_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ln_linear_fwd.
 
-    dy: [M, N] (contiguous when activation == "gelu"); x: [M, D] (unit column stride); ln_weight,
+    dy: [M, N] (contiguous with an activation); x: [M, D] (unit column stride); ln_weight,
     ln_bias: [D]; weight: [N, D]; mean, rstd: [M] fp32 and dact [M, N] from ln_linear_fwd. Returns
     (dx [M, D], dln_weight [D], dln_bias [D], dweight [N, D], dbias [N] or an empty [0] tensor
     when not has_bias), all in x's dtype.
     """
-    scale = dact if activation == "gelu" else None
+    scale = dact if activation is not None else None
     dln = linear_bwd_dx(dy, weight, scale)
     dw, db = ln_linear_bwd_dw(dy, scale, x, mean, rstd, ln_weight, ln_bias, has_bias)
     dx, dgamma, dbeta = layer_norm_bwd(dln, x, ln_weight, mean, rstd)
@@ -454,8 +457,10 @@ def _audit_specs() -> List["_common.KernelSpec"]:
         for tile in _FWD_F32_TILES if ieee else _TC_TILES:
             meta, common, cfg = tile_meta(*tile)
             for flags, what in (
-                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_DACT=True), "LN2+fc1: bias+gelu+dact"),
-                (dict(HAS_BIAS=True, ACT_GELU=False, SAVE_DACT=False), "LN1+qkv: bias"),
+                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_DACT=True, ACT_KIND=0), "LN2+fc1: bias+gelu+dact"),
+                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_DACT=True, ACT_KIND=1), "LN2+fc1: bias+gelu_tanh+dact"),
+                (dict(HAS_BIAS=True, ACT_GELU=True, SAVE_DACT=True, ACT_KIND=2), "LN2+fc1: bias+quick_gelu+dact"),
+                (dict(HAS_BIAS=True, ACT_GELU=False, SAVE_DACT=False, ACT_KIND=0), "LN1+qkv: bias"),
             ):
                 sig = {"x_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": f"*{t}",
                        "beta_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "dact_ptr": f"*{t}",
@@ -474,7 +479,8 @@ def _audit_specs() -> List["_common.KernelSpec"]:
                                    ("N", "D", "stride_dym", "stride_xm"), label=f"{cfg} {what}", **common))
         for tile in _FWD_F32_TILES if ieee else _TC_TILES:
             meta, common, cfg = tile_meta(*tile)
-            for flags, what in ((dict(ACT_GELU=True, SAVE_DACT=True), "fc1: gelu+dact"), (dict(ACT_GELU=False, SAVE_DACT=False), "qkv")):
+            for flags, what in ((dict(ACT_GELU=True, SAVE_DACT=True, ACT_KIND=0), "fc1: gelu+dact"),
+                                (dict(ACT_GELU=False, SAVE_DACT=False, ACT_KIND=0), "qkv")):
                 sig = {"x_ptr": f"*{t}", "wg_ptr": f"*{t}", "colsum_ptr": "*fp32", "c_ptr": "*fp32",
                        "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dact_ptr": f"*{t}", "y_ptr": f"*{t}",
                        "M": "i32", "N": "i32", "D": "i32", "eps": "fp32", "stride_xm": "i32", "stride_wn": "i32"}

@@ -352,6 +352,21 @@ def test_triton_linear_activation_against_float64(activation, dtype):
     _check_op_against(fn, lambda x, w, b: ACT_F64[activation](x @ w.t() + b), [x, w, b], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_linear_layer_scale_against_float64(dtype):
+    _needs_triton()
+    from conftest import TRITON_DEVICE
+
+    torch.manual_seed(0)
+    x, w, b, r, g = (t.detach().to(TRITON_DEVICE).requires_grad_(True)
+                     for t in (_f64(3, 5, 19), _f64(13, 19) * 0.3, _f64(13), _f64(3, 5, 13), _f64(13)))
+    _check_op_against(lambda x, w, b, r, g: ops.linear(x, w, b, residual=r, scale=g, backend="triton"),
+                      lambda x, w, b, r, g: r + g * (x @ w.t() + b), [x, w, b, r, g], dtype)
+    with torch.no_grad():  # inference: no branch stored
+        y = ops.linear(x.float(), w.float(), b.float(), residual=r.float(), scale=g.float(), backend="triton")
+    assert_close(y, r + g * (x @ w.t() + b), torch.float32)
+
+
 @pytest.mark.parametrize("design", ["normalize", "fold"])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu"])
 def test_triton_ln_linear_activation_against_float64(activation, design, monkeypatch):
@@ -372,12 +387,12 @@ def test_triton_ln_linear_activation_against_float64(activation, design, monkeyp
                       [x, lw, lb, w, b])
 
 
-def test_triton_model_with_the_activations_matches_eager():
+def test_triton_model_with_the_activations_and_layer_scale_matches_eager():
     _needs_triton()
     for act in ("gelu_tanh", "quick_gelu"):
         torch.manual_seed(0)
         model = vitkern.ViT(img_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=3, act_layer=act,
-                            backend="eager")
+                            init_values=0.5, backend="eager")
         x = torch.randn(2, 3, 32, 32)
         expected = model(x)
         model.backend = "triton"
@@ -399,9 +414,11 @@ def test_fused_backends_name_each_option_they_lack(backend):
     if any(i is None for i in impls.values()):
         pytest.skip(f"no {backend} implementations registered in this build")
     reasons = impls["linear"].supports(_linear_call())
+    # The Triton epilogue has the three GELUs and LayerScale, not both at once; csrc/ has exact GELU only.
     assert any("scale (LayerScale)" in r for r in reasons)
-    # The Triton fc1 epilogue has the three GELUs; csrc/ has exact GELU only.
     assert any("activation='quick_gelu'" in r for r in reasons) == (backend == "cuda")
+    no_act = dict(_linear_call(), activation=None)
+    assert any("scale (LayerScale)" in r for r in impls["linear"].supports(no_act)) == (backend == "cuda")
     qkv = torch.randn(1, 4, 3 * 32)
     reasons = impls["attention"].supports(dict(qkv=qkv, num_heads=1, scale=None, q_norm=(None, None, 1e-6)))
     assert any("q_norm/k_norm (QK-norm)" in r for r in reasons)
@@ -416,14 +433,14 @@ def test_explicit_triton_raises_with_the_reason_and_auto_falls_back_per_op(monke
         pytest.skip("triton is not importable here")
     call = _linear_call()
     x, w, r, g = call["x"], call["weight"], call["residual"], call["scale"]
-    with pytest.raises(BackendUnavailableError, match=r"scale \(LayerScale\) is not in the triton linear epilogue"):
-        ops.linear(x, w, residual=r, scale=g, backend="triton")
-    # auto on a device whose order puts triton first: the call with a scale runs the eager op (the same
-    # function), the call without one still runs triton.
+    with pytest.raises(BackendUnavailableError, match=r"scale \(LayerScale\) together with an activation"):
+        ops.linear(x, w, residual=r, scale=g, activation="gelu", backend="triton")
+    # auto on a device whose order puts triton first: the call with scale and an activation runs the
+    # eager op (the same function), the calls with one of them still run triton.
     monkeypatch.setattr(dispatch, "auto_order", lambda op, device: ("triton", "eager"))
-    expected = r + g * (x @ w.t())
-    torch.testing.assert_close(ops.linear(x, w, residual=r, scale=g), expected)
-    assert dispatch.select("linear", "auto", x.device, dict(x=x, weight=w, bias=None, activation=None,
-                                                            residual=r)).backend == "triton"
-    assert dispatch.select("linear", "auto", x.device, dict(x=x, weight=w, bias=None, activation=None, residual=r,
-                                                            scale=g)).backend == "eager"
+    expected = r + g * F.gelu(x @ w.t())
+    torch.testing.assert_close(ops.linear(x, w, residual=r, scale=g, activation="gelu"), expected)
+    base = dict(x=x, weight=w, bias=None, activation=None, residual=r)
+    assert dispatch.select("linear", "auto", x.device, dict(base, scale=g)).backend == "triton"
+    assert dispatch.select("linear", "auto", x.device, dict(base, activation="gelu_tanh")).backend == "triton"
+    assert dispatch.select("linear", "auto", x.device, dict(base, scale=g, activation="gelu")).backend == "eager"

@@ -69,13 +69,14 @@ if dispatch.triton_importable():
     @_common.library_op("vitkern::linear_fwd")
     def linear_fwd(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str],
-        save_dact: bool,
+        save_dact: bool, scale: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None; one dtype.
-        Returns (y [M, N], dact): y = act(x @ weight^T + bias) + residual, and dact = GELU'(the
-        pre-activation) [M, N] kept for the backward when there is an activation and save_dact (else
-        an empty [0] tensor: inference skips that [M, N] write)."""
-        return _triton_linear.linear_fwd(x, weight, bias, residual, activation, save_dact)
+        """x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None; scale: LayerScale's
+        gamma [N] or None (not with an activation); one dtype. Returns (y [M, N], dact):
+        y = residual + scale * act(x @ weight^T + bias), and, kept for the backward when save_dact
+        (else an empty [0] tensor: inference skips that [M, N] write), dact = act'(the
+        pre-activation) [M, N] with an activation, the unscaled branch [M, N] with a scale."""
+        return _triton_linear.linear_fwd(x, weight, bias, residual, activation, save_dact, scale)
 
     @_common.library_op("vitkern::linear_bwd")
     def linear_bwd(
@@ -88,22 +89,34 @@ if dispatch.triton_importable():
         return _triton_linear.linear_bwd(dy, x, weight, dact, activation, has_bias, need_dx, need_dw)
 
     class LinearFn(torch.autograd.Function):
-        """act(x @ weight^T + bias) + residual on [M, K] rows. Saves x, weight and, with GELU,
-        dact = GELU'(pre-activation) (one extra [M, N] write instead of recomputing a GEMM in the
-        backward)."""
+        """residual + scale * act(x @ weight^T + bias) on [M, K] rows. Saves x, weight and, with an
+        activation, dact = act'(pre-activation), with LayerScale the unscaled branch (one extra
+        [M, N] write instead of recomputing a GEMM in the backward)."""
 
         @staticmethod
-        def forward(ctx, x2d, weight, bias, residual2d, activation, save_dact):
-            y, dact = torch.ops.vitkern.linear_fwd(x2d, weight, bias, residual2d, activation, save_dact)
-            ctx.save_for_backward(x2d, weight, dact)
+        def forward(ctx, x2d, weight, bias, residual2d, activation, save_dact, scale=None):
+            y, dact = torch.ops.vitkern.linear_fwd(x2d, weight, bias, residual2d, activation, save_dact, scale)
+            ctx.save_for_backward(x2d, weight, dact, scale)
             ctx.activation = activation
             ctx.has_bias = bias is not None
             return y
 
         @staticmethod
         def backward(ctx, dy):
-            x2d, weight, dact = ctx.saved_tensors
+            x2d, weight, dact, scale = ctx.saved_tensors
             need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
+            dscale = None
+            if scale is not None:
+                # LayerScale: the branch's gradient is dy * gamma per column (one [M, N] elementwise
+                # pass, rounded once), and dgamma = sum_rows(dy * branch) with the branch the forward
+                # stored in dact's place; fp32 sums.
+                if ctx.needs_input_grad[6]:
+                    dscale = (dy.float() * dact.float()).sum(0).to(scale.dtype)
+                dy_res = dy
+                dy = (dy.float() * scale.float()).to(dy.dtype)
+                dact = dact[:0]
+            else:
+                dy_res = dy
             if ctx.activation is not None and not dy.is_contiguous():
                 # dy' = dy * dact is formed on load with one set of offsets for both, and dact is
                 # contiguous; without GELU the GEMMs read dy through any strides.
@@ -117,27 +130,30 @@ if dispatch.triton_importable():
                 dx if need_x else None,
                 dw if need_w else None,
                 db if need_b else None,
-                dy if need_res else None,
+                dy_res if need_res else None,
                 None,
                 None,
+                dscale,
             )
 
     def _linear_triton(
         x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-        activation: Optional[str] = None, residual: Optional[Tensor] = None,
+        activation: Optional[str] = None, residual: Optional[Tensor] = None, scale: Optional[Tensor] = None,
     ) -> Tensor:
         lead = x.shape[:-1]
         n, k = weight.shape
         x2d = x.reshape(-1, k)
         residual2d = residual.reshape(-1, n) if residual is not None else None
-        tensors = (x, weight, bias, residual)
+        tensors = (x, weight, bias, residual, scale)
         save_dact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        return LinearFn.apply(x2d, weight, bias, residual2d, activation, save_dact).reshape(*lead, n)
+        return LinearFn.apply(x2d, weight, bias, residual2d, activation, save_dact, scale).reshape(*lead, n)
 
     def _linear_triton_reasons(call) -> List[str]:
         return fused_backend_reasons(
             call, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(), backend="triton",
-        ) + option_reasons(call, "triton", activations=TRITON_ACTIVATIONS)
+        ) + option_reasons(call, "triton", activations=TRITON_ACTIVATIONS, scale=True) + (
+            ["scale (LayerScale) together with an activation is not in the triton linear epilogue"]
+            if call.get("scale") is not None and call.get("activation") is not None else [])
 
     dispatch.register("linear", "triton", _linear_triton, supports=_linear_triton_reasons)

@@ -148,14 +148,16 @@ def _mainloop(
 @triton.jit
 def _epilogue_store(
     acc, offs_m, offs_n, M, N,
-    bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr,
+    bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr, scale_ptr,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_DACT: tl.constexpr,
-    ACT_KIND: tl.constexpr,
+    ACT_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
-    """y = act(acc + bias) + residual on the fp32 accumulator, one rounding at the store; with an
-    activation (ACT_GELU; ACT_KIND picks exact GELU, tanh GELU or QuickGELU) and SAVE_DACT also
-    dact = act'(acc + bias). dact and y are contiguous [M, N]; the residual is read through its
-    strides."""
+    """y = residual + scale * act(acc + bias) on the fp32 accumulator, one rounding at the store.
+    With an activation (ACT_GELU; ACT_KIND picks exact GELU, tanh GELU or QuickGELU) and SAVE_DACT
+    also dact = act'(acc + bias); with LayerScale's per-column scale [N] (HAS_SCALE, never together
+    with an activation) and SAVE_DACT, dact is the unscaled branch acc + bias instead: the backward's
+    dscale = sum_rows(dy * branch) needs it, and it would otherwise cost a GEMM. dact and y are
+    contiguous [M, N]; the residual is read through its strides."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     mask = m_ok[:, None] & n_ok[None, :]
@@ -167,6 +169,10 @@ def _epilogue_store(
         acc, dact = _activation(acc, ACT_KIND)
         if SAVE_DACT:
             tl.store(dact_ptr + out_offs, dact.to(dact_ptr.dtype.element_ty), mask=mask)
+    if HAS_SCALE:
+        if SAVE_DACT:
+            tl.store(dact_ptr + out_offs, acc.to(dact_ptr.dtype.element_ty), mask=mask)
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         res = tl.load(res_ptr + (rows * stride_rm)[:, None] + (offs_n * stride_rn)[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)
@@ -186,11 +192,12 @@ def _linear_fwd_kernel(
     res_ptr,   # [M, N] any strides; read only if HAS_RES
     dact_ptr,  # [M, N] contiguous, out: act'(pre-activation); written only if ACT_GELU and SAVE_DACT
     y_ptr,     # [M, N] contiguous, out
+    scale_ptr,  # [N] LayerScale gamma; read only if HAS_SCALE (then dact_ptr gets the unscaled branch)
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
     SCALE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, SAVE_DACT: tl.constexpr,
-    ACT_KIND: tl.constexpr,
+    ACT_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -199,8 +206,8 @@ def _linear_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, _ = _mainloop(x_ptr, xs_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
                        BLOCK_M, BLOCK_N, BLOCK_K, SCALE_A, IEEE, False)
-    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr,
-                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_DACT, ACT_KIND)
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, dact_ptr, y_ptr, scale_ptr,
+                    HAS_BIAS, ACT_GELU, HAS_RES, SAVE_DACT, ACT_KIND, HAS_SCALE)
 
 
 @triton.jit
@@ -292,19 +299,22 @@ def tiles_grid(rows: int, cols: int):
 
 def linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-    activation: Optional[str], save_dact: bool = True,
+    activation: Optional[str], save_dact: bool = True, scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """y = act(x @ weight^T + bias) + residual.
+    """y = residual + scale * act(x @ weight^T + bias).
 
     x: [M, K]; weight: [N, K]; bias: [N] or None; residual: [M, N] or None (any strides);
-    activation: None, "gelu", "gelu_tanh" or "quick_gelu". All one dtype. Returns (y [M, N], dact),
-    both contiguous in x's dtype; dact is act'(pre-activation) [M, N] when there is an activation
-    and save_dact (what the backward needs), else an empty [0] tensor.
+    activation: None, "gelu", "gelu_tanh" or "quick_gelu"; scale: LayerScale's gamma [N] or None,
+    only without an activation. All one dtype. Returns (y [M, N], dact), both contiguous in x's
+    dtype; with save_dact (a backward will follow) dact is act'(pre-activation) [M, N] with an
+    activation, the unscaled branch x @ weight^T + bias [M, N] with a scale, else an empty [0] tensor.
     """
+    if scale is not None and activation is not None:
+        raise ValueError("linear_fwd: scale (LayerScale) with an activation is not fused; apply one of them outside")
     M, K = x.shape
     N = weight.shape[0]
     gelu, act_kind = act_flags(activation)
-    keep = gelu and save_dact
+    keep = (gelu or scale is not None) and save_dact
     y = _common.empty((M, N), dtype=x.dtype, device=x.device)
     dact = _common.empty((M, N) if keep else (0,), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
@@ -313,10 +323,11 @@ def linear_fwd(
     kernel = _linear_fwd_f32 if is_f32(x.dtype) else _linear_fwd_tc
     _common.launcher(kernel)[tiles_grid(M, N)](
         x, x, weight, bias if bias is not None else y, res, dact if keep else y, y,
+        scale if scale is not None else y,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
         SCALE_A=False, HAS_BIAS=bias is not None, ACT_GELU=gelu, HAS_RES=residual is not None, SAVE_DACT=keep,
-        ACT_KIND=act_kind, IEEE=is_f32(x.dtype),
+        ACT_KIND=act_kind, HAS_SCALE=scale is not None, IEEE=is_f32(x.dtype),
     )
     return y, dact
 
@@ -335,11 +346,11 @@ def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, dact: Optional[torch.T
     # The forward kernel computes x @ w^T with w read as w[n, k]; passing weight's strides swapped
     # makes it read weight^T, i.e. compute dy @ weight with no copy.
     _common.launcher(kernel)[tiles_grid(M, K)](
-        dy, dact if dact is not None else dy, weight, dx, dx, dx, dx,
+        dy, dact if dact is not None else dy, weight, dx, dx, dx, dx, dx,
         M, K, N,
         dy.stride(0), dy.stride(1), weight.stride(1), weight.stride(0), 0, 0,
         SCALE_A=dact is not None, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False,
-        ACT_KIND=0, IEEE=is_f32(dy.dtype),
+        ACT_KIND=0, HAS_SCALE=False, IEEE=is_f32(dy.dtype),
     )
     return dx
 
@@ -430,16 +441,23 @@ def _audit_specs() -> List["_common.KernelSpec"]:
             # fc1 (bias + GELU, GELU' saved), proj/fc2 (bias + residual), and the backward's dx
             # GEMM: the same kernel, weight's strides swapped, dy * GELU' formed on load.
             for flags, what in (
-                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=0), "fc1: bias+gelu+dact"),
-                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=1), "fc1: bias+gelu_tanh+dact"),
-                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=2), "fc1: bias+quick_gelu+dact"),
-                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_DACT=False, ACT_KIND=0), "proj/fc2: bias+residual"),
-                (dict(SCALE_A=True, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False, ACT_KIND=0), "dx: (dy*dact) @ w"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=0,
+                      HAS_SCALE=False), "fc1: bias+gelu+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=1,
+                      HAS_SCALE=False), "fc1: bias+gelu_tanh+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=True, HAS_RES=False, SAVE_DACT=True, ACT_KIND=2,
+                      HAS_SCALE=False), "fc1: bias+quick_gelu+dact"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_DACT=False, ACT_KIND=0,
+                      HAS_SCALE=False), "proj/fc2: bias+residual"),
+                (dict(SCALE_A=False, HAS_BIAS=True, ACT_GELU=False, HAS_RES=True, SAVE_DACT=True, ACT_KIND=0,
+                      HAS_SCALE=True), "proj/fc2: bias+layerscale+residual+branch"),
+                (dict(SCALE_A=True, HAS_BIAS=False, ACT_GELU=False, HAS_RES=False, SAVE_DACT=False, ACT_KIND=0,
+                      HAS_SCALE=False), "dx: (dy*dact) @ w"),
             ):
                 dx = flags["SCALE_A"]
                 unit = dict(stride_xk=1, stride_wn=1, stride_rm=0, stride_rn=0) if dx else dict(stride_xk=1, stride_wk=1, stride_rn=1)
                 sig = {"x_ptr": f"*{t}", "xs_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "res_ptr": f"*{t}",
-                       "dact_ptr": f"*{t}", "y_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+                       "dact_ptr": f"*{t}", "y_ptr": f"*{t}", "scale_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
                        "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_wk": "i32",
                        "stride_rm": "i32", "stride_rn": "i32"}
                 for n in unit:

@@ -88,8 +88,8 @@ def _ln_linear_fwd_kernel(
         acc = _dot_acc(a, b, acc, IEEE)
         x_ptrs += step_xd
         w_ptrs += step_wd
-    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
-                    HAS_BIAS, ACT_GELU, False, SAVE_DACT, ACT_KIND)
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, 0, 0, dact_ptr, y_ptr, y_ptr,
+                    HAS_BIAS, ACT_GELU, False, SAVE_DACT, ACT_KIND, False)
 
 
 @triton.jit
@@ -285,8 +285,8 @@ def _ln_linear_fold_fwd_kernel(
     c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0)
     acc = rstd[:, None] * (acc - mean[:, None] * colsum[None, :]) + c[None, :]
     # bias is already in c: the shared epilogue adds no bias and no residual here.
-    _epilogue_store(acc, offs_m, offs_n, M, N, c_ptr, y_ptr, 0, 0, dact_ptr, y_ptr,
-                    False, ACT_GELU, False, SAVE_DACT, ACT_KIND)
+    _epilogue_store(acc, offs_m, offs_n, M, N, c_ptr, y_ptr, 0, 0, dact_ptr, y_ptr, y_ptr,
+                    False, ACT_GELU, False, SAVE_DACT, ACT_KIND, False)
 
 
 _FOLD_KEY = ["N", "D", "ACT_GELU", "SAVE_DACT"]

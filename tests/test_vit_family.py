@@ -444,3 +444,16 @@ def test_explicit_triton_raises_with_the_reason_and_auto_falls_back_per_op(monke
     assert dispatch.select("linear", "auto", x.device, dict(base, scale=g)).backend == "triton"
     assert dispatch.select("linear", "auto", x.device, dict(base, activation="gelu_tanh")).backend == "triton"
     assert dispatch.select("linear", "auto", x.device, dict(base, scale=g, activation="gelu")).backend == "eager"
+
+
+def test_reset_classifier_of_the_map_head_as_timms():
+    tm = _timm_model("vit_base_patch16_siglip_224", dict(img_size=32, embed_dim=64, num_heads=2)).eval()
+    model = vitkern.from_timm(tm, backend="eager")
+    with pytest.raises(ValueError, match=r"cannot add an attention-pool head"):
+        vitkern.ViT(img_size=32, embed_dim=64, depth=1, num_heads=2).reset_classifier(3, "map")
+    tm.reset_classifier(5, "avg")
+    model.reset_classifier(5, "avg")
+    assert tm.attn_pool is None and model.attn_pool is None
+    model.head.load_state_dict(tm.head.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), tm(x), **PARITY)

@@ -820,9 +820,15 @@ class ViT(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if global_pool is not None:
+            if global_pool == "map" and self.attn_pool is None:
+                # timm's rule too: the attention-pool head's weights would have to come from nowhere.
+                raise ValueError("reset_classifier cannot add an attention-pool head (global_pool='map'); "
+                                 "build the model with global_pool='map'")
             # fc_norm made explicit: the norm modules stay where they are when the pooling changes.
             self.config = self.config.replace(global_pool=global_pool, fc_norm=not fusion.is_plain(self.fc_norm, nn.Identity))
             self.global_pool = global_pool
+            if global_pool != "map":
+                self.attn_pool = None  # timm drops the attention-pool head when the pooling changes
         self.num_classes = num_classes
         self.config.num_classes = num_classes
         device = self.pos_embed.device

@@ -367,6 +367,34 @@ def test_triton_linear_layer_scale_against_float64(dtype):
     assert_close(y, r + g * (x @ w.t() + b), torch.float32)
 
 
+@pytest.mark.parametrize("prefix, no_embed_class", [(5, False), (5, True), (2, True), (0, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_patch_embed_prefix_tokens_against_float64(prefix, no_embed_class, dtype):
+    _needs_triton()
+    from conftest import TRITON_DEVICE
+
+    torch.manual_seed(0)
+    dim, patches = 6, 6  # an 8 x 12 image in 4 x 4 patches
+    tensors = [_f64(3, 3, 8, 12), _f64(dim, 3, 4, 4) * 0.3, _f64(dim), _f64(1, prefix, dim) if prefix else None,
+               _f64(1, patches if no_embed_class else prefix + patches, dim)]
+    x, w, b, pre, pos = (t.detach().to(TRITON_DEVICE).requires_grad_(True) if t is not None else None for t in tensors)
+
+    def oracle(x, w, b, *rest):
+        pre, pos = (rest[0], rest[1]) if prefix else (None, rest[0])
+        tokens = F.conv2d(x, w, b, stride=4).flatten(2).transpose(1, 2)
+        if no_embed_class:
+            tokens = tokens + pos
+        if pre is not None:
+            tokens = torch.cat([pre.expand(3, -1, -1), tokens], 1)
+        return tokens if no_embed_class else tokens + pos
+
+    def fn(x, w, b, *rest):
+        pre, pos = (rest[0], rest[1]) if prefix else (None, rest[0])
+        return ops.patch_embed(x, w, b, pre, pos, no_embed_class=no_embed_class, backend="triton")
+
+    _check_op_against(fn, oracle, [t for t in (x, w, b, pre, pos) if t is not None], dtype)
+
+
 @pytest.mark.parametrize("design", ["normalize", "fold"])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu"])
 def test_triton_ln_linear_activation_against_float64(activation, design, monkeypatch):
@@ -387,12 +415,12 @@ def test_triton_ln_linear_activation_against_float64(activation, design, monkeyp
                       [x, lw, lb, w, b])
 
 
-def test_triton_model_with_the_activations_and_layer_scale_matches_eager():
+def test_triton_model_with_the_family_options_matches_eager():
     _needs_triton()
     for act in ("gelu_tanh", "quick_gelu"):
         torch.manual_seed(0)
         model = vitkern.ViT(img_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=3, act_layer=act,
-                            init_values=0.5, backend="eager")
+                            init_values=0.5, reg_tokens=2, no_embed_class=True, backend="eager")
         x = torch.randn(2, 3, 32, 32)
         expected = model(x)
         model.backend = "triton"
@@ -425,7 +453,9 @@ def test_fused_backends_name_each_option_they_lack(backend):
     call = dict(x=torch.randn(1, 3, 8, 8), weight=torch.randn(16, 3, 4, 4), bias=None,
                 cls_token=torch.randn(1, 5, 16), pos_embed=torch.randn(1, 4, 16), no_embed_class=True)
     reasons = impls["patch_embed"].supports(call)
-    assert any("5 prefix tokens" in r for r in reasons) and any("no_embed_class=True" in r for r in reasons)
+    # Triton writes any number of prefix rows, with or without their position embedding; csrc/ one.
+    assert any("5 prefix tokens" in r for r in reasons) == (backend == "cuda")
+    assert any("no_embed_class=True" in r for r in reasons) == (backend == "cuda")
 
 
 def test_explicit_triton_raises_with_the_reason_and_auto_falls_back_per_op(monkeypatch):

@@ -83,6 +83,10 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
+    # The prefix rows are written by their own programs, one row per (image, token): any number
+    # works; this bound only keeps a nonsensical prefix (more tokens than an image) off the kernel.
+    _TRITON_MAX_PREFIX = 1024
+
     @_common.library_op("vitkern::patch_embed_fwd")
     def _patch_embed_fwd_op(
         x: torch.Tensor,
@@ -90,15 +94,18 @@ if dispatch.triton_importable():
         bias: Optional[torch.Tensor],
         cls_token: Optional[torch.Tensor],
         pos_embed: Optional[torch.Tensor],
+        no_embed_class: bool = False,
     ) -> torch.Tensor:
-        """x: [batch, chans, H, W]; weight: [dim, chans, ph, pw] -> tokens [batch, tokens, dim]."""
-        return _tpe.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
+        """x: [batch, chans, H, W]; weight: [dim, chans, ph, pw]; cls_token: prefix tokens [1, prefix, dim]
+        -> tokens [batch, prefix + patches, dim]; pos_embed covers the patch rows only with no_embed_class."""
+        return _tpe.patch_embed_fwd(x, weight, bias, cls_token, pos_embed, no_embed_class)
 
     @_common.library_op("vitkern::patch_embed_bwd")
     def _patch_embed_bwd_op(
         dtokens: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_cls: bool, compute_dx: bool
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dtokens: [batch, tokens, dim] -> (dx [batch, chans, H, W] or [0], dweight, dbias [dim], dpos [1, tokens, dim])."""
+        """dtokens: [batch, tokens, dim] -> (dx [batch, chans, H, W] or [0], dweight, dbias [dim], dpos [1, tokens, dim]:
+        the batch sum of dtokens, prefix rows included)."""
         return _tpe.patch_embed_bwd(dtokens, x, weight, has_cls, compute_dx)
 
     class PatchEmbedFn(torch.autograd.Function):
@@ -106,10 +113,12 @@ if dispatch.triton_importable():
         by the dW GEMM, so no patch tensor is kept)."""
 
         @staticmethod
-        def forward(ctx, x, weight, bias, cls_token, pos_embed):
-            tokens = torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos_embed)
+        def forward(ctx, x, weight, bias, cls_token, pos_embed, no_embed_class=False):
+            tokens = torch.ops.vitkern.patch_embed_fwd(x, weight, bias, cls_token, pos_embed, no_embed_class)
             ctx.save_for_backward(x, weight)
             ctx.present = (bias is not None, cls_token is not None, pos_embed is not None)
+            ctx.prefix = cls_token.shape[1] if cls_token is not None else 0
+            ctx.no_embed_class = no_embed_class
             return tokens
 
         @staticmethod
@@ -119,16 +128,20 @@ if dispatch.triton_importable():
             dx, dweight, dbias, dpos = torch.ops.vitkern.patch_embed_bwd(
                 dtokens, x, weight, has_cls, bool(ctx.needs_input_grad[0])
             )
+            prefix = ctx.prefix
+            # dpos is the batch sum of every token row: the prefix tokens' rows are their gradient,
+            # and pos_embed's is all of it, or its patch rows under no_embed_class.
             return (
                 dx if ctx.needs_input_grad[0] else None,
                 dweight,
                 dbias if has_bias else None,
-                dpos[:, :1].clone() if has_cls else None,
-                dpos if has_pos else None,
+                dpos[:, :prefix].clone() if has_cls else None,
+                (dpos[:, prefix:].clone() if ctx.no_embed_class else dpos) if has_pos else None,
+                None,
             )
 
-    def _patch_embed_triton(x, weight, bias, cls_token=None, pos_embed=None):
-        return PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed)
+    def _patch_embed_triton(x, weight, bias, cls_token=None, pos_embed=None, no_embed_class=False):
+        return PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed, no_embed_class)
 
     def _patch_embed_triton_reasons(call) -> List[str]:
         return fused_backend_reasons(
@@ -136,6 +149,6 @@ if dispatch.triton_importable():
             dtypes=(torch.float16, torch.bfloat16, torch.float32),
             allow_cpu=dispatch.triton_interpret(),
             backend="triton",
-        ) + option_reasons(call, "triton")
+        ) + option_reasons(call, "triton", max_prefix_tokens=_TRITON_MAX_PREFIX, no_embed_class=True)
 
     dispatch.register("patch_embed", "triton", _patch_embed_triton, supports=_patch_embed_triton_reasons)

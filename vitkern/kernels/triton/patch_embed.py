@@ -4,15 +4,18 @@ Forward: tokens[b, prefix + p, :] = patches(x)[b, p, :] @ W^T + bias + pos_embed
 M = batch * patches, N = dim, K = chans * ph * pw. The A tile is gathered straight from the image
 (im2col inside the operand load; K ordered (c, i, j) like the Conv2d weight [dim, chans, ph, pw]
 flattened), so no patch tensor is ever written; the epilogue adds bias and position embedding and
-writes the token row. The class-token rows (cls_token + pos_embed[0]) are written by extra
-programs of the same launch (the last cdiv(batch, BLOCK_M) row blocks of the grid).
+writes the token row. The prefix rows (class, distillation, register tokens: cls_token[j] +
+pos_embed[j], or cls_token[j] alone with no_embed_class, whose pos_embed covers the patches only)
+are written by extra programs of the same launch (the last cdiv(batch * prefix, BLOCK_M) row blocks
+of the grid).
 
 Backward (the gradients are what autograd would compute for the eager reference):
 * dW [dim, K] = dtokens_patches^T @ patches(x): a GEMM whose reduction runs over M, with the same
   gather for the B operand; split over M into a fixed number of fp32 partials (the output is
   only dim x K, too few tiles to fill a GPU) and then summed in a fixed order (deterministic).
 * S [tokens, dim] = sum over batch of dtokens (fp32, one program per column block, a fixed-order
-  loop over the batch): dpos = S, dcls = S[0], dbias = column sum of S's patch rows.
+  loop over the batch): dpos = S (its patch rows with no_embed_class), dcls = S's prefix rows, dbias =
+  column sum of S's patch rows.
 * dx (only when asked) = dtokens_patches @ W, scattered into the image layout: patches do not
   overlap and tile the image, so every pixel is written exactly once.
 
@@ -117,14 +120,15 @@ def _patch_embed_fwd_kernel(
     X,  # [B, C, H, W] image, strides stride_x*
     Wt,  # [N, K] weight (Conv2d [N, C, PH, PW] flattened), contiguous
     Bias,  # [N] (unused when not HAS_BIAS)
-    Cls,  # [N] (unused when not HAS_CLS)
-    Pos,  # [T, N] contiguous (unused when not HAS_POS)
+    Cls,  # [NPRE, N] prefix tokens, contiguous (unused when not HAS_CLS)
+    Pos,  # [T, N] or, without POS_PREFIX, [P, N], contiguous (unused when not HAS_POS)
     Out,  # [B, T, N] contiguous, x.dtype
     B,
     M,  # B * P
     P,  # patches per image
     GW,  # patches per image row
-    T,  # tokens per image = P + (1 if HAS_CLS)
+    T,  # tokens per image = NPRE + P
+    NPRE,  # prefix tokens per image (0 without HAS_CLS)
     N,
     K,
     stride_xb,
@@ -136,6 +140,7 @@ def _patch_embed_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_CLS: tl.constexpr,
     HAS_POS: tl.constexpr,
+    POS_PREFIX: tl.constexpr,  # pos_embed has rows for the prefix tokens (timm's default; not no_embed_class)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -166,31 +171,34 @@ def _patch_embed_fwd_kernel(
             )
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if HAS_CLS:
-            tok = p + 1  # the class token is row 0 of each image's token block
+            tok = p + NPRE  # the prefix tokens are rows 0 .. NPRE - 1 of each image's token block
         else:
             tok = p
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_POS:
-            pos = tl.load(Pos + tok[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0.0)
+            if POS_PREFIX:
+                pos_row = tok
+            else:
+                pos_row = p
+            pos = tl.load(Pos + pos_row[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0.0)
             acc += pos.to(tl.float32)
         out_row = b.to(tl.int64) * T + tok
         tl.store(Out + out_row[:, None] * N + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
     else:
         if HAS_CLS:
-            offs_b = (pid_m - num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-            b_mask = offs_b < B
-            cls = tl.load(Cls + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            # One row per (image, prefix token): r = b * NPRE + j.
+            offs_r = (pid_m - num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+            r_mask = offs_r < B * NPRE
+            j = offs_r % NPRE
+            mask = r_mask[:, None] & n_mask[None, :]
+            val = tl.load(Cls + j[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_POS:
-                cls += tl.load(Pos + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cls[None, :]
-            out_row = offs_b.to(tl.int64) * T
-            tl.store(
-                Out + out_row[:, None] * N + offs_n[None, :],
-                val.to(Out.dtype.element_ty),
-                mask=b_mask[:, None] & n_mask[None, :],
-            )
+                if POS_PREFIX:
+                    val += tl.load(Pos + j[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            out_row = (offs_r // NPRE).to(tl.int64) * T + j
+            tl.store(Out + out_row[:, None] * N + offs_n[None, :], val.to(Out.dtype.element_ty), mask=mask)
 
 
 @_common.tuned(configs=_gemm_configs(), key=["N", "K", "PH", "PW"], name="patch_embed.dx", rows="M", prune=_pruner("dx"))
@@ -211,7 +219,7 @@ def _patch_embed_bwd_dx_kernel(
     stride_dw,
     PH: tl.constexpr,
     PW: tl.constexpr,
-    PREFIX: tl.constexpr,  # 1 with a class token, else 0
+    PREFIX: tl.constexpr,  # prefix tokens per image (class, distillation, registers)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -338,12 +346,12 @@ def dw_splits(m: int) -> int:
     return max(1, min(DW_MAX_SPLITS, triton.cdiv(m, DW_ROWS_PER_SPLIT)))
 
 
-def _geometry(x: torch.Tensor, weight: torch.Tensor, has_cls: bool):
+def _geometry(x: torch.Tensor, weight: torch.Tensor, num_prefix: int):
     batch, _, height, width = x.shape
     dim, chans, ph, pw = weight.shape
     gh, gw = height // ph, width // pw
     patches = gh * gw
-    tokens = patches + (1 if has_cls else 0)
+    tokens = patches + num_prefix
     return batch, dim, chans, ph, pw, gw, patches, tokens, chans * ph * pw
 
 
@@ -353,27 +361,31 @@ def patch_embed_fwd(
     bias: Optional[torch.Tensor],
     cls_token: Optional[torch.Tensor],
     pos_embed: Optional[torch.Tensor],
+    no_embed_class: bool = False,
 ) -> torch.Tensor:
     """tokens = [cls_token; patches(x) @ weight^T + bias] + pos_embed.
 
     x: [batch, chans, H, W] (any strides; H, W multiples of the patch); weight: [dim, chans, ph,
-    pw]; bias: [dim] or None; cls_token: [1, 1, dim] or None; pos_embed: [1, tokens, dim] or None; all one dtype (fp16/bf16/fp32). Returns [batch, tokens, dim] in x's
-    dtype, tokens = (1 if cls_token) + (H / ph) * (W / pw).
+    pw]; bias: [dim] or None; cls_token: the prefix tokens [1, prefix, dim] or None; pos_embed:
+    [1, tokens, dim], with no_embed_class [1, patches, dim] (added to the patch rows only), or None;
+    all one dtype (fp16/bf16/fp32). Returns [batch, tokens, dim] in x's dtype, tokens = prefix +
+    (H / ph) * (W / pw).
     """
     has_cls = cls_token is not None
+    num_prefix = cls_token.shape[1] if has_cls else 0
     # The small operands are indexed as dense rows (no-ops when already contiguous).
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     cls_token = cls_token.contiguous() if has_cls else None
     pos_embed = pos_embed.contiguous() if pos_embed is not None else None
-    batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, has_cls)
+    batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, num_prefix)
     out = _common.empty((batch, tokens, dim), dtype=x.dtype, device=x.device)
     m = batch * patches
     if batch == 0 or dim == 0:
         return out
 
     def grid(meta):
-        rows = triton.cdiv(m, meta["BLOCK_M"]) + (triton.cdiv(batch, meta["BLOCK_M"]) if has_cls else 0)
+        rows = triton.cdiv(m, meta["BLOCK_M"]) + (triton.cdiv(batch * num_prefix, meta["BLOCK_M"]) if has_cls else 0)
         return (rows * triton.cdiv(dim, meta["BLOCK_N"]),)
 
     _common.launcher(_patch_embed_fwd_kernel)[grid](
@@ -388,6 +400,7 @@ def patch_embed_fwd(
         patches,
         gw,
         tokens,
+        num_prefix,
         dim,
         k,
         x.stride(0),
@@ -399,6 +412,7 @@ def patch_embed_fwd(
         HAS_BIAS=bias is not None,
         HAS_CLS=has_cls,
         HAS_POS=pos_embed is not None,
+        POS_PREFIX=not no_embed_class,
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return out
@@ -413,16 +427,21 @@ def patch_embed_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `patch_embed_fwd`.
 
-    dtokens: [batch, tokens, dim] in x's dtype; x, weight: as in the forward; has_cls:
-    whether token 0 is the class token; compute_dx: whether to compute dx. Returns (dx [batch,
-    chans, H, W] contiguous (a [0]-shaped tensor when not compute_dx), dweight [dim, chans, ph, pw],
-    dbias [dim], dpos [1, tokens, dim]), the last three in weight's dtype. dpos is the batch sum
-    of dtokens, so dcls = dpos[:, :1] with a class token. Sums are fp32 in a fixed order.
+    dtokens: [batch, prefix + patches, dim] in x's dtype; x, weight: as in the forward; has_cls:
+    whether prefix tokens lead (their number is dtokens' token count minus the patches);
+    compute_dx: whether to compute dx. Returns (dx [batch, chans, H, W] contiguous (a [0]-shaped
+    tensor when not compute_dx), dweight [dim, chans, ph, pw], dbias [dim], dpos [1, tokens, dim]),
+    the last three in weight's dtype. dpos is the batch sum of dtokens, so the prefix tokens'
+    gradient is dpos[:, :prefix] (and pos_embed's under no_embed_class dpos[:, prefix:]). Sums are
+    fp32 in a fixed order.
     """
     weight = weight.contiguous()
     dtokens = dtokens.contiguous()
-    batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, has_cls)
-    prefix = 1 if has_cls else 0
+    patches = (x.shape[2] // weight.shape[2]) * (x.shape[3] // weight.shape[3])
+    prefix = dtokens.shape[1] - patches
+    if (prefix > 0) != bool(has_cls) or prefix < 0:
+        raise ValueError(f"dtokens has {dtokens.shape[1]} tokens for {patches} patches, which does not fit has_cls={has_cls}")
+    batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, prefix)
     m = batch * patches
     device = x.device
     precision = _dot_precision(x.dtype)
@@ -491,7 +510,12 @@ def _audit_specs() -> List[KernelSpec]:
             ("fwd", _patch_embed_fwd_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
              {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "B": d16, **geometry,
               "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
-             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True)),
+             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=True, NPRE=1)),
+            # DINOv2 with registers / DeiT III: several prefix rows (a run-time count), pos_embed on the patches only.
+            ("fwd", _patch_embed_fwd_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "B": d16, **geometry, "NPRE": i32,
+              "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
+             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=False)),
             ("dx", _patch_embed_bwd_dx_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
              {"DT": p, "Wt": p, "DX": p, **geometry, "stride_db": d16, "stride_dc": d16, "stride_dh": d16},
              dict(stride_dw=1, PREFIX=1)),
@@ -515,7 +539,8 @@ def _audit_specs() -> List[KernelSpec]:
                         num_stages=num_stages,
                         dtype=dtype,
                         gemm_like=True,
-                        label=" ".join(f"{k}={v}" for k, v in meta.items()) + f" warps={num_warps} stages={num_stages}",
+                        label=" ".join(f"{k}={v}" for k, v in meta.items()) + f" warps={num_warps} stages={num_stages}"
+                        + (" prefix rows, no_embed_class" if extra.get("POS_PREFIX") is False else ""),
                     )
                 )
         specs.append(

@@ -24,7 +24,8 @@ call against `plan_key()` and the classes of the fused modules:
   (`WatchesSwaps`), which is how PEFT, `merge_and_unload` and hand surgery replace a layer;
 * parametrizations change a module's class, which the per-call class check sees.
 
-Per call that is one tuple comparison and six `type()` checks per block, instead of reading four
+Per call that is one tuple comparison and eleven `type()` checks per block (the six fused leaves,
+the activation, LayerScale and QK-norm slots), instead of reading four
 hook dicts of every sub-module (measured in tests/test_dropin_surgery.py). `_apply` (`.to()`,
 `.half()`) needs no invalidation: the plan holds modules, never their tensors. Under
 `torch.compile` the plan is recomputed at trace time instead (dynamo then guards on what it read),

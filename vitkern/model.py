@@ -482,7 +482,7 @@ class Block(fusion.WatchesSwaps, nn.Module):
     `x + drop_path(ls(attn(norm1(x))))`, still through vitkern's ops for every plain piece.
 
     The decision is cached in `_plan` (see vitkern.fusion for what invalidates it and why): on an
-    unmodified model a call costs one key comparison and six class checks.
+    unmodified model a call costs one key comparison and eleven class checks.
     """
 
     def __init__(

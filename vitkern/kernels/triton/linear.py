@@ -120,13 +120,14 @@ def _mainloop(
     in fp32 (else zeros)."""
     # Offsets and pointer steps along the reduction are int64 too: with a view's stride past
     # 2^31 / BLOCK_L (e.g. a column stride of 2^27), l * stride and BLOCK_L * stride wrap in int32.
-    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)
+    # (offs_l itself stays int32 for the masks: an int64 copy per element costs registers.)
+    offs_l = tl.arange(0, BLOCK_L)
     step_al = tl.cast(stride_al, tl.int64) * BLOCK_L
     step_bl = tl.cast(stride_bl, tl.int64) * BLOCK_L
-    a_offs = (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l * stride_al)[None, :]
+    a_offs = (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l.to(tl.int64) * stride_al)[None, :]
     a_ptrs = a_ptr + a_offs
     s_ptrs = s_ptr + a_offs
-    b_ptrs = b_ptr + (offs_l * stride_bl)[:, None] + (offs_c.to(tl.int64) * stride_bc)[None, :]
+    b_ptrs = b_ptr + (offs_l.to(tl.int64) * stride_bl)[:, None] + (offs_c.to(tl.int64) * stride_bc)[None, :]
     r_ok = offs_r < R
     c_ok = offs_c < C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)

@@ -67,15 +67,15 @@ def _ln_linear_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # int64 offsets and steps along D: a weight view's column stride past 2^31 / BLOCK_K would wrap
     # BLOCK_K * stride in int32 (as in linear._mainloop).
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)  # int32 for the masks; int64 where it meets a stride
     step_xd = tl.cast(stride_xd, tl.int64) * BLOCK_K
     step_wd = tl.cast(stride_wd, tl.int64) * BLOCK_K
     m_ok = offs_m < M
     n_ok = offs_n < N
     mean = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
     rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
-    x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k * stride_xd)[None, :]
-    w_ptrs = w_ptr + (offs_k * stride_wd)[:, None] + (offs_n.to(tl.int64) * stride_wn)[None, :]
+    x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k.to(tl.int64) * stride_xd)[None, :]
+    w_ptrs = w_ptr + (offs_k.to(tl.int64) * stride_wd)[:, None] + (offs_n.to(tl.int64) * stride_wn)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k0
@@ -103,17 +103,17 @@ def _ln_dw_mainloop(
     SCALE_A (else dy), and with ROWSUM also rowsum[n] = sum_m dh[m, n]."""
     # int64 offsets and steps along the rows: dy's or x's row stride past 2^31 / BLOCK_L would wrap
     # BLOCK_L * stride in int32.
-    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_l = tl.arange(0, BLOCK_L)  # int32 for the masks; int64 where it meets a stride
     step_dym = tl.cast(stride_dym, tl.int64) * BLOCK_L
     step_xm = tl.cast(stride_xm, tl.int64) * BLOCK_L
     r_ok = offs_r < N
     c_ok = offs_c < D
     gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    a_offs = (offs_r.to(tl.int64) * stride_dyn)[:, None] + (offs_l * stride_dym)[None, :]
+    a_offs = (offs_r.to(tl.int64) * stride_dyn)[:, None] + (offs_l.to(tl.int64) * stride_dym)[None, :]
     a_ptrs = dy_ptr + a_offs
     s_ptrs = dact_ptr + a_offs
-    b_ptrs = x_ptr + (offs_l * stride_xm)[:, None] + (offs_c.to(tl.int64) * stride_xd)[None, :]
+    b_ptrs = x_ptr + (offs_l.to(tl.int64) * stride_xm)[:, None] + (offs_c.to(tl.int64) * stride_xd)[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for l0 in range(0, M, BLOCK_L):
@@ -254,13 +254,13 @@ def _ln_linear_fold_fwd_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # int64 offsets and steps along D, as above
+    offs_k = tl.arange(0, BLOCK_K)  # int64 offsets and steps along D, as above
     step_xd = tl.cast(stride_xd, tl.int64) * BLOCK_K
     step_wd = tl.cast(stride_wd, tl.int64) * BLOCK_K
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k * stride_xd)[None, :]
-    w_ptrs = wg_ptr + (offs_k * stride_wd)[:, None] + (offs_n.to(tl.int64) * stride_wn)[None, :]
+    x_ptrs = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + (offs_k.to(tl.int64) * stride_xd)[None, :]
+    w_ptrs = wg_ptr + (offs_k.to(tl.int64) * stride_wd)[:, None] + (offs_n.to(tl.int64) * stride_wn)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -46,7 +46,9 @@ cudaError_t vk_colsum(int dtype, const void* in, int64_t rows, int64_t cols, int
 bool vk_attention_supports_head_dim(int head_dim);
 cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
                              int batch, int tokens, int heads, int head_dim, float scale, cudaStream_t stream);
-// dqkv is written whole (q, k and v parts), contiguous [batch, tokens, 3 * heads * head_dim].
+// dqkv is written whole (q, k and v parts), contiguous [batch, tokens, 3 * heads * head_dim]. The dQ
+// kernel computes delta = rowsum(P dP) / rowsum(P) from its own P and dP into `delta` (scratch, then
+// read by dK/dV); `out` is unused since then and kept so the bindings' signature did not change.
 cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* out,
                              const void* dout, const float* lse, float* delta, void* dqkv, int batch, int tokens,
                              int heads, int head_dim, float scale, cudaStream_t stream);

@@ -302,3 +302,13 @@ def test_mpp_refuses_vit_options_it_does_not_reproduce():
         vit = vitkern.ViT(img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=2, num_classes=0, **options)
         with pytest.raises(ValueError, match=message):
             MaskedPatchPrediction(vit)
+
+
+def test_named_model_normalizes_with_its_pretrained_cfg():
+    """A named model's data is normalized with its checkpoint's statistics (DeiT: ImageNet's), an
+    unnamed one with the paper's 0.5/0.5."""
+    from vitkern.train.loop import _named_pretrained_cfg
+
+    assert _named_pretrained_cfg("deit_small_patch16_224")["mean"] == (0.485, 0.456, 0.406)
+    assert _named_pretrained_cfg("vit_base_patch16_224")["std"] == (0.5, 0.5, 0.5)
+    assert _named_pretrained_cfg(None) == {}

@@ -116,6 +116,16 @@ def build_vit(recipe: Recipe, num_classes: int) -> vitkern.ViT:
                        num_heads=recipe.num_heads, mlp_ratio=recipe.mlp_ratio, **common)
 
 
+def _named_pretrained_cfg(name: Optional[str]) -> Dict[str, Any]:
+    """timm's pretrained cfg of a named model ({} for explicit fields or a name without tags)."""
+    if not name:
+        return {}
+    try:
+        return vitkern.pretrained_cfg(name)
+    except (KeyError, ValueError, StopIteration):
+        return {}
+
+
 def model_signature(vit: vitkern.ViT) -> Dict[str, Any]:
     cfg = vars(vit.config)
     return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in _MODEL_FIELDS}
@@ -269,9 +279,11 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint in --out {recipe.out!r} (expected "
                                  f"{ckpt.checkpoint_root(recipe.out)}/step_NNNNNNN/)")
 
-        # Data (the model's normalization: vitkern's ViT has no pretrained_cfg; the paper's is 0.5/0.5).
-        self.mean = tuple(recipe.mean or DEFAULT_MEAN)
-        self.std = tuple(recipe.std or DEFAULT_STD)
+        # Data, normalized as the model expects: --mean/--std, else a named model's pretrained_cfg
+        # (timm's default tag: e.g. ImageNet's statistics for DeiT), else the paper's 0.5/0.5.
+        named_cfg = _named_pretrained_cfg(recipe.model)
+        self.mean = tuple(recipe.mean or named_cfg.get("mean") or DEFAULT_MEAN)
+        self.std = tuple(recipe.std or named_cfg.get("std") or DEFAULT_STD)
         self.train_set, self.val_set, num_classes = build_datasets(recipe, self.mean, self.std)
         workers = 0 if recipe.data == "digits" else recipe.num_workers  # digits live in memory
         self.stream = TrainStream(self.train_set, self.micro_batch, accum, world, env.rank, recipe.seed, workers)

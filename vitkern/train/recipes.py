@@ -86,7 +86,7 @@ class Recipe:
     val_data: Optional[str] = None  # held-out ImageFolder directory (digits has a fixed split)
     num_workers: int = 2
     hflip: bool = True  # random horizontal flip (ImageFolder only: a flipped digit is another glyph)
-    mean: Optional[Tuple[float, float, float]] = None  # None: the model's (0.5, 0.5, 0.5)
+    mean: Optional[Tuple[float, float, float]] = None  # None: a named model's pretrained_cfg, else 0.5
     std: Optional[Tuple[float, float, float]] = None
 
     # -- fine-tuning

@@ -13,9 +13,10 @@ Backward, with dy' = dy * dact when the forward had GELU (else dy' = dy):
     copy); the programs of the first output-column tile also sum their dy'^T tiles, which gives
     db = sum_rows(dy') deterministically (no atomics, no extra pass over dy).
 
-Index arithmetic: every offset is int64 before it meets a stride (M * N exceeds 2^31 at batch 4096
-of ViT-B), and so is the K loop's pointer step BLOCK_K * stride (a view's stride can pass
-2^31 / BLOCK_K: at 2^27 an int32 step wrapped and the load left the tensor).
+Index arithmetic: row offsets are int64 before they meet a stride (M * N exceeds 2^31 at batch 4096
+of ViT-B); reduction offsets and the K loop's pointer step BLOCK_K * stride stay int32 (an int64
+copy spilled tiles), so the launchers copy an operand whose reduction stride could wrap them (a
+view's stride past 2^31 / BLOCK_K, e.g. 2^27) to a contiguous one first.
 Autotuning is keyed on (N, K) and the epilogue flags, never on M (the batch).
 """
 
@@ -70,8 +71,11 @@ def _activation(acc, ACT_KIND: tl.constexpr):
         du = (1.0 + 3.0 * 0.044715 * acc * acc) * _SQRT_2_OVER_PI
         return 0.5 * acc * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * acc * (1.0 - t * t) * du
     else:
+        # act' = sig + 1.702 x sig (1 - sig) = sig + 1.702 (y - y sig) with y = x sig: reusing y
+        # keeps one fewer fp32 tile live (the literal form spilled the 128 x 64 tile on sm_80).
         sig = tl.sigmoid(acc * _QUICK_GELU)
-        return acc * sig, sig + acc * _QUICK_GELU * sig * (1.0 - sig)
+        y = acc * sig
+        return y, sig + (y - y * sig) * _QUICK_GELU
 
 
 @triton.jit
@@ -118,16 +122,14 @@ def _mainloop(
     """acc[r, c] = sum_l A'[r, l] B[l, c] in fp32 for one tile, A' = A (or A * S with SCALE_A; S
     has A's strides), A and B addressed through strides; with ROWSUM also rowsum[r] = sum_l A'[r, l]
     in fp32 (else zeros)."""
-    # Offsets and pointer steps along the reduction are int64 too: with a view's stride past
-    # 2^31 / BLOCK_L (e.g. a column stride of 2^27), l * stride and BLOCK_L * stride wrap in int32.
-    # (offs_l itself stays int32 for the masks: an int64 copy per element costs registers.)
+    # Reduction offsets stay int32 (an int64 copy of them spilled some tiles): the launchers make an
+    # operand contiguous first when its reduction stride times BLOCK_L could pass 2^31
+    # (`reduction_stride_fits`), so l * stride and BLOCK_L * stride never wrap here.
     offs_l = tl.arange(0, BLOCK_L)
-    step_al = tl.cast(stride_al, tl.int64) * BLOCK_L
-    step_bl = tl.cast(stride_bl, tl.int64) * BLOCK_L
-    a_offs = (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l.to(tl.int64) * stride_al)[None, :]
+    a_offs = (offs_r.to(tl.int64) * stride_ar)[:, None] + (offs_l * stride_al)[None, :]
     a_ptrs = a_ptr + a_offs
     s_ptrs = s_ptr + a_offs
-    b_ptrs = b_ptr + (offs_l.to(tl.int64) * stride_bl)[:, None] + (offs_c.to(tl.int64) * stride_bc)[None, :]
+    b_ptrs = b_ptr + (offs_l * stride_bl)[:, None] + (offs_c.to(tl.int64) * stride_bc)[None, :]
     r_ok = offs_r < R
     c_ok = offs_c < C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -139,10 +141,10 @@ def _mainloop(
         acc = _dot_acc(a, b, acc, IEEE)
         if ROWSUM:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += step_al
+        a_ptrs += BLOCK_L * stride_al
         if SCALE_A:
-            s_ptrs += step_al
-        b_ptrs += step_bl
+            s_ptrs += BLOCK_L * stride_al
+        b_ptrs += BLOCK_L * stride_bl
     return acc, rowsum
 
 
@@ -298,6 +300,30 @@ def tiles_grid(rows: int, cols: int):
 # Launchers (inputs already validated by vitkern.ops.linear)
 
 
+# Every config's reduction block (BLOCK_K) is at most this; the kernels keep reduction offsets and
+# the K loop's pointer step (BLOCK_K * stride) in int32, so a stride of 2^31 / this or more is copied
+# to a contiguous operand first (a view's stride, e.g. 2^27: never a ViT path, but never a wrap).
+_MAX_BLOCK_L = 256
+_INT32_MAX = 2**31 - 1
+
+
+def reduction_stride_fits(*strides: int) -> bool:
+    """True when every reduction stride times the largest reduction block stays in int32."""
+    return all(abs(st) * _MAX_BLOCK_L <= _INT32_MAX for st in strides)
+
+
+def _with_reduction_stride(t: torch.Tensor, dim: int, *tied: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """(t, *tied), made contiguous together when t's stride along the reduction `dim` is too large
+    for the kernels' int32 offsets (tied tensors are read with t's strides, so they follow t)."""
+    if reduction_stride_fits(t.stride(dim)):
+        return (t, *tied)
+    out = (t.contiguous(), *(u.contiguous() if u is not None else None for u in tied))
+    if not reduction_stride_fits(out[0].stride(dim)):
+        raise ValueError(f"linear: a stride of {out[0].stride(dim)} along the reduction dimension exceeds what the "
+                         f"Triton kernels address in int32 ({_INT32_MAX} / {_MAX_BLOCK_L}) even when contiguous")
+    return out
+
+
 def linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
     activation: Optional[str], save_dact: bool = True, scale: Optional[torch.Tensor] = None,
@@ -321,6 +347,8 @@ def linear_fwd(
     if M == 0 or N == 0:
         return y, dact
     res = residual if residual is not None else y
+    (x,) = _with_reduction_stride(x, 1)
+    (weight,) = _with_reduction_stride(weight, 1)
     kernel = _linear_fwd_f32 if is_f32(x.dtype) else _linear_fwd_tc
     _common.launcher(kernel)[tiles_grid(M, N)](
         x, x, weight, bias if bias is not None else y, res, dact if keep else y, y,
@@ -343,6 +371,8 @@ def linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, dact: Optional[torch.T
     dx = _common.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0 or K == 0:
         return dx
+    dy, dact = _with_reduction_stride(dy, 1, dact)
+    (weight,) = _with_reduction_stride(weight, 0)
     kernel = _linear_fwd_f32 if is_f32(dy.dtype) else _linear_fwd_tc
     # The forward kernel computes x @ w^T with w read as w[n, k]; passing weight's strides swapped
     # makes it read weight^T, i.e. compute dy @ weight with no copy.
@@ -376,6 +406,8 @@ def linear_bwd_dw(
         if has_bias:
             db = _bias_grad(dy, dact)
         return dw, db
+    dy, dact = _with_reduction_stride(dy, 0, dact)
+    (x,) = _with_reduction_stride(x, 0)
     kernel = _linear_bwd_dw_f32 if is_f32(dy.dtype) else _linear_bwd_dw_tc
     _common.launcher(kernel)[tiles_grid(N, K)](
         dy, dact if dact is not None else dy, x, dw, db if has_bias else dw,

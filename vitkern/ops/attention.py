@@ -52,11 +52,6 @@ def attention(
     # Family options ride in the call only when set: every backend's reasons see them, and an
     # implementation without them is never handed one.
     options = {name: v for name, v in (("q_norm", q_norm), ("k_norm", k_norm)) if v is not None}
-    if qkv.shape[0] == 0:
-        # An empty batch (timm's models take one): nothing for a kernel to do, and a zero-sized
-        # launch grid is an error on CUDA. The eager op returns the empty [0, tokens, dim] on any
-        # device with its autograd edge, so the backward gives zero gradients as timm's does.
-        return reference.attention(qkv, num_heads, scale=scale, **options)
     call = dict(qkv=qkv, num_heads=num_heads, scale=scale, **options)
     impl = dispatch.select("attention", backend, qkv.device, call)
     return impl.fn(**call)

@@ -66,7 +66,8 @@ def _ln_linear_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # int64 offsets and steps along D: a weight view's column stride past 2^31 / BLOCK_K would wrap
-    # BLOCK_K * stride in int32 (as in linear._mainloop).
+    # BLOCK_K * stride in int32. (linear's kernels keep int32 and copy such an operand in the launcher
+    # instead, because int64 spilled a linear tile; these tiles audit with 0 spills in int64.)
     offs_k = tl.arange(0, BLOCK_K)  # int32 for the masks; int64 where it meets a stride
     step_xd = tl.cast(stride_xd, tl.int64) * BLOCK_K
     step_wd = tl.cast(stride_wd, tl.int64) * BLOCK_K

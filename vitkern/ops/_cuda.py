@@ -219,11 +219,12 @@ def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None) -> Tensor:
 # What each implementation supports (beyond dtype and device)
 
 
-def _common(call: Mapping[str, object]) -> List[str]:
-    # csrc/ has none of the ViT family's options yet (LayerScale, tanh GELU / QuickGELU, QK-norm,
-    # several prefix tokens, no_embed_class): a call that uses one is declined with its name.
+def _common(call: Mapping[str, object], **options) -> List[str]:
+    """Dtype and device reasons, and the ViT family's options (LayerScale, activations, QK-norm, prefix
+    tokens, no_embed_class) that the op's kernels lack: `options` are `option_reasons`' keywords, saying
+    what this op's csrc/ kernels have; a call that uses anything else is declined with its name."""
     return (fused_backend_reasons(call, dtypes=DTYPES, allow_cpu=ACCEPTS_CPU, backend="cuda")
-            + option_reasons(call, "cuda"))
+            + option_reasons(call, "cuda", **options))
 
 
 def _rows_reasons(x: Tensor) -> List[str]:

@@ -98,15 +98,25 @@ class PatchDropout(nn.Module):
             return x
         return _patch_dropout(x, self.prob, self.num_prefix_tokens)
 
+    def draw_keep(self, batch: int, patches: int, device: torch.device) -> Tensor:
+        """The patches each image keeps, [batch, kept] int64, drawn as `forward` draws them (the
+        model hands them to the patch_embed op, which then embeds only those)."""
+        return _draw_keep(batch, patches, self.prob, device)
+
     def extra_repr(self) -> str:
         return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}"
 
 
+def _draw_keep(batch: int, patches: int, prob: float, device: torch.device) -> Tensor:
+    """timm's draw: max(1, int(patches * (1 - prob))) patches per image in random order, from
+    torch.randn(batch, patches) argsorted."""
+    keep = max(1, int(patches * (1.0 - prob)))
+    return torch.argsort(torch.randn(batch, patches, device=device), dim=-1)[:, :keep]
+
+
 def _patch_dropout(x: Tensor, prob: float, num_prefix_tokens: int) -> Tensor:
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-    batch, length = patches.shape[0], patches.shape[1]
-    keep = max(1, int(length * (1.0 - prob)))
-    kept = torch.argsort(torch.randn(batch, length, device=x.device), dim=-1)[:, :keep]
+    kept = _draw_keep(patches.shape[0], patches.shape[1], prob, x.device)
     patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return torch.cat((prefix, patches), dim=1) if num_prefix_tokens else patches
 
@@ -261,7 +271,7 @@ def _attention_with_dropout(qkv: Tensor, num_heads: int, p: float, scale: float)
 
 
 for _leaf in ("_drop_path", "_checked_image", "_padded_to_patches", "_position_embedding", "_add_prefix_and_position",
-              "_attention_with_dropout", "_patch_dropout"):
+              "_attention_with_dropout", "_patch_dropout", "_draw_keep"):
     torch.fx.wrap(_leaf)
 
 
@@ -867,23 +877,36 @@ class ViT(nn.Module):
         """Images [batch, in_chans, H, W] -> [prefix; patch tokens] + pos_embed, [batch, tokens, dim]:
         one fused op while patch_embed is vitkern's plain PatchEmbed, else timm's order (the
         patch_embed module, then the prefix tokens and position embedding); then timm's pos_drop,
-        patch_drop (training) and norm_pre."""
+        patch_drop (training) and norm_pre. A plain PatchDropout in training hands its kept
+        patches to the fused op, which embeds only those (same draw, same tokens as timm's)."""
         pe = self.patch_embed
         prefix = self._prefix_tokens()
+        keep = None
         if (type(pe) is PatchEmbed and not fusion.has_hooks(pe) and fusion.is_plain_patch_conv(pe.proj)
                 and fusion.is_plain(pe.norm, nn.Identity)):
             x = pe.prepare(x)
             pos = _position_embedding(self.pos_embed, x, pe.patch_size, pe.grid_size, self._pos_prefix,
                                       self.dynamic_img_size)
+            if self._patch_drop_fuses():
+                patches = (x.shape[-2] // pe.patch_size[0]) * (x.shape[-1] // pe.patch_size[1])
+                keep = self.patch_drop.draw_keep(x.shape[0], patches, x.device)
             z = ops.patch_embed(x, pe.proj.weight, pe.proj.bias, prefix, pos, no_embed_class=self.no_embed_class,
-                                backend=self.backend)
+                                keep=keep, backend=self.backend)
         else:
             z = _add_prefix_and_position(pe(x), prefix, self.pos_embed, pe.grid_size, self._pos_prefix,
                                          self.dynamic_img_size, self.no_embed_class)
-        z = self.patch_drop(self.pos_drop(z))
+        z = self.pos_drop(z) if keep is not None else self.patch_drop(self.pos_drop(z))
         if not fusion.is_plain(self.norm_pre, nn.Identity):
             z = fusion.call_norm(self.norm_pre, z, backend=self.backend)
         return z
+
+    def _patch_drop_fuses(self) -> bool:
+        """patch_drop is a plain PatchDropout that drops now (training) and pos_drop, which timm runs
+        before it, draws nothing (so the draw, moved before the embedding, takes the same numbers)."""
+        drop, pos_drop = self.patch_drop, self.pos_drop
+        return (type(drop) is PatchDropout and not fusion.has_hooks(drop) and drop.training and drop.prob > 0
+                and type(pos_drop) is nn.Dropout and not fusion.has_hooks(pos_drop)
+                and (pos_drop.p == 0 or not pos_drop.training))
 
     def _blocks(self, z: Tensor) -> Tensor:
         for blk in self.blocks:

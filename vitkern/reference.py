@@ -75,6 +75,7 @@ def patch_embed(
     pos_embed: Optional[Tensor] = None,
     *,
     no_embed_class: bool = False,
+    keep: Optional[Tensor] = None,
 ) -> Tensor:
     """Patch embedding, eq. (1) of the paper: [prefix; patches(x) E + b] + E_pos.
 
@@ -82,8 +83,10 @@ def patch_embed(
     cls_token: the prefix tokens [1, prefix, dim] (class, distillation and register tokens, in
     that order) prepended as tokens 0 .. prefix - 1; pos_embed: [1, prefix + patches, dim] added to
     every token (timm's default), or with `no_embed_class` [1, patches, dim] added to the patch
-    tokens only (timm's no_embed_class: DeiT III, DINOv2 with registers). Returns
-    [batch, tokens, dim] in x's dtype.
+    tokens only (timm's no_embed_class: DeiT III, DINOv2 with registers). keep: PatchDropout's
+    kept patches [batch, kept] (int64 indices into each image's patches), or None: the result's
+    patch tokens are then tokens[:, prefix:].gather(1, keep), after the position embedding.
+    Returns [batch, tokens, dim] in x's dtype, tokens = prefix + (kept or patches).
     """
     dim, _, ph, pw = weight.shape
     tokens = patchify(x, (ph, pw)) @ weight.reshape(dim, -1).t()
@@ -95,6 +98,10 @@ def patch_embed(
         tokens = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
     if not no_embed_class and pos_embed is not None:
         tokens = tokens + pos_embed
+    if keep is not None:
+        prefix = cls_token.shape[1] if cls_token is not None else 0
+        kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
+        tokens = torch.cat([tokens[:, :prefix], kept], dim=1)
     return tokens
 
 

@@ -87,6 +87,24 @@ def check_norm_args(name: str, value: object, dim: int, like: Tensor) -> Optiona
     return (weight, bias, float(eps))
 
 
+def check_keep(keep: object, batch: int, patches: int, device: torch.device) -> Tensor:
+    """PatchDropout's kept patches: an int64 tensor [batch, kept], 1 <= kept <= patches, on `device`,
+    every index in [0, patches). The values are checked without a host sync (torch._assert_async:
+    an error on the CPU at once, a device-side assert on a GPU), and not while torch.compile traces."""
+    if not isinstance(keep, Tensor):
+        raise TypeError(f"keep must be a torch.Tensor of int64 patch indices, got {type(keep).__name__}")
+    if keep.dtype != torch.int64:
+        raise TypeError(f"keep must be int64 patch indices, got {keep.dtype}")
+    if keep.dim() != 2 or keep.shape[0] != batch or not 1 <= keep.shape[1] <= patches:
+        raise ValueError(f"keep must have shape (batch={batch}, kept) with 1 <= kept <= {patches} patches, "
+                         f"got {tuple(keep.shape)}")
+    if keep.device != device:
+        raise ValueError(f"keep is on {keep.device} but x is on {device}; all inputs must share a device")
+    if keep.numel() and not torch.compiler.is_compiling():
+        torch._assert_async(((keep >= 0) & (keep < patches)).all(), f"keep's indices must be in [0, {patches})")
+    return keep
+
+
 def option_reasons(
     call: Mapping[str, object],
     backend: str,
@@ -96,10 +114,12 @@ def option_reasons(
     qk_norm: bool = False,
     max_prefix_tokens: int = 1,
     no_embed_class: bool = False,
+    keep: bool = False,
 ) -> List[str]:
     """Why a backend's kernels lack an option of the ViT family that `call` uses (the options ride
     in the call only when set): an activation, LayerScale `scale`, QK-norm, more prefix tokens than
-    the kernel writes, position embeddings that skip the prefix. Empty when the kernels have them."""
+    the kernel writes, position embeddings that skip the prefix, PatchDropout's kept patches. Empty
+    when the kernels have them."""
     reasons: List[str] = []
     activation = call.get("activation")
     if activation not in activations:
@@ -114,6 +134,8 @@ def option_reasons(
                        f"patch_embed writes at most {max_prefix_tokens}")
     if call.get("no_embed_class") and not no_embed_class:
         reasons.append(f"no_embed_class=True (pos_embed without the prefix tokens) is not in the {backend} patch_embed")
+    if call.get("keep") is not None and not keep:
+        reasons.append(f"keep (PatchDropout's kept patches) is not in the {backend} patch_embed")
     return reasons
 
 

@@ -93,15 +93,21 @@ def _dw_configs():
 
 
 @triton.jit
+def _patch_offset(b, p, GW, PH: tl.constexpr, PW: tl.constexpr, stride_b, stride_h, stride_w):
+    """Offset (int64) of the top-left pixel of patch p of image b in a tensor with the given
+    batch/row/col strides."""
+    py = p // GW
+    px = p % GW
+    return b.to(tl.int64) * stride_b + (py * PH).to(tl.int64) * stride_h + (px * PW).to(tl.int64) * stride_w
+
+
+@triton.jit
 def _patch_rows(offs_m, P, GW, PH: tl.constexpr, PW: tl.constexpr, stride_b, stride_h, stride_w):
     """For GEMM rows m = b * P + p: (image index b, patch index p, offset of the patch's top-left
     pixel in a tensor with the given batch/row/col strides, int64)."""
     b = offs_m // P
     p = offs_m % P
-    py = p // GW
-    px = p % GW
-    off = b.to(tl.int64) * stride_b + (py * PH).to(tl.int64) * stride_h + (px * PW).to(tl.int64) * stride_w
-    return b, p, off
+    return b, p, _patch_offset(b, p, GW, PH, PW, stride_b, stride_h, stride_w)
 
 
 @triton.jit
@@ -123,11 +129,13 @@ def _patch_embed_fwd_kernel(
     Cls,  # [NPRE, N] prefix tokens, contiguous (unused when not HAS_CLS)
     Pos,  # [T, N] or, without POS_PREFIX, [P, N], contiguous (unused when not HAS_POS)
     Out,  # [B, T, N] contiguous, x.dtype
+    Keep,  # [B, KEPT] int64, contiguous: the patches each image keeps (PatchDropout; unused when not HAS_KEEP)
     B,
-    M,  # B * P
+    M,  # B * KEPT: the GEMM's rows
     P,  # patches per image
+    KEPT,  # patch tokens per image written (P without HAS_KEEP)
     GW,  # patches per image row
-    T,  # tokens per image = NPRE + P
+    T,  # tokens per image = NPRE + KEPT
     NPRE,  # prefix tokens per image (0 without HAS_CLS)
     N,
     K,
@@ -141,6 +149,7 @@ def _patch_embed_fwd_kernel(
     HAS_CLS: tl.constexpr,
     HAS_POS: tl.constexpr,
     POS_PREFIX: tl.constexpr,  # pos_embed has rows for the prefix tokens (timm's default; not no_embed_class)
+    HAS_KEEP: tl.constexpr,  # PatchDropout: GEMM row b * KEPT + j is patch Keep[b, j], token NPRE + j
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -159,7 +168,15 @@ def _patch_embed_fwd_kernel(
     if pid_m < num_m_blocks:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
-        b, p, row_off = _patch_rows(offs_m, P, GW, PH, PW, stride_xb, stride_xh, stride_xw)
+        if HAS_KEEP:
+            # The dropped patches are never gathered or multiplied: the GEMM has B * KEPT rows.
+            b = offs_m // KEPT
+            j = offs_m % KEPT
+            p = tl.load(Keep + offs_m, mask=m_mask, other=0).to(tl.int32)
+            row_off = _patch_offset(b, p, GW, PH, PW, stride_xb, stride_xh, stride_xw)
+        else:
+            b, p, row_off = _patch_rows(offs_m, P, GW, PH, PW, stride_xb, stride_xh, stride_xw)
+            j = p
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -171,15 +188,16 @@ def _patch_embed_fwd_kernel(
             )
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if HAS_CLS:
-            tok = p + NPRE  # the prefix tokens are rows 0 .. NPRE - 1 of each image's token block
+            tok = j + NPRE  # the prefix tokens are rows 0 .. NPRE - 1 of each image's token block
         else:
-            tok = p
+            tok = j
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_POS:
+            # The position embedding of the patch itself (p), wherever its token lands (j).
             if POS_PREFIX:
-                pos_row = tok
+                pos_row = p + NPRE
             else:
                 pos_row = p
             pos = tl.load(Pos + pos_row[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0.0)
@@ -362,14 +380,17 @@ def patch_embed_fwd(
     cls_token: Optional[torch.Tensor],
     pos_embed: Optional[torch.Tensor],
     no_embed_class: bool = False,
+    keep: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """tokens = [cls_token; patches(x) @ weight^T + bias] + pos_embed.
 
     x: [batch, chans, H, W] (any strides; H, W multiples of the patch); weight: [dim, chans, ph,
     pw]; bias: [dim] or None; cls_token: the prefix tokens [1, prefix, dim] or None; pos_embed:
-    [1, tokens, dim], with no_embed_class [1, patches, dim] (added to the patch rows only), or None;
-    all one dtype (fp16/bf16/fp32). Returns [batch, tokens, dim] in x's dtype, tokens = prefix +
-    (H / ph) * (W / pw).
+    [1, prefix + patches, dim], with no_embed_class [1, patches, dim] (added to the patch rows
+    only), or None; all one dtype (fp16/bf16/fp32). keep (PatchDropout): [batch, kept] int64
+    indices in [0, patches): only those patches are embedded, in that order, each with its own
+    position embedding. Returns [batch, tokens, dim] in x's dtype, tokens = prefix + (kept or
+    (H / ph) * (W / pw)).
     """
     has_cls = cls_token is not None
     num_prefix = cls_token.shape[1] if has_cls else 0
@@ -379,8 +400,13 @@ def patch_embed_fwd(
     cls_token = cls_token.contiguous() if has_cls else None
     pos_embed = pos_embed.contiguous() if pos_embed is not None else None
     batch, dim, chans, ph, pw, gw, patches, tokens, k = _geometry(x, weight, num_prefix)
+    kept = patches
+    if keep is not None:
+        keep = keep.contiguous()
+        kept = keep.shape[1]
+        tokens = num_prefix + kept
     out = _common.empty((batch, tokens, dim), dtype=x.dtype, device=x.device)
-    m = batch * patches
+    m = batch * kept
     if batch == 0 or dim == 0:
         return out
 
@@ -395,9 +421,11 @@ def patch_embed_fwd(
         cls_token if has_cls else weight,
         pos_embed if pos_embed is not None else weight,
         out,
+        keep if keep is not None else out,
         batch,
         m,
         patches,
+        kept,
         gw,
         tokens,
         num_prefix,
@@ -413,6 +441,7 @@ def patch_embed_fwd(
         HAS_CLS=has_cls,
         HAS_POS=pos_embed is not None,
         POS_PREFIX=not no_embed_class,
+        HAS_KEEP=keep is not None,
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return out
@@ -508,14 +537,19 @@ def _audit_specs() -> List[KernelSpec]:
         common = dict(PH=16, PW=16, DOT_PRECISION=_PREC[dtype])
         gemms = [
             ("fwd", _patch_embed_fwd_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "B": d16, **geometry,
-              "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
-             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=True, NPRE=1)),
+             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "Keep": p, "B": d16, **geometry,
+              "KEPT": i32, "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
+             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=True, HAS_KEEP=False, NPRE=1)),
             # DINOv2 with registers / DeiT III: several prefix rows (a run-time count), pos_embed on the patches only.
             ("fwd", _patch_embed_fwd_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "B": d16, **geometry, "NPRE": i32,
-              "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
-             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=False)),
+             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "Keep": p, "B": d16, **geometry, "NPRE": i32,
+              "KEPT": i32, "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
+             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=False, HAS_KEEP=False)),
+            # PatchDropout in training (keep 98 of 196 patches): the kept rows' indices are loaded per GEMM row.
+            ("fwd", _patch_embed_fwd_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+             {"X": p, "Wt": p, "Bias": p, "Cls": p, "Pos": p, "Out": p, "Keep": "*i64", "B": d16, **geometry,
+              "KEPT": i32, "stride_xb": d16, "stride_xc": d16, "stride_xh": d16},
+             dict(stride_xw=1, HAS_BIAS=True, HAS_CLS=True, HAS_POS=True, POS_PREFIX=True, HAS_KEEP=True, NPRE=1)),
             ("dx", _patch_embed_bwd_dx_kernel, _GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
              {"DT": p, "Wt": p, "DX": p, **geometry, "stride_db": d16, "stride_dc": d16, "stride_dh": d16},
              dict(stride_dw=1, PREFIX=1)),
@@ -540,7 +574,8 @@ def _audit_specs() -> List[KernelSpec]:
                         dtype=dtype,
                         gemm_like=True,
                         label=" ".join(f"{k}={v}" for k, v in meta.items()) + f" warps={num_warps} stages={num_stages}"
-                        + (" prefix rows, no_embed_class" if extra.get("POS_PREFIX") is False else ""),
+                        + (" prefix rows, no_embed_class" if extra.get("POS_PREFIX") is False else "")
+                        + (" kept patches (PatchDropout)" if extra.get("HAS_KEEP") else ""),
                     )
                 )
         specs.append(

@@ -389,17 +389,17 @@ int vk_gemm(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t k
   return e == cudaSuccess ? 0 : kStatusCudaBase + e;
 }
 
-// Runs BODY with ACT bound to the compile-time activation of code `act`; an unknown code returns
-// cudaErrorInvalidValue.
-#define VK_DISPATCH_ACT(act, ACT, ...)                                                   \
-  do {                                                                                  \
-    switch (act) {                                                                      \
-      case VK_ACT_NONE: { constexpr int ACT = VK_ACT_NONE; __VA_ARGS__; } break;              \
-      case VK_ACT_GELU: { constexpr int ACT = VK_ACT_GELU; __VA_ARGS__; } break;              \
-      case VK_ACT_GELU_TANH: { constexpr int ACT = VK_ACT_GELU_TANH; __VA_ARGS__; } break;    \
-      case VK_ACT_QUICK_GELU: { constexpr int ACT = VK_ACT_QUICK_GELU; __VA_ARGS__; } break;  \
-      default: return cudaErrorInvalidValue;                                            \
-    }                                                                                   \
+// Runs the body (the variadic arguments) with ACT bound to the compile-time activation of code `act`;
+// an unknown code returns cudaErrorInvalidValue.
+#define VK_DISPATCH_ACT(act, ACT, ...)                                                       \
+  do {                                                                                       \
+    switch (act) {                                                                           \
+      case VK_ACT_NONE: { constexpr int ACT = VK_ACT_NONE; __VA_ARGS__; } break;             \
+      case VK_ACT_GELU: { constexpr int ACT = VK_ACT_GELU; __VA_ARGS__; } break;             \
+      case VK_ACT_GELU_TANH: { constexpr int ACT = VK_ACT_GELU_TANH; __VA_ARGS__; } break;   \
+      case VK_ACT_QUICK_GELU: { constexpr int ACT = VK_ACT_QUICK_GELU; __VA_ARGS__; } break; \
+      default: return cudaErrorInvalidValue;                                                 \
+    }                                                                                        \
   } while (0)
 
 cudaError_t vk_linear_epilogue_fwd(int dtype, int act, const void* h, const void* scale, const void* residual,

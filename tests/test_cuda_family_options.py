@@ -301,7 +301,8 @@ def test_bad_arguments_are_refused_by_name(dev):
 
 
 def test_torch_compile_traces_the_family_options(dev):
-    """fullgraph through the fakes of the new schemas: LayerScale + QuickGELU, register tokens."""
+    """fullgraph through the fakes of the new schemas, forward and backward: LayerScale + QuickGELU,
+    tanh GELU, register tokens with no_embed_class; the same bits as the eager calls."""
     dtype = torch.bfloat16
     x = torch.randn(2, 3, 32, 32, device=dev, dtype=dtype)
     pw = torch.randn(64, 3, 16, 16, device=dev, dtype=dtype) / 27
@@ -312,12 +313,19 @@ def test_torch_compile_traces_the_family_options(dev):
 
     def f(x, pw, cls, pos, w, gamma):
         t = ops.patch_embed(x, pw, None, cls, pos, no_embed_class=True, backend="cuda")
-        t = ops.ln_linear(t, None, None, w, None, activation="gelu_tanh", backend="cuda")
-        return ops.linear(t, w, None, activation="quick_gelu", residual=t, scale=gamma, backend="cuda")
+        h = ops.ln_linear(t, None, None, w, None, activation="gelu_tanh", backend="cuda")
+        return ops.linear(h, w, None, activation="quick_gelu", residual=t, scale=gamma, backend="cuda")
 
     expected = f(x, pw, cls, pos, w, gamma)
     got = torch.compile(f, fullgraph=True)(x, pw, cls, pos, w, gamma)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # The backward graph too (its fakes give dgamma [64] and dcls [1, 3, 64]).
+    leaves = [t.clone().requires_grad_() for t in (pw, cls, pos, w, gamma)]
+    torch.compile(f, fullgraph=True)(x, *leaves).float().square().mean().backward()
+    eager_leaves = [t.clone().requires_grad_() for t in (pw, cls, pos, w, gamma)]
+    f(x, *eager_leaves).float().square().mean().backward()
+    for name, a, b in zip(("dweight", "dcls", "dpos", "dw", "dgamma"), leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------ kernel entry points (emulator)

@@ -194,47 +194,73 @@ void check_linear_args(const char* op, const Tensor& x, const Tensor& weight, co
   }
 }
 
-// out = act(x @ W^T + b) (+ residual). Returns (out, preact); preact is the pre-activation when
-// gelu (saved for the backward), else an empty tensor.
+// The `int act` of the linear schemas: a VkActivation code (vitkern_kernels.h).
+void check_act(const char* op, int64_t act) {
+  TORCH_CHECK(act >= VK_ACT_NONE && act <= VK_ACT_QUICK_GELU, "vitkern::", op,
+              ": act must be an activation code 0 (none), 1 (gelu), 2 (gelu_tanh) or 3 (quick_gelu), got ", act);
+}
+
+// out = act(x @ W^T + b) * scale (+ residual). Returns (out, preact): preact is the pre-activation
+// h = x @ W^T + b when there is an elementwise epilogue (an activation or a scale; saved for the
+// backward), else an empty tensor and the GEMM writes out itself (residual as its C).
 std::tuple<Tensor, Tensor> linear_impl(const char* op, const Tensor& x, const Tensor& weight,
                                        const std::optional<Tensor>& bias, const std::optional<Tensor>& residual,
-                                       bool gelu) {
+                                       const std::optional<Tensor>& scale, int64_t act) {
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   Tensor out = new_output({m, n}, x.options());
-  if (!gelu) {
+  if (act == VK_ACT_NONE && !scale.has_value()) {
     gemm(op, "x @ weight^T", x, false, true, m, n, k, x, weight, ptr_or_null(bias), ptr_or_null(residual), out,
          nullptr);
     return {out, at::empty({0}, x.options())};
   }
   Tensor preact = new_output({m, n}, x.options());
   gemm(op, "x @ weight^T", x, false, true, m, n, k, x, weight, ptr_or_null(bias), nullptr, preact, nullptr);
-  check_cuda(op, vk_gelu_fwd(dtype_code(x), preact.data_ptr(), ptr_or_null(residual), out.data_ptr(), m * n,
-                             stream()));
+  check_cuda(op, vk_linear_epilogue_fwd(dtype_code(x), static_cast<int>(act), preact.data_ptr(), ptr_or_null(scale),
+                                        ptr_or_null(residual), out.data_ptr(), m, n, stream()));
   return {out, preact};
 }
 
 std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                      const std::optional<Tensor>& residual, bool gelu) {
+                                      const std::optional<Tensor>& residual, const std::optional<Tensor>& scale,
+                                      int64_t act) {
   const char* op = "cuda_linear_fwd";
   check_linear_args(op, x, weight, bias);
+  check_act(op, act);
   if (residual.has_value()) {
     check_input(op, "residual", *residual, x, 2);
     check_shape(op, "residual", *residual, {x.size(0), weight.size(0)});
   }
+  if (scale.has_value()) {
+    check_input(op, "scale", *scale, x, 1);
+    check_shape(op, "scale", *scale, {weight.size(0)});
+  }
   VK_DEVICE_GUARD(x);
-  return linear_impl(op, x, weight, bias, residual, gelu);
+  return linear_impl(op, x, weight, bias, residual, scale, act);
 }
 
-// Gradients of act(x @ W^T + b) given dout: (dx, dweight, dbias); dbias is empty without a bias.
-std::tuple<Tensor, Tensor, Tensor> linear_grads(const char* op, const Tensor& dout, const Tensor& x,
-                                                const Tensor& weight, const Tensor& preact, bool has_bias, bool gelu) {
+// Gradients of act(x @ W^T + b) * scale given dout: (dx, dweight, dbias, dscale); dbias is empty
+// without a bias, dscale without a scale. With an activation or a scale, one pass over dout and preact
+// forms dh = dout * scale * act'(preact) and dscale = column sums of dout * act(preact); then the GEMMs.
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_grads(const char* op, const Tensor& dout, const Tensor& x,
+                                                        const Tensor& weight, const Tensor& preact,
+                                                        const std::optional<Tensor>& scale, bool has_bias,
+                                                        int64_t act) {
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   Tensor dh = dout;
-  if (gelu) {
+  Tensor dscale = at::empty({0}, x.options());
+  if (act != VK_ACT_NONE || scale.has_value()) {
     check_input(op, "preact", preact, x, 2);
     check_shape(op, "preact", preact, {m, n});
     dh = new_output({m, n}, x.options());
-    check_cuda(op, vk_gelu_bwd(dtype_code(x), dout.data_ptr(), preact.data_ptr(), dh.data_ptr(), m * n, stream()));
+    Tensor ws;
+    if (scale.has_value()) {
+      dscale = new_output({n}, x.options());
+      ws = at::empty({vk_colsum_workspace_floats(m, n)}, x.options().dtype(at::kFloat));
+    }
+    check_cuda(op, vk_linear_epilogue_bwd(dtype_code(x), static_cast<int>(act), dout.data_ptr(), preact.data_ptr(),
+                                          ptr_or_null(scale), dh.data_ptr(),
+                                          scale.has_value() ? dscale.data_ptr() : nullptr,
+                                          scale.has_value() ? ws.data_ptr<float>() : nullptr, m, n, stream()));
   }
   Tensor dx = new_output({m, k}, x.options());
   Tensor dw = new_output({n, k}, x.options());
@@ -242,36 +268,43 @@ std::tuple<Tensor, Tensor, Tensor> linear_grads(const char* op, const Tensor& do
   gemm(op, "dx = dh @ weight", x, false, false, m, k, n, dh, weight, nullptr, nullptr, dx, nullptr);
   gemm(op, "dweight = dh^T @ x", x, true, false, n, k, m, dh, x, nullptr, nullptr, dw,
        has_bias ? db.data_ptr() : nullptr);
-  return {dx, dw, db};
+  return {dx, dw, db, dscale};
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& dout, const Tensor& x, const Tensor& weight,
-                                              const Tensor& preact, bool has_bias, bool gelu) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& dout, const Tensor& x, const Tensor& weight,
+                                                      const Tensor& preact, const std::optional<Tensor>& scale,
+                                                      bool has_bias, int64_t act) {
   const char* op = "cuda_linear_bwd";
   check_linear_args(op, x, weight, std::nullopt);
+  check_act(op, act);
   check_input(op, "dout", dout, x, 2);
   check_shape(op, "dout", dout, {x.size(0), weight.size(0)});
+  if (scale.has_value()) {
+    check_input(op, "scale", *scale, x, 1);
+    check_shape(op, "scale", *scale, {weight.size(0)});
+  }
   VK_DEVICE_GUARD(x);
-  return linear_grads(op, dout, x, weight, preact, has_bias, gelu);
+  return linear_grads(op, dout, x, weight, preact, scale, has_bias, act);
 }
 
 // ---------------------------------------------------------------------------------------------- ln_linear
 
 // Returns (out, ln_out, mean, rstd, preact): ln_out = LayerNorm(x) in x's dtype (the GEMM's A operand,
-// saved for dweight); preact as in linear_fwd.
+// saved for dweight); preact as in linear_fwd (an activation, no scale).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_fwd(const Tensor& x, const Tensor& ln_weight,
                                                                  const Tensor& ln_bias, const Tensor& weight,
                                                                  const std::optional<Tensor>& bias, double eps,
-                                                                 bool gelu) {
+                                                                 int64_t act) {
   const char* op = "cuda_ln_linear_fwd";
   check_linear_args(op, x, weight, bias);
+  check_act(op, act);
   check_input(op, "ln_weight", ln_weight, x, 1);
   check_input(op, "ln_bias", ln_bias, x, 1);
   check_shape(op, "ln_weight", ln_weight, {x.size(1)});
   check_shape(op, "ln_bias", ln_bias, {x.size(1)});
   auto [ln_out, mean, rstd] = layer_norm_fwd(x, ln_weight, ln_bias, eps);
   VK_DEVICE_GUARD(x);
-  auto [out, preact] = linear_impl(op, ln_out, weight, bias, std::nullopt, gelu);
+  auto [out, preact] = linear_impl(op, ln_out, weight, bias, std::nullopt, std::nullopt, act);
   return {out, ln_out, mean, rstd, preact};
 }
 
@@ -280,15 +313,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_bwd(const Tensor& d
                                                                  const Tensor& ln_weight, const Tensor& weight,
                                                                  const Tensor& ln_out, const Tensor& mean,
                                                                  const Tensor& rstd, const Tensor& preact,
-                                                                 bool has_bias, bool gelu) {
+                                                                 bool has_bias, int64_t act) {
   const char* op = "cuda_ln_linear_bwd";
   check_linear_args(op, x, weight, std::nullopt);
+  check_act(op, act);
   check_input(op, "dout", dout, x, 2);
   check_shape(op, "dout", dout, {x.size(0), weight.size(0)});
   check_input(op, "ln_out", ln_out, x, 2);
   check_shape(op, "ln_out", ln_out, x.sizes());
   VK_DEVICE_GUARD(x);
-  auto [dln, dw, db] = linear_grads(op, dout, ln_out, weight, preact, has_bias, gelu);
+  auto [dln, dw, db, dscale] = linear_grads(op, dout, ln_out, weight, preact, std::nullopt, has_bias, act);
   auto [dx, dlnw, dlnb] = layer_norm_bwd(dln, x, ln_weight, mean, rstd);
   return {dx, dlnw, dlnb, dw, db};
 }
@@ -397,24 +431,35 @@ Tensor patchify(const char* op, const Tensor& x, const Tensor& weight) {
   return patches;
 }
 
+// The prefix tokens' count: cls_token is [1, n_prefix, dim] (class, distillation, register tokens).
+int64_t prefix_tokens(const char* op, const std::optional<Tensor>& cls_token, const Tensor& x, int64_t dim) {
+  if (!cls_token.has_value()) return 0;
+  check_input(op, "cls_token", *cls_token, x, 3);
+  TORCH_CHECK(cls_token->size(0) == 1 && cls_token->size(2) == dim, "vitkern::", op,
+              ": cls_token must have shape (1, n_prefix, ", dim, ") (the prefix tokens), got ", cls_token->sizes());
+  return cls_token->size(1);
+}
+
+// out = [prefix tokens; patches @ weight^T + bias] + pos_embed; pos_embed covers every token, or with
+// no_embed_class only the patch tokens.
 Tensor patch_embed_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                       const std::optional<Tensor>& cls_token, const std::optional<Tensor>& pos_embed) {
+                       const std::optional<Tensor>& cls_token, const std::optional<Tensor>& pos_embed,
+                       bool no_embed_class) {
   const char* op = "cuda_patch_embed_fwd";
   check_patch_args(op, x, weight);
   const int64_t batch = x.size(0), dim = weight.size(0);
   const int64_t num_patches = (x.size(2) / weight.size(2)) * (x.size(3) / weight.size(3));
-  const int64_t tokens = (cls_token.has_value() ? 1 : 0) + num_patches;
+  const int64_t n_prefix = prefix_tokens(op, cls_token, x, dim);
+  const int64_t tokens = n_prefix + num_patches;
+  to_int(op, "the token count n_prefix + num_patches", tokens);
   if (bias.has_value()) {
     check_input(op, "bias", *bias, x, 1);
     check_shape(op, "bias", *bias, {dim});
   }
-  if (cls_token.has_value()) {
-    check_input(op, "cls_token", *cls_token, x, 3);
-    check_shape(op, "cls_token", *cls_token, {1, 1, dim});
-  }
   if (pos_embed.has_value()) {
     check_input(op, "pos_embed", *pos_embed, x, 3);
-    check_shape(op, "pos_embed", *pos_embed, {1, tokens, dim});
+    check_shape(op, (no_embed_class ? "pos_embed (no_embed_class: the patch tokens only)" : "pos_embed"), *pos_embed,
+                {1, no_embed_class ? num_patches : tokens, dim});
   }
   VK_DEVICE_GUARD(x);
   Tensor patches = patchify(op, x, weight);
@@ -425,38 +470,46 @@ Tensor patch_embed_fwd(const Tensor& x, const Tensor& weight, const std::optiona
   Tensor out = new_output({batch, tokens, dim}, x.options());
   check_cuda(op, vk_patch_embed_epilogue(dtype_code(x), proj.data_ptr(), ptr_or_null(cls_token),
                                          ptr_or_null(pos_embed), out.data_ptr(), to_int(op, "batch", batch),
-                                         to_int(op, "num_patches", num_patches), to_int(op, "dim", dim), stream()));
+                                         to_int(op, "n_prefix", n_prefix), to_int(op, "num_patches", num_patches),
+                                         to_int(op, "dim", dim), no_embed_class, stream()));
   return out;
 }
 
-// Returns (dx, dweight, dbias, dcls, dpos); a gradient that was not asked for is an empty tensor.
+// Returns (dx, dweight, dbias, dcls [1, n_prefix, dim], dpos); a gradient that was not asked for is an
+// empty tensor (dcls too when n_prefix = 0). dcls and dpos are batch column sums of dout's rows read in
+// place (vk_colsum with dout's row stride): dcls of the prefix rows, dpos of every row or, with
+// no_embed_class, of the patch rows.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor& dout, const Tensor& x,
-                                                                   const Tensor& weight, bool has_bias, bool has_cls,
-                                                                   bool has_pos, bool needs_dx) {
+                                                                   const Tensor& weight, bool has_bias,
+                                                                   int64_t n_prefix, bool has_pos,
+                                                                   bool no_embed_class, bool needs_dx) {
   const char* op = "cuda_patch_embed_bwd";
   check_patch_args(op, x, weight);
   const int64_t batch = x.size(0), dim = weight.size(0);
   const int64_t num_patches = (x.size(2) / weight.size(2)) * (x.size(3) / weight.size(3));
-  const int64_t n_cls = has_cls ? 1 : 0, tokens = n_cls + num_patches;
+  TORCH_CHECK(n_prefix >= 0, "vitkern::", op, ": n_prefix must be >= 0, got ", n_prefix);
+  const int64_t tokens = n_prefix + num_patches;
   check_input(op, "dout", dout, x, 3);
   check_shape(op, "dout", dout, {batch, tokens, dim});
   VK_DEVICE_GUARD(x);
   const Tensor none = at::empty({0}, x.options());
   Tensor dpos = none, dcls = none, dx = none;
   if (has_pos) {
-    dpos = new_output({1, tokens, dim}, x.options());
-    Tensor ws = at::empty({vk_colsum_workspace_floats(batch, tokens * dim)}, x.options().dtype(at::kFloat));
-    check_cuda(op, vk_colsum(dtype_code(x), dout.data_ptr(), batch, tokens * dim, tokens * dim, dpos.data_ptr(),
+    const int64_t pos_rows = no_embed_class ? num_patches : tokens;
+    dpos = new_output({1, pos_rows, dim}, x.options());
+    Tensor ws = at::empty({vk_colsum_workspace_floats(batch, pos_rows * dim)}, x.options().dtype(at::kFloat));
+    const void* first = dout.narrow(1, tokens - pos_rows, pos_rows).data_ptr();
+    check_cuda(op, vk_colsum(dtype_code(x), first, batch, pos_rows * dim, tokens * dim, dpos.data_ptr(),
                              ws.data_ptr<float>(), stream()));
   }
-  if (has_cls) {
-    dcls = new_output({1, 1, dim}, x.options());
-    Tensor ws = at::empty({vk_colsum_workspace_floats(batch, dim)}, x.options().dtype(at::kFloat));
-    check_cuda(op, vk_colsum(dtype_code(x), dout.data_ptr(), batch, dim, tokens * dim, dcls.data_ptr(),
+  if (n_prefix > 0) {
+    dcls = new_output({1, n_prefix, dim}, x.options());
+    Tensor ws = at::empty({vk_colsum_workspace_floats(batch, n_prefix * dim)}, x.options().dtype(at::kFloat));
+    check_cuda(op, vk_colsum(dtype_code(x), dout.data_ptr(), batch, n_prefix * dim, tokens * dim, dcls.data_ptr(),
                              ws.data_ptr<float>(), stream()));
   }
   // The patch rows of dout as a dense [batch * num_patches, dim] GEMM operand.
-  const Tensor dproj = (has_cls ? dout.narrow(1, 1, num_patches).contiguous() : dout).reshape({-1, dim});
+  const Tensor dproj = (n_prefix > 0 ? dout.narrow(1, n_prefix, num_patches).contiguous() : dout).reshape({-1, dim});
   const Tensor patches = patchify(op, x, weight);
   const int64_t m = patches.size(0), k = patches.size(1);
   Tensor dw = new_output(weight.sizes(), x.options());
@@ -480,14 +533,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor&
 TORCH_LIBRARY_FRAGMENT(VK_LIBRARY, m) {
   m.def("cuda_layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_layer_norm_bwd(Tensor dout, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu) -> (Tensor, Tensor)");
-  m.def("cuda_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor preact, bool has_bias, bool gelu) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_ln_linear_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, Tensor? bias, float eps, bool gelu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_ln_linear_bwd(Tensor dout, Tensor x, Tensor ln_weight, Tensor weight, Tensor ln_out, Tensor mean, Tensor rstd, Tensor preact, bool has_bias, bool gelu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // act: a VkActivation code (vitkern_kernels.h): 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu.
+  m.def("cuda_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? scale, int act) -> (Tensor, Tensor)");
+  m.def("cuda_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor preact, Tensor? scale, bool has_bias, int act) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_ln_linear_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, Tensor? bias, float eps, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_ln_linear_bwd(Tensor dout, Tensor x, Tensor ln_weight, Tensor weight, Tensor ln_out, Tensor mean, Tensor rstd, Tensor preact, bool has_bias, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
   m.def("cuda_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor");
-  m.def("cuda_patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed) -> Tensor");
-  m.def("cuda_patch_embed_bwd(Tensor dout, Tensor x, Tensor weight, bool has_bias, bool has_cls, bool has_pos, bool needs_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed, bool no_embed_class) -> Tensor");
+  m.def("cuda_patch_embed_bwd(Tensor dout, Tensor x, Tensor weight, bool has_bias, int n_prefix, bool has_pos, bool no_embed_class, bool needs_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(VK_LIBRARY, VK_DISPATCH_KEY, m) {

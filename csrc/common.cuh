@@ -81,6 +81,38 @@ __device__ __forceinline__ float dgelu_f(float x) {
   return pdf == 0.0f ? cdf : cdf + x * pdf;
 }
 
+// tanh GELU (timm's GELU(approximate='tanh'), SigLIP): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+// evaluated as x * sigmoid(2u) (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)), which has no
+// cancellation where tanh(u) is near -1. Its derivative, with s = sigmoid(2u):
+//   s + x * 2 s (1 - s) * u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+// Limits as for the erf form: s == 0 (x -> -inf, or u past expf's range) gives 0 and 0, and
+// s (1 - s) == 0 (both tails) gives the derivative s; an inf x never meets a 0 factor.
+__device__ __forceinline__ float tanh_gelu_gate(float x) {
+  const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+  return 1.0f / (1.0f + expf(-2.0f * u));
+}
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+  const float s = tanh_gelu_gate(x);
+  return s == 0.0f ? 0.0f : x * s;
+}
+__device__ __forceinline__ float dgelu_tanh_f(float x) {
+  const float s = tanh_gelu_gate(x);
+  const float ds = s * (1.0f - s);
+  return ds == 0.0f ? s : s + 2.0f * x * ds * (0.79788456080286536f * (1.0f + 3.0f * 0.044715f * x * x));
+}
+
+// QuickGELU (OpenAI CLIP): x * sigmoid(1.702 x); derivative s + 1.702 x s (1 - s), s = sigmoid(1.702 x).
+// Same limits: 0 and 0 at -inf, x and 1 at +inf.
+__device__ __forceinline__ float quick_gelu_f(float x) {
+  const float s = 1.0f / (1.0f + expf(-1.702f * x));
+  return s == 0.0f ? 0.0f : x * s;
+}
+__device__ __forceinline__ float dquick_gelu_f(float x) {
+  const float s = 1.0f / (1.0f + expf(-1.702f * x));
+  const float ds = s * (1.0f - s);
+  return ds == 0.0f ? s : s + 1.702f * x * ds;
+}
+
 // Blocks of b covering a, as a grid dimension. A count past 2^32 - 1 is not wrapped into a smaller grid
 // (which would silently skip work): it becomes 0, which every launch refuses (invalid configuration),
 // so the op fails with the launch error. bindings.cpp checks the sizes it narrows before that.

@@ -4,9 +4,12 @@
 //   BIAS    forward of every linear: bias added in the epilogue, and the residual added as C with beta = 1
 //           (C and D are distinct, so the residual is read, not copied and overwritten);
 //   BGRADB  weight-gradient GEMM of the backward: the bias gradient is a by-product of reading dY.
-// GELU is applied by vk_gelu_fwd/bwd below, not by CUBLASLT_EPILOGUE_GELU_AUX_BIAS / DGELU_BGRAD:
-// vitkern's numerics contract is the exact erf GELU (paper, timm), and cuBLASLt documents neither
-// which GELU form its epilogue evaluates nor its error bound. The pre-activation is the saved tensor.
+// Activations (exact erf GELU, tanh GELU, QuickGELU) and LayerScale are applied by
+// vk_linear_epilogue_fwd/bwd below, one elementwise pass after the GEMM, not by cuBLASLt's
+// GELU_AUX_BIAS / DGELU_BGRAD epilogues: vitkern's numerics contract is the exact erf GELU (paper,
+// timm), and cuBLASLt documents neither which GELU form its epilogue evaluates nor its error bound.
+// LayerScale's gamma cannot ride in cuBLASLt's per-row alpha vector either: the bias is added after
+// alpha, and gamma multiplies act(xW^T + b). The pre-activation h = xW^T + b is the saved tensor.
 #include <cublasLt.h>
 
 #include <map>
@@ -172,42 +175,114 @@ int lt_matmul(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t
 namespace vk {
 namespace {
 
-template <typename T>
-__global__ void gelu_fwd_kernel(const T* __restrict__ h, const T* __restrict__ residual, T* __restrict__ out,
-                                idx_t n, bool vec) {
+// The activation of code ACT (VkActivation) and its derivative, in fp32.
+template <int ACT> __device__ __forceinline__ float act_f(float x) {
+  if constexpr (ACT == VK_ACT_GELU) return gelu_f(x);
+  else if constexpr (ACT == VK_ACT_GELU_TANH) return gelu_tanh_f(x);
+  else if constexpr (ACT == VK_ACT_QUICK_GELU) return quick_gelu_f(x);
+  else return x;
+}
+template <int ACT> __device__ __forceinline__ float dact_f(float x) {
+  if constexpr (ACT == VK_ACT_GELU) return dgelu_f(x);
+  else if constexpr (ACT == VK_ACT_GELU_TANH) return dgelu_tanh_f(x);
+  else if constexpr (ACT == VK_ACT_QUICK_GELU) return dquick_gelu_f(x);
+  else return 1.0f;
+}
+
+// W consecutive elements starting at e (W = 8: one 16-byte access; the caller guarantees alignment).
+template <typename T, int W> __device__ __forceinline__ void load_w(const T* p, float (&v)[W]) {
+  if constexpr (W == 8) load8(p, v);
+  else v[0] = to_f(*p);
+}
+template <typename T, int W> __device__ __forceinline__ void store_w(T* p, const float (&v)[W]) {
+  if constexpr (W == 8) store8(p, v);
+  else *p = from_f<T>(v[0]);
+}
+
+// out = act(h) * scale[col] (+ residual), h, residual, out [n / cols, cols] dense, scale [cols]
+// (nullable: 1). VEC: 8 elements per access, which needs n % 8 == 0 and, with a scale, cols % 8 == 0
+// (so the 8 share a row and scale's 8 are one aligned access).
+template <typename T, int ACT, bool VEC>
+__global__ void linear_epilogue_fwd_kernel(const T* __restrict__ h, const T* __restrict__ scale,
+                                           const T* __restrict__ residual, T* __restrict__ out, idx_t n, idx_t cols) {
+  constexpr int W = VEC ? 8 : 1;
   const idx_t stride = static_cast<idx_t>(gridDim.x) * blockDim.x;
-  const idx_t start = static_cast<idx_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (vec) {
-    for (idx_t i = start; i < n / 8; i += stride) {
-      float v[8], r[8];
-      load8(h + i * 8, v);
-      if (residual != nullptr) load8(residual + i * 8, r);
+  for (idx_t i = static_cast<idx_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n / W; i += stride) {
+    const idx_t e = i * W;
+    float v[W], g[W], r[W];
+    load_w<T, W>(h + e, v);
+    if (scale != nullptr) load_w<T, W>(scale + e % cols, g);
+    if (residual != nullptr) load_w<T, W>(residual + e, r);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = gelu_f(v[j]) + (residual != nullptr ? r[j] : 0.f);
-      store8(out + i * 8, v);
-    }
-  } else {
-    for (idx_t i = start; i < n; i += stride)
-      out[i] = from_f<T>(gelu_f(to_f(h[i])) + (residual != nullptr ? to_f(residual[i]) : 0.f));
+    for (int j = 0; j < W; ++j)
+      v[j] = act_f<ACT>(v[j]) * (scale != nullptr ? g[j] : 1.f) + (residual != nullptr ? r[j] : 0.f);
+    store_w<T, W>(out + e, v);
   }
 }
 
-template <typename T>
-__global__ void gelu_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ h, T* __restrict__ dh, idx_t n,
-                                bool vec) {
+// dh = dout * scale[col] * act'(h) (scale nullable: 1), elementwise as the forward.
+template <typename T, int ACT, bool VEC>
+__global__ void linear_epilogue_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ h,
+                                           const T* __restrict__ scale, T* __restrict__ dh, idx_t n, idx_t cols) {
+  constexpr int W = VEC ? 8 : 1;
   const idx_t stride = static_cast<idx_t>(gridDim.x) * blockDim.x;
-  const idx_t start = static_cast<idx_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (vec) {
-    for (idx_t i = start; i < n / 8; i += stride) {
-      float g[8], v[8];
-      load8(dout + i * 8, g);
-      load8(h + i * 8, v);
+  for (idx_t i = static_cast<idx_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n / W; i += stride) {
+    const idx_t e = i * W;
+    float d[W], v[W], g[W];
+    load_w<T, W>(dout + e, d);
+    load_w<T, W>(h + e, v);
+    if (scale != nullptr) load_w<T, W>(scale + e % cols, g);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) g[j] *= dgelu_f(v[j]);
-      store8(dh + i * 8, g);
+    for (int j = 0; j < W; ++j) d[j] *= (scale != nullptr ? g[j] : 1.f) * dact_f<ACT>(v[j]);
+    store_w<T, W>(dh + e, d);
+  }
+}
+
+// The LayerScale backward in one pass over [rows, cols]: dh = dout * scale[col] * act'(h), and the
+// fp32 partial column sums of dout * act(h) (dscale's terms) of each chunk of rows into
+// ws[chunk, cols] (chunks = gridDim.y, as colsum_partial_kernel; colsum_final_kernel adds them in a
+// fixed order: deterministic). Block (32, 8): 32 column groups of W columns, 8 row lanes.
+template <typename T, int ACT, bool VEC>
+__global__ void linear_epilogue_bwd_dscale_kernel(const T* __restrict__ dout, const T* __restrict__ h,
+                                                  const T* __restrict__ scale, T* __restrict__ dh, int64_t rows,
+                                                  int64_t cols, float* __restrict__ ws) {
+  constexpr int W = VEC ? 8 : 1;
+  __shared__ float red[8][32 * W];
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * W;
+  const int64_t chunks = gridDim.y;
+  const int64_t per = (rows + chunks - 1) / chunks;
+  const int64_t r0 = blockIdx.y * per;
+  const int64_t r1 = r0 + per < rows ? r0 + per : rows;
+  float acc[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) acc[j] = 0.f;
+  if (col0 < cols) {
+    float g[W];
+    load_w<T, W>(scale + col0, g);
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
+      const int64_t e = r * cols + col0;
+      float d[W], v[W];
+      load_w<T, W>(dout + e, d);
+      load_w<T, W>(h + e, v);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        acc[j] += d[j] * act_f<ACT>(v[j]);
+        d[j] *= g[j] * dact_f<ACT>(v[j]);
+      }
+      store_w<T, W>(dh + e, d);
     }
-  } else {
-    for (idx_t i = start; i < n; i += stride) dh[i] = from_f<T>(to_f(dout[i]) * dgelu_f(to_f(h[i])));
+  }
+#pragma unroll
+  for (int j = 0; j < W; ++j) red[threadIdx.y][threadIdx.x * W + j] = acc[j];
+  __syncthreads();
+  // The 8 row lanes' sums of each of the block's 32 * W columns, one column per thread.
+  const int64_t block_col0 = static_cast<int64_t>(blockIdx.x) * 32 * W;
+  for (int c = threadIdx.y * 32 + threadIdx.x; c < 32 * W; c += 256) {
+    if (block_col0 + c >= cols) break;
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) t += red[i][c];
+    ws[blockIdx.y * cols + block_col0 + c] = t;
   }
 }
 
@@ -314,22 +389,68 @@ int vk_gemm(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t k
   return e == cudaSuccess ? 0 : kStatusCudaBase + e;
 }
 
-cudaError_t vk_gelu_fwd(int dtype, const void* h, const void* residual, void* out, int64_t n, cudaStream_t stream) {
+// Runs the body (the variadic arguments) with ACT bound to the compile-time activation of code `act`;
+// an unknown code returns cudaErrorInvalidValue.
+#define VK_DISPATCH_ACT(act, ACT, ...)                                                       \
+  do {                                                                                       \
+    switch (act) {                                                                           \
+      case VK_ACT_NONE: { constexpr int ACT = VK_ACT_NONE; __VA_ARGS__; } break;             \
+      case VK_ACT_GELU: { constexpr int ACT = VK_ACT_GELU; __VA_ARGS__; } break;             \
+      case VK_ACT_GELU_TANH: { constexpr int ACT = VK_ACT_GELU_TANH; __VA_ARGS__; } break;   \
+      case VK_ACT_QUICK_GELU: { constexpr int ACT = VK_ACT_QUICK_GELU; __VA_ARGS__; } break; \
+      default: return cudaErrorInvalidValue;                                                 \
+    }                                                                                        \
+  } while (0)
+
+cudaError_t vk_linear_epilogue_fwd(int dtype, int act, const void* h, const void* scale, const void* residual,
+                                   void* out, int64_t rows, int64_t cols, cudaStream_t stream) {
+  const int64_t n = rows * cols;
   if (n == 0) return cudaSuccess;
-  const bool vec = n % 8 == 0 && vk::aligned16(h) && vk::aligned16(out) && (residual == nullptr || vk::aligned16(residual));
-  VK_DISPATCH(dtype, T, {
-    vk::gelu_fwd_kernel<T><<<vk::elementwise_grid(vec ? n / 8 : n), 256, 0, stream>>>(
-        (const T*)h, (const T*)residual, (T*)out, n, vec);
-  });
+  const bool vec = n % 8 == 0 && (scale == nullptr || cols % 8 == 0) && vk::aligned16(h) && vk::aligned16(out) &&
+                   (scale == nullptr || vk::aligned16(scale)) && (residual == nullptr || vk::aligned16(residual));
+  VK_DISPATCH(dtype, T, VK_DISPATCH_ACT(act, ACT, {
+    if (vec)
+      vk::linear_epilogue_fwd_kernel<T, ACT, true><<<vk::elementwise_grid(n / 8), 256, 0, stream>>>(
+          (const T*)h, (const T*)scale, (const T*)residual, (T*)out, n, cols);
+    else
+      vk::linear_epilogue_fwd_kernel<T, ACT, false><<<vk::elementwise_grid(n), 256, 0, stream>>>(
+          (const T*)h, (const T*)scale, (const T*)residual, (T*)out, n, cols);
+  }));
   return cudaGetLastError();
 }
 
-cudaError_t vk_gelu_bwd(int dtype, const void* dout, const void* h, void* dh, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const bool vec = n % 8 == 0 && vk::aligned16(dout) && vk::aligned16(h) && vk::aligned16(dh);
-  VK_DISPATCH(dtype, T, {
-    vk::gelu_bwd_kernel<T><<<vk::elementwise_grid(vec ? n / 8 : n), 256, 0, stream>>>(
-        (const T*)dout, (const T*)h, (T*)dh, n, vec);
-  });
+cudaError_t vk_linear_epilogue_bwd(int dtype, int act, const void* dout, const void* h, const void* scale, void* dh,
+                                   void* dscale, float* ws, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (dscale != nullptr && scale == nullptr) return cudaErrorInvalidValue;
+  const int64_t n = rows * cols;
+  if (cols == 0 || (n == 0 && dscale == nullptr)) return cudaSuccess;  // rows = 0 with dscale: dscale = 0
+  const bool aligned = vk::aligned16(dout) && vk::aligned16(h) && vk::aligned16(dh) &&
+                       (scale == nullptr || vk::aligned16(scale));
+  if (dscale == nullptr) {
+    const bool vec = aligned && n % 8 == 0 && (scale == nullptr || cols % 8 == 0);
+    VK_DISPATCH(dtype, T, VK_DISPATCH_ACT(act, ACT, {
+      if (vec)
+        vk::linear_epilogue_bwd_kernel<T, ACT, true><<<vk::elementwise_grid(n / 8), 256, 0, stream>>>(
+            (const T*)dout, (const T*)h, (const T*)scale, (T*)dh, n, cols);
+      else
+        vk::linear_epilogue_bwd_kernel<T, ACT, false><<<vk::elementwise_grid(n), 256, 0, stream>>>(
+            (const T*)dout, (const T*)h, (const T*)scale, (T*)dh, n, cols);
+    }));
+    return cudaGetLastError();
+  }
+  const bool vec = aligned && cols % 8 == 0;
+  const int64_t chunks = vk::colsum_chunks(rows);
+  const int64_t col_blocks = (cols + (vec ? 255 : 31)) / (vec ? 256 : 32);
+  if (col_blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks)), block(32, 8);
+  VK_DISPATCH(dtype, T, VK_DISPATCH_ACT(act, ACT, {
+    if (vec)
+      vk::linear_epilogue_bwd_dscale_kernel<T, ACT, true><<<grid, block, 0, stream>>>(
+          (const T*)dout, (const T*)h, (const T*)scale, (T*)dh, rows, cols, ws);
+    else
+      vk::linear_epilogue_bwd_dscale_kernel<T, ACT, false><<<grid, block, 0, stream>>>(
+          (const T*)dout, (const T*)h, (const T*)scale, (T*)dh, rows, cols, ws);
+    vk::colsum_final_kernel<T><<<vk::ceil_div(cols, 256), 256, 0, stream>>>(ws, chunks, cols, (T*)dscale);
+  }));
   return cudaGetLastError();
 }

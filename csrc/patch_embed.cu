@@ -1,6 +1,6 @@
 // Patch embedding around a cuBLASLt GEMM: patchify gather (im2col for a stride = kernel convolution),
-// its inverse scatter for dx, and the epilogue that prepends the class token and adds the position
-// embedding. Patches are non-overlapping, so both gathers are permutations: no atomics.
+// its inverse scatter for dx, and the epilogue that prepends the prefix tokens (class, distillation,
+// register) and adds the position embedding (to every token, or to the patch tokens only). Patches are non-overlapping, so both gathers are permutations: no atomics.
 //
 // patches[(b * gh + gy) * gw + gx, (c * ph + py) * pw + px] = x[b, c, gy * ph + py, gx * pw + px]
 // (the row-major flattening of a Conv2d weight [dim, chans, ph, pw], as vitkern.reference.patchify).
@@ -43,14 +43,16 @@ __global__ void patch_gather_kernel(const T* __restrict__ src, T* __restrict__ d
   }
 }
 
-// out: [batch, n_cls + num_patches, dim]; tokens: [batch, num_patches, dim]; cls: [dim]; pos: [n_cls + num_patches, dim].
+// out: [batch, n_prefix + num_patches, dim]; tokens: [batch, num_patches, dim]; prefix: [n_prefix, dim];
+// pos: [n_prefix + num_patches, dim], or with no_embed_class [num_patches, dim] for the patch rows only.
+// n_prefix + num_patches fits an int (bindings.cpp checks the token count).
 template <typename T, bool VEC>
-__global__ void patch_embed_epilogue_kernel(const T* __restrict__ tokens, const T* __restrict__ cls,
-                                            const T* __restrict__ pos, T* __restrict__ out, int batch,
-                                            int num_patches, int dim) {
+__global__ void patch_embed_epilogue_kernel(const T* __restrict__ tokens, const T* __restrict__ prefix,
+                                            const T* __restrict__ pos, T* __restrict__ out, int batch, int n_prefix,
+                                            int num_patches, int dim, bool no_embed_class) {
   constexpr int W = VEC ? 8 : 1;
-  const int n_cls = cls != nullptr ? 1 : 0;
-  const int seq = n_cls + num_patches;
+  const int seq = n_prefix + num_patches;
+  const int pos_first = no_embed_class ? n_prefix : 0;  // the first token row pos covers
   const idx_t n = static_cast<idx_t>(batch) * seq * dim / W;
   for (idx_t i = static_cast<idx_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<idx_t>(gridDim.x) * blockDim.x) {
@@ -59,19 +61,21 @@ __global__ void patch_embed_epilogue_kernel(const T* __restrict__ tokens, const 
     const idx_t bt = e / dim;
     const int t = static_cast<int>(bt % seq);
     const idx_t b = bt / seq;
-    const T* src = t < n_cls ? cls + d : tokens + (b * num_patches + (t - n_cls)) * dim + d;
+    const T* src = t < n_prefix ? prefix + static_cast<idx_t>(t) * dim + d
+                                : tokens + (b * num_patches + (t - n_prefix)) * dim + d;
     float v[W];
     if constexpr (VEC) {
       load8(src, v);
     } else {
       v[0] = to_f(*src);
     }
-    if (pos != nullptr) {
+    if (pos != nullptr && t >= pos_first) {
+      const T* p_row = pos + static_cast<idx_t>(t - pos_first) * dim + d;
       float p[W];
       if constexpr (VEC) {
-        load8(pos + static_cast<idx_t>(t) * dim + d, p);
+        load8(p_row, p);
       } else {
-        p[0] = to_f(pos[static_cast<idx_t>(t) * dim + d]);
+        p[0] = to_f(*p_row);
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) v[j] += p[j];
@@ -123,19 +127,23 @@ cudaError_t vk_unpatchify(int dtype, const void* patches, void* x, int batch, in
   return vk::gather<true>(dtype, patches, x, batch, chans, height, width, ph, pw, stream);
 }
 
-cudaError_t vk_patch_embed_epilogue(int dtype, const void* tokens, const void* cls, const void* pos, void* out,
-                                    int batch, int num_patches, int dim, cudaStream_t stream) {
-  const vk::idx_t n = static_cast<vk::idx_t>(batch) * ((cls ? 1 : 0) + num_patches) * dim;
+cudaError_t vk_patch_embed_epilogue(int dtype, const void* tokens, const void* prefix, const void* pos, void* out,
+                                    int batch, int n_prefix, int num_patches, int dim, bool no_embed_class,
+                                    cudaStream_t stream) {
+  if (n_prefix < 0 || (n_prefix > 0 && prefix == nullptr)) return cudaErrorInvalidValue;
+  const vk::idx_t n = static_cast<vk::idx_t>(batch) * (static_cast<vk::idx_t>(n_prefix) + num_patches) * dim;
   if (n == 0) return cudaSuccess;
-  const bool vec = dim % 8 == 0 && vk::aligned16(tokens) && vk::aligned16(out) && (cls == nullptr || vk::aligned16(cls)) &&
-                   (pos == nullptr || vk::aligned16(pos));
+  const bool vec = dim % 8 == 0 && vk::aligned16(tokens) && vk::aligned16(out) &&
+                   (prefix == nullptr || vk::aligned16(prefix)) && (pos == nullptr || vk::aligned16(pos));
   VK_DISPATCH(dtype, T, {
     if (vec)
       vk::patch_embed_epilogue_kernel<T, true><<<vk::grid_for(n / 8), 256, 0, stream>>>(
-          (const T*)tokens, (const T*)cls, (const T*)pos, (T*)out, batch, num_patches, dim);
+          (const T*)tokens, (const T*)prefix, (const T*)pos, (T*)out, batch, n_prefix, num_patches, dim,
+          no_embed_class);
     else
       vk::patch_embed_epilogue_kernel<T, false><<<vk::grid_for(n), 256, 0, stream>>>(
-          (const T*)tokens, (const T*)cls, (const T*)pos, (T*)out, batch, num_patches, dim);
+          (const T*)tokens, (const T*)prefix, (const T*)pos, (T*)out, batch, n_prefix, num_patches, dim,
+          no_embed_class);
   });
   return cudaGetLastError();
 }

@@ -31,10 +31,26 @@ int vk_gemm(int dtype, int a_trans, int b_trans, int64_t m, int64_t n, int64_t k
 size_t vk_gemm_workspace_bytes();
 const char* vk_status_string(int status);
 
-// out = gelu(h) (+ residual), elementwise over n elements (exact erf GELU).
-cudaError_t vk_gelu_fwd(int dtype, const void* h, const void* residual, void* out, int64_t n, cudaStream_t stream);
-// dh = dout * gelu'(h).
-cudaError_t vk_gelu_bwd(int dtype, const void* dout, const void* h, void* dh, int64_t n, cudaStream_t stream);
+// Activation codes of the linear epilogues: the `int act` of the launchers below and of the ops'
+// schemas (csrc/bindings.cpp); vitkern/ops/_cuda.py's ACTIVATION_CODES maps the op's names to them.
+enum VkActivation : int {
+  VK_ACT_NONE = 0,        // identity
+  VK_ACT_GELU = 1,        // exact GELU, x Phi(x) (erf)
+  VK_ACT_GELU_TANH = 2,   // tanh GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+  VK_ACT_QUICK_GELU = 3,  // QuickGELU, x sigmoid(1.702 x)
+};
+
+// The elementwise epilogue after a GEMM that wrote the pre-activation h = x W^T + b [rows, cols]
+// (dense): out = act(h) * scale[col] (+ residual[row, col]) in fp32, rounded once. scale: [cols]
+// (LayerScale's gamma; nullable: 1); residual: [rows, cols] (nullable). act: a VkActivation code.
+cudaError_t vk_linear_epilogue_fwd(int dtype, int act, const void* h, const void* scale, const void* residual,
+                                   void* out, int64_t rows, int64_t cols, cudaStream_t stream);
+// Its backward: dh = dout * scale[col] * act'(h) [rows, cols]; and with dscale (only with a scale):
+// dscale[col] = sum over rows of dout * act(h), fp32 partial sums per chunk of rows in `ws`
+// (vk_colsum_workspace_floats(rows, cols) floats) added in a fixed order (deterministic), in the
+// same pass over dout and h.
+cudaError_t vk_linear_epilogue_bwd(int dtype, int act, const void* dout, const void* h, const void* scale, void* dh,
+                                   void* dscale, float* ws, int64_t rows, int64_t cols, cudaStream_t stream);
 // out[c] = sum_r in[r * ld + c] for r < rows, c < cols (fixed order; fp32 accumulation).
 int64_t vk_colsum_workspace_floats(int64_t rows, int64_t cols);
 cudaError_t vk_colsum(int dtype, const void* in, int64_t rows, int64_t cols, int64_t ld, void* out, float* ws,
@@ -54,11 +70,14 @@ cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64
                              int heads, int head_dim, float scale, cudaStream_t stream);
 
 // ---- Patch embedding (patch_embed.cu). x: [batch, chans, H, W] contiguous; patches:
-// [batch * gh * gw, chans * ph * pw]; tokens: [batch, gh * gw, dim]; out: [batch, (cls ? 1 : 0) + gh * gw, dim].
+// [batch * gh * gw, chans * ph * pw]; tokens: [batch, gh * gw, dim]; out: [batch, n_prefix + gh * gw, dim].
 cudaError_t vk_patchify(int dtype, const void* x, void* patches, int batch, int chans, int height, int width, int ph,
                         int pw, cudaStream_t stream);
 cudaError_t vk_unpatchify(int dtype, const void* patches, void* x, int batch, int chans, int height, int width,
                           int ph, int pw, cudaStream_t stream);
-// out[b, t] = (t < n_cls ? cls : tokens[b, t - n_cls]) + pos[t]; cls, pos nullable.
-cudaError_t vk_patch_embed_epilogue(int dtype, const void* tokens, const void* cls, const void* pos, void* out,
-                                    int batch, int num_patches, int dim, cudaStream_t stream);
+// out[b, t] = (t < n_prefix ? prefix[t] : tokens[b, t - n_prefix]) + pos[t], with prefix [n_prefix, dim] (the
+// class, distillation and register tokens; nullable when n_prefix = 0) and pos [n_prefix + num_patches, dim]
+// (nullable); with no_embed_class, pos is [num_patches, dim] and added to the patch rows only (pos[t - n_prefix]).
+cudaError_t vk_patch_embed_epilogue(int dtype, const void* tokens, const void* prefix, const void* pos, void* out,
+                                    int batch, int n_prefix, int num_patches, int dim, bool no_embed_class,
+                                    cudaStream_t stream);

@@ -128,15 +128,19 @@ def shapes(r):
     return [[list(t.shape), str(t.dtype)] for t in r]
 out["ln_fwd"] = shapes(ops.cuda_layer_norm_fwd(m(10, 24), m(24), m(24), 1e-6))
 out["ln_bwd"] = shapes(ops.cuda_layer_norm_bwd(m(10, 24), m(10, 24), m(24), m(10, dtype=f32), m(10, dtype=f32)))
-out["lin_fwd"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), m(40), None, True))
-out["lin_fwd_nogelu"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), None, m(10, 40), False))
-out["lin_bwd"] = shapes(ops.cuda_linear_bwd(m(10, 40), m(10, 24), m(40, 24), m(10, 40), True, True))
-out["lnl_fwd"] = shapes(ops.cuda_ln_linear_fwd(m(10, 24), m(24), m(24), m(40, 24), m(40), 1e-6, False))
-out["lnl_bwd"] = shapes(ops.cuda_ln_linear_bwd(m(10, 40), m(10, 24), m(24), m(40, 24), m(10, 24), m(10, dtype=f32), m(10, dtype=f32), m(0), False, False))
+out["lin_fwd"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), m(40), None, None, 1))
+out["lin_fwd_nogelu"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), None, m(10, 40), None, 0))
+out["lin_fwd_scale"] = shapes(ops.cuda_linear_fwd(m(10, 24), m(40, 24), None, m(10, 40), m(40), 0))
+out["lin_bwd"] = shapes(ops.cuda_linear_bwd(m(10, 40), m(10, 24), m(40, 24), m(10, 40), None, True, 1))
+out["lin_bwd_scale"] = shapes(ops.cuda_linear_bwd(m(10, 40), m(10, 24), m(40, 24), m(10, 40), m(40), False, 3))
+out["lnl_fwd"] = shapes(ops.cuda_ln_linear_fwd(m(10, 24), m(24), m(24), m(40, 24), m(40), 1e-6, 0))
+out["lnl_bwd"] = shapes(ops.cuda_ln_linear_bwd(m(10, 40), m(10, 24), m(24), m(40, 24), m(10, 24), m(10, dtype=f32), m(10, dtype=f32), m(0), False, 0))
 out["att_fwd"] = shapes(ops.cuda_attention_fwd(m(2, 17, 384), 2, 0.125))
 out["att_bwd"] = shapes(ops.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=f32), 2, 0.125))
-out["pe_fwd"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), m(64), m(1, 1, 64), m(1, 7, 64)))
-out["pe_bwd"] = shapes(ops.cuda_patch_embed_bwd(m(2, 7, 64), m(2, 3, 32, 48), m(64, 3, 16, 16), True, True, True, True))
+out["pe_fwd"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), m(64), m(1, 1, 64), m(1, 7, 64), False))
+out["pe_fwd_reg"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), None, m(1, 5, 64), m(1, 6, 64), True))
+out["pe_bwd"] = shapes(ops.cuda_patch_embed_bwd(m(2, 7, 64), m(2, 3, 32, 48), m(64, 3, 16, 16), True, 1, True, False, True))
+out["pe_bwd_reg"] = shapes(ops.cuda_patch_embed_bwd(m(2, 11, 64), m(2, 3, 32, 48), m(64, 3, 16, 16), False, 5, True, True, False))
 print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=os.getcwd())
@@ -147,13 +151,17 @@ print(json.dumps(out))
     assert got["ln_bwd"] == [[[10, 24], bf], [[24], bf], [[24], bf]]
     assert got["lin_fwd"] == [[[10, 40], bf], [[10, 40], bf]]
     assert got["lin_fwd_nogelu"] == [[[10, 40], bf], [[0], bf]]
-    assert got["lin_bwd"] == [[[10, 24], bf], [[40, 24], bf], [[40], bf]]
+    assert got["lin_fwd_scale"] == [[[10, 40], bf], [[10, 40], bf]]
+    assert got["lin_bwd"] == [[[10, 24], bf], [[40, 24], bf], [[40], bf], [[0], bf]]
+    assert got["lin_bwd_scale"] == [[[10, 24], bf], [[40, 24], bf], [[0], bf], [[40], bf]]
     assert got["lnl_fwd"] == [[[10, 40], bf], [[10, 24], bf], [[10], f32], [[10], f32], [[0], bf]]
     assert got["lnl_bwd"] == [[[10, 24], bf], [[24], bf], [[24], bf], [[40, 24], bf], [[0], bf]]
     assert got["att_fwd"] == [[[2, 17, 128], bf], [[2, 2, 17], f32]]
     assert got["att_bwd"] == [[[2, 17, 384], bf]]
     assert got["pe_fwd"] == [[[2, 7, 64], bf]]
+    assert got["pe_fwd_reg"] == [[[2, 11, 64], bf]]
     assert got["pe_bwd"] == [[[2, 3, 32, 48], bf], [[64, 3, 16, 16], bf], [[64], bf], [[1, 1, 64], bf], [[1, 7, 64], bf]]
+    assert got["pe_bwd_reg"] == [[[0], bf], [[64, 3, 16, 16], bf], [[0], bf], [[1, 5, 64], bf], [[1, 6, 64], bf]]
 
 
 def test_load_error_names_the_reason_without_a_gpu(monkeypatch):
@@ -204,27 +212,32 @@ class _StandInOps:
         dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
         return dx, (dy * xhat).sum(0), dy.sum(0)
 
-    def cuda_linear_fwd(self, x, w, b, r, gelu):
+    ACTS = (None, "gelu", "gelu_tanh", "quick_gelu")  # the `int act` codes (csrc/vitkern_kernels.h)
+
+    def cuda_linear_fwd(self, x, w, b, r, g, act):
         assert x.dim() == 2 and (r is None or r.shape == (x.shape[0], w.shape[0]))
         h = x @ w.t() + (b if b is not None else 0)
-        out = (reference.gelu(h) if gelu else h) + (r if r is not None else 0)
-        return out, (h if gelu else self._none(x))
+        out = reference.activate(h, self.ACTS[act]) * (g if g is not None else 1) + (r if r is not None else 0)
+        return out, (h if act or g is not None else self._none(x))
 
-    def cuda_linear_bwd(self, dout, x, w, preact, has_bias, gelu):
-        dh = dout
-        if gelu:
+    def cuda_linear_bwd(self, dout, x, w, preact, g, has_bias, act):
+        dh, dg = dout, self._none(x)
+        if act or g is not None:
             h = preact.detach().requires_grad_()
             with torch.enable_grad():
-                (dh,) = torch.autograd.grad(reference.gelu(h), h, dout)
-        return dh @ w, dh.t() @ x, (dh.sum(0) if has_bias else self._none(x))
+                a = reference.activate(h, self.ACTS[act])
+                (dh,) = torch.autograd.grad(a * (g if g is not None else 1), h, dout)
+            if g is not None:
+                dg = (dout * a.detach()).sum(0)
+        return dh @ w, dh.t() @ x, (dh.sum(0) if has_bias else self._none(x)), dg
 
-    def cuda_ln_linear_fwd(self, x, lnw, lnb, w, b, eps, gelu):
+    def cuda_ln_linear_fwd(self, x, lnw, lnb, w, b, eps, act):
         ln, mean, rstd = self.cuda_layer_norm_fwd(x, lnw, lnb, eps)
-        out, preact = self.cuda_linear_fwd(ln, w, b, None, gelu)
+        out, preact = self.cuda_linear_fwd(ln, w, b, None, None, act)
         return out, ln, mean, rstd, preact
 
-    def cuda_ln_linear_bwd(self, dout, x, lnw, w, ln_out, mean, rstd, preact, has_bias, gelu):
-        dln, dw, db = self.cuda_linear_bwd(dout, ln_out, w, preact, has_bias, gelu)
+    def cuda_ln_linear_bwd(self, dout, x, lnw, w, ln_out, mean, rstd, preact, has_bias, act):
+        dln, dw, db, _ = self.cuda_linear_bwd(dout, ln_out, w, preact, None, has_bias, act)
         dx, dlnw, dlnb = self.cuda_layer_norm_bwd(dln, x, lnw, mean, rstd)
         return dx, dlnw, dlnb, dw, db
 
@@ -241,19 +254,20 @@ class _StandInOps:
             (dq,) = torch.autograd.grad(reference.attention(q, heads, scale=scale), q, dout)
         return dq
 
-    def cuda_patch_embed_fwd(self, x, w, b, cls, pos):
-        return reference.patch_embed(x, w, b, cls, pos)
+    def cuda_patch_embed_fwd(self, x, w, b, cls, pos, no_embed_class):
+        return reference.patch_embed(x, w, b, cls, pos, no_embed_class=no_embed_class)
 
-    def cuda_patch_embed_bwd(self, dout, x, w, has_bias, has_cls, has_pos, needs_dx):
+    def cuda_patch_embed_bwd(self, dout, x, w, has_bias, n_prefix, has_pos, no_embed_class, needs_dx):
         dim = w.shape[0]
-        tokens = dout.shape[1]
+        pos_rows = dout.shape[1] - (n_prefix if no_embed_class else 0)
         leaves = [x.detach().requires_grad_(), w.detach().requires_grad_(), x.new_zeros(dim).requires_grad_(),
-                  x.new_zeros(1, 1, dim).requires_grad_(), x.new_zeros(1, tokens, dim).requires_grad_()]
+                  x.new_zeros(1, n_prefix, dim).requires_grad_(), x.new_zeros(1, pos_rows, dim).requires_grad_()]
         with torch.enable_grad():
             y = reference.patch_embed(leaves[0], leaves[1], leaves[2] if has_bias else None,
-                                      leaves[3] if has_cls else None, leaves[4] if has_pos else None)
+                                      leaves[3] if n_prefix else None, leaves[4] if has_pos else None,
+                                      no_embed_class=no_embed_class)
             grads = torch.autograd.grad(y, leaves, dout, allow_unused=True)
-        keep = (needs_dx, True, has_bias, has_cls, has_pos)
+        keep = (needs_dx, True, has_bias, n_prefix > 0, has_pos)
         return tuple(g if k else self._none(x) for g, k in zip(grads, keep))
 
 
@@ -290,17 +304,21 @@ def test_python_layer_layer_norm(stand_in_ops):
              tol=1e-5)
 
 
-@pytest.mark.parametrize("bias,activation,residual", [(True, "gelu", True), (False, None, True), (True, None, False), (False, "gelu", False)])
-def test_python_layer_linear(stand_in_ops, bias, activation, residual):
+@pytest.mark.parametrize("bias,activation,residual,scale", [(True, "gelu", True, False), (False, None, True, False),
+                                                            (True, None, False, False), (False, "gelu", False, False),
+                                                            (True, "quick_gelu", True, True), (False, None, True, True),
+                                                            (True, "gelu_tanh", False, True)])
+def test_python_layer_linear(stand_in_ops, bias, activation, residual, scale):
     d = torch.float64
     x, w = torch.randn(2, 5, 24, dtype=d), torch.randn(40, 24, dtype=d)
     b = torch.randn(40, dtype=d) if bias else None
     r = torch.randn(2, 5, 40, dtype=d) if residual else None
+    g = torch.randn(40, dtype=d) if scale else None
 
     def run(fn):
-        return lambda x, w, b, r: fn(x, w, b, activation=activation, residual=r)
+        return lambda x, w, b, r, g: fn(x, w, b, activation=activation, residual=r, scale=g)
 
-    _compare(run(stand_in_ops.linear), run(reference.linear), (x, w, b, r), (2, 5, 40))
+    _compare(run(stand_in_ops.linear), run(reference.linear), (x, w, b, r, g), (2, 5, 40))
 
 
 @pytest.mark.parametrize("bias,activation", [(True, "gelu"), (False, None)])
@@ -321,10 +339,17 @@ def test_python_layer_attention(stand_in_ops, scale):
     _compare(lambda q: stand_in_ops.attention(q, 2, scale=scale), lambda q: reference.attention(q, 2, scale=scale), (qkv,), (2, 9, 16))
 
 
-@pytest.mark.parametrize("cls,pos,bias", [(True, True, True), (False, False, False), (True, False, True)])
-def test_python_layer_patch_embed(stand_in_ops, cls, pos, bias):
+@pytest.mark.parametrize("prefix,pos,bias,no_embed_class", [(1, True, True, False), (0, False, False, False),
+                                                            (1, False, True, False), (5, True, False, True),
+                                                            (2, True, True, False)])
+def test_python_layer_patch_embed(stand_in_ops, prefix, pos, bias, no_embed_class):
     d = torch.float64
-    tokens = (1 if cls else 0) + 6
+    tokens = prefix + 6
     ts = (torch.randn(2, 3, 8, 12, dtype=d), torch.randn(16, 3, 4, 4, dtype=d), torch.randn(16, dtype=d) if bias else None,
-          torch.randn(1, 1, 16, dtype=d) if cls else None, torch.randn(1, tokens, 16, dtype=d) if pos else None)
-    _compare(stand_in_ops.patch_embed, reference.patch_embed, ts, (2, tokens, 16))
+          torch.randn(1, prefix, 16, dtype=d) if prefix else None,
+          torch.randn(1, 6 if no_embed_class else tokens, 16, dtype=d) if pos else None)
+
+    def run(fn):
+        return lambda *t: fn(*t, no_embed_class=no_embed_class)
+
+    _compare(run(stand_in_ops.patch_embed), run(reference.patch_embed), ts, (2, tokens, 16))

@@ -197,6 +197,7 @@ def test_patchify_and_inverse(emu, dtype, batch, chans, h, w, ph, pw):
 @pytest.mark.parametrize("dim", [64, 36])
 @pytest.mark.parametrize("cls,pos", [(True, True), (False, True), (True, False), (False, False)])
 def test_patch_embed_epilogue(emu, dtype, dim, cls, pos):
+    """One class token (tests/test_cuda_family_options.py: more prefix tokens, no_embed_class)."""
     batch, patches = 3, 7
     tokens = torch.randn(batch, patches, dim).to(dtype)
     cls_t = torch.randn(dim).to(dtype) if cls else None
@@ -206,7 +207,8 @@ def test_patch_embed_epilogue(emu, dtype, dim, cls, pos):
     cd = buf.new("cls", (dim,), dtype, cls_t) if cls else None
     pd = buf.new("pos", pos_t.shape, dtype, pos_t) if pos else None
     out = buf.new("out", (batch, patches + int(cls), dim), dtype)
-    emu.check("vk_patch_embed_epilogue", VK[dtype], ptr(td), ptr(cd), ptr(pd), ptr(out), batch, patches, dim, None)
+    emu.check("vk_patch_embed_epilogue", VK[dtype], ptr(td), ptr(cd), ptr(pd), ptr(out), batch, int(cls), patches, dim,
+              False, None)
     buf.check_guards()
     ref = tokens.double()
     if cls:
@@ -391,6 +393,8 @@ def test_gemm_bias_gradient_without_a_bgradb_algorithm(emu, gemm_workspace, dtyp
 @pytest.mark.parametrize("n", [8 * 97, 1001])
 @pytest.mark.parametrize("residual", [False, True])
 def test_gelu_fwd_bwd(emu, gemm_workspace, dtype, n, residual):
+    """The exact GELU epilogue over one row of n (tests/test_cuda_family_options.py: the other
+    activations, LayerScale and its column sums)."""
     h = (torch.randn(n) * 3).to(dtype)
     r = torch.randn(n).to(dtype) if residual else None
     dout = torch.randn(n).to(dtype)
@@ -398,8 +402,9 @@ def test_gelu_fwd_bwd(emu, gemm_workspace, dtype, n, residual):
     hd, dod = buf.new("h", (n,), dtype, h), buf.new("dout", (n,), dtype, dout)
     rd = buf.new("residual", (n,), dtype, r) if residual else None
     out, dh = buf.new("out", (n,), dtype), buf.new("dh", (n,), dtype)
-    emu.check("vk_gelu_fwd", VK[dtype], ptr(hd), ptr(rd), ptr(out), n, None)
-    emu.check("vk_gelu_bwd", VK[dtype], ptr(dod), ptr(hd), ptr(dh), n, None)
+    gelu = 1  # VK_ACT_GELU
+    emu.check("vk_linear_epilogue_fwd", VK[dtype], gelu, ptr(hd), None, ptr(rd), ptr(out), 1, n, None)
+    emu.check("vk_linear_epilogue_bwd", VK[dtype], gelu, ptr(dod), ptr(hd), None, ptr(dh), None, None, 1, n, None)
     buf.check_guards()
     h64 = h.double().requires_grad_()
     y = reference.gelu(h64)

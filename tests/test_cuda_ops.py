@@ -439,6 +439,9 @@ SANITIZER_SCRIPT = textwrap.dedent(
             ops.ln_linear(x, w, b, W, bb, activation="gelu", backend="cuda").sum().backward()
             r = torch.randn(5, 17, 3 * d, device=dev, dtype=dtype, requires_grad=True)
             ops.linear(x, W, bb, residual=r, backend="cuda").sum().backward()
+            g = torch.rand(3 * d, device=dev, dtype=dtype, requires_grad=True)
+            for act in (None, "gelu_tanh", "quick_gelu"):  # LayerScale: the dh / dgamma pass
+                ops.linear(x, W, bb, residual=r, scale=g, activation=act, backend="cuda").sum().backward()
         for patch, hw in ((16, (32, 48)), (14, (28, 28))):
             x = torch.randn(2, 3, *hw, device=dev, dtype=dtype, requires_grad=True)
             wt = torch.randn(64, 3, patch, patch, device=dev, dtype=dtype, requires_grad=True)
@@ -446,6 +449,8 @@ SANITIZER_SCRIPT = textwrap.dedent(
             cls = torch.randn(1, 1, 64, device=dev, dtype=dtype, requires_grad=True)
             pos = torch.randn(1, t, 64, device=dev, dtype=dtype, requires_grad=True)
             ops.patch_embed(x, wt, None, cls, pos, backend="cuda").sum().backward()
+            regs = torch.randn(1, 5, 64, device=dev, dtype=dtype, requires_grad=True)  # class + 4 registers
+            ops.patch_embed(x, wt, None, regs, pos[:, 1:], no_embed_class=True, backend="cuda").sum().backward()
     torch.cuda.synchronize()
     print("sanitizer script done")
     """

@@ -25,6 +25,11 @@ DTYPES = (torch.float16, torch.bfloat16)
 LAYER_NORM_MAX_DIM = 1280  # csrc/layernorm.cu: one warp holds a row in registers
 ATTENTION_HEAD_DIMS = (64, 80, 128)  # csrc/attention.cu instantiations
 ATTENTION_MAX_TOKENS = 65535 * 64  # grid.y limit of 64-row tiles
+# The `int act` of the linear ops: VkActivation in csrc/vitkern_kernels.h, by the ops' activation names.
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+ACTIVATIONS = tuple(ACTIVATION_CODES)
+# The patch_embed epilogue writes any number of prefix rows; the token count is a 32-bit int there.
+PATCH_EMBED_MAX_PREFIX = 2**31 - 1
 
 _READY = False
 
@@ -89,37 +94,42 @@ class _LayerNormFn(torch.autograd.Function):
 
 
 class _LinearFn(torch.autograd.Function):
+    """residual + scale * act(x @ weight^T + bias); act is an ACTIVATION_CODES value. With an activation
+    or a scale the forward saves the pre-activation, and the backward's first pass forms dh and dscale."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], gelu: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                scale: Optional[Tensor], act: int) -> Tensor:
         x2 = _flat(x)
         w = weight.contiguous()
         b = bias.contiguous() if bias is not None else None
         r = _flat(residual) if residual is not None else None
-        out, preact = _ops().cuda_linear_fwd(x2, w, b, r, gelu)
-        ctx.save_for_backward(x2, w, preact)
-        ctx.has_bias, ctx.gelu, ctx.has_residual = bias is not None, gelu, residual is not None
+        g = scale.contiguous() if scale is not None else None
+        out, preact = _ops().cuda_linear_fwd(x2, w, b, r, g, act)
+        ctx.save_for_backward(x2, w, preact, g)
+        ctx.has_bias, ctx.act, ctx.has_residual = bias is not None, act, residual is not None
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        x2, w, preact = ctx.saved_tensors
+        x2, w, preact, g = ctx.saved_tensors
         d2 = _flat(dout)
-        dx, dw, db = _ops().cuda_linear_bwd(d2, x2, w, preact, ctx.has_bias, ctx.gelu)
+        dx, dw, db, dscale = _ops().cuda_linear_bwd(d2, x2, w, preact, g, ctx.has_bias, ctx.act)
         dres = dout if ctx.has_residual else None
-        return dx.view(ctx.shape), dw, db if ctx.has_bias else None, dres, None
+        return dx.view(ctx.shape), dw, db if ctx.has_bias else None, dres, dscale if g is not None else None, None
 
 
 class _LnLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, weight, bias, eps: float, gelu: bool) -> Tensor:
+    def forward(ctx, x, ln_weight, ln_bias, weight, bias, eps: float, act: int) -> Tensor:
         x2 = _flat(x)
         lnw, lnb = _affine(ln_weight, ln_bias, x)
         w = weight.contiguous()
         b = bias.contiguous() if bias is not None else None
-        out, ln_out, mean, rstd, preact = _ops().cuda_ln_linear_fwd(x2, lnw, lnb, w, b, eps, gelu)
+        out, ln_out, mean, rstd, preact = _ops().cuda_ln_linear_fwd(x2, lnw, lnb, w, b, eps, act)
         ctx.save_for_backward(x2, lnw, w, ln_out, mean, rstd, preact)
-        ctx.has_bias, ctx.gelu = bias is not None, gelu
+        ctx.has_bias, ctx.act = bias is not None, act
         ctx.affine = (ln_weight is not None, ln_bias is not None)
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], w.shape[0])
@@ -127,7 +137,7 @@ class _LnLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         x2, lnw, w, ln_out, mean, rstd, preact = ctx.saved_tensors
-        dx, dlnw, dlnb, dw, db = _ops().cuda_ln_linear_bwd(_flat(dout), x2, lnw, w, ln_out, mean, rstd, preact, ctx.has_bias, ctx.gelu)
+        dx, dlnw, dlnb, dw, db = _ops().cuda_ln_linear_bwd(_flat(dout), x2, lnw, w, ln_out, mean, rstd, preact, ctx.has_bias, ctx.act)
         has_w, has_b = ctx.affine
         return (dx.view(ctx.shape), dlnw if has_w else None, dlnb if has_b else None, dw, db if ctx.has_bias else None,
                 None, None)
@@ -149,8 +159,11 @@ class _AttentionFn(torch.autograd.Function):
 
 
 class _PatchEmbedFn(torch.autograd.Function):
+    """[prefix tokens; patches @ W^T + b] + pos_embed; cls_token holds the prefix tokens [1, prefix, dim],
+    and pos_embed covers every token, or with no_embed_class the patch tokens only."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, cls_token, pos_embed) -> Tensor:
+    def forward(ctx, x, weight, bias, cls_token, pos_embed, no_embed_class: bool) -> Tensor:
         xc = x.contiguous()
         w = weight.contiguous()
         out = _ops().cuda_patch_embed_fwd(
@@ -159,9 +172,12 @@ class _PatchEmbedFn(torch.autograd.Function):
             bias.contiguous() if bias is not None else None,
             cls_token.contiguous() if cls_token is not None else None,
             pos_embed.contiguous() if pos_embed is not None else None,
+            no_embed_class,
         )
         ctx.save_for_backward(xc, w)
         ctx.flags = (bias is not None, cls_token is not None, pos_embed is not None)
+        ctx.prefix = cls_token.shape[1] if cls_token is not None else 0
+        ctx.no_embed_class = no_embed_class
         return out
 
     @staticmethod
@@ -169,14 +185,15 @@ class _PatchEmbedFn(torch.autograd.Function):
         xc, w = ctx.saved_tensors
         has_bias, has_cls, has_pos = ctx.flags
         dx, dw, db, dcls, dpos = _ops().cuda_patch_embed_bwd(
-            dout.contiguous(), xc, w, has_bias, has_cls, has_pos, bool(ctx.needs_input_grad[0])
+            dout.contiguous(), xc, w, has_bias, ctx.prefix, has_pos, ctx.no_embed_class, bool(ctx.needs_input_grad[0])
         )
         return (
             dx if ctx.needs_input_grad[0] else None,
             dw,
             db if has_bias else None,
-            dcls if has_cls else None,
+            dcls.view(1, ctx.prefix, w.shape[0]) if has_cls else None,  # [0] when the prefix is empty
             dpos if has_pos else None,
+            None,
         )
 
 
@@ -190,16 +207,17 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     return _LayerNormFn.apply(x, weight, bias, float(eps))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
+           residual: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     if not _READY:
         _ensure_loaded()
-    return _LinearFn.apply(x, weight, bias, residual, activation == "gelu")
+    return _LinearFn.apply(x, weight, bias, residual, scale, ACTIVATION_CODES[activation])
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps: float = 1e-6, activation: Optional[str] = None) -> Tensor:
     if not _READY:
         _ensure_loaded()
-    return _LnLinearFn.apply(x, ln_weight, ln_bias, weight, bias, float(eps), activation == "gelu")
+    return _LnLinearFn.apply(x, ln_weight, ln_bias, weight, bias, float(eps), ACTIVATION_CODES[activation])
 
 
 def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> Tensor:
@@ -209,10 +227,10 @@ def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> 
     return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale))
 
 
-def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None) -> Tensor:
+def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_class: bool = False) -> Tensor:
     if not _READY:
         _ensure_loaded()
-    return _PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed)
+    return _PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed, bool(no_embed_class))
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +249,8 @@ def _rows_reasons(x: Tensor) -> List[str]:
     return [] if x.numel() > 0 else [f"x has no elements (shape {tuple(x.shape)}); the cuda backend needs at least one row"]
 
 
-def _layer_norm_supports(call) -> List[str]:
-    reasons = _common(call)
+def _layer_norm_supports(call, **options) -> List[str]:
+    reasons = _common(call, **options)
     dim = call["x"].shape[-1]
     if dim > LAYER_NORM_MAX_DIM:
         reasons.append(f"x's last dim is {dim}; the cuda LayerNorm holds a row in one warp's registers, dim <= {LAYER_NORM_MAX_DIM}")
@@ -240,11 +258,11 @@ def _layer_norm_supports(call) -> List[str]:
 
 
 def _linear_supports(call) -> List[str]:
-    return _common(call) + _rows_reasons(call["x"])
+    return _common(call, activations=ACTIVATIONS, scale=True) + _rows_reasons(call["x"])
 
 
 def _ln_linear_supports(call) -> List[str]:
-    return _layer_norm_supports(call)
+    return _layer_norm_supports(call, activations=ACTIVATIONS)
 
 
 def _address(t: Tensor) -> int:
@@ -277,7 +295,8 @@ def _attention_supports(call) -> List[str]:
 
 
 def _patch_embed_supports(call) -> List[str]:
-    return _common(call) + _rows_reasons(call["x"])
+    return (_common(call, max_prefix_tokens=PATCH_EMBED_MAX_PREFIX, no_embed_class=True)
+            + _rows_reasons(call["x"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,23 +328,24 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
     @reg("cuda_linear_fwd")
-    def _(x, weight, bias, residual, gelu):
+    def _(x, weight, bias, residual, scale, act):
         out = x.new_empty((x.shape[0], weight.shape[0]))
-        return out, (x.new_empty((x.shape[0], weight.shape[0])) if gelu else none(x))
+        return out, (x.new_empty((x.shape[0], weight.shape[0])) if act or scale is not None else none(x))
 
     @reg("cuda_linear_bwd")
-    def _(dout, x, weight, preact, has_bias, gelu):
+    def _(dout, x, weight, preact, scale, has_bias, act):
         db = x.new_empty((weight.shape[0],)) if has_bias else none(x)
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+        dscale = x.new_empty((weight.shape[0],)) if scale is not None else none(x)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), db, dscale
 
     @reg("cuda_ln_linear_fwd")
-    def _(x, ln_weight, ln_bias, weight, bias, eps, gelu):
+    def _(x, ln_weight, ln_bias, weight, bias, eps, act):
         m, n = x.shape[0], weight.shape[0]
-        preact = x.new_empty((m, n)) if gelu else none(x)
+        preact = x.new_empty((m, n)) if act else none(x)
         return x.new_empty((m, n)), x.new_empty(x.shape), x.new_empty((m,), dtype=f32), x.new_empty((m,), dtype=f32), preact
 
     @reg("cuda_ln_linear_bwd")
-    def _(dout, x, ln_weight, weight, ln_out, mean, rstd, preact, has_bias, gelu):
+    def _(dout, x, ln_weight, weight, ln_out, mean, rstd, preact, has_bias, act):
         db = x.new_empty((weight.shape[0],)) if has_bias else none(x)
         return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape), ln_weight.new_empty(ln_weight.shape),
                 weight.new_empty(weight.shape), db)
@@ -340,20 +360,21 @@ def _register_fakes() -> None:
         return qkv.new_empty(qkv.shape)
 
     @reg("cuda_patch_embed_fwd")
-    def _(x, weight, bias, cls_token, pos_embed):
+    def _(x, weight, bias, cls_token, pos_embed, no_embed_class):
         dim, _, ph, pw = weight.shape
-        tokens = (1 if cls_token is not None else 0) + (x.shape[2] // ph) * (x.shape[3] // pw)
+        tokens = (cls_token.shape[1] if cls_token is not None else 0) + (x.shape[2] // ph) * (x.shape[3] // pw)
         return x.new_empty((x.shape[0], tokens, dim))
 
     @reg("cuda_patch_embed_bwd")
-    def _(dout, x, weight, has_bias, has_cls, has_pos, needs_dx):
+    def _(dout, x, weight, has_bias, n_prefix, has_pos, no_embed_class, needs_dx):
         dim = weight.shape[0]
+        pos_rows = dout.shape[1] - (n_prefix if no_embed_class else 0)
         return (
             x.new_empty(x.shape) if needs_dx else none(x),
             weight.new_empty(weight.shape),
             x.new_empty((dim,)) if has_bias else none(x),
-            x.new_empty((1, 1, dim)) if has_cls else none(x),
-            x.new_empty((1, dout.shape[1], dim)) if has_pos else none(x),
+            x.new_empty((1, n_prefix, dim)) if n_prefix > 0 else none(x),
+            x.new_empty((1, pos_rows, dim)) if has_pos else none(x),
         )
 
     _FAKES_DONE.add(ns)

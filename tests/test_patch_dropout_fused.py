@@ -169,3 +169,23 @@ def test_model_keeps_timms_order_when_pos_drop_draws_first():
     model.patch_drop.register_forward_hook(lambda *a: None)  # a hook: the module must run as a module
     assert not model._patch_drop_fuses()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", [pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def test_cuda_patch_embed_keep_against_float64(where, dtype, monkeypatch):
+    """The CUDA backend: the full embedding by csrc/, then the kept rows gathered (and scattered back)."""
+    from test_cuda_ops import _use_emulated_extension, _use_gpu_extension
+
+    device = _use_gpu_extension() if where == "cuda" else _use_emulated_extension(monkeypatch)
+    tensors, patches = _inputs(2, True)
+    keep = torch.tensor([[0, 0, 5], [2, 4, 1], [5, 1, 3]])  # one index twice: its gradient sums
+    inputs = [t.clone().requires_grad_(True) for t in tensors]
+    low = [t.detach().to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
+    expected = _oracle(*inputs, keep, True)
+    out = ops.patch_embed(*low, no_embed_class=True, keep=keep.to(device), backend="cuda")
+    assert_close(out.cpu(), expected, dtype, name="tokens")
+    dy = torch.randn_like(expected)
+    for name, g, ref in zip(("x", "weight", "bias", "prefix", "pos"), torch.autograd.grad(out, low, dy.to(device, dtype)),
+                            torch.autograd.grad(expected, inputs, dy)):
+        assert_close(g.cpu(), ref, dtype, scale=4.0, name=f"d {name}")

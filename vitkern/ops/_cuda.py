@@ -227,10 +227,19 @@ def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> 
     return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale))
 
 
-def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_class: bool = False) -> Tensor:
+def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_class: bool = False,
+                keep: Optional[Tensor] = None) -> Tensor:
     if not _READY:
         _ensure_loaded()
-    return _PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed, bool(no_embed_class))
+    tokens = _PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed, bool(no_embed_class))
+    if keep is None:
+        return tokens
+    # PatchDropout: csrc/ embeds every patch, and the kept rows are gathered after (one read and
+    # write of the kept tokens; autograd's scatter is the backward). The Triton kernel embeds only
+    # the kept patches instead (docs/perf/patch_embed.md).
+    prefix = cls_token.shape[1] if cls_token is not None else 0
+    kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([tokens[:, :prefix], kept], dim=1) if prefix else kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +304,7 @@ def _attention_supports(call) -> List[str]:
 
 
 def _patch_embed_supports(call) -> List[str]:
-    return (_common(call, max_prefix_tokens=PATCH_EMBED_MAX_PREFIX, no_embed_class=True)
+    return (_common(call, max_prefix_tokens=PATCH_EMBED_MAX_PREFIX, no_embed_class=True, keep=True)
             + _rows_reasons(call["x"]))
 
 

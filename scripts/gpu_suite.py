@@ -3,7 +3,7 @@
 one command, each returning its data even when cut short.
 
     python3 scripts/gpu_suite.py --run 1 [--out DIR]     # `make gpu`:      at most 330 s
-    python3 scripts/gpu_suite.py --run 2 [--out DIR]     # `make gpu-more`: at most 240 s
+    python3 scripts/gpu_suite.py --run 2 [--out DIR]     # `make gpu-more`: at most 255 s
     python3 scripts/gpu_suite.py --run sweep --budget-s S [--out DIR]   # `make gpu-sweep`
     python3 scripts/gpu_suite.py --run 1 --dry-run       # the plan, its counted compiles, `total <s> s`
     python3 scripts/gpu_suite.py --run 1 --quick --out DIR   # a CPU smoke run of the suite itself
@@ -24,8 +24,8 @@ Run 1 (<= 330 s; start-up + run 1 <= about 8.5 min, leaving room for run 2):
                       with 60 s of the stage left)
     ops_b256      50  per-op at B/16 batch 256, fwd and fwd+bwd: torch, SDPA flash, triton, cuda
     (record)      10
-Run 2 (<= 240 s): env, cuda_build (a cache hit on a warm machine), the odd attention shapes and
-    the torch.compile/opcheck tests, the int32-overflow tests serially, B/16 at batch 1 (CUDA
+Run 2 (<= 255 s): env, cuda_build (a cache hit on a warm machine), the odd attention shapes and
+    the torch.compile/opcheck tests and the ViT family's option tests, the int32-overflow tests serially, B/16 at batch 1 (CUDA
     graphs) and 32, L/16 and H/14 at batch 256, the profile of the fastest vitkern backend, a
     compute-sanitizer probe (memcheck of the CUDA ops only if a tiny probe works), and timm +
     torch.compile(max-autotune) only with 120 s left.
@@ -80,7 +80,7 @@ RECORD_RESERVE_S = 10
 COMPILE_S = 0.6  # one Triton compile for sm_90 under triton 3.6 (0.56 s measured on average)
 AUTOTUNE_CONFIG_S = 0.15  # one config timed by the autotuner (25 ms warm-up + 100 ms of timing + launches)
 DEFAULT_DEVICE = "NVIDIA H200"  # whose tuning table the dry run assumes
-TOTALS = {"1": 330.0, "2": 240.0, "sweep": 240.0}
+TOTALS = {"1": 330.0, "2": 255.0, "sweep": 240.0}
 # Seconds between a stage's SIGTERM and SIGKILL: pytest writes its junit XML, the model stages have
 # written every finished case; SIGTERM is sent this long before the stage's limit.
 STOP_GRACE_S = 8.0
@@ -160,7 +160,8 @@ PLANS: Dict[str, List[Stage]] = {
         # Run 2 follows run 1 on the same warm machine: the build is a cache hit (a cold build may not
         # finish here; the cuda cases then say so, and the other stages run).
         Stage("cuda_build", 30, "csrc/ for this GPU's arch (a cache hit on the machine run 1 warmed)", 20),
-        Stage("tests_more", 35, "pytest -n 8: odd attention shapes, torch.compile and opcheck tests", 25, parallel=8,
+        Stage("tests_more", 50, "pytest -n 8: odd attention shapes, torch.compile and opcheck tests, the ViT family's "
+              "options (QK-norm, LayerScale, activations, prefix tokens, PatchDropout) and attention numerics", 30, parallel=8,
               workloads=tuple(_w("block", "vit_tiny_patch16_224", 1, ("fp16", "fp32")))),
         Stage("tests_int32", 35, "int32-overflow tests, serially (batch 4096 shapes)", 15,
               workloads=tuple(_w("block", B16, 4096, train=False))),
@@ -1002,6 +1003,12 @@ TRITON_TEST_FILES = ["tests/test_triton_attention.py", "tests/test_triton_layer_
 GPU_SUITE_TESTS = ["tests/test_gpu_suite.py::test_gpu_vit_block_shapes", "tests/test_gpu_suite.py::test_gpu_b16_ratio_vs_timm"]
 # Run 2's tests, left out of run 1's correctness stage.
 RUN2_K = "matches_fp64_reference or torch_compile or compiles_fullgraph or traces or opcheck"
+# The ViT family's options on both fused backends and the attention numerics at large logits: run 2,
+# every test of these files on the GPU (-k matches their module names).
+FAMILY_TEST_FILES = ["tests/test_vit_family_backends.py", "tests/test_triton_attention_qknorm.py",
+                     "tests/test_cuda_attention_qknorm.py", "tests/test_cuda_family_options.py",
+                     "tests/test_patch_dropout_fused.py", "tests/test_attention_numerics.py"]
+FAMILY_K = "vit_family_backends or attention_qknorm or family_options or patch_dropout_fused or attention_numerics"
 INT32_K = "int32 or overflow or 4096"
 
 
@@ -1061,8 +1068,8 @@ def run_plan(suite: Suite) -> None:
                 k = f"not ({RUN2_K}) and not ({INT32_K}) and not emulated and not sanitizer and not interpreter"
                 cmd = pytest_cmd(files, k, junit, 8, 60)
             elif name == "tests_more":
-                cmd = pytest_cmd(TRITON_TEST_FILES + ["tests/test_cuda_ops.py"], f"({RUN2_K}) and not emulated",
-                                 junit, 8, 90)
+                cmd = pytest_cmd(TRITON_TEST_FILES + ["tests/test_cuda_ops.py"] + FAMILY_TEST_FILES,
+                                 f"(({RUN2_K}) or {FAMILY_K}) and not emulated", junit, 8, 90)
             else:
                 cmd = pytest_cmd(TRITON_TEST_FILES + ["tests/test_cuda_ops.py"], f"({INT32_K}) and not emulated",
                                  junit, 1, 120)

@@ -187,3 +187,35 @@ def test_fakes_follow_the_schemas(dev):
     grads = ops_.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=torch.float32), 2,
                                     0.125, None, None, 0.0, m(64), m(64), 1e-6)
     assert [tuple(g.shape) for g in grads] == [(2, 17, 384), (0,), (0,), (64,), (64,)]
+
+
+def test_qk_norm_emulated_warp_orders_agree(monkeypatch):
+    """The emulator runs the warps of a CTA one after another between barriers, in an order it is told:
+    a missing __syncthreads (the epilogue's partial sums reuse the shared tiles) changes the results
+    with the order. Forward, reverse and random orders must give identical bits."""
+    import ctypes
+
+    from cuda_emu import emulator
+    from test_cuda_ops import _use_emulated_extension
+
+    dev = _use_emulated_extension(monkeypatch)
+    lib = ctypes.CDLL(str(emulator.build(torch_ops=True)))  # the loaded library: its schedule setting
+    lib.vk_emu_configure.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_longlong]
+    qkv = _qkv(dev, torch.bfloat16, 70, 80)
+    q_norm, k_norm = _norm_args(dev, torch.bfloat16, 80), _norm_args(dev, torch.bfloat16, 80)
+    dy = torch.randn(BATCH, 70, HEADS * 80, device=dev).bfloat16()
+
+    def fn(x, qn, kn):
+        return ops.attention(x, HEADS, q_norm=qn, k_norm=kn, backend="cuda")
+
+    results = []
+    try:
+        for schedule in (0, 1, 2):  # forward, reverse, random (emulator.Emulator.SCHEDULES)
+            lib.vk_emu_configure(schedule, 7, 227 << 10)
+            results.append(_run(fn, qkv, q_norm, k_norm, dy))
+    finally:
+        lib.vk_emu_configure(0, 0, 227 << 10)
+    (y0, g0), rest = results[0], results[1:]
+    for y, g in rest:
+        assert torch.equal(y, y0)
+        assert all(torch.equal(a, b) for a, b in zip(g, g0))

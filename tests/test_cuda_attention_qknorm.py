@@ -219,3 +219,23 @@ def test_qk_norm_emulated_warp_orders_agree(monkeypatch):
     for y, g in rest:
         assert torch.equal(y, y0)
         assert all(torch.equal(a, b) for a, b in zip(g, g0))
+
+
+def test_qk_norm_under_torch_compile(dev):
+    """fullgraph, forward and backward: the fakes give the QK-norm outputs' shapes (the gradients of the
+    norm weights included), and the compiled graph calls the same kernels."""
+    qkv = _qkv(dev, torch.bfloat16, 17, 64)
+    w, b = _norm_args(dev, torch.bfloat16, 64)[:2]
+    dy = torch.randn(BATCH, 17, HEADS * 64, device=dev).bfloat16()
+
+    def f(x, qn, kn):
+        return ops.attention(x, HEADS, q_norm=qn, k_norm=kn, backend="cuda")
+
+    q_norm, k_norm = (w, b, 1e-6), (None, b, 1e-5)
+    expected = _run(f, qkv, q_norm, k_norm, dy)
+    got = _run(torch.compile(f, fullgraph=True), qkv, q_norm, k_norm, dy)
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    for g, e in zip(got[1], expected[1]):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, atol=0, rtol=0)

@@ -79,8 +79,8 @@ def test_attention_instantiations_are_all_present(built):
     for arch in ("sm_80", "sm_90a"):
         per_arch = [k.function for k in _kernels(built, "attention.cu") if k.arch == arch]
         for kind in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
-            # 2 dtypes x 3 head dims
-            assert sum(kind in n for n in per_arch) == 2 * len(HEAD_DIMS), f"{kind} on {arch}: {per_arch}"
+            # 2 dtypes x 3 head dims x (plain, QK-norm)
+            assert sum(kind in n for n in per_arch) == 2 * len(HEAD_DIMS) * 2, f"{kind} on {arch}: {per_arch}"
     assert names
 
 
@@ -90,7 +90,7 @@ def test_attention_kernels_use_tensor_cores(built, arch):
         pytest.skip("cuobjdump not found (CUDA_HOME/bin or triton's bundled copy)")
     sass = cuda_kernels.sass_by_function(built.objects["attention.cu"], arch)
     mma_kernels = {n: s for n, s in sass.items() if any(k in n for k in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"))}
-    assert len(mma_kernels) == 3 * 2 * len(HEAD_DIMS), sorted(sass)
+    assert len(mma_kernels) == 3 * 2 * len(HEAD_DIMS) * 2, sorted(sass)  # x (plain, QK-norm)
     for name, code in mma_kernels.items():
         assert "HMMA" in code, f"{name} [{arch}] has no HMMA instruction: not on the tensor cores"
         # Local memory traffic would mean a register array indexed at run time.

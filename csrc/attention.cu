@@ -222,69 +222,75 @@ __device__ __forceinline__ void norm_bwd_epilogue(const float (&acc)[D / 8][4], 
   bool valid[2];
   float2 st[2];
   const T* x[2];
+  T* out[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int lr = warp * 16 + g + 8 * r;
-    valid[r] = r0 + lr < tokens;
-    st[r] = valid[r] ? stats[lr] : make_float2(0.f, 0.f);
-    x[r] = raw + (valid[r] ? r0 + lr : 0) * stride_t;  // an invalid row reads row 0, never uses it
+    const int row = r0 + warp * 16 + g + 8 * r;
+    valid[r] = row < tokens;
+    st[r] = valid[r] ? stats[row - r0] : make_float2(0.f, 0.f);
+    x[r] = raw + (valid[r] ? row : 0) * stride_t;  // an invalid row reads row 0 and never uses it
+    out[r] = dst + (valid[r] ? row : 0) * dst_t + 2 * t;
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float s1 = 0.f, s2 = 0.f;  // this thread's part of sum(gy w), sum(gy w xhat) over the row
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = dn * 8 + 2 * t + e;
-        const float xhat = (to_f(x[r][c]) - st[r].x) * st[r].y;
-        const float gw = acc[dn][2 * r + e] * scale * to_f(weight[c]);
-        s1 += gw;
-        s2 += gw * xhat;
-      }
-    }
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, 1);
-    s2 += __shfl_xor_sync(0xffffffffu, s2, 2);
-    if (!valid[r]) continue;
-    const float m1 = s1 / D, m2 = s2 / D;
-    T* out = dst + (r0 + warp * 16 + g + 8 * r) * dst_t + 2 * t;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      float d[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = dn * 8 + 2 * t + e;
-        const float xhat = (to_f(x[r][c]) - st[r].x) * st[r].y;
-        const float gw = acc[dn][2 * r + e] * scale * to_f(weight[c]);
-        d[e] = st[r].y * (gw - m1 - xhat * m2);
-      }
-      *reinterpret_cast<uint32_t*>(out + dn * 8) = pack2<T>(d[0], d[1]);
-    }
-  }
-  __syncthreads();  // scratch may alias tiles the main loop was still reading
+  // Pass 1: the row means of gy w and gy w xhat (in-thread over dn, then over the quad).
+  float m1[2] = {0.f, 0.f}, m2[2] = {0.f, 0.f};
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int c = dn * 8 + 2 * t + e;
-      float pw = 0.f, pb = 0.f;
+      const float w = to_f(weight[c]);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        if (!valid[r]) continue;
-        const float gy = acc[dn][2 * r + e] * scale;
-        pw += gy * ((to_f(x[r][c]) - st[r].x) * st[r].y);
-        pb += gy;
+        const float xhat = (to_f(x[r][c]) - st[r].x) * st[r].y;
+        const float gw = acc[dn][2 * r + e] * scale * w;
+        m1[r] += gw;
+        m2[r] += gw * xhat;
       }
+    }
+  }
 #pragma unroll
-      for (int o = 4; o < 32; o <<= 1) {  // over g: the warp's 16 rows
-        pw += __shfl_xor_sync(0xffffffffu, pw, o);
-        pb += __shfl_xor_sync(0xffffffffu, pb, o);
+  for (int r = 0; r < 2; ++r) {
+    m1[r] += __shfl_xor_sync(0xffffffffu, m1[r], 1);
+    m1[r] += __shfl_xor_sync(0xffffffffu, m1[r], 2);
+    m2[r] += __shfl_xor_sync(0xffffffffu, m2[r], 1);
+    m2[r] += __shfl_xor_sync(0xffffffffu, m2[r], 2);
+    m1[r] /= D;
+    m2[r] /= D;
+  }
+  __syncthreads();  // scratch may alias tiles the main loop was still reading
+  // Pass 2: dx of the valid rows, and the column sums of gy xhat and gy over them (in-thread over the two
+  // rows, then over g: the warp's 16 rows) into this warp's slice of scratch.
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    float dx[2][2], pw[2] = {0.f, 0.f}, pb[2] = {0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = dn * 8 + 2 * t + e;
+      const float w = to_f(weight[c]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float xhat = (to_f(x[r][c]) - st[r].x) * st[r].y;
+        const float gy = acc[dn][2 * r + e] * scale;
+        dx[r][e] = st[r].y * (gy * w - m1[r] - xhat * m2[r]);
+        if (valid[r]) {
+          pw[e] += gy * xhat;
+          pb[e] += gy;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (valid[r]) *reinterpret_cast<uint32_t*>(out[r] + dn * 8) = pack2<T>(dx[r][0], dx[r][1]);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) {
+        pw[e] += __shfl_xor_sync(0xffffffffu, pw[e], o);
+        pb[e] += __shfl_xor_sync(0xffffffffu, pb[e], o);
       }
       if (g == 0) {
-        scratch[(warp * 2) * D + c] = pw;
-        scratch[(warp * 2 + 1) * D + c] = pb;
+        scratch[(warp * 2) * D + dn * 8 + 2 * t + e] = pw[e];
+        scratch[(warp * 2 + 1) * D + dn * 8 + 2 * t + e] = pb[e];
       }
     }
   }

@@ -35,18 +35,24 @@ def _norm_args(dev, dtype, head_dim, weight=True, bias=True, eps=1e-6):
 
 def _run(fn, qkv, q_norm, k_norm, dy):
     """fn(qkv, q_norm, k_norm) with fresh leaves; returns (out, [dqkv, dq_w, dq_b, dk_w, dk_b]) (None
-    where the argument is None or that side is off)."""
+    where the argument is None or that side is off). qkv keeps its token stride: the leaf is a buffer
+    of stride(1) columns and fn gets the view of its first 3 * dim (a clone would be contiguous)."""
 
     def leaf(t):
         return t.detach().clone().requires_grad_() if t is not None else None
 
-    x = leaf(qkv)
+    width = qkv.shape[-1]
+    buffer = qkv.new_zeros(*qkv.shape[:2], qkv.stride(1))
+    buffer[..., :width] = qkv
+    buffer.requires_grad_()
+    x = buffer[..., :width]
+    assert x.stride() == qkv.stride()
     qn = (leaf(q_norm[0]), leaf(q_norm[1]), q_norm[2]) if q_norm is not None else None
     kn = (leaf(k_norm[0]), leaf(k_norm[1]), k_norm[2]) if k_norm is not None else None
     y = fn(x, qn, kn)
     y.backward(dy)
     params = [t for n in (qn, kn) for t in (n[:2] if n is not None else (None, None))]
-    return y.detach(), [x.grad] + [t.grad if t is not None else None for t in params]
+    return y.detach(), [buffer.grad[..., :width]] + [t.grad if t is not None else None for t in params]
 
 
 def _d64(norm):

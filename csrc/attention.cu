@@ -19,6 +19,26 @@
 //     PyTorch instead of leaving a rounding residue of |dO| |v| that a large q or k multiplies.
 // Shared-memory rows are padded by 8 elements (16 bytes) so the 32-bit fragment reads of a warp
 // fall in 32 distinct banks.
+//
+// QK-norm (timm's qk_norm=True; docs/perf/attention.md, "QK-norm (CUDA)"): a LayerNorm over head_dim of
+// every head's q and/or k row (weight, bias [head_dim] and eps shared by the heads) applied as the rows
+// are staged, so no normalized copy of q or k is ever written to memory:
+//   * every kernel has a template flag QKN; QKN = false compiles the plain kernels exactly as before.
+//     With QKN, q (k) is normalized when its weight pointer is set (a uniform run-time branch: q only,
+//     k only, or both, from one instantiation);
+//   * stage_norm_rows replaces stage_rows for q (k): a warp per row loads it from global memory, takes
+//     mean and variance in fp32 (two passes over registers, as the eager reference), and writes
+//     weight * xhat + bias rounded to T to shared memory. Rows past `tokens` stay zero, exactly as
+//     before (no bias leaks into a masked row). The result depends on the row alone, so the forward,
+//     dQ and dK/dV kernels stage bit-identical normalized rows and the backward's P is the forward's;
+//   * backward: acc * scale in the dQ (dK) kernel is the gradient gy w.r.t. the normalized row, held
+//     by a quad of lanes per row (columns dn * 8 + 2t, +1). The epilogue re-reads the raw row from
+//     global memory, recomputes xhat with the (mean, rstd) its staging kept in shared memory, and
+//     writes dx = rstd * (gy w - mean(gy w) - xhat mean(gy w xhat)) (row sums: in-thread over dn, then
+//     __shfl_xor 1, 2 over the quad). The weight and bias gradients are per-CTA fp32 column sums of
+//     gy xhat and gy over valid rows (in-thread over the two rows, xor 4, 8, 16 over the warp, then the
+//     4 warps in order) written to a workspace [ctas, 2, head_dim], which norm_param_grad_kernel sums
+//     in a fixed order: deterministic, no atomics.
 #include "common.cuh"
 #include "vitkern_kernels.h"
 
@@ -110,14 +130,210 @@ __device__ __forceinline__ void stage_rows(T* s, int ld, const T* __restrict__ b
 
 template <int D> __host__ __device__ constexpr int smem_ld() { return D + 8; }
 
+// QK-norm arguments of one launch (all null for the plain path). q_weight == nullptr: q is not
+// normalized (likewise k); a side that is normalized has both its weight and bias [D] in T.
+// q_partial, k_partial: the backward's workspaces [ctas, 2, D] fp32 (ctas = batch * heads * tiles).
+template <typename T> struct QkNorm {
+  const T* q_weight;
+  const T* q_bias;
+  const T* k_weight;
+  const T* k_bias;
+  float q_eps, k_eps;
+  float* q_partial;
+  float* k_partial;
+};
+
+// Like stage_rows, with a LayerNorm over the D columns of every staged row (QK-norm): warp w stages rows
+// w, w + 4, ...; lane l holds the column pairs 2 (l + 32 i). Statistics in fp32: the mean, then the mean
+// of squared deviations from the registers (the eager reference's two passes); each element becomes
+// (x - mean) * rstd * weight + bias rounded to T. Rows past `tokens` are zero, as in stage_rows.
+// stats (nullable): (mean, rstd) of each valid row, indexed from r0, for the backward's epilogue.
+template <typename T, int D>
+__device__ __forceinline__ void stage_norm_rows(T* s, int ld, const T* __restrict__ base, int64_t stride_t, int r0,
+                                                int rows, int tokens, const T* __restrict__ weight,
+                                                const T* __restrict__ bias, float eps, float2* stats) {
+  constexpr int kPairs = D / 2, kPer = (kPairs + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < rows; r += kWarps) {  // warp-uniform: every lane reaches the shuffles
+    T* dst = s + r * ld;
+    if (r0 + r >= tokens) {
+      for (int p = lane; p < kPairs; p += 32) *reinterpret_cast<uint32_t*>(dst + 2 * p) = pack2<T>(0.f, 0.f);
+      continue;
+    }
+    const T* src = base + (r0 + r) * stride_t;
+    float x[kPer][2];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = 2 * (lane + 32 * i);
+      x[i][0] = c < D ? to_f(src[c]) : 0.f;
+      x[i][1] = c < D ? to_f(src[c + 1]) : 0.f;
+      sum += x[i][0] + x[i][1];
+    }
+    const float mean = warp_sum(sum) / D;
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      if (2 * (lane + 32 * i) >= D) continue;
+      const float d0 = x[i][0] - mean, d1 = x[i][1] - mean;
+      ss += d0 * d0 + d1 * d1;
+    }
+    const float rstd = rsqrtf(warp_sum(ss) / D + eps);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = 2 * (lane + 32 * i);
+      if (c >= D) continue;
+      const float y0 = (x[i][0] - mean) * rstd * to_f(weight[c]) + to_f(bias[c]);
+      const float y1 = (x[i][1] - mean) * rstd * to_f(weight[c + 1]) + to_f(bias[c + 1]);
+      *reinterpret_cast<uint32_t*>(dst + c) = pack2<T>(y0, y1);
+    }
+    if (stats != nullptr && lane == 0) stats[r] = make_float2(mean, rstd);
+  }
+}
+
+// q or k staging: normalized when QKN and the side's weight is set, else stage_rows as before.
+template <typename T, int D, bool QKN>
+__device__ __forceinline__ void stage_qk(T* s, int ld, const T* __restrict__ base, int64_t stride_t, int r0, int rows,
+                                         int tokens, const T* weight, const T* bias, float eps, float2* stats) {
+  if constexpr (QKN) {
+    if (weight != nullptr) {
+      stage_norm_rows<T, D>(s, ld, base, stride_t, r0, rows, tokens, weight, bias, eps, stats);
+      return;
+    }
+  }
+  stage_rows<T, D>(s, ld, base, stride_t, r0, rows, tokens);
+}
+
+// The LayerNorm backward of QK-norm for the CTA's 64 rows r0 + warp * 16 + (g, g + 8), from the C-fragment
+// accumulators acc (columns dn * 8 + 2t, +1): gy = acc * scale is the gradient w.r.t. the normalized row.
+//   dx = rstd * (gy w - mean(gy w) - xhat * mean(gy w xhat)), xhat = (x - mean) * rstd,
+// with x re-read from `raw` (the element (b, token 0, which, h, 0) of qkv, tokens stride_t apart) and
+// (mean, rstd) from stats (indexed from r0, as stage_norm_rows wrote them); dx is stored to `dst`
+// (element (b, token 0, which, h, 0) of dqkv, tokens dst_t apart) for rows < tokens. The CTA's column
+// sums over its valid rows of gy xhat (dweight) and gy (dbias) go to partial [2][D], reduced in a fixed
+// order through `scratch` (kWarps * 2 * D floats of shared memory that may alias the staged tiles).
+// Called by all threads (it synchronizes the CTA).
+template <typename T, int D>
+__device__ __forceinline__ void norm_bwd_epilogue(const float (&acc)[D / 8][4], float scale, const T* __restrict__ raw,
+                                                  int64_t stride_t, int r0, int tokens, const T* __restrict__ weight,
+                                                  const float2* stats, T* __restrict__ dst, int64_t dst_t,
+                                                  float* scratch, float* __restrict__ partial) {
+  const int warp = threadIdx.x / 32, g = lane_g(), t = lane_t();
+  bool valid[2];
+  float2 st[2];
+  const T* x[2];
+  T* out[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + warp * 16 + g + 8 * r;
+    valid[r] = row < tokens;
+    st[r] = valid[r] ? stats[row - r0] : make_float2(0.f, 0.f);
+    x[r] = raw + (valid[r] ? row : 0) * stride_t;  // an invalid row reads row 0 and never uses it
+    out[r] = dst + (valid[r] ? row : 0) * dst_t + 2 * t;
+  }
+  // Pass 1: the row means of gy w and gy w xhat (in-thread over dn, then over the quad).
+  float m1[2] = {0.f, 0.f}, m2[2] = {0.f, 0.f};
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = dn * 8 + 2 * t + e;
+      const float w = to_f(weight[c]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float xhat = (to_f(x[r][c]) - st[r].x) * st[r].y;
+        const float gw = acc[dn][2 * r + e] * scale * w;
+        m1[r] += gw;
+        m2[r] += gw * xhat;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    m1[r] += __shfl_xor_sync(0xffffffffu, m1[r], 1);
+    m1[r] += __shfl_xor_sync(0xffffffffu, m1[r], 2);
+    m2[r] += __shfl_xor_sync(0xffffffffu, m2[r], 1);
+    m2[r] += __shfl_xor_sync(0xffffffffu, m2[r], 2);
+    m1[r] /= D;
+    m2[r] /= D;
+  }
+  __syncthreads();  // scratch may alias tiles the main loop was still reading
+  // Pass 2: dx of the valid rows, and the column sums of gy xhat and gy over them (in-thread over the two
+  // rows, then over g: the warp's 16 rows) into this warp's slice of scratch.
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    float dx[2][2], pw[2] = {0.f, 0.f}, pb[2] = {0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = dn * 8 + 2 * t + e;
+      const float w = to_f(weight[c]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float xhat = (to_f(x[r][c]) - st[r].x) * st[r].y;
+        const float gy = acc[dn][2 * r + e] * scale;
+        dx[r][e] = st[r].y * (gy * w - m1[r] - xhat * m2[r]);
+        if (valid[r]) {
+          pw[e] += gy * xhat;
+          pb[e] += gy;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (valid[r]) *reinterpret_cast<uint32_t*>(out[r] + dn * 8) = pack2<T>(dx[r][0], dx[r][1]);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) {
+        pw[e] += __shfl_xor_sync(0xffffffffu, pw[e], o);
+        pb[e] += __shfl_xor_sync(0xffffffffu, pb[e], o);
+      }
+      if (g == 0) {
+        scratch[(warp * 2) * D + dn * 8 + 2 * t + e] = pw[e];
+        scratch[(warp * 2 + 1) * D + dn * 8 + 2 * t + e] = pb[e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2 * D; i += kThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += scratch[w * 2 * D + i];
+    partial[i] = sum;
+  }
+}
+
+// partial [ctas, 2, D] fp32 -> dweight, dbias [D] in T: column sums in a fixed order (no atomics).
+// Block (32, 16): x picks one of the 2 D columns, y a slice of the CTAs (y, y + 16, ...); the 16 slices
+// are then added in order.
+template <typename T>
+__global__ void __launch_bounds__(512) norm_param_grad_kernel(const float* __restrict__ partial, int64_t ctas, int D,
+                                                              T* __restrict__ dweight, T* __restrict__ dbias) {
+  __shared__ float part[16][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float sum = 0.f;
+  if (col < 2 * D)
+    for (int64_t k = threadIdx.y; k < ctas; k += 16) sum += partial[k * 2 * D + col];
+  part[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= 2 * D) return;
+  float total = 0.f;
+#pragma unroll
+  for (int y = 0; y < 16; ++y) total += part[y][threadIdx.x];
+  if (col < D)
+    dweight[col] = from_f<T>(total);
+  else
+    dbias[col - D] = from_f<T>(total);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. Grid (batch * heads, ceil(tokens / 64)). Shared: Q [64][ld], K [64][ld], V [64][ld].
 // The minimum of 1 CTA per SM lifts ptxas's default register target (it otherwise settles at 128
 // for head dim 64 and spills a few bytes); at about 140 registers 3 CTAs still fit on an SM.
-template <typename T, int D>
+template <typename T, int D, bool QKN>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, T* __restrict__ out,
-                     float* __restrict__ lse, int tokens, int heads, float scale) {
+                     float* __restrict__ lse, int tokens, int heads, float scale, QkNorm<T> norm) {
   constexpr int LD = smem_ld<D>();
   constexpr int BN = 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -133,7 +349,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
   const T* k_base = q_base + hd;
   const T* v_base = q_base + 2 * hd;
 
-  stage_rows<T, D>(sQ, LD, q_base, stride_t, m0, kTile, tokens);
+  stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, kTile, tokens, norm.q_weight, norm.q_bias, norm.q_eps, nullptr);
   __syncthreads();
   uint32_t qf[D / 16][4];
 #pragma unroll
@@ -147,7 +363,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 
   for (int n0 = 0; n0 < tokens; n0 += BN) {
     __syncthreads();  // the previous tile's readers are done
-    stage_rows<T, D>(sK, LD, k_base, stride_t, n0, BN, tokens);
+    stage_qk<T, D, QKN>(sK, LD, k_base, stride_t, n0, BN, tokens, norm.k_weight, norm.k_bias, norm.k_eps, nullptr);
     stage_rows<T, D>(sV, LD, v_base, stride_t, n0, BN, tokens);
     __syncthreads();
     float s[BN / 8][4];
@@ -237,11 +453,12 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 
 // dK, dV. Grid (batch * heads, ceil(tokens / 64)); each warp owns 16 keys; query tiles of BM rows.
 // Shared: K [64][ld], V [64][ld], Q [BM][ld], dO [BM][ld], lse [BM], delta [BM].
-template <typename T, int D, int BM>
+// With QKN also (mean, rstd) of the CTA's 64 keys after delta, for the k-norm epilogue.
+template <typename T, int D, int BM, bool QKN>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, const T* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                          int tokens, int heads, float scale) {
+                          int tokens, int heads, float scale, QkNorm<T> norm) {
   constexpr int LD = smem_ld<D>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -250,6 +467,7 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
   T* sdO = sQ + BM * LD;
   float* sLse = reinterpret_cast<float*>(sdO + BM * LD);
   float* sDelta = sLse + BM;
+  float2* sKStats = reinterpret_cast<float2*>(sDelta + BM);  // QKN only
 
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
   const int n0 = blockIdx.y * kTile;
@@ -260,7 +478,8 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
   const float* lse_row = lse + (static_cast<int64_t>(b) * heads + h) * tokens;
   const float* delta_row = delta + (static_cast<int64_t>(b) * heads + h) * tokens;
 
-  stage_rows<T, D>(sK, LD, q_base + hd, stride_t, n0, kTile, tokens);
+  stage_qk<T, D, QKN>(sK, LD, q_base + hd, stride_t, n0, kTile, tokens, norm.k_weight, norm.k_bias, norm.k_eps,
+                      sKStats);
   stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, kTile, tokens);
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -271,7 +490,7 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
 
   for (int m0 = 0; m0 < tokens; m0 += BM) {
     __syncthreads();
-    stage_rows<T, D>(sQ, LD, q_base, stride_t, m0, BM, tokens);
+    stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, BM, tokens, norm.q_weight, norm.q_bias, norm.q_eps, nullptr);
     stage_rows<T, D>(sdO, LD, do_base, hd, m0, BM, tokens);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       // A query past the end gets lse = +inf, so its P column is exp2(-inf) = 0.
@@ -324,6 +543,8 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
     }
   }
 
+  bool k_norm = false;
+  if constexpr (QKN) k_norm = norm.k_weight != nullptr;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + warp * 16 + g + 8 * r;
@@ -331,8 +552,17 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
     T* dst = dqkv + (static_cast<int64_t>(b) * tokens + key) * 3 * hd + h * D + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
-      *reinterpret_cast<uint32_t*>(dst + hd + dn * 8) = pack2<T>(dk[dn][2 * r] * scale, dk[dn][2 * r + 1] * scale);
+      if (!k_norm)
+        *reinterpret_cast<uint32_t*>(dst + hd + dn * 8) = pack2<T>(dk[dn][2 * r] * scale, dk[dn][2 * r + 1] * scale);
       *reinterpret_cast<uint32_t*>(dst + 2 * hd + dn * 8) = pack2<T>(dv[dn][2 * r], dv[dn][2 * r + 1]);
+    }
+  }
+  if constexpr (QKN) {
+    if (k_norm) {
+      const int64_t cta = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+      norm_bwd_epilogue<T, D>(dk, scale, q_base + hd, stride_t, n0, tokens, norm.k_weight, sKStats,
+                              dqkv + static_cast<int64_t>(b) * tokens * 3 * hd + hd + h * D, 3 * hd,
+                              reinterpret_cast<float*>(smem_raw), norm.k_partial + cta * 2 * D);
     }
   }
 }
@@ -343,11 +573,12 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
 // row, from the rounding of lse, cancels from dS), the second forms dS = P * (dP - delta) and dQ.
 // The first sweep costs two extra mma passes (S and dP) per key tile and replaces the delta kernel,
 // which read out and dout from memory. Shared: Q [64][ld], dO [64][ld], K [64][ld], V [64][ld].
-template <typename T, int D>
+// With QKN also (mean, rstd) of the CTA's 64 queries after V, for the q-norm epilogue.
+template <typename T, int D, bool QKN>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, const T* __restrict__ dout,
                         const float* __restrict__ lse, float* __restrict__ delta, T* __restrict__ dqkv,
-                        int tokens, int heads, float scale) {
+                        int tokens, int heads, float scale, QkNorm<T> norm) {
   constexpr int LD = smem_ld<D>();
   constexpr int BN = 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -355,6 +586,7 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
   T* sdO = sQ + kTile * LD;
   T* sK = sdO + kTile * LD;
   T* sV = sK + BN * LD;
+  float2* sQStats = reinterpret_cast<float2*>(sV + BN * LD);  // QKN only
 
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
   const int m0 = blockIdx.y * kTile;
@@ -365,7 +597,7 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
   const float* lse_row = lse + (static_cast<int64_t>(b) * heads + h) * tokens;
   float* delta_row = delta + (static_cast<int64_t>(b) * heads + h) * tokens;
 
-  stage_rows<T, D>(sQ, LD, q_base, stride_t, m0, kTile, tokens);
+  stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, kTile, tokens, norm.q_weight, norm.q_bias, norm.q_eps, sQStats);
   stage_rows<T, D>(sdO, LD, do_base, hd, m0, kTile, tokens);
   float lse_r[2];
 #pragma unroll
@@ -395,7 +627,8 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
     }
     for (int n0 = 0; n0 < tokens; n0 += BN) {
       __syncthreads();
-      stage_rows<T, D>(sK, LD, q_base + hd, stride_t, n0, BN, tokens);
+      stage_qk<T, D, QKN>(sK, LD, q_base + hd, stride_t, n0, BN, tokens, norm.k_weight, norm.k_bias, norm.k_eps,
+                          nullptr);
       stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, BN, tokens);
       __syncthreads();
       float s[BN / 8][4], dp[BN / 8][4];
@@ -446,6 +679,15 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
     }
   }
 
+  if constexpr (QKN) {
+    if (norm.q_weight != nullptr) {
+      const int64_t cta = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+      norm_bwd_epilogue<T, D>(dq, scale, q_base, stride_t, m0, tokens, norm.q_weight, sQStats,
+                              dqkv + static_cast<int64_t>(b) * tokens * 3 * hd + h * D, 3 * hd,
+                              reinterpret_cast<float*>(smem_raw), norm.q_partial + cta * 2 * D);
+      return;
+    }
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + g + 8 * r;
@@ -459,41 +701,61 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
 
 template <int D> constexpr int dkdv_bm() { return D > 80 ? 32 : 64; }
 
-template <typename T, int D>
+template <typename T, int D, bool QKN>
 cudaError_t launch_fwd(const void* qkv, int64_t sb, int64_t st, void* out, float* lse, int batch, int tokens,
-                       int heads, float scale, cudaStream_t stream) {
+                       int heads, float scale, const QkNorm<T>& norm, cudaStream_t stream) {
   constexpr int LD = smem_ld<D>();
   const size_t smem = size_t(3) * kTile * LD * sizeof(T);
-  auto kernel = attention_fwd_kernel<T, D>;
+  auto kernel = attention_fwd_kernel<T, D, QKN>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (e != cudaSuccess) return e;
   const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(tokens, kTile));
-  kernel<<<grid, kThreads, smem, stream>>>((const T*)qkv, sb, st, (T*)out, lse, tokens, heads, scale);
+  kernel<<<grid, kThreads, smem, stream>>>((const T*)qkv, sb, st, (T*)out, lse, tokens, heads, scale, norm);
   return cudaGetLastError();
 }
 
-// out is not read: delta is recomputed from P and dP by the dQ kernel, which runs first.
-template <typename T, int D>
+// out is not read: delta is recomputed from P and dP by the dQ kernel, which runs first. With QK-norm the
+// dQ (dK/dV) kernel leaves its per-CTA weight/bias gradient sums in norm.q_partial (k_partial), which
+// norm_param_grad_kernel reduces into dweight, dbias (dq_w ... dk_b: [D] in T, set for a normalized side).
+template <typename T, int D, bool QKN>
 cudaError_t launch_bwd(const void* qkv, int64_t sb, int64_t st, const void* dout, const float* lse, float* delta,
-                       void* dqkv, int batch, int tokens, int heads, float scale, cudaStream_t stream) {
+                       void* dqkv, int batch, int tokens, int heads, float scale, const QkNorm<T>& norm,
+                       void* dq_w, void* dq_b, void* dk_w, void* dk_b, cudaStream_t stream) {
   constexpr int LD = smem_ld<D>();
   constexpr int BM = dkdv_bm<D>();
   const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(tokens, kTile));
-  const size_t smem_q = size_t(4) * kTile * LD * sizeof(T);
-  auto q = attention_bwd_dq_kernel<T, D>;
+  const size_t stats = QKN ? kTile * sizeof(float2) : 0;  // (mean, rstd) of the CTA's own 64 rows
+  const size_t smem_q = size_t(4) * kTile * LD * sizeof(T) + stats;
+  auto q = attention_bwd_dq_kernel<T, D, QKN>;
   cudaError_t e = cudaFuncSetAttribute(q, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_q));
   if (e != cudaSuccess) return e;
   q<<<grid, kThreads, smem_q, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
-                                        scale);
+                                        scale, norm);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const size_t smem_kv = (size_t(2) * kTile * LD + size_t(2) * BM * LD) * sizeof(T) + 2 * BM * sizeof(float);
-  auto kv = attention_bwd_dkdv_kernel<T, D, BM>;
+  const size_t smem_kv =
+      (size_t(2) * kTile * LD + size_t(2) * BM * LD) * sizeof(T) + 2 * BM * sizeof(float) + stats;
+  auto kv = attention_bwd_dkdv_kernel<T, D, BM, QKN>;
   e = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_kv));
   if (e != cudaSuccess) return e;
   kv<<<grid, kThreads, smem_kv, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
-                                          scale);
-  return cudaGetLastError();
+                                          scale, norm);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  if constexpr (QKN) {
+    const int64_t ctas = int64_t(grid.x) * grid.y;
+    const dim3 block(32, 16), reduce_grid(ceil_div(2 * D, 32));
+    if (norm.q_weight != nullptr) {
+      norm_param_grad_kernel<T><<<reduce_grid, block, 0, stream>>>(norm.q_partial, ctas, D, (T*)dq_w, (T*)dq_b);
+      e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
+    if (norm.k_weight != nullptr) {
+      norm_param_grad_kernel<T><<<reduce_grid, block, 0, stream>>>(norm.k_partial, ctas, D, (T*)dk_w, (T*)dk_b);
+      e = cudaGetLastError();
+    }
+  }
+  return e;
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -519,15 +781,63 @@ bool vk_attention_supports_head_dim(int head_dim) { return head_dim == 64 || hea
     }                                  \
   } while (0)
 
-cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
-                             int batch, int tokens, int heads, int head_dim, float scale, cudaStream_t stream) {
+int64_t vk_attention_norm_partial_rows(int batch, int tokens, int heads) {
+  return int64_t(batch) * heads * vk::ceil_div(tokens, vk::kTile);
+}
+
+namespace {
+
+// The launch checks shared by the entry points, then the typed launch (QKN when a side is normalized).
+cudaError_t attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
+                          int batch, int tokens, int heads, int head_dim, float scale, const void* q_weight,
+                          const void* q_bias, float q_eps, const void* k_weight, const void* k_bias, float k_eps,
+                          cudaStream_t stream) {
   if (batch <= 0 || tokens <= 0 || heads <= 0) return batch == 0 || tokens == 0 ? cudaSuccess : cudaErrorInvalidValue;
   // 16-byte staging copies need every row start 16-byte aligned.
   if (!vk::aligned16(qkv) || stride_b % 8 || stride_t % 8 || tokens > 65535 * vk::kTile) return cudaErrorInvalidValue;
+  // A normalized side needs its weight and bias.
+  if ((q_weight != nullptr) != (q_bias != nullptr) || (k_weight != nullptr) != (k_bias != nullptr))
+    return cudaErrorInvalidValue;
   VK_DISPATCH(dtype, T, VK_HEAD_DIM_DISPATCH(head_dim, {
-    return vk::launch_fwd<T, D>(qkv, stride_b, stride_t, out, lse, batch, tokens, heads, scale, stream);
+    const vk::QkNorm<T> norm{(const T*)q_weight, (const T*)q_bias, (const T*)k_weight, (const T*)k_bias, q_eps, k_eps,
+                             nullptr, nullptr};
+    if (q_weight == nullptr && k_weight == nullptr)
+      return vk::launch_fwd<T, D, false>(qkv, stride_b, stride_t, out, lse, batch, tokens, heads, scale, norm, stream);
+    return vk::launch_fwd<T, D, true>(qkv, stride_b, stride_t, out, lse, batch, tokens, heads, scale, norm, stream);
   }));
   return cudaSuccess;
+}
+
+cudaError_t attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* dout,
+                          const float* lse, float* delta, void* dqkv, int batch, int tokens, int heads, int head_dim,
+                          float scale, const void* q_weight, const void* q_bias, float q_eps, const void* k_weight,
+                          const void* k_bias, float k_eps, void* dq_weight, void* dq_bias, void* dk_weight,
+                          void* dk_bias, float* q_partial, float* k_partial, cudaStream_t stream) {
+  if (batch <= 0 || tokens <= 0 || heads <= 0) return batch == 0 || tokens == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if (!vk::aligned16(qkv) || !vk::aligned16(dout) || stride_b % 8 || stride_t % 8 || tokens > 65535 * vk::kTile)
+    return cudaErrorInvalidValue;
+  const bool qn = q_weight != nullptr, kn = k_weight != nullptr;
+  if (qn != (q_bias != nullptr) || kn != (k_bias != nullptr)) return cudaErrorInvalidValue;
+  if (qn && (dq_weight == nullptr || dq_bias == nullptr || q_partial == nullptr)) return cudaErrorInvalidValue;
+  if (kn && (dk_weight == nullptr || dk_bias == nullptr || k_partial == nullptr)) return cudaErrorInvalidValue;
+  VK_DISPATCH(dtype, T, VK_HEAD_DIM_DISPATCH(head_dim, {
+    const vk::QkNorm<T> norm{(const T*)q_weight, (const T*)q_bias, (const T*)k_weight, (const T*)k_bias, q_eps, k_eps,
+                             q_partial, k_partial};
+    if (!qn && !kn)
+      return vk::launch_bwd<T, D, false>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, scale,
+                                         norm, nullptr, nullptr, nullptr, nullptr, stream);
+    return vk::launch_bwd<T, D, true>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, scale,
+                                      norm, dq_weight, dq_bias, dk_weight, dk_bias, stream);
+  }));
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
+                             int batch, int tokens, int heads, int head_dim, float scale, cudaStream_t stream) {
+  return attention_fwd(dtype, qkv, stride_b, stride_t, out, lse, batch, tokens, heads, head_dim, scale, nullptr,
+                       nullptr, 0.f, nullptr, nullptr, 0.f, stream);
 }
 
 // `out` is not read (kept in the entry point's signature for csrc/bindings.cpp): the dQ kernel recomputes
@@ -535,11 +845,26 @@ cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64
 cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* out,
                              const void* dout, const float* lse, float* delta, void* dqkv, int batch, int tokens,
                              int heads, int head_dim, float scale, cudaStream_t stream) {
-  if (batch <= 0 || tokens <= 0 || heads <= 0) return batch == 0 || tokens == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  if (!vk::aligned16(qkv) || !vk::aligned16(dout) || stride_b % 8 || stride_t % 8 || tokens > 65535 * vk::kTile)
-    return cudaErrorInvalidValue;
-  VK_DISPATCH(dtype, T, VK_HEAD_DIM_DISPATCH(head_dim, {
-    return vk::launch_bwd<T, D>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, scale, stream);
-  }));
-  return cudaSuccess;
+  return attention_bwd(dtype, qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, head_dim, scale,
+                       nullptr, nullptr, 0.f, nullptr, nullptr, 0.f, nullptr, nullptr, nullptr, nullptr, nullptr,
+                       nullptr, stream);
+}
+
+cudaError_t vk_attention_qknorm_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out,
+                                    float* lse, int batch, int tokens, int heads, int head_dim, float scale,
+                                    const void* q_weight, const void* q_bias, float q_eps, const void* k_weight,
+                                    const void* k_bias, float k_eps, cudaStream_t stream) {
+  return attention_fwd(dtype, qkv, stride_b, stride_t, out, lse, batch, tokens, heads, head_dim, scale, q_weight,
+                       q_bias, q_eps, k_weight, k_bias, k_eps, stream);
+}
+
+cudaError_t vk_attention_qknorm_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t,
+                                    const void* dout, const float* lse, float* delta, void* dqkv, int batch,
+                                    int tokens, int heads, int head_dim, float scale, const void* q_weight,
+                                    const void* q_bias, float q_eps, const void* k_weight, const void* k_bias,
+                                    float k_eps, void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias,
+                                    float* q_partial, float* k_partial, cudaStream_t stream) {
+  return attention_bwd(dtype, qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, head_dim, scale,
+                       q_weight, q_bias, q_eps, k_weight, k_bias, k_eps, dq_weight, dq_bias, dk_weight, dk_bias,
+                       q_partial, k_partial, stream);
 }

@@ -361,22 +361,56 @@ AttentionSizes attention_sizes(const char* op, int64_t batch, int64_t tokens, in
           to_int(op, "head_dim", head_dim)};
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, double scale) {
+// QK-norm arguments of one side (q or k): weight and bias [head_dim] in qkv's dtype, both given (that side is
+// normalized) or both absent. Null pointers for an absent side.
+struct NormSide {
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  float eps = 0.f;
+  bool on() const { return weight != nullptr; }
+};
+
+NormSide check_norm_side(const char* op, const char* side, const std::optional<Tensor>& weight,
+                         const std::optional<Tensor>& bias, double eps, const Tensor& qkv, int64_t head_dim) {
+  const std::string w_name = std::string(side) + "_weight", b_name = std::string(side) + "_bias";
+  TORCH_CHECK(weight.has_value() == bias.has_value(), "vitkern::", op, ": ", w_name, " and ", b_name,
+              " must be given together (", side, "-norm on: pass ones / zeros for an absent one) or both be None, got ",
+              w_name, weight.has_value() ? " given" : " None", " and ", b_name, bias.has_value() ? " given" : " None");
+  if (!weight.has_value()) return {};
+  check_input(op, w_name.c_str(), *weight, qkv, 1);
+  check_shape(op, w_name.c_str(), *weight, {head_dim});
+  check_input(op, b_name.c_str(), *bias, qkv, 1);
+  check_shape(op, b_name.c_str(), *bias, {head_dim});
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "vitkern::", op, ": ", side, "_eps must be a finite float >= 0, got ", eps);
+  return {weight->data_ptr(), bias->data_ptr(), static_cast<float>(eps)};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, double scale,
+                                         const std::optional<Tensor>& q_weight, const std::optional<Tensor>& q_bias,
+                                         double q_eps, const std::optional<Tensor>& k_weight,
+                                         const std::optional<Tensor>& k_bias, double k_eps) {
   const char* op = "cuda_attention_fwd";
   check_qkv(op, qkv, num_heads);
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
   const AttentionSizes sizes = attention_sizes(op, batch, tokens, num_heads, head_dim);
+  const NormSide qn = check_norm_side(op, "q", q_weight, q_bias, q_eps, qkv, head_dim);
+  const NormSide kn = check_norm_side(op, "k", k_weight, k_bias, k_eps, qkv, head_dim);
   VK_DEVICE_GUARD(qkv);
   Tensor out = new_output({batch, tokens, dim}, qkv.options());
   Tensor lse = new_output({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
-  check_cuda(op, vk_attention_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
-                                  lse.data_ptr<float>(), sizes.batch, sizes.tokens, sizes.heads, sizes.head_dim,
-                                  static_cast<float>(scale), stream()));
+  check_cuda(op, vk_attention_qknorm_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1),
+                                         out.data_ptr(), lse.data_ptr<float>(), sizes.batch, sizes.tokens, sizes.heads,
+                                         sizes.head_dim, static_cast<float>(scale), qn.weight, qn.bias, qn.eps,
+                                         kn.weight, kn.bias, kn.eps, stream()));
   return {out, lse};
 }
 
-Tensor attention_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out, const Tensor& lse, int64_t num_heads,
-                     double scale) {
+// Returns dqkv and the QK-norm gradients (dq_weight, dq_bias, dk_weight, dk_bias: [head_dim], empty for a
+// side that is not normalized).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const Tensor& qkv, const Tensor& out, const Tensor& lse, int64_t num_heads, double scale,
+    const std::optional<Tensor>& q_weight, const std::optional<Tensor>& q_bias, double q_eps,
+    const std::optional<Tensor>& k_weight, const std::optional<Tensor>& k_bias, double k_eps) {
   const char* op = "cuda_attention_bwd";
   check_qkv(op, qkv, num_heads);
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
@@ -386,14 +420,29 @@ Tensor attention_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out, c
   check_input(op, "out", out, qkv, 3);
   check_shape(op, "out", out, {batch, tokens, dim});
   check_stats(op, "lse", lse, qkv, {batch, num_heads, tokens});
+  const NormSide qn = check_norm_side(op, "q", q_weight, q_bias, q_eps, qkv, head_dim);
+  const NormSide kn = check_norm_side(op, "k", k_weight, k_bias, k_eps, qkv, head_dim);
   VK_DEVICE_GUARD(qkv);
   Tensor dqkv = new_output({batch, tokens, 3 * dim}, qkv.options());
   Tensor delta = at::empty({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
-  check_cuda(op, vk_attention_bwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), out.data_ptr(),
-                                  dout.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dqkv.data_ptr(),
-                                  sizes.batch, sizes.tokens, sizes.heads, sizes.head_dim, static_cast<float>(scale),
-                                  stream()));
-  return dqkv;
+  // A normalized side's weight/bias gradients, and the fp32 per-CTA partial sums they are reduced from.
+  const int64_t partial_floats = vk_attention_norm_partial_rows(sizes.batch, sizes.tokens, sizes.heads) * 2 * head_dim;
+  auto grads = [&](const NormSide& side) {
+    const int64_t n = side.on() ? head_dim : 0;
+    return std::make_tuple(new_output({n}, qkv.options()), new_output({n}, qkv.options()),
+                           at::empty({side.on() ? partial_floats : 0}, qkv.options().dtype(at::kFloat)));
+  };
+  auto [dqw, dqb, q_partial] = grads(qn);
+  auto [dkw, dkb, k_partial] = grads(kn);
+  auto ptr = [](Tensor& t, bool on) { return on ? t.data_ptr() : nullptr; };
+  check_cuda(op, vk_attention_qknorm_bwd(
+                     dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), dout.data_ptr(),
+                     lse.data_ptr<float>(), delta.data_ptr<float>(), dqkv.data_ptr(), sizes.batch, sizes.tokens,
+                     sizes.heads, sizes.head_dim, static_cast<float>(scale), qn.weight, qn.bias, qn.eps, kn.weight,
+                     kn.bias, kn.eps, ptr(dqw, qn.on()), ptr(dqb, qn.on()), ptr(dkw, kn.on()), ptr(dkb, kn.on()),
+                     static_cast<float*>(ptr(q_partial, qn.on())), static_cast<float*>(ptr(k_partial, kn.on())),
+                     stream()));
+  return {dqkv, dqw, dqb, dkw, dkb};
 }
 
 // ---------------------------------------------------------------------------------------------- patch_embed
@@ -538,8 +587,8 @@ TORCH_LIBRARY_FRAGMENT(VK_LIBRARY, m) {
   m.def("cuda_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor preact, Tensor? scale, bool has_bias, int act) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_ln_linear_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, Tensor? bias, float eps, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_ln_linear_bwd(Tensor dout, Tensor x, Tensor ln_weight, Tensor weight, Tensor ln_out, Tensor mean, Tensor rstd, Tensor preact, bool has_bias, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
-  m.def("cuda_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor");
+  m.def("cuda_attention_fwd(Tensor qkv, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0.) -> (Tensor, Tensor)");
+  m.def("cuda_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed, bool no_embed_class) -> Tensor");
   m.def("cuda_patch_embed_bwd(Tensor dout, Tensor x, Tensor weight, bool has_bias, int n_prefix, bool has_pos, bool no_embed_class, bool needs_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

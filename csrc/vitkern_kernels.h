@@ -68,6 +68,23 @@ cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64
 cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* out,
                              const void* dout, const float* lse, float* delta, void* dqkv, int batch, int tokens,
                              int heads, int head_dim, float scale, cudaStream_t stream);
+// QK-norm (timm's qk_norm=True): the same kernels with a LayerNorm over head_dim of every head's q and/or k
+// row applied as the rows are loaded (no normalized copy is written). q_weight, q_bias: [head_dim] in qkv's
+// dtype, both set (q is normalized, eps q_eps) or both null (likewise k); all four null is the plain path.
+// The backward also writes the LayerNorm weight/bias gradients dq_weight, dq_bias (dk_weight, dk_bias):
+// [head_dim] in qkv's dtype, set for a normalized side, through the fp32 workspace q_partial (k_partial) of
+// vk_attention_norm_partial_rows(batch, tokens, heads) * 2 * head_dim floats.
+int64_t vk_attention_norm_partial_rows(int batch, int tokens, int heads);
+cudaError_t vk_attention_qknorm_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out,
+                                    float* lse, int batch, int tokens, int heads, int head_dim, float scale,
+                                    const void* q_weight, const void* q_bias, float q_eps, const void* k_weight,
+                                    const void* k_bias, float k_eps, cudaStream_t stream);
+cudaError_t vk_attention_qknorm_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t,
+                                    const void* dout, const float* lse, float* delta, void* dqkv, int batch,
+                                    int tokens, int heads, int head_dim, float scale, const void* q_weight,
+                                    const void* q_bias, float q_eps, const void* k_weight, const void* k_bias,
+                                    float k_eps, void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias,
+                                    float* q_partial, float* k_partial, cudaStream_t stream);
 
 // ---- Patch embedding (patch_embed.cu). x: [batch, chans, H, W] contiguous; patches:
 // [batch * gh * gw, chans * ph * pw]; tokens: [batch, gh * gw, dim]; out: [batch, n_prefix + gh * gw, dim].

@@ -79,8 +79,8 @@ def test_attention_instantiations_are_all_present(built):
     for arch in ("sm_80", "sm_90a"):
         per_arch = [k.function for k in _kernels(built, "attention.cu") if k.arch == arch]
         for kind in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
-            # 2 dtypes x 3 head dims
-            assert sum(kind in n for n in per_arch) == 2 * len(HEAD_DIMS), f"{kind} on {arch}: {per_arch}"
+            # 2 dtypes x 3 head dims x (plain, QK-norm)
+            assert sum(kind in n for n in per_arch) == 2 * len(HEAD_DIMS) * 2, f"{kind} on {arch}: {per_arch}"
     assert names
 
 
@@ -90,7 +90,7 @@ def test_attention_kernels_use_tensor_cores(built, arch):
         pytest.skip("cuobjdump not found (CUDA_HOME/bin or triton's bundled copy)")
     sass = cuda_kernels.sass_by_function(built.objects["attention.cu"], arch)
     mma_kernels = {n: s for n, s in sass.items() if any(k in n for k in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"))}
-    assert len(mma_kernels) == 3 * 2 * len(HEAD_DIMS), sorted(sass)
+    assert len(mma_kernels) == 3 * 2 * len(HEAD_DIMS) * 2, sorted(sass)  # x (plain, QK-norm)
     for name, code in mma_kernels.items():
         assert "HMMA" in code, f"{name} [{arch}] has no HMMA instruction: not on the tensor cores"
         # Local memory traffic would mean a register array indexed at run time.
@@ -109,7 +109,10 @@ print(json.dumps({{"has": has, "schema": str(torch.ops.vitkern.cuda_attention_fw
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(report["has"].values()), report["has"]
-    assert report["schema"] == "vitkern::cuda_attention_fwd(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
+    assert report["schema"] == (
+        "vitkern::cuda_attention_fwd(Tensor qkv, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, "
+        "float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0.) -> (Tensor, Tensor)"
+    )
 
 
 def test_fake_implementations_match_the_schemas(built):
@@ -137,6 +140,8 @@ out["lnl_fwd"] = shapes(ops.cuda_ln_linear_fwd(m(10, 24), m(24), m(24), m(40, 24
 out["lnl_bwd"] = shapes(ops.cuda_ln_linear_bwd(m(10, 40), m(10, 24), m(24), m(40, 24), m(10, 24), m(10, dtype=f32), m(10, dtype=f32), m(0), False, 0))
 out["att_fwd"] = shapes(ops.cuda_attention_fwd(m(2, 17, 384), 2, 0.125))
 out["att_bwd"] = shapes(ops.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=f32), 2, 0.125))
+out["att_bwd_qk"] = shapes(ops.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=f32), 2, 0.125,
+                                                  m(64), m(64), 1e-6, None, None, 0.0))
 out["pe_fwd"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), m(64), m(1, 1, 64), m(1, 7, 64), False))
 out["pe_fwd_reg"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), None, m(1, 5, 64), m(1, 6, 64), True))
 out["pe_bwd"] = shapes(ops.cuda_patch_embed_bwd(m(2, 7, 64), m(2, 3, 32, 48), m(64, 3, 16, 16), True, 1, True, False, True))
@@ -157,7 +162,8 @@ print(json.dumps(out))
     assert got["lnl_fwd"] == [[[10, 40], bf], [[10, 24], bf], [[10], f32], [[10], f32], [[0], bf]]
     assert got["lnl_bwd"] == [[[10, 24], bf], [[24], bf], [[24], bf], [[40, 24], bf], [[0], bf]]
     assert got["att_fwd"] == [[[2, 17, 128], bf], [[2, 2, 17], f32]]
-    assert got["att_bwd"] == [[[2, 17, 384], bf]]
+    assert got["att_bwd"] == [[[2, 17, 384], bf]] + [[[0], bf]] * 4
+    assert got["att_bwd_qk"] == [[[2, 17, 384], bf], [[64], bf], [[64], bf], [[0], bf], [[0], bf]]
     assert got["pe_fwd"] == [[[2, 7, 64], bf]]
     assert got["pe_fwd_reg"] == [[[2, 11, 64], bf]]
     assert got["pe_bwd"] == [[[2, 3, 32, 48], bf], [[64, 3, 16, 16], bf], [[64], bf], [[1, 1, 64], bf], [[1, 7, 64], bf]]
@@ -241,18 +247,33 @@ class _StandInOps:
         dx, dlnw, dlnb = self.cuda_layer_norm_bwd(dln, x, lnw, mean, rstd)
         return dx, dlnw, dlnb, dw, db
 
-    def cuda_attention_fwd(self, qkv, heads, scale):
+    @staticmethod
+    def _qk_norm(weight, bias, eps):
+        """The C++ contract: weight and bias both given (that side normalized) or both None."""
+        assert (weight is None) == (bias is None)
+        return (weight, bias, eps) if weight is not None else None
+
+    def cuda_attention_fwd(self, qkv, heads, scale, qw=None, qb=None, q_eps=0.0, kw=None, kb=None, k_eps=0.0):
         b, t, three_d = qkv.shape
         hd = three_d // 3 // heads
         q, k, _ = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q = reference.layer_norm(q, qw, qb, q_eps) if qw is not None else q
+        k = reference.layer_norm(k, kw, kb, k_eps) if kw is not None else k
         lse = torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
-        return reference.attention(qkv, heads, scale=scale), lse.float()
+        out = reference.attention(qkv, heads, scale=scale, q_norm=self._qk_norm(qw, qb, q_eps),
+                                  k_norm=self._qk_norm(kw, kb, k_eps))
+        return out, lse.float()
 
-    def cuda_attention_bwd(self, dout, qkv, out, lse, heads, scale):
-        q = qkv.detach().requires_grad_()
+    def cuda_attention_bwd(self, dout, qkv, out, lse, heads, scale, qw=None, qb=None, q_eps=0.0, kw=None, kb=None,
+                           k_eps=0.0):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (qkv, qw, qb, kw, kb)]
+        x, qw, qb, kw, kb = leaves
         with torch.enable_grad():
-            (dq,) = torch.autograd.grad(reference.attention(q, heads, scale=scale), q, dout)
-        return dq
+            y = reference.attention(x, heads, scale=scale, q_norm=self._qk_norm(qw, qb, q_eps),
+                                    k_norm=self._qk_norm(kw, kb, k_eps))
+            given = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad(y, given, dout))
+        return tuple(next(grads) if t is not None else self._none(qkv) for t in leaves)
 
     def cuda_patch_embed_fwd(self, x, w, b, cls, pos, no_embed_class):
         return reference.patch_embed(x, w, b, cls, pos, no_embed_class=no_embed_class)
@@ -337,6 +358,24 @@ def test_python_layer_ln_linear(stand_in_ops, bias, activation):
 def test_python_layer_attention(stand_in_ops, scale):
     qkv = torch.randn(2, 9, 3 * 2 * 8, dtype=torch.float64)
     _compare(lambda q: stand_in_ops.attention(q, 2, scale=scale), lambda q: reference.attention(q, 2, scale=scale), (qkv,), (2, 9, 16))
+
+
+@pytest.mark.parametrize("q_affine,k_affine", [((True, True), None), (None, (False, True)), ((True, False), (False, False))])
+def test_python_layer_attention_qk_norm(stand_in_ops, q_affine, k_affine):
+    """QK-norm arguments reach the C++ ops (missing weight/bias as ones/zeros) and each given tensor gets its gradient."""
+    d, hd = torch.float64, 8
+    qkv = torch.randn(2, 9, 3 * 2 * hd, dtype=d)
+    norm_tensors = [torch.randn(hd, dtype=d) if has else None for side in (q_affine, k_affine) for has in (side or (False, False))]
+
+    def run(fn):
+        def call(qkv, qw, qb, kw, kb):
+            q_norm = (qw, qb, 1e-5) if q_affine is not None else None
+            k_norm = (kw, kb, 1e-3) if k_affine is not None else None
+            return fn(qkv, 2, scale=0.3, q_norm=q_norm, k_norm=k_norm)
+
+        return call
+
+    _compare(run(stand_in_ops.attention), run(reference.attention), (qkv, *norm_tensors), (2, 9, 16), tol=1e-6)
 
 
 @pytest.mark.parametrize("prefix,pos,bias,no_embed_class", [(1, True, True, False), (0, False, False, False),

@@ -143,19 +143,44 @@ class _LnLinearFn(torch.autograd.Function):
                 None, None)
 
 
+def _qk_affine(on: bool, weight: Optional[Tensor], bias: Optional[Tensor], qkv: Tensor, head_dim: int):
+    """(weight, bias) [head_dim] of one side's QK-norm for the C++ ops, a missing one as the identity's
+    (ones, zeros) like `_affine`; (None, None) when that side is not normalized."""
+    if not on:
+        return None, None
+    gamma = weight.contiguous() if weight is not None else qkv.new_ones((head_dim,))
+    beta = bias.contiguous() if bias is not None else qkv.new_zeros((head_dim,))
+    return gamma, beta
+
+
 class _AttentionFn(torch.autograd.Function):
+    """out [batch, tokens, dim] = attention(qkv [batch, tokens, 3 * dim]); with QK-norm (q_on / k_on) the
+    kernels normalize q / k as they load them: q_weight, q_bias ([head_dim] in qkv's dtype, or None for
+    elementwise_affine=False's identity) and q_eps (likewise k). Returns a gradient for every given tensor."""
+
     @staticmethod
-    def forward(ctx, qkv: Tensor, num_heads: int, scale: float) -> Tensor:
-        out, lse = _ops().cuda_attention_fwd(qkv, num_heads, scale)
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
+    def forward(ctx, qkv: Tensor, num_heads: int, scale: float, q_on: bool, q_weight: Optional[Tensor],
+                q_bias: Optional[Tensor], q_eps: float, k_on: bool, k_weight: Optional[Tensor],
+                k_bias: Optional[Tensor], k_eps: float) -> Tensor:
+        head_dim = qkv.shape[-1] // 3 // num_heads
+        qw, qb = _qk_affine(q_on, q_weight, q_bias, qkv, head_dim)
+        kw, kb = _qk_affine(k_on, k_weight, k_bias, qkv, head_dim)
+        norm = (qw, qb, float(q_eps), kw, kb, float(k_eps))
+        out, lse = _ops().cuda_attention_fwd(qkv, num_heads, scale, *norm)
+        ctx.save_for_backward(qkv, out, lse, qw, qb, kw, kb)
+        ctx.num_heads, ctx.scale, ctx.eps = num_heads, scale, (float(q_eps), float(k_eps))
+        ctx.given = (q_weight is not None, q_bias is not None, k_weight is not None, k_bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        qkv, out, lse = ctx.saved_tensors
-        dqkv = _ops().cuda_attention_bwd(dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
-        return dqkv, None, None
+        qkv, out, lse, qw, qb, kw, kb = ctx.saved_tensors
+        (q_eps, k_eps), (has_qw, has_qb, has_kw, has_kb) = ctx.eps, ctx.given
+        dqkv, dqw, dqb, dkw, dkb = _ops().cuda_attention_bwd(
+            dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale, qw, qb, q_eps, kw, kb, k_eps
+        )
+        return (dqkv, None, None, None, dqw if has_qw else None, dqb if has_qb else None, None, None,
+                dkw if has_kw else None, dkb if has_kb else None, None)
 
 
 class _PatchEmbedFn(torch.autograd.Function):
@@ -220,11 +245,16 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps: float = 1e-6, ac
     return _LnLinearFn.apply(x, ln_weight, ln_bias, weight, bias, float(eps), ACTIVATION_CODES[activation])
 
 
-def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> Tensor:
+def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, q_norm=None, k_norm=None) -> Tensor:
+    """q_norm, k_norm: None or (weight [head_dim] or None, bias [head_dim] or None, eps), as checked by
+    vitkern.ops.attention: QK-norm inside the kernels."""
     if not _READY:
         _ensure_loaded()
     head_dim = qkv.shape[-1] // 3 // num_heads
-    return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale))
+    qw, qb, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
+    kw, kb, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
+    return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale),
+                              q_norm is not None, qw, qb, float(q_eps), k_norm is not None, kw, kb, float(k_eps))
 
 
 def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_class: bool = False,
@@ -283,7 +313,7 @@ def _address(t: Tensor) -> int:
 
 
 def _attention_supports(call) -> List[str]:
-    reasons = _common(call)
+    reasons = _common(call, qk_norm=True)
     qkv = call["qkv"]
     heads = call["num_heads"]
     head_dim = qkv.shape[-1] // 3 // heads
@@ -360,13 +390,19 @@ def _register_fakes() -> None:
                 weight.new_empty(weight.shape), db)
 
     @reg("cuda_attention_fwd")
-    def _(qkv, num_heads, scale):
+    def _(qkv, num_heads, scale, q_weight=None, q_bias=None, q_eps=0.0, k_weight=None, k_bias=None, k_eps=0.0):
         b, t, three_d = qkv.shape
         return qkv.new_empty((b, t, three_d // 3)), qkv.new_empty((b, num_heads, t), dtype=f32)
 
     @reg("cuda_attention_bwd")
-    def _(dout, qkv, out, lse, num_heads, scale):
-        return qkv.new_empty(qkv.shape)
+    def _(dout, qkv, out, lse, num_heads, scale, q_weight=None, q_bias=None, q_eps=0.0, k_weight=None, k_bias=None,
+          k_eps=0.0):
+        head_dim = qkv.shape[-1] // 3 // num_heads
+
+        def grad(weight):
+            return qkv.new_empty((head_dim,)) if weight is not None else none(qkv)
+
+        return qkv.new_empty(qkv.shape), grad(q_weight), grad(q_weight), grad(k_weight), grad(k_weight)
 
     @reg("cuda_patch_embed_fwd")
     def _(x, weight, bias, cls_token, pos_embed, no_embed_class):

@@ -25,7 +25,8 @@ POS, KW = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONL
 # options of issue 13 (no_embed_class, q_norm / k_norm, scale), before `backend`.
 SIGNATURES = {
     "patch_embed": [("x", POS, E), ("weight", POS, E), ("bias", POS, E), ("cls_token", POS, None),
-                    ("pos_embed", POS, None), ("no_embed_class", KW, False), ("backend", KW, "auto")],
+                    ("pos_embed", POS, None), ("no_embed_class", KW, False), ("keep", KW, None),
+                    ("backend", KW, "auto")],
     "layer_norm": [("x", POS, E), ("weight", POS, E), ("bias", POS, E), ("eps", POS, 1e-6), ("backend", KW, "auto")],
     "ln_linear": [("x", POS, E), ("ln_weight", POS, E), ("ln_bias", POS, E), ("weight", POS, E), ("bias", POS, None),
                   ("eps", KW, 1e-6), ("activation", KW, None), ("backend", KW, "auto")],

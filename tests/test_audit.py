@@ -113,3 +113,33 @@ def test_audit_cli_exit_status_and_json(monkeypatch, tmp_path, capsys):
     assert audit.main([]) == 0
     monkeypatch.setattr(audit, "run_audit", lambda *a, **k: (rows[:1], [], ["linear: import failed: SyntaxError"]))
     assert audit.main([]) == 1
+
+
+def test_configs_excluded_from_an_arch_are_neither_compiled_nor_launched_there(monkeypatch):
+    """`_common.not_on`: the attention tiles that spill on one arch (and whose replacement lacks
+    wgmma on the other) are audited, and offered to the autotuner, only where they run."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vitkern.kernels.triton import _common
+    from vitkern.kernels.triton import attention as tri_attention
+
+    excluded = [s for s in tri_attention.AUDIT_SPECS if s.not_on]
+    assert {s.not_on for s in excluded} == {(80, 86, 87, 89), (90,)}  # the split tier's QK-norm dK/dV; fp32 d96 dK/dV
+    # The audit's work list: each spec for the archs it runs on, every arch for the others.
+    calls = []
+    monkeypatch.setattr(audit, "_interpreting", lambda: False)
+    monkeypatch.setattr(audit, "_worker", lambda job: calls.append(job) or job)
+    audit.run_audit(["attention"], jobs=1)
+    for module, index, arch in calls:
+        assert arch not in tri_attention.AUDIT_SPECS[index].not_on
+    assert len(calls) == 2 * len(tri_attention.AUDIT_SPECS) - sum(len(set(s.not_on) & {80, 90}) for s in excluded)
+    # The launch-time prune: by the first tensor's compute capability; off a GPU every config stays.
+    configs = tri_attention.CONFIGS_QK_NORM[("half", 96)]["dkdv"]
+    assert _common.arch_pruner(configs, {"QKV": torch.zeros(1)}) == configs
+    gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(_common, "_first_tensor", lambda named: gpu)
+    for capability, kept in (((8, 0), [configs[1]]), ((8, 9), [configs[1]]), ((9, 0), [configs[0]]), ((10, 0), configs)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert _common.arch_pruner(configs, {}) == kept, capability

@@ -244,7 +244,9 @@ def run_audit(
     specs, missing, errors = load_specs(modules)
     if quick:
         specs = one_per_kernel(specs)
-    work = [(module, index, arch) for module, index, _ in specs for arch in archs]
+    # A config excluded from an arch (`_common.not_on`: it never runs there) is not compiled for it.
+    work = [(module, index, arch) for module, index, spec in specs for arch in archs
+            if arch not in getattr(spec, "not_on", ())]
     jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
     if jobs == 1 or len(work) <= 1:
         rows = [_worker(job) for job in work]

@@ -104,6 +104,9 @@ class KernelSpec:
     dtype: str = "fp16"
     gemm_like: bool = False
     label: str = field(default="")
+    # Compute capabilities (major * 10 + minor) the config never runs on (`not_on`): not compiled
+    # for them.
+    not_on: Tuple[int, ...] = ()
 
 
 def _is_fake_or_meta(value: Any) -> bool:
@@ -572,6 +575,29 @@ class Tuned:
         if path:
             with open(path, "a") as f:  # one short line per result: appends from several processes stay whole
                 f.write(json.dumps(result) + "\n")
+
+
+def not_on(config: triton.Config, *archs: int) -> triton.Config:
+    """`config`, marked not to run on these compute capabilities (major * 10 + minor, e.g. 80 for
+    sm_80): where ptxas spills one tile on one arch and its replacement loses wgmma on another, each
+    arch keeps its clean one. `arch_pruner` drops it there; the audit does not compile it there."""
+    config.vitkern_not_on = tuple(archs)
+    return config
+
+
+def excluded_archs(config: triton.Config) -> Tuple[int, ...]:
+    """The archs `not_on` excluded `config` from (empty: it runs everywhere)."""
+    return getattr(config, "vitkern_not_on", ())
+
+
+def arch_pruner(configs: List[triton.Config], named_args: Dict[str, Any], **_: Any) -> List[triton.Config]:
+    """A `prune` for `tuned`: the configs that may run on the device of the first tensor argument.
+    Off a GPU (the interpreter) every config stays; the interpreter runs the first."""
+    first = _first_tensor(named_args)
+    if first is None or first.device.type != "cuda":
+        return configs
+    major, minor = torch.cuda.get_device_capability(first.device)
+    return [c for c in configs if major * 10 + minor not in excluded_archs(c)]
 
 
 def tuned(fn: Any = None, configs: Sequence[triton.Config] = (), *, key: Sequence[str], name: str,

@@ -650,11 +650,12 @@ CONFIGS = {
         "dkdv": [_cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2)],
         "dq": [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 2)],
     },
-    # dK/dV 32 x 32 w8 spills 16 B at head dim 96 on sm_90 (and every other 32- or 16-row tile
-    # tried spills somewhere in this tier): kept as the least bad, see docs/perf/attention.md.
+    # dK/dV 32 x 32 w8 (the tier's shared score tile in the interpreter) spills 8 B at head dim 96
+    # on sm_90: it runs on the other archs only, and 32 x 16 w8 (0 spills at head dims 80 and 96 on
+    # sm_80 and sm_90) everywhere (`_common.not_on`; docs/perf/attention.md).
     ("fp32", 96): {
         "fwd": [_cfg(32, 32, 4, 2), _cfg(32, 32, 8, 2)],
-        "dkdv": [_cfg(32, 32, 8, 2)],
+        "dkdv": [_common.not_on(_cfg(32, 32, 8, 2), 90), _cfg(32, 16, 8, 2)],
         "dq": [_cfg(32, 32, 4, 2)],
     },
     # Audited at head dim 128 itself: 16 x 32 is the only dK/dV tile that does not spill, and the
@@ -672,8 +673,10 @@ CONFIGS = {
 # so do nearly all pipelined (num_stages = 2) tiles, hence one stage throughout. These lists are
 # audited with both norms on (the widest variant) and keep the interpreter's shared score tile,
 # except ("fp32", 128) as in the plain lists. Tuned separately (their own names), so a plain launch
-# never inherits a QK-norm tile or the reverse. One known spill (docs/perf/attention.md, "QK-norm"):
-# the split tier's dK/dV at head dim 80 on sm_80 (8 B; every 64-row tile tried spills there).
+# never inherits a QK-norm tile or the reverse. The split tier's dK/dV is per arch: every 64-row
+# tile tried spills at head dim 80 on sm_80 (64 x 16 w4: 8 B), and the 32-row tiles that do not
+# cannot use wgmma on sm_90 (M = 32 dots), so sm_90 runs 64 x 16 w4 and the others 32 x 16 w8
+# (0 spills on both archs at head dims 80 and 96; `_common.not_on`, docs/perf/attention.md).
 CONFIGS_QK_NORM = {
     ("half", 64): {
         "fwd": [_cfg(64, 64, 8, 1), _cfg(64, 32, 8, 1), _cfg(128, 64, 8, 1)],
@@ -682,7 +685,7 @@ CONFIGS_QK_NORM = {
     },
     ("half", 96): {
         "fwd": [_cfg(64, 16, 8, 1), _cfg(64, 32, 8, 1)],
-        "dkdv": [_cfg(64, 16, 4, 1)],
+        "dkdv": [_common.not_on(_cfg(64, 16, 4, 1), 80, 86, 87, 89), _common.not_on(_cfg(32, 16, 8, 1), 90)],
         "dq": [_cfg(64, 16, 8, 1), _cfg(64, 32, 8, 1)],
     },
     ("half", 128): {
@@ -727,7 +730,7 @@ def _tuned(kernel: str, tier: Tuple[str, int], qk_norm: bool = False):
     first use (nothing at import); its M bucket is the number of (batch, head) pairs."""
     name = f"attention.{kernel}.{tier[0]}{tier[1]}" + (".qk_norm" if qk_norm else "")
     return _common.tuned(_KERNELS[kernel], configs(tier, qk_norm)[kernel], key=["T", "HEAD_DIM"], name=name,
-                         rows=lambda a: a["QKV"].shape[0] * a["H"])
+                         rows=lambda a: a["QKV"].shape[0] * a["H"], prune=_common.arch_pruner)
 
 
 def _launchable(kernel: str, tier: Tuple[str, int], qk_norm: bool):
@@ -933,6 +936,7 @@ def _specs() -> List[_common.KernelSpec]:
                             fn.__name__ + ("[qk_norm]" if qk_norm else ""), fn, sig,
                             {**shape, **kw, "DOT_PRECISION": precision, **extra},
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype=dtype, gemm_like=True,
+                            not_on=_common.excluded_archs(cfg),
                             label=f"d{head_dim} M{kw['BLOCK_M']} N{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}",
                         ))  # fmt: skip
     return specs

@@ -115,10 +115,8 @@ def _draw_keep(batch: int, patches: int, prob: float, device: torch.device) -> T
 
 
 def _patch_dropout(x: Tensor, prob: float, num_prefix_tokens: int) -> Tensor:
-    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-    kept = _draw_keep(patches.shape[0], patches.shape[1], prob, x.device)
-    patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    return torch.cat((prefix, patches), dim=1) if num_prefix_tokens else patches
+    keep = _draw_keep(x.shape[0], x.shape[1] - num_prefix_tokens, prob, x.device)
+    return reference.keep_patch_tokens(x, keep, num_prefix_tokens)
 
 
 class PatchEmbed(nn.Module):

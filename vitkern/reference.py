@@ -99,10 +99,15 @@ def patch_embed(
     if not no_embed_class and pos_embed is not None:
         tokens = tokens + pos_embed
     if keep is not None:
-        prefix = cls_token.shape[1] if cls_token is not None else 0
-        kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
-        tokens = torch.cat([tokens[:, :prefix], kept], dim=1)
+        tokens = keep_patch_tokens(tokens, keep, cls_token.shape[1] if cls_token is not None else 0)
     return tokens
+
+
+def keep_patch_tokens(tokens: Tensor, keep: Tensor, num_prefix_tokens: int) -> Tensor:
+    """PatchDropout's gather (timm's): tokens [batch, prefix + patches, dim] -> [batch, prefix +
+    kept, dim], the prefix rows, then patch row keep[b, j] of each image b (keep: [batch, kept] int64)."""
+    patches = tokens[:, num_prefix_tokens:].gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([tokens[:, :num_prefix_tokens], patches], dim=1) if num_prefix_tokens else patches
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:

@@ -17,7 +17,7 @@ from typing import List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from vitkern import dispatch
+from vitkern import dispatch, reference
 from vitkern.kernels import cuda as cuda_kernels
 from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
@@ -267,9 +267,7 @@ def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_c
     # PatchDropout: csrc/ embeds every patch, and the kept rows are gathered after (one read and
     # write of the kept tokens; autograd's scatter is the backward). The Triton kernel embeds only
     # the kept patches instead (docs/perf/patch_embed.md).
-    prefix = cls_token.shape[1] if cls_token is not None else 0
-    kept = tokens[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    return torch.cat([tokens[:, :prefix], kept], dim=1) if prefix else kept
+    return reference.keep_patch_tokens(tokens, keep, cls_token.shape[1] if cls_token is not None else 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ audit: $(STAMP)
 	$(VPY) -m vitkern.audit
 
 # The GPU suite, fitted to a 15-minute GPU window: run 1 (`make gpu`, <= 330 s), run 2 (`make gpu-more`,
-# <= 255 s), the tuning sweep (`make gpu-sweep`, BUDGET seconds). The GPU machine's system python3
+# <= 240 s), the tuning sweep (`make gpu-sweep`, BUDGET seconds). The GPU machine's system python3
 # (torch, triton, timm, ... preinstalled), no venv, no installs. Each target first writes the commit
 # into .vitkern-commit (the machine may have no git). Plans: `python3 scripts/gpu_suite.py --run 1 --dry-run`.
 GPU_SUITE = PYTHONUNBUFFERED=1 python3 scripts/gpu_suite.py $(if $(OUT),--out $(OUT),)

@@ -3,7 +3,7 @@
 one command, each returning its data even when cut short.
 
     python3 scripts/gpu_suite.py --run 1 [--out DIR]     # `make gpu`:      at most 330 s
-    python3 scripts/gpu_suite.py --run 2 [--out DIR]     # `make gpu-more`: at most 255 s
+    python3 scripts/gpu_suite.py --run 2 [--out DIR]     # `make gpu-more`: at most 240 s
     python3 scripts/gpu_suite.py --run sweep --budget-s S [--out DIR]   # `make gpu-sweep`
     python3 scripts/gpu_suite.py --run 1 --dry-run       # the plan, its counted compiles, `total <s> s`
     python3 scripts/gpu_suite.py --run 1 --quick --out DIR   # a CPU smoke run of the suite itself
@@ -24,7 +24,7 @@ Run 1 (<= 330 s; start-up + run 1 <= about 8.5 min, leaving room for run 2):
                       with 60 s of the stage left)
     ops_b256      50  per-op at B/16 batch 256, fwd and fwd+bwd: torch, SDPA flash, triton, cuda
     (record)      10
-Run 2 (<= 255 s): env, cuda_build (a cache hit on a warm machine), the odd attention shapes and
+Run 2 (<= 240 s): env, cuda_build (a cache hit on a warm machine), the odd attention shapes and
     the torch.compile/opcheck tests and the ViT family's option tests, the int32-overflow tests serially, B/16 at batch 1 (CUDA
     graphs) and 32, L/16 and H/14 at batch 256, the profile of the fastest vitkern backend, a
     compute-sanitizer probe (memcheck of the CUDA ops only if a tiny probe works), and timm +
@@ -80,7 +80,7 @@ RECORD_RESERVE_S = 10
 COMPILE_S = 0.6  # one Triton compile for sm_90 under triton 3.6 (0.56 s measured on average)
 AUTOTUNE_CONFIG_S = 0.15  # one config timed by the autotuner (25 ms warm-up + 100 ms of timing + launches)
 DEFAULT_DEVICE = "NVIDIA H200"  # whose tuning table the dry run assumes
-TOTALS = {"1": 330.0, "2": 255.0, "sweep": 240.0}
+TOTALS = {"1": 330.0, "2": 240.0, "sweep": 240.0}
 # Seconds between a stage's SIGTERM and SIGKILL: pytest writes its junit XML, the model stages have
 # written every finished case; SIGTERM is sent this long before the stage's limit.
 STOP_GRACE_S = 8.0
@@ -159,7 +159,7 @@ PLANS: Dict[str, List[Stage]] = {
         Stage("env", 10, "versions, bf16 GEMM rate and copy bandwidth", 8),
         # Run 2 follows run 1 on the same warm machine: the build is a cache hit (a cold build may not
         # finish here; the cuda cases then say so, and the other stages run).
-        Stage("cuda_build", 30, "csrc/ for this GPU's arch (a cache hit on the machine run 1 warmed)", 20),
+        Stage("cuda_build", 24, "csrc/ for this GPU's arch (a cache hit on the machine run 1 warmed)", 20),
         Stage("tests_more", 50, "pytest -n 8: odd attention shapes, torch.compile and opcheck tests, the ViT family's "
               "options (QK-norm, LayerScale, activations, prefix tokens, PatchDropout) and attention numerics", 30, parallel=8,
               workloads=tuple(_w("block", "vit_tiny_patch16_224", 1, ("fp16", "fp32")))),
@@ -169,9 +169,9 @@ PLANS: Dict[str, List[Stage]] = {
               "vitkern triton, vitkern cuda", 40,
               workloads=tuple(_w("model", B16, 1, train=False) + _w("model", B16, 32, train=False)
                               + _w("model", L16, 256, train=False) + _w("model", H14, 256, train=False))),
-        Stage("profile", 25, "vitkern.profile of the fastest vitkern backend, B/16 b256", 15,
+        Stage("profile", 21, "vitkern.profile of the fastest vitkern backend, B/16 b256", 15,
               workloads=tuple(_w("model", B16, 256, train=False))),
-        Stage("sanitizer", 20, "compute-sanitizer probe, then memcheck of small CUDA ops if it works", 15),
+        Stage("sanitizer", 15, "compute-sanitizer probe, then memcheck of small CUDA ops if it works", 15),
         Stage("max_autotune", 0, "timm + torch.compile(max-autotune), B/16 b256 inference", 90, only_if_left_s=120),
     ],
     "sweep": [

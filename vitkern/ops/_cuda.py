@@ -65,10 +65,11 @@ def _flat(t: Tensor) -> Tensor:
 # Autograd Functions
 
 
-def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor):
-    """(weight, bias) of a LayerNorm over like's last dim, contiguous; a missing one (elementwise_affine=False)
-    is the identity's: gamma = 1, beta = 0. The C++ ops take both; no gradient is returned for a missing one."""
-    dim = like.shape[-1]
+def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor, dim: Optional[int] = None):
+    """(weight, bias) of a LayerNorm over `dim` (default like's last dim) in like's dtype, contiguous; a
+    missing one (elementwise_affine=False) is the identity's: gamma = 1, beta = 0. The C++ ops take
+    both; no gradient is returned for a missing one."""
+    dim = like.shape[-1] if dim is None else dim
     gamma = weight.contiguous() if weight is not None else torch.ones(dim, dtype=like.dtype, device=like.device)
     beta = bias.contiguous() if bias is not None else torch.zeros(dim, dtype=like.dtype, device=like.device)
     return gamma, beta
@@ -144,13 +145,9 @@ class _LnLinearFn(torch.autograd.Function):
 
 
 def _qk_affine(on: bool, weight: Optional[Tensor], bias: Optional[Tensor], qkv: Tensor, head_dim: int):
-    """(weight, bias) [head_dim] of one side's QK-norm for the C++ ops, a missing one as the identity's
-    (ones, zeros) like `_affine`; (None, None) when that side is not normalized."""
-    if not on:
-        return None, None
-    gamma = weight.contiguous() if weight is not None else qkv.new_ones((head_dim,))
-    beta = bias.contiguous() if bias is not None else qkv.new_zeros((head_dim,))
-    return gamma, beta
+    """(weight, bias) [head_dim] of one side's QK-norm for the C++ ops (`_affine`: a missing one as the
+    identity's); (None, None) when that side is not normalized."""
+    return _affine(weight, bias, qkv, head_dim) if on else (None, None)
 
 
 class _AttentionFn(torch.autograd.Function):

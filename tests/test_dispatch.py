@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_available_backends_shape():
     backends = vitkern.available_backends()
-    assert list(backends) == ["eager", "triton", "cuda"]
+    assert list(backends) == ["eager", "triton", "cuda", "torch"]
     for name, value in backends.items():
         assert isinstance(value, tuple) and len(value) == 2, name
         usable, reasons = value
@@ -30,15 +30,20 @@ def test_available_backends_shape():
         # Usable exactly when there is no reason against it.
         assert usable == (not reasons), name
     assert backends["eager"] == (True, [])
+    assert backends["torch"] == (True, [])
     if not torch.cuda.is_available():
         usable, reasons = backends["cuda"]
         assert not usable and any("no CUDA device is visible" in r for r in reasons)
 
 
-def test_auto_runs_eager_on_cpu():
+def test_auto_runs_torchs_fused_ops_on_cpu():
+    """The CPU default is torch's own fused ops (the "torch" backend), not the float64 oracle; the
+    oracle ("eager") stays behind it for a call torch's ops cannot take."""
     call = dict(x=torch.randn(2, 8), weight=torch.randn(4, 8), bias=None, activation=None, residual=None)
-    assert dispatch.auto_order("linear", torch.device("cpu")) == ("eager",)
-    assert dispatch.select("linear", "auto", torch.device("cpu"), call).backend == "eager"
+    assert dispatch.auto_order("linear", torch.device("cpu")) == ("torch", "eager")
+    assert dispatch.select("linear", "auto", torch.device("cpu"), call).backend == "torch"
+    assert vitkern.auto_backends("cpu") == {op: "torch" for op in dispatch.OPS}
+    assert dispatch.PREDICTED_ORDER[-2:] == ("torch", "eager")
 
 
 def test_explicit_backend_that_cannot_run_lists_every_reason():

@@ -286,6 +286,35 @@ def test_bf16_master_weights_checkpointing_and_accumulation_train_like_fp32(tmp_
     assert all(w.dtype == torch.float32 for w in weights.values())  # the masters are saved, not bf16 copies
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_like_fp32_under_autocast(tmp_path, amp):
+    # --amp: torch.autocast over fp32 weights (fp16 with a GradScaler): the losses follow the fp32
+    # run to the autocast dtype's rounding, and the checkpointed weights are the fp32 parameters.
+    common = dict(steps=3, stop_at=2)
+    train(tiny(tmp_path / "fp32", **common))
+    summary = train(tiny(tmp_path / amp, amp=amp, **common))
+    fp32, mixed = read_metrics(str(tmp_path / "fp32")), read_metrics(str(tmp_path / amp))
+    assert len(mixed) == len(fp32) == 2
+    # The first step's loss is the same weights' in both runs. With fp16 the GradScaler's first
+    # scale (2^16) overflows this model's gradients: that step is skipped (its norm reads inf) and
+    # the runs part ways, as timm's --amp runs do (test_autocast.py compares those with timm's).
+    assert mixed[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
+    if amp == "bf16":
+        assert mixed[1]["loss"] == pytest.approx(fp32[1]["loss"], rel=2e-2)
+    assert all(math.isfinite(m["loss"]) for m in mixed)
+    assert summary["amp"] == amp and summary["compute_dtype"] == "float32"
+    weights = ckpt.load_safetensors(os.path.join(ckpt.latest_checkpoint(str(tmp_path / amp)), "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_amp_refuses_bf16_weights_and_unknown_dtypes(tmp_path):
+    with pytest.raises(ValueError, match="--amp bf16 runs torch.autocast over fp32 weights"):
+        tiny(tmp_path, amp="bf16", precision="bf16-weights")
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        tiny(tmp_path, amp="int8")
+    assert not os.listdir(tmp_path)
+
+
 def test_digits_arrays_are_scikit_learns():
     from sklearn.datasets import load_digits
 

@@ -174,7 +174,7 @@ def test_measured_order_from_record():
             {"op": "ln_qkv", "mode": "fwd", "provider": "vitkern-triton", "ms_median": 1.0},
             {"op": "attention", "mode": "fwdbwd", "provider": "torch-flash", "ms_median": 0.5}]
     order = dispatch.measured_order_from_record({"op_rows": rows})
-    assert order == {"attention": ("cuda", "triton", "eager"), "ln_linear": ("triton", "cuda", "eager")}
+    assert order == {"attention": ("cuda", "triton", "torch", "eager"), "ln_linear": ("triton", "cuda", "torch", "eager")}
 
 
 # The AOT check: each table entry compiles for sm_90 without spills. The entry is matched to the

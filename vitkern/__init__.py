@@ -17,7 +17,7 @@ from torch import nn
 
 from vitkern import ops
 from vitkern.config import TIMM_TAGS, VARIANTS, ViTConfig, get_config, pretrained_cfg, split_model_name
-from vitkern.dispatch import BackendUnavailableError, available_backends
+from vitkern.dispatch import BackendUnavailableError, auto_backends, available_backends
 from vitkern.features import FeatureBackbone, FeatureInfo
 from vitkern.model import ViT
 from vitkern.pos_embed import resample_pos_embed
@@ -125,6 +125,6 @@ del _name
 
 __all__ = [
     "ViT", "ViTConfig", "VARIANTS", "create_model", "list_models", "list_pretrained", "pretrained_cfg",
-    "available_backends", "BackendUnavailableError", "ops", "from_timm", "load_hf", "load_jax_npz",
+    "available_backends", "auto_backends", "BackendUnavailableError", "ops", "from_timm", "load_hf", "load_jax_npz",
     "resample_pos_embed", "FeatureBackbone", "FeatureInfo", *sorted(VARIANTS),
 ]

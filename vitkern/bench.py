@@ -564,8 +564,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--progress", choices=("auto", "plain"), default="auto",
                    help="auto: tqdm when installed; plain: one line per case (for logs)")
     p.add_argument("--target-ms", type=float, help="timed milliseconds per case (default 500 on GPU); fewer = faster run")
+    p.add_argument("--compare", choices=("timm",),
+                   help="vitkern (backend auto) against timm, interleaved in one run, ratio per case "
+                        "(vitkern.compare): --models/--batch/--mode/--precisions/--rounds choose the grid "
+                        "(default on the CPU: ViT-S/16 and B/16, batch 8 and 32, fp32 and bf16 autocast)")
+    p.add_argument("--precisions", help="with --compare: comma-separated, from fp32,bf16-autocast,fp16-autocast "
+                                        "(default: fp32,bf16-autocast)")
+    p.add_argument("--rounds", type=int, default=5, help="with --compare: timed rounds per case (default 5)")
     args = p.parse_args(argv)
     return args
+
+
+def compare_main(args: argparse.Namespace) -> Dict[str, Any]:
+    """`--compare timm`: the interleaved vitkern-vs-timm table (vitkern.compare), written to --out."""
+    from vitkern import compare
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    models = _split(args.models, compare.CPU_MODELS, str, "models")
+    batches = _split(args.batch, compare.CPU_BATCHES, int, "batch")
+    precisions = _split(args.precisions, ("fp32", "bf16-autocast"), str, "precisions", compare.PRECISIONS)
+    modes = list(compare.MODES) if args.mode == "both" else [args.mode]
+    print(f"vitkern vs timm on {_timing.device_name(device)}, {args.rounds} interleaved rounds per case", flush=True)
+    record = compare.run(device, models=models, batches=batches, precisions=precisions, modes=modes,
+                         rounds=args.rounds, img_size=args.img_size, progress=lambda s: print(s, flush=True))
+    table = compare.markdown(record["rows"])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {os.path.join(args.out, 'compare.json')}, {os.path.join(args.out, 'compare.md')}")
+    return record
 
 
 def _split(text: Optional[str], default: Sequence[Any], cast: Callable[[str], Any], name: str, allowed=None) -> List[Any]:
@@ -608,6 +642,8 @@ def _install_sigterm_stop() -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.compare:
+        return compare_main(args)
     from vitkern.config import VARIANTS
 
     if args.device:

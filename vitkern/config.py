@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-BACKENDS = ("auto", "eager", "triton", "cuda")
+BACKENDS = ("auto", "eager", "triton", "cuda", "torch")
 GLOBAL_POOLS = ("token", "avg", "map", "")
 ACT_LAYERS = ("gelu", "gelu_tanh", "quick_gelu")  # timm's act_layer names vitkern fuses
 

@@ -27,7 +27,10 @@ import torch
 
 logger = logging.getLogger("vitkern.dispatch")
 
-BACKENDS = ("eager", "triton", "cuda")
+# eager: vitkern.reference, the float64-faithful oracle (explicit softmax, fp32 epilogues);
+# triton, cuda: vitkern's fused kernels; torch: torch's own fused ops (vitkern.kernels.aten: addmm,
+# F.layer_norm, SDPA, conv2d), the fast path where no vitkern kernel runs (the CPU).
+BACKENDS = ("eager", "triton", "cuda", "torch")
 OPS = ("patch_embed", "layer_norm", "ln_linear", "attention", "linear")
 # Forward-only inspection ops (vitkern.inspect): dispatched the same way, not part of the model's five.
 INSPECTION_OPS = ("attention_stats",)
@@ -123,7 +126,7 @@ def _cuda_extension_error() -> Optional[str]:
 
 def backend_unavailable_reasons(backend: str) -> List[str]:
     """Why `backend` cannot run anything in this process (empty when it can run something)."""
-    if backend == "eager":
+    if backend in ("eager", "torch"):
         return []
     if backend == "triton":
         error = _triton_import_error()
@@ -183,7 +186,8 @@ def measured_order_from_record(record: Mapping[str, Any]) -> Dict[str, Tuple[str
     order: Dict[str, Tuple[str, ...]] = {}
     for op, by_mode in times.items():
         timed = by_mode.get("fwdbwd") or by_mode.get("fwd") or {}
-        order[op] = tuple(sorted(timed, key=timed.get)) + tuple(b for b in ("triton", "cuda") if b not in timed) + ("eager",)
+        order[op] = (tuple(sorted(timed, key=timed.get)) + tuple(b for b in ("triton", "cuda") if b not in timed)
+                     + FALLBACK_ORDER)
     return order
 
 
@@ -210,14 +214,21 @@ def _load_measured_order(device: torch.device) -> None:
 # tests/cuda_emu's emulator), and Triton comes first because on Hopper its GEMM-like kernels use wgmma
 # (the audit shows it) while csrc/attention.cu uses mma.sync; cuBLASLt's GEMMs may well win the linear
 # layers, which the first benchmark record will tell (benchmarks/test_ops.py times both per op).
-PREDICTED_ORDER: Tuple[str, ...] = ("triton", "cuda", "eager")
+# After the fused backends, a call they decline (float64, an option they lack) runs on torch's own
+# fused ops, and on the oracle only where those cannot take it.
+FALLBACK_ORDER: Tuple[str, ...] = ("torch", "eager")
+PREDICTED_ORDER: Tuple[str, ...] = ("triton", "cuda") + FALLBACK_ORDER
+# On the CPU: torch's best CPU ops (oneDNN GEMMs and convolution, the flash CPU SDPA kernel), never
+# slower than timm's modules, which call the same ops (`python -m vitkern.bench --device cpu
+# --compare timm` measures it). The Triton interpreter and the CUDA emulator are test vehicles, not
+# fast paths: ask for backend="triton" to use the interpreter.
+CPU_ORDER: Tuple[str, ...] = FALLBACK_ORDER
 
 
 def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
-    """Backends to try, best first, for `op` on `device`. CPU tensors run eagerly (the Triton
-    interpreter is a test vehicle, not a fast path: ask for backend="triton" to use it)."""
+    """Backends to try, best first, for `op` on `device` (CPU_ORDER off CUDA)."""
     if device.type != "cuda":
-        return ("eager",)
+        return CPU_ORDER
     _load_measured_order(device)
     if MEASURED_ORDER:  # only then ask the device its name (keeps the common path trace-friendly)
         name = torch.cuda.get_device_name(device)
@@ -225,6 +236,20 @@ def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
             if key in name and op in table:
                 return table[op]
     return PREDICTED_ORDER
+
+
+def auto_backends(device: Any = "cpu") -> Dict[str, str]:
+    """For each of the model's ops, the backend `backend="auto"` runs on `device` for a call that
+    every backend takes (e.g. fp32 tokens): on the CPU torch's own fused ops ("torch"), on a GPU the
+    measured or predicted fused backend. A backend named by VITKERN_BACKEND is what runs instead."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("auto_backends: no CUDA device is visible (torch.cuda.is_available() is False)")
+    chosen = {}
+    for op in OPS:
+        usable = [b for b in auto_order(op, device) if b in _REGISTRY[op] and not backend_unavailable_reasons(b)]
+        chosen[op] = usable[0] if usable else "none"
+    return chosen
 
 
 def requested_backend(backend: str) -> str:

@@ -637,7 +637,7 @@ class ViT(nn.Module):
     Arguments have timm's names and meaning (see `ViTConfig`); in addition `representation_size`
     adds the paper's pre-training head (`pre_logits`: Linear + tanh), `hybrid_backbone` runs a CNN
     first and embeds its feature map (patch size 1 unless given), and `backend` picks the kernels
-    ("auto", "eager", "triton", "cuda"; changeable later through `model.backend`).
+    ("auto", "eager", "triton", "cuda", "torch"; changeable later through `model.backend`).
 
     forward: images [batch, in_chans, H, W] -> logits [batch, num_classes] (pooled features when
     num_classes == 0; every token's features when global_pool == '').

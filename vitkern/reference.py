@@ -92,10 +92,26 @@ def patch_embed(
     tokens = patchify(x, (ph, pw)) @ weight.reshape(dim, -1).t()
     if bias is not None:
         tokens = tokens + bias
+    return add_prefix_and_position(tokens, cls_token, pos_embed, no_embed_class=no_embed_class, keep=keep)
+
+
+def add_prefix_and_position(
+    tokens: Tensor,
+    cls_token: Optional[Tensor],
+    pos_embed: Optional[Tensor],
+    *,
+    no_embed_class: bool = False,
+    keep: Optional[Tensor] = None,
+) -> Tensor:
+    """The patch embedding's epilogue (timm's `_pos_embed`, then PatchDropout's gather): embedded
+    patches [batch, patches, dim] -> [batch, prefix + (kept or patches), dim], the arguments as in
+    `patch_embed`. The prefix tokens are cast to the tokens' dtype; the position embedding is added
+    with torch's type promotion (an fp32 pos_embed on bf16 tokens, as under torch.autocast, gives
+    fp32 tokens, as in timm)."""
     if no_embed_class and pos_embed is not None:
         tokens = tokens + pos_embed
     if cls_token is not None:
-        tokens = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
     if not no_embed_class and pos_embed is not None:
         tokens = tokens + pos_embed
     if keep is not None:

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from vitkern import dispatch, reference
+from vitkern.kernels import aten
+from vitkern.ops import _autocast
 from vitkern.ops._checks import check_norm_args, check_tensor
 
 NormArgs = Tuple[Optional[Tensor], Optional[Tensor], float]
@@ -32,8 +34,18 @@ def attention(
     q_norm, k_norm: QK-norm (timm's qk_norm=True), each None or (weight [head_dim] or None,
     bias [head_dim] or None, eps): LayerNorm over head_dim of each head's q (k), applied as they
     are loaded, statistics in fp32; weights in qkv's dtype.
-    Returns [batch, tokens, dim] in qkv's dtype (softmax statistics in fp32).
+    Returns [batch, tokens, dim] in qkv's dtype (softmax statistics in fp32). Under torch.autocast
+    qkv and the QK-norm parameters are cast to the autocast dtype (as SDPA's inputs are), and so is
+    the result.
     """
+    amp = _autocast.amp_dtype(qkv)
+    if amp is not None:
+        cast = _autocast.cast
+        norms = [None if n is None or not isinstance(n, (tuple, list)) or len(n) != 3
+                 else (cast(n[0], amp), cast(n[1], amp), n[2]) for n in (q_norm, k_norm)]
+        with _autocast.disabled(qkv):
+            return attention(cast(qkv, amp), num_heads, scale=scale, q_norm=norms[0] or q_norm,
+                             k_norm=norms[1] or k_norm, backend=backend)
     check_tensor("qkv", qkv, ndim=3)
     if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -58,6 +70,7 @@ def attention(
 
 
 dispatch.register("attention", "eager", reference.attention)
+dispatch.register("attention", "torch", aten.attention)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vitkern import dispatch, reference
-from vitkern.ops import _cuda
+from vitkern.ops import _autocast, _cuda
 from vitkern.ops._checks import check_tensor, fused_backend_reasons
 from vitkern.ops.attention import attention as _attention
 
@@ -119,6 +119,12 @@ def attention_stats(
     probabilities [batch, tokens, tokens] fused over heads: True or "mean" averages them, "max" and
     "min" take the elementwise extreme (attention rollout's head fusions). See `AttentionStats`.
     """
+    amp = _autocast.amp_dtype(qkv)
+    if amp is not None:  # the attention's operands in the autocast dtype, as vitkern.ops.attention reads them
+        with _autocast.disabled(qkv):
+            return attention_stats(_autocast.cast(qkv, amp), lse, num_heads, scale=scale,
+                                   num_prefix_tokens=num_prefix_tokens, grid=grid, patch_size=patch_size, full=full,
+                                   backend=backend)
     b, t, _ = _check_qkv(qkv, num_heads)
     prefix, grid, patch = _check_options(t, num_prefix_tokens, grid, patch_size)
     full = _full_code(full)
@@ -157,6 +163,12 @@ def attention_with_stats(
     grad), `out` is `vitkern.ops.attention`'s, differentiable, and the statistics come from a
     second, gradient-free forward.
     """
+    amp = _autocast.amp_dtype(qkv)
+    if amp is not None:  # as vitkern.ops.attention under autocast: operands and out in the autocast dtype
+        with _autocast.disabled(qkv):
+            return attention_with_stats(_autocast.cast(qkv, amp), num_heads, scale=scale,
+                                        num_prefix_tokens=num_prefix_tokens, grid=grid, patch_size=patch_size,
+                                        full=full, backend=backend)
     b, t, _ = _check_qkv(qkv, num_heads)
     _check_options(t, num_prefix_tokens, grid, patch_size)
     _full_code(full)
@@ -272,6 +284,8 @@ def _attention_stats_eager(qkv, lse, num_heads, scale, num_prefix_tokens, grid, 
 
 
 dispatch.register("attention_stats", "eager", _attention_stats_eager)
+# torch's fused ops have no statistics kernel: the eager statistics (fp32 throughout) serve it.
+dispatch.register("attention_stats", "torch", _attention_stats_eager)
 
 
 def _as_stats(rows: Tensor, distance: Tensor, full: Tensor, want_dist: bool, want_full: bool) -> AttentionStats:

@@ -10,6 +10,8 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
+from vitkern.kernels import aten
+from vitkern.ops import _autocast
 from vitkern.ops._checks import check_same_device, check_same_dtype, check_shape, check_tensor
 
 
@@ -20,7 +22,8 @@ def layer_norm(
 
     x: [..., dim]; weight, bias: [dim] in x's dtype, or None (no scale / no shift, as
     nn.LayerNorm(elementwise_affine=False)); eps: added to the variance (timm's ViT uses 1e-6).
-    Returns x's shape and dtype.
+    Returns x's shape and dtype. Under torch.autocast, torch's rule for F.layer_norm: on CUDA x and
+    the parameters are cast to fp32 (and so is the result), elsewhere the parameters to x's dtype.
     """
     check_tensor("x", x, min_ndim=1)
     dim = x.shape[-1]
@@ -30,12 +33,19 @@ def layer_norm(
         raise ValueError(f"eps must be positive, got {eps!r}")
     call = dict(x=x, weight=weight, bias=bias, eps=float(eps))
     check_same_device(call)
+    if _autocast.amp_dtype(x) is not None:
+        dtype = _autocast.layer_norm_dtype(x)
+        cast = _autocast.cast
+        call = dict(x=cast(x, dtype), weight=cast(weight, dtype), bias=cast(bias, dtype), eps=float(eps))
+        with _autocast.disabled(x):
+            return layer_norm(**call, backend=_autocast.backend_for("layer_norm", backend, call))
     check_same_dtype(call)
     impl = dispatch.select("layer_norm", backend, x.device, call)
     return impl.fn(**call)
 
 
 dispatch.register("layer_norm", "eager", reference.layer_norm)
+dispatch.register("layer_norm", "torch", aten.layer_norm)
 
 
 # --------------------------------------------------------------------------------------------

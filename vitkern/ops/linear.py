@@ -11,6 +11,8 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
+from vitkern.kernels import aten
+from vitkern.ops import _autocast
 from vitkern.ops._checks import check_activation, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
@@ -29,7 +31,7 @@ def linear(
     x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features] or None;
     activation: None, "gelu" (exact), "gelu_tanh" or "quick_gelu"; scale: [out_features] or None
     (LayerScale's gamma, per output channel); residual: [..., out_features] or None (added last).
-    Returns [..., out_features] in x's dtype.
+    Returns [..., out_features] in x's dtype; under torch.autocast see `_linear_autocast`.
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -46,12 +48,33 @@ def linear(
         # implementation without them is never handed one.
         call["scale"] = scale
     check_same_device(call)
+    amp = _autocast.amp_dtype(x)
+    if amp is not None:
+        return _linear_autocast(amp, x, weight, bias, activation, residual, scale, backend)
     check_same_dtype(call)
     impl = dispatch.select("linear", backend, x.device, call)
     return impl.fn(**call)
 
 
+def _linear_autocast(amp, x, weight, bias, activation, residual, scale, backend) -> Tensor:
+    """Under torch.autocast (see vitkern.ops._autocast): the GEMM and its activation in the autocast
+    dtype `amp`; a skip connection or LayerScale gamma of a wider dtype (timm's fp32 residual
+    stream) is applied as timm applies it, `residual + branch * gamma` in the promoted dtype, which
+    is then the result's dtype. When everything is in `amp` the epilogue stays fused."""
+    cast = _autocast.cast
+    out_dtype = _autocast.promoted(amp, residual, scale)
+    with _autocast.disabled(x):
+        if out_dtype == amp:
+            return linear(cast(x, amp), cast(weight, amp), cast(bias, amp), activation=activation,
+                          residual=cast(residual, amp), scale=cast(scale, amp), backend=backend)
+        branch = linear(cast(x, amp), cast(weight, amp), cast(bias, amp), activation=activation, backend=backend)
+        if scale is not None:
+            branch = branch * scale
+        return branch if residual is None else residual + branch
+
+
 dispatch.register("linear", "eager", reference.linear)
+dispatch.register("linear", "torch", aten.linear)
 
 
 if dispatch.triton_importable():

@@ -10,6 +10,8 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
+from vitkern.kernels import aten
+from vitkern.ops import _autocast
 from vitkern.ops._checks import check_activation, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
@@ -29,6 +31,8 @@ def ln_linear(
     x: [..., dim]; ln_weight, ln_bias: [dim] or None (a LayerNorm without scale / shift);
     weight: [out_features, dim]; bias: [out_features] or None; all in x's dtype; activation: None,
     "gelu" (exact erf form), "gelu_tanh" or "quick_gelu". Returns [..., out_features] in x's dtype.
+    Under torch.autocast every input is cast to the autocast dtype (the op is matmul-like: one
+    fused LN + GEMM in that dtype, LayerNorm statistics in fp32) and so is the result.
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -44,12 +48,19 @@ def ln_linear(
         raise ValueError(f"eps must be positive, got {eps!r}")
     call = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias, eps=float(eps), activation=activation)
     check_same_device(call)
+    amp = _autocast.amp_dtype(x)
+    if amp is not None:
+        cast = _autocast.cast
+        with _autocast.disabled(x):
+            return ln_linear(cast(x, amp), cast(ln_weight, amp), cast(ln_bias, amp), cast(weight, amp),
+                             cast(bias, amp), eps=eps, activation=activation, backend=backend)
     check_same_dtype(call)
     impl = dispatch.select("ln_linear", backend, x.device, call)
     return impl.fn(**call)
 
 
 dispatch.register("ln_linear", "eager", reference.ln_linear)
+dispatch.register("ln_linear", "torch", aten.ln_linear)
 
 
 if dispatch.triton_importable():

@@ -10,6 +10,8 @@ from typing import Optional
 from torch import Tensor
 
 from vitkern import dispatch, reference
+from vitkern.kernels import aten
+from vitkern.ops import _autocast
 from vitkern.ops._checks import check_keep, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
@@ -34,7 +36,8 @@ def patch_embed(
     keep: PatchDropout's kept patches, [batch, kept] int64 indices into each image's patches
     (row-major grid order), or None: then only those patch tokens are made, in that order, each
     with its own position embedding, as `tokens[:, prefix:].gather(1, keep)` of the full result.
-    Returns [batch, prefix + patches, dim] in x's dtype ([batch, prefix + kept, dim] with keep).
+    Returns [batch, prefix + patches, dim] in x's dtype ([batch, prefix + kept, dim] with keep);
+    under torch.autocast see `_patch_embed_autocast`.
     """
     check_tensor("x", x, ndim=4)
     check_tensor("weight", weight, ndim=4)
@@ -66,14 +69,36 @@ def patch_embed(
         # Family options ride in the call only when set (see vitkern.ops.linear).
         call["no_embed_class"] = True
     check_same_device(call)
-    check_same_dtype(call)
     if keep is not None:  # integer indices: checked on their own
-        call["keep"] = check_keep(keep, batch, patches, x.device)
+        keep = check_keep(keep, batch, patches, x.device)
+    amp = _autocast.amp_dtype(x)
+    if amp is not None:
+        return _patch_embed_autocast(amp, x, weight, bias, cls_token, pos_embed, no_embed_class, keep, backend)
+    check_same_dtype(call)
+    if keep is not None:
+        call["keep"] = keep
     impl = dispatch.select("patch_embed", backend, x.device, call)
     return impl.fn(**call)
 
 
+def _patch_embed_autocast(amp, x, weight, bias, cls_token, pos_embed, no_embed_class, keep, backend) -> Tensor:
+    """Under torch.autocast (see vitkern.ops._autocast): the patch projection (timm's Conv2d) in
+    the autocast dtype `amp`; prefix tokens and position embedding of a wider dtype are added as
+    timm adds them (bf16 patches + fp32 pos_embed = fp32 tokens), which is then the result's dtype.
+    When everything is in `amp` the whole op stays fused."""
+    cast = _autocast.cast
+    out_dtype = _autocast.promoted(amp, cls_token, pos_embed)
+    with _autocast.disabled(x):
+        if out_dtype == amp:
+            return patch_embed(cast(x, amp), cast(weight, amp), cast(bias, amp), cast(cls_token, amp),
+                               cast(pos_embed, amp), no_embed_class=no_embed_class, keep=keep, backend=backend)
+        patches = patch_embed(cast(x, amp), cast(weight, amp), cast(bias, amp), backend=backend)
+        return reference.add_prefix_and_position(patches.to(out_dtype), cls_token, pos_embed,
+                                                 no_embed_class=no_embed_class, keep=keep)
+
+
 dispatch.register("patch_embed", "eager", reference.patch_embed)
+dispatch.register("patch_embed", "torch", aten.patch_embed)
 
 
 # --------------------------------------------------------------------------------------------

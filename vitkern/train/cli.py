@@ -19,11 +19,11 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional
 
-from vitkern.train.recipes import (BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe,
+from vitkern.train.recipes import (AMP_DTYPES, BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe,
                                    preset)
 
 CHOICES = dict(objective=OBJECTIVES, optimizer=OPTIMIZERS, schedule=SCHEDULES, parallel=PARALLEL,
-               precision=PRECISIONS, backend=BACKENDS, device=("auto", "cpu", "cuda"))
+               precision=PRECISIONS, backend=BACKENDS, device=("auto", "cpu", "cuda"), amp=AMP_DTYPES)
 
 HELP = {
     "model": "a named variant (vit_base_patch16_224, ...); unset: build from --patch-size, --embed-dim, --depth, "
@@ -44,8 +44,11 @@ HELP = {
     "init": "start from these weights (checkpoint dir, run dir or .safetensors)",
     "new_head": "replace the head by a zero-initialized classifier (fine-tuning)",
     "parallel": "ddp (default) or fsdp (FSDP2 fully_shard per block; sharded DCP checkpoints)",
-    "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16",
-    "backend": "vitkern kernels: auto, eager, triton, cuda",
+    "precision": "the weights: auto (bf16-weights on CUDA, fp32 on CPU; fp32 with --amp), fp32, or bf16-weights "
+                 "(bf16 weights, fp32 master copies and optimizer; 'bf16' is its old name)",
+    "amp": "mixed precision as timm's --amp: torch.autocast in bf16 or fp16 over fp32 weights (fp16 with a "
+           "GradScaler that skips overflow steps)",
+    "backend": "vitkern kernels: auto, eager, triton, cuda, torch",
     "save_every": "checkpoint every N steps (and at the end)",
     "eval_every": "held-out evaluation every N steps (and at the end)",
     "peak_tflops": "per-device peak TFLOP/s for MFU (default: datasheet on GPU, a measured GEMM on CPU)",

@@ -15,9 +15,10 @@ global batch exactly as in one process; `lr` and the schedule are indexed by opt
 The sampler splits each global batch's indices between ranks (data.py), so 1 rank and N ranks
 see the same images at the same step: their losses and weights agree to fp32 rounding.
 
-Precision. fp32 on CPU. On CUDA bf16 by default with fp32 master weights and fp32 optimizer
-state: vitkern's fused ops are torch.library custom ops, which `torch.autocast` does not cast (the
-blocks would silently run in fp32), so the model itself holds bf16 weights and the optimizer
+Precision. fp32 on CPU. `--amp bf16|fp16` runs the model under torch.autocast over fp32 weights,
+as timm's train.py --amp does (vitkern's ops take part in autocast: vitkern.ops._autocast), fp16
+with a GradScaler that skips the steps whose gradients overflow. On CUDA without --amp the default
+is bf16 weights ("bf16-weights") with fp32 master weights and fp32 optimizer state: the optimizer
 steps fp32 masters (DDP; gradients are reduced in bf16), or FSDP2's MixedPrecisionPolicy gathers
 bf16 parameters and reduces gradients in fp32. Losses and softmax statistics are fp32.
 
@@ -169,20 +170,26 @@ class LossModule(nn.Module):
     (the model's parameters' dtype, or FSDP2's param_dtype) here.
     """
 
-    def __init__(self, net: nn.Module, objective: str, compute_dtype: torch.dtype) -> None:
+    def __init__(self, net: nn.Module, objective: str, compute_dtype: torch.dtype,
+                 amp_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.net = net
         self.objective = objective
         self.compute_dtype = compute_dtype
+        self.amp_dtype = amp_dtype  # --amp: the model runs under torch.autocast in this dtype
 
     def forward(self, images: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
         images = images.to(self.compute_dtype)
+        amp = torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        with amp:
+            if self.objective == "mpp":
+                logits, corrupted = self.net(images, generator)
+            else:
+                logits = self.net(images)
+        logits = logits.float()  # the loss in fp32
         if self.objective == "mpp":
-            logits, corrupted = self.net(images, generator)
-            logits, labels = logits[corrupted], labels[corrupted]  # [corrupted patches, 512], fp32
-        else:
-            logits = self.net(images).float()
+            logits, labels = logits[corrupted], labels[corrupted]  # [corrupted patches, 512]
         if logits.shape[0] == 0:  # no corrupted patch drawn: a zero loss that keeps the graph
             zero = logits.sum() * 0.0
             return zero, zero.detach(), zero.detach()
@@ -268,8 +275,13 @@ class Trainer:
                              f"x --grad-accum ({accum}); each rank needs whole micro-batches")
         self.micro_batch = recipe.global_batch // (world * accum)
         self.device = env.device
-        bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
+        bf16 = recipe.precision in ("bf16", "bf16-weights") or (
+            recipe.precision == "auto" and self.device.type == "cuda" and recipe.amp is None)
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        # --amp: torch.autocast over the fp32 weights; fp16 also scales the loss (GradScaler), and a
+        # step whose gradients overflow is skipped, as with timm's --amp.
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if recipe.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         if recipe.resume and recipe.init:
             raise ValueError("--resume and --init: a resumed run restores its own weights; drop --init")
         self.resume_from = None
@@ -301,7 +313,7 @@ class Trainer:
             net = MaskedPatchPrediction(self.vit, corrupt=recipe.mpp_corrupt, mask=recipe.mpp_mask,
                                         random=recipe.mpp_random, bits=recipe.mpp_bits, mean=self.mean, std=self.std)
         self.net = net.to(self.device)
-        self.loss_module = LossModule(self.net, recipe.objective, self.compute_dtype)
+        self.loss_module = LossModule(self.net, recipe.objective, self.compute_dtype, self.amp_dtype)
         self.no_decay = set(self.vit.no_weight_decay()) | {"mask_token"}
 
         self.masters: Optional[MasterWeights] = None
@@ -372,7 +384,8 @@ class Trainer:
         if self.device.type == "cuda":
             dev = cost.lookup_device(torch.cuda.get_device_name(self.device))
             if dev is not None:
-                return dev.peak(self.compute_dtype), f"{dev.name} datasheet, {cost.dtype_name(self.compute_dtype)}"
+                dtype = self.amp_dtype or self.compute_dtype
+                return dev.peak(dtype), f"{dev.name} datasheet, {cost.dtype_name(dtype)}"
             return float("nan"), "unknown GPU: pass --peak-tflops"
         return measure_cpu_peak(), "measured fp32 GEMM on this CPU"
 
@@ -517,15 +530,22 @@ class Trainer:
             g = torch.Generator().manual_seed(seed)
             with self._sync_context(i == len(micro_batches) - 1):
                 loss, _, _ = self.forward(images, labels, g)
-                (loss / r.grad_accum).backward()
+                scaled = loss / r.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
         if self.masters:
             self.masters.grads_to_masters()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm
         # Clipping by the global norm (over all ranks' shards under FSDP2); an infinite threshold only measures it.
         norm = torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip if r.grad_clip > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN (the scale then shrinks)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         if self.masters:
             self.masters.masters_to_model()
@@ -603,7 +623,7 @@ class Trainer:
             "eval_step": evals[-1]["step"] if evals else None,
             "chance_accuracy": 1.0 / self.vit.num_classes if r.objective == "classify" else None,
             "world_size": self.env.world, "parallel": r.parallel, "device": str(self.device),
-            "compute_dtype": str(self.compute_dtype).replace("torch.", ""), "global_batch": r.global_batch,
+            "compute_dtype": str(self.compute_dtype).replace("torch.", ""), "amp": r.amp, "global_batch": r.global_batch,
             "micro_batch": self.micro_batch, "img_per_s_median": img_s,
             "train_flops_per_image": self.train_flops_per_image, "peak_flops_per_device": self.peak,
             "peak_source": self.peak_source, "mfu": mfu, "skipped_images": skipped, "wall_s_this_process": wall,

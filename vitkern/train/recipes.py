@@ -39,8 +39,11 @@ OBJECTIVES = ("classify", "mpp")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
-PRECISIONS = ("auto", "fp32", "bf16")
-BACKENDS = ("auto", "eager", "triton", "cuda")
+# The model's weights: fp32, or bf16 weights with fp32 master copies ("bf16-weights"; "bf16" is
+# its earlier name, still accepted). Mixed precision with fp32 weights is `amp` (torch.autocast).
+PRECISIONS = ("auto", "fp32", "bf16-weights", "bf16")
+AMP_DTYPES = ("bf16", "fp16")
+BACKENDS = ("auto", "eager", "triton", "cuda", "torch")
 
 
 @dataclass
@@ -104,7 +107,8 @@ class Recipe:
     parallel: str = "ddp"
     compile: bool = False
     grad_checkpointing: bool = False
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 weights on CUDA, fp32 on CPU (fp32 whenever amp is set)
+    amp: Optional[str] = None  # torch.autocast dtype ("bf16", "fp16": with a GradScaler) over fp32 weights
     device: str = "auto"
     threads: Optional[int] = None  # CPU intra-op threads per rank (torch.set_num_threads); None: torch's default
     peak_tflops: Optional[float] = None  # per-device peak for MFU; default: datasheet (GPU) or measured (CPU)
@@ -128,6 +132,14 @@ class Recipe:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"--amp must be one of {AMP_DTYPES}, got {self.amp!r}")
+        if self.amp is not None and self.precision in ("bf16", "bf16-weights"):
+            raise ValueError(f"--amp {self.amp} runs torch.autocast over fp32 weights; it cannot be combined with "
+                             f"--precision {self.precision} (bf16 weights): drop one of them")
+        if self.amp == "fp16" and self.parallel == "fsdp":
+            raise ValueError("--amp fp16 needs a GradScaler, which vitkern.train runs with --parallel ddp only; "
+                             "use --amp bf16 with --parallel fsdp")
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "global_batch", "grad_accum",
                      "steps", "save_every", "keep", "eval_every", "mpp_bits"):
             value = getattr(self, name)

@@ -1,0 +1,95 @@
+"""The "torch" backend: every vitkern op as torch's own fused library ops (ATen), no vitkern kernel.
+
+What `auto` runs where no vitkern kernel runs: on the CPU always, and on a GPU for a call the fused
+backends decline (float64, an option they lack). It calls the ops timm's modules call, so it is
+never slower than timm's eager model:
+
+* linear: `F.linear` (addmm: the bias rides in the BLAS GEMM's C operand), then the activation,
+  and LayerScale + skip connection as one `torch.addcmul` (timm: a multiply, then an add);
+* layer_norm / ln_linear: `F.layer_norm` (fp32 statistics for every input dtype), then `F.linear`;
+* attention: `F.scaled_dot_product_attention` on strided views of the packed qkv (on the CPU its
+  flash kernel: fp32 softmax statistics, no [tokens, tokens] matrix), QK-norm by `F.layer_norm`;
+* patch_embed: the strided `F.conv2d` (oneDNN on the CPU), then prefix tokens and position
+  embedding exactly as `vitkern.reference.patch_embed` adds them.
+
+Numerics are torch's (and timm's): a low-precision GEMM output is rounded before its activation and
+again before the residual add, where the fused kernels and `vitkern.reference` round once. Float64
+is exact, so the float64 oracle tests hold for it as for every backend.
+
+Shapes, dtypes and defaults are those of the public ops in `vitkern.ops` (validated there).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitkern import reference
+
+NormArgs = Tuple[Optional[Tensor], Optional[Tensor], float]
+
+
+def activate(y: Tensor, activation: Optional[str]) -> Tensor:
+    """y through the fc1 epilogue's activation with torch's kernels (timm's modules' formulas)."""
+    if activation is None:
+        return y
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
+    residual: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+) -> Tensor:
+    """residual + scale * act(x @ weight^T + bias); x [..., in], weight [out, in] -> [..., out]."""
+    y = activate(F.linear(x, weight, bias), activation)
+    if residual is None:
+        return y if scale is None else y * scale
+    return torch.addcmul(residual, y, scale) if scale is not None else residual + y
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim of x [..., dim]; weight, bias [dim] or None."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def ln_linear(
+    x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weight: Tensor,
+    bias: Optional[Tensor] = None, *, eps: float = 1e-6, activation: Optional[str] = None,
+) -> Tensor:
+    """act(LayerNorm(x) @ weight^T + bias); x [..., dim] -> [..., out]."""
+    return activate(F.linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias), activation)
+
+
+def attention(
+    qkv: Tensor, num_heads: int, *, scale: Optional[float] = None,
+    q_norm: Optional[NormArgs] = None, k_norm: Optional[NormArgs] = None,
+) -> Tensor:
+    """qkv [batch, tokens, 3 * dim] (timm's order) -> [batch, tokens, dim], heads concatenated."""
+    b, t, three_dim = qkv.shape
+    dim = three_dim // 3
+    head_dim = dim // num_heads
+    q, k, v = qkv.reshape(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, t, d] views
+    if q_norm is not None:
+        q = F.layer_norm(q, (head_dim,), *q_norm)
+    if k_norm is not None:
+        k = F.layer_norm(k, (head_dim,), *k_norm)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(b, t, dim)
+
+
+def patch_embed(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
+    pos_embed: Optional[Tensor] = None, *, no_embed_class: bool = False, keep: Optional[Tensor] = None,
+) -> Tensor:
+    """Image [batch, chans, H, W] -> [prefix; patches @ W^T + b] + pos_embed [batch, tokens, dim]."""
+    tokens = F.conv2d(x, weight, bias, stride=weight.shape[-2:]).flatten(2).transpose(1, 2)
+    return reference.add_prefix_and_position(tokens, cls_token, pos_embed, no_embed_class=no_embed_class, keep=keep)

@@ -5,7 +5,10 @@ backends decline (float64, an option they lack). It calls the ops timm's modules
 never slower than timm's eager model:
 
 * linear: `F.linear` (addmm: the bias rides in the BLAS GEMM's C operand), then the activation,
-  and LayerScale + skip connection as one `torch.addcmul` (timm: a multiply, then an add);
+  and LayerScale + skip connection as one `torch.addcmul` (timm: a multiply, then an add). On the
+  CPU, when no gradient is needed, oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`,
+  the op torch.compile's CPU backend emits) writes GEMM + bias + GELU, or GEMM + bias + skip
+  connection, in one pass instead of two (`_onednn_linear`);
 * layer_norm / ln_linear: `F.layer_norm` (fp32 statistics for every input dtype), then `F.linear`;
 * attention: `F.scaled_dot_product_attention` on strided views of the packed qkv (on the CPU its
   flash kernel: fp32 softmax statistics, no [tokens, tokens] matrix), QK-norm by `F.layer_norm`;
@@ -45,11 +48,53 @@ def activate(y: Tensor, activation: Optional[str]) -> Tensor:
     raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
 
 
+# oneDNN's fused linear: an epilogue it computes, per activation ("gelu" post-op and its algorithm).
+_ONEDNN_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _onednn_available()
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                   residual: Optional[Tensor], scale: Optional[Tensor]) -> Optional[Tensor]:
+    """act(x W^T + b) or x W^T + b + residual as one oneDNN call, or None when it does not apply:
+    only for inference (no tensor needs a gradient: the op has no backward), on the CPU, fp32 or
+    bf16, eagerly (under torch.compile or export the plain ops are traced and inductor fuses them
+    itself), and for the epilogues oneDNN fuses (exact or tanh GELU; a skip connection without
+    activation or LayerScale)."""
+    if not _ONEDNN or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if scale is not None or (residual is not None and activation is not None):
+        return None
+    if activation is not None and activation not in _ONEDNN_GELU:
+        return None
+    if activation is None and residual is None:
+        return None  # nothing to fuse: addmm is the same GEMM
+    if torch.compiler.is_compiling() or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return None
+    n = weight.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    if activation is not None:
+        y = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "gelu", [], _ONEDNN_GELU[activation])
+    else:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2d, residual.reshape(-1, n).contiguous(), weight, bias, "add")
+    return y.reshape(*x.shape[:-1], n)
+
+
 def linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: Optional[str] = None,
     residual: Optional[Tensor] = None, scale: Optional[Tensor] = None,
 ) -> Tensor:
     """residual + scale * act(x @ weight^T + bias); x [..., in], weight [out, in] -> [..., out]."""
+    fused = _onednn_linear(x, weight, bias, activation, residual, scale)
+    if fused is not None:
+        return fused
     y = activate(F.linear(x, weight, bias), activation)
     if residual is None:
         return y if scale is None else y * scale
@@ -66,7 +111,7 @@ def ln_linear(
     bias: Optional[Tensor] = None, *, eps: float = 1e-6, activation: Optional[str] = None,
 ) -> Tensor:
     """act(LayerNorm(x) @ weight^T + bias); x [..., dim] -> [..., out]."""
-    return activate(F.linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias), activation)
+    return linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, activation=activation)
 
 
 def attention(

@@ -1,0 +1,179 @@
+"""The "torch" backend (vitkern.kernels.aten: torch's own fused ops), the CPU default.
+
+Each op and every gradient against the float64 oracle (vitkern.reference): float64 to the fp64
+tolerance, float32 to the fp32 tolerance of the table in conftest.py, fp16/bf16 by the ratio test
+against timm's way of computing in that dtype (torch's modules: the GEMM output rounded before the
+activation and again before the skip connection), which is what this backend is. The oneDNN
+inference path (fused GEMM + GELU, GEMM + skip connection) is held to the same bounds, and must not
+run when a gradient is needed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+from vitkern import ops, reference
+from vitkern.kernels import aten
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+
+
+def _run(fn, tensors, dy):
+    leaves = _leaves(*tensors)
+    out = fn(*leaves)
+    out.backward(dy.to(out.dtype))
+    return out.detach(), [t.grad if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _timm_way(fn_name):
+    """The computation timm's modules do in a low dtype (torch's ops, one rounding per op)."""
+    return {
+        "linear": lambda x, w, b, r, s, act: r + aten.activate(F.linear(x, w, b), act) * s,
+        "ln_linear": lambda x, lw, lb, w, b, act: aten.activate(F.linear(F.layer_norm(x, (x.shape[-1],), lw, lb, 1e-6), w, b), act),
+    }[fn_name]
+
+
+def _ratio_or_close(name, got, low, oracle, dtype):
+    if dtype in (torch.float32, torch.float64):
+        assert_close(got, oracle, dtype, name=name)
+        return
+    err = (got.double() - oracle).abs().max().item()
+    base = (low.double() - oracle).abs().max().item()
+    floor = 2 * UNIT_ROUNDOFF[dtype] * max(1.0, oracle.abs().max().item())
+    assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x torch's {base:.3e} + {floor:.3e}"
+
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "quick_gelu"])
+def test_linear_with_scale_and_residual(dtype, act):
+    x, w, b = torch.randn(3, 37, 48), torch.randn(80, 48) / 7, torch.randn(80)
+    r, s = torch.randn(3, 37, 80), torch.rand(80) + 0.5
+    dy = torch.randn(3, 37, 80)
+    tensors = [t.to(dtype) for t in (x, w, b, r, s)]
+    got, g_got = _run(lambda x, w, b, r, s: ops.linear(x, w, b, activation=act, residual=r, scale=s, backend="torch"),
+                      tensors, dy)
+    low, g_low = _run(lambda x, w, b, r, s: _timm_way("linear")(x, w, b, r, s, act), tensors, dy)
+    ref, g_ref = _run(lambda x, w, b, r, s: reference.linear(x, w, b, activation=act, residual=r, scale=s),
+                      [t.double() for t in tensors], dy.double())
+    assert got.dtype == dtype
+    _ratio_or_close("out", got, low, ref, dtype)
+    for name, g, lo, r_ in zip(("dx", "dw", "db", "dres", "dscale"), g_got, g_low, g_ref):
+        _ratio_or_close(name, g, lo, r_, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["gelu", "gelu_tanh", "residual"])
+def test_onednn_inference_path_matches_and_stays_out_of_autograd(dtype, case, monkeypatch):
+    x, w, b, r = torch.randn(2, 29, 64), torch.randn(96, 64) / 8, torch.randn(96), torch.randn(2, 29, 96)
+    x, w, b, r = (t.to(dtype) for t in (x, w, b, r))
+    act = None if case == "residual" else case
+    res = r if case == "residual" else None
+    calls = []
+    if aten._ONEDNN:
+        real = torch.ops.mkldnn._linear_pointwise
+        monkeypatch.setattr(aten, "_onednn_linear", _counting(aten._onednn_linear, calls))
+    with torch.no_grad():
+        got = aten.linear(x, w, b, activation=act, residual=res)
+    low = _timm_way("linear")(x, w, b, res if res is not None else torch.zeros((), dtype=dtype),
+                              torch.ones((), dtype=dtype), act)
+    ref = reference.linear(x.double(), w.double(), b.double(), activation=act, residual=None if res is None else res.double())
+    assert got.dtype == dtype and got.shape == (2, 29, 96)
+    _ratio_or_close(case, got, low, ref, dtype)
+    if aten._ONEDNN:
+        assert calls and calls[-1] is not None, "oneDNN's fused linear should serve inference on the CPU"
+        assert real is torch.ops.mkldnn._linear_pointwise
+        # With a gradient needed the plain ops run (oneDNN's fused op has no backward).
+        wg = w.clone().requires_grad_()
+        aten.linear(x, wg, b, activation=act, residual=res).float().sum().backward()
+        assert calls[-1] is None and wg.grad is not None
+
+
+def _counting(fn, calls):
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls.append(out)
+        return out
+    return wrapper
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ln_linear_and_layer_norm(dtype):
+    x, lw, lb = torch.randn(2, 19, 40), torch.rand(40) + 0.5, torch.randn(40)
+    w, b = torch.randn(72, 40) / 6, torch.randn(72)
+    dy = torch.randn(2, 19, 72)
+    tensors = [t.to(dtype) for t in (x, lw, lb, w, b)]
+    got, g_got = _run(lambda *t: ops.ln_linear(*t, activation="gelu", backend="torch"), tensors, dy)
+    low, g_low = _run(lambda *t: _timm_way("ln_linear")(*t, "gelu"), tensors, dy)
+    ref, g_ref = _run(lambda *t: reference.ln_linear(*t, activation="gelu"), [t.double() for t in tensors], dy.double())
+    _ratio_or_close("out", got, low, ref, dtype)
+    for name, g, lo, r in zip(("dx", "dln_w", "dln_b", "dw", "db"), g_got, g_low, g_ref):
+        _ratio_or_close(name, g, lo, r, dtype)
+    y = ops.layer_norm(tensors[0], tensors[1], tensors[2], backend="torch")
+    y_low = F.layer_norm(tensors[0], (40,), tensors[1], tensors[2], 1e-6)
+    _ratio_or_close("layer_norm", y, y_low, reference.layer_norm(x.double(), lw.double(), lb.double()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention(dtype, qk_norm):
+    b, t, heads, hd = 2, 23, 3, 16
+    qkv = torch.randn(b, t, 3 * heads * hd)
+    nw, nb = torch.rand(hd) + 0.5, torch.randn(hd)
+    dy = torch.randn(b, t, heads * hd)
+
+    def call(qkv, nw, nb, fn, **kw):
+        norm = (nw, nb, 1e-6) if qk_norm else None
+        return fn(qkv, heads, q_norm=norm, k_norm=norm, **kw)
+
+    tensors = [x.to(dtype) for x in (qkv, nw, nb)]
+    got, g_got = _run(lambda *x: call(*x, ops.attention, backend="torch"), tensors, dy)
+    low, g_low = _run(lambda *x: call(*x, reference.attention), tensors, dy)  # eager in the same dtype
+    ref, g_ref = _run(lambda *x: call(*x, reference.attention), [x.double() for x in tensors], dy.double())
+    _ratio_or_close("out", got, low, ref, dtype)
+    _ratio_or_close("dqkv", g_got[0], g_low[0], g_ref[0], dtype)
+    if qk_norm:
+        # QK-norm's weight and bias gradients sum dq over every row: in bf16 torch's SDPA backward
+        # rounds dq where the oracle's code keeps fp32, about 4x its error. Their yardstick is timm's
+        # own computation (timm's Attention: nn.LayerNorm of q and k, then SDPA), written out here.
+        def timm_attention(qkv, nw, nb):
+            q, k, v = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = F.layer_norm(q, (hd,), nw, nb, 1e-6), F.layer_norm(k, (hd,), nw, nb, 1e-6)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, heads * hd)
+
+        _, g_timm = _run(timm_attention, tensors, dy)
+        for name, g, lo, r in zip(("dnorm_w", "dnorm_b"), g_got[1:], g_timm[1:], g_ref[1:]):
+            _ratio_or_close(name, g, lo, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_patch_embed_with_prefix_position_and_keep(dtype):
+    x, w, bias = torch.randn(2, 3, 24, 16), torch.randn(32, 3, 8, 8) / 14, torch.randn(32)
+    cls, pos = torch.randn(1, 2, 32), torch.randn(1, 2 + 6, 32)
+    keep = torch.tensor([[5, 0, 3], [1, 2, 4]])
+    dy = torch.randn(2, 2 + 3, 32)
+    tensors = [t.to(dtype) for t in (x, w, bias, cls, pos)]
+    got, g_got = _run(lambda *t: ops.patch_embed(*t, keep=keep, backend="torch"), tensors, dy)
+    ref, g_ref = _run(lambda *t: reference.patch_embed(*t, keep=keep), [t.double() for t in tensors], dy.double())
+    low, g_low = _run(lambda *t: reference.patch_embed(*t, keep=keep), tensors, dy)  # eager in the same dtype
+    _ratio_or_close("out", got, low, ref, dtype)
+    for name, g, lo, r in zip(("dx", "dw", "db", "dcls", "dpos"), g_got, g_low, g_ref):
+        _ratio_or_close(name, g, lo, r, dtype)
+    no_embed = ops.patch_embed(tensors[0], tensors[1], tensors[2], tensors[3], tensors[4][:, 2:],
+                               no_embed_class=True, backend="torch")
+    _ratio_or_close("no_embed_class", no_embed,
+                    reference.patch_embed(tensors[0], tensors[1], tensors[2], tensors[3], tensors[4][:, 2:],
+                                          no_embed_class=True),
+                    reference.patch_embed(x.double(), w.double(), bias.double(), cls.double(), pos[:, 2:].double(),
+                                          no_embed_class=True), dtype)

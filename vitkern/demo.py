@@ -72,6 +72,12 @@ def show_backends() -> Dict[str, Tuple[bool, List[str]]]:
             _line(f"  {name:<7} available{note}")
         else:
             _line(f"  {name:<7} not available: {'; '.join(reasons)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = sorted(set(vitkern.auto_backends(device).values()))
+    what = {"torch": "torch's own fused ops: addmm, layer_norm, SDPA, conv2d (oneDNN on the CPU)",
+            "eager": "the float64-faithful oracle", "triton": "vitkern's Triton kernels",
+            "cuda": "vitkern's CUDA C++ kernels"}
+    _line(f"  backend='auto' on {device.type} runs: " + ", ".join(f"{b} ({what.get(b, b)})" for b in chosen))
     return backends
 
 

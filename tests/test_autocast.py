@@ -75,10 +75,10 @@ def _ratio(name: str, got: torch.Tensor, timm_low: torch.Tensor, oracle: torch.T
 
 
 def _run(model, x, dtype, *, train: bool):
-    """(logits, features, {param name: grad}) under autocast on the CPU."""
+    """(logits, features, {param name: grad}) under autocast on x's device."""
     model.train(train)
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
         feats = model.forward_features(x)
         logits = model.forward_head(feats)
     grads = {}
@@ -114,6 +114,27 @@ def test_model_under_autocast_matches_timm(backend, dtype, backend_on):
     _ratio("logits", logits, t_logits, o_logits, dtype)
     _ratio("forward_features", feats, t_feats, o_feats, dtype)
     for name, g in grads.items():
+        _ratio(f"grad {name}", g, t_grads[name], o_grads[name], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_under_cuda_autocast_matches_timm(backend, dtype):
+    """On a GPU: autocast("cuda") (LayerNorm's fp32 rule there) on each backend against timm."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ref, ours = _pair(backend)
+    ref, ours = ref.cuda(), ours.cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    t_logits, t_feats, t_grads = _run(ref, x, dtype, train=True)
+    logits, feats, grads = _run(ours, x, dtype, train=True)
+    assert (logits.dtype, feats.dtype) == (t_logits.dtype, t_feats.dtype)
+    o_logits, o_feats, o_grads = _oracle(_tiny_timm().cuda(), x)
+    _ratio("logits", logits, t_logits, o_logits, dtype)
+    _ratio("forward_features", feats, t_feats, o_feats, dtype)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
         _ratio(f"grad {name}", g, t_grads[name], o_grads[name], dtype)
 
 

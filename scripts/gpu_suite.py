@@ -1007,8 +1007,9 @@ RUN2_K = "matches_fp64_reference or torch_compile or compiles_fullgraph or trace
 # every test of these files on the GPU (-k matches their module names).
 FAMILY_TEST_FILES = ["tests/test_vit_family_backends.py", "tests/test_triton_attention_qknorm.py",
                      "tests/test_cuda_attention_qknorm.py", "tests/test_cuda_family_options.py",
-                     "tests/test_patch_dropout_fused.py", "tests/test_attention_numerics.py"]
-FAMILY_K = "vit_family_backends or attention_qknorm or family_options or patch_dropout_fused or attention_numerics"
+                     "tests/test_patch_dropout_fused.py", "tests/test_attention_numerics.py", "tests/test_autocast.py"]
+FAMILY_K = ("vit_family_backends or attention_qknorm or family_options or patch_dropout_fused or attention_numerics "
+            "or cuda_autocast")
 INT32_K = "int32 or overflow or 4096"
 
 

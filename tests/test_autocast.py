@@ -138,15 +138,28 @@ def test_model_under_cuda_autocast_matches_timm(backend, dtype):
         _ratio(f"grad {name}", g, t_grads[name], o_grads[name], dtype)
 
 
-def test_autocast_family_options_and_hooks():
+def _path_params():
+    """(backend, dtype) for the family/hook/LoRA paths: the Triton interpreter in fp16 only."""
+    params = [pytest.param("torch", torch.bfloat16), pytest.param("eager", torch.bfloat16),
+              pytest.param("cuda", torch.bfloat16)]
+    if dispatch.triton_importable():
+        params.append(pytest.param("triton", torch.float16))
+    return params
+
+
+@pytest.mark.parametrize("backend,dtype", _path_params())
+def test_autocast_family_options_and_hooks(backend, dtype, backend_on):
     """LayerScale, QK-norm, registers and no class token (no_embed_class), QuickGELU, map pooling;
     then the unfused path of a block with a forward hook: each within the ratio test of timm."""
-    dtype = torch.bfloat16
+    backend_on(backend)
     x = torch.randn(2, 3, 32, 32)
-    for kwargs in (dict(init_values=0.1, qk_norm=True), dict(reg_tokens=2, class_token=False, no_embed_class=True,
-                                                            global_pool="avg", act_layer="quick_gelu"),
-                   dict(global_pool="map")):
-        ref, ours = _pair("torch", **kwargs)
+    configs = (dict(init_values=0.1, qk_norm=True),
+               dict(reg_tokens=2, class_token=False, no_embed_class=True, global_pool="avg", act_layer="quick_gelu"),
+               dict(global_pool="map"))
+    if backend == "triton":
+        configs = configs[:1]  # the interpreter is slow: the options inside its kernels (LayerScale, QK-norm)
+    for kwargs in configs:
+        ref, ours = _pair(backend, **kwargs)
         o_logits, _, o_grads = _oracle(_tiny_timm(**kwargs), x)
         t_logits, _, t_grads = _run(ref, x, dtype, train=True)
         seen = []
@@ -160,11 +173,12 @@ def test_autocast_family_options_and_hooks():
         assert seen == [dtype, dtype]  # the hook saw the attention's output in the autocast dtype
 
 
-def test_autocast_lora_fused_and_unfused():
+@pytest.mark.parametrize("backend,dtype", _path_params())
+def test_autocast_lora_fused_and_unfused(backend, dtype, backend_on):
     peft = pytest.importorskip("peft")
-    dtype = torch.bfloat16
+    backend_on(backend)
     x = torch.randn(2, 3, 32, 32)
-    ref, ours = _pair("torch")
+    ref, ours = _pair(backend)
     config = dict(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"], init_lora_weights=False)
     ref_l = peft.get_peft_model(ref, peft.LoraConfig(**config))
     ours_l = peft.get_peft_model(ours, peft.LoraConfig(**config))
@@ -216,12 +230,14 @@ def test_autocast_compile_and_export():
         eager = ours(x)
         compiled = torch.compile(ours, fullgraph=True, backend="eager")(x)
     assert compiled.dtype == eager.dtype == dtype
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # Eager inference takes oneDNN's fused GEMM + GELU / + skip connection (one rounding where the
+    # traced plain ops round twice): equal to a few roundings of the logits.
+    floor = FLOOR_ROUNDINGS * UNIT_ROUNDOFF[dtype] * max(1.0, eager.float().abs().max().item())
+    assert (compiled.float() - eager.float()).abs().max().item() <= floor
     with torch.autocast("cpu", dtype=dtype):
         program = torch.export.export(ours, (x,))
     with torch.autocast("cpu", dtype=dtype), torch.no_grad():
         exported = program.module()(x)
-    floor = FLOOR_ROUNDINGS * UNIT_ROUNDOFF[dtype] * max(1.0, eager.float().abs().max().item())
     assert (exported.float() - eager.float()).abs().max().item() <= floor
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from vitkern import dispatch, reference
 from vitkern.kernels import aten
 from vitkern.ops import _autocast
-from vitkern.ops._checks import check_norm_args, check_tensor
+from vitkern.ops._checks import check_cu_seqlens, check_norm_args, check_tensor
 
 NormArgs = Tuple[Optional[Tensor], Optional[Tensor], float]
 
@@ -26,6 +26,8 @@ def attention(
     scale: Optional[float] = None,
     q_norm: Optional[NormArgs] = None,
     k_norm: Optional[NormArgs] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """softmax(q k^T * scale) v per head, from the packed projection.
@@ -34,6 +36,11 @@ def attention(
     q_norm, k_norm: QK-norm (timm's qk_norm=True), each None or (weight [head_dim] or None,
     bias [head_dim] or None, eps): LayerNorm over head_dim of each head's q (k), applied as they
     are loaded, statistics in fp32; weights in qkv's dtype.
+    Packed sequences (NaViT/NaFlex, FlashAttention's varlen convention): with cu_seqlens, an int32
+    tensor [num_seqs + 1] of offsets on qkv's device (0, len_0, len_0 + len_1, ..., total_tokens),
+    qkv is [total_tokens, 3 * dim] without padding and each token attends only to the tokens of its
+    own sequence (block-diagonal); returns [total_tokens, dim]. max_seqlen: the longest sequence
+    (None: read from cu_seqlens; give it under torch.compile).
     Returns [batch, tokens, dim] in qkv's dtype (softmax statistics in fp32). Under torch.autocast
     qkv and the QK-norm parameters are cast to the autocast dtype (as SDPA's inputs are), and so is
     the result.
@@ -45,7 +52,10 @@ def attention(
                  else (cast(n[0], amp), cast(n[1], amp), n[2]) for n in (q_norm, k_norm)]
         with _autocast.disabled(qkv):
             return attention(cast(qkv, amp), num_heads, scale=scale, q_norm=norms[0] or q_norm,
-                             k_norm=norms[1] or k_norm, backend=backend)
+                             k_norm=norms[1] or k_norm, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                             backend=backend)
+    if cu_seqlens is not None or max_seqlen is not None:
+        return _attention_varlen(qkv, num_heads, scale, q_norm, k_norm, cu_seqlens, max_seqlen, backend)
     check_tensor("qkv", qkv, ndim=3)
     if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -65,6 +75,37 @@ def attention(
     # implementation without them is never handed one.
     options = {name: v for name, v in (("q_norm", q_norm), ("k_norm", k_norm)) if v is not None}
     call = dict(qkv=qkv, num_heads=num_heads, scale=scale, **options)
+    impl = dispatch.select("attention", backend, qkv.device, call)
+    return impl.fn(**call)
+
+
+def _check_heads(qkv: Tensor, num_heads: object) -> int:
+    """head_dim of a packed projection qkv [..., 3 * dim]; raises naming the argument otherwise."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    three_dim = qkv.shape[-1]
+    if three_dim % 3 != 0:
+        raise ValueError(f"qkv's last dim must be 3 * dim (packed q, k, v), got {three_dim}, not a multiple of 3")
+    if (three_dim // 3) % num_heads != 0:
+        raise ValueError(f"dim = qkv.shape[-1] / 3 = {three_dim // 3} must be divisible by num_heads = {num_heads}")
+    return three_dim // 3 // num_heads
+
+
+def _attention_varlen(qkv, num_heads, scale, q_norm, k_norm, cu_seqlens, max_seqlen, backend) -> Tensor:
+    """`attention` on packed sequences: qkv [total_tokens, 3 * dim], block-diagonal per cu_seqlens."""
+    check_tensor("qkv", qkv)
+    if qkv.dim() != 2:
+        raise ValueError(f"with cu_seqlens, qkv must be packed [total_tokens, 3 * dim] (2 dims), got shape {tuple(qkv.shape)}")
+    if cu_seqlens is None:
+        raise ValueError("max_seqlen was given without cu_seqlens; packed attention needs both (cu_seqlens: int32 offsets)")
+    head_dim = _check_heads(qkv, num_heads)
+    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], qkv.device)
+    if scale is not None:
+        scale = float(scale)
+    q_norm = check_norm_args("q_norm", q_norm, head_dim, qkv)
+    k_norm = check_norm_args("k_norm", k_norm, head_dim, qkv)
+    options = {name: v for name, v in (("q_norm", q_norm), ("k_norm", k_norm)) if v is not None}
+    call = dict(qkv=qkv, num_heads=num_heads, scale=scale, **options, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     impl = dispatch.select("attention", backend, qkv.device, call)
     return impl.fn(**call)
 

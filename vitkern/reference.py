@@ -95,6 +95,53 @@ def patch_embed(
     return add_prefix_and_position(tokens, cls_token, pos_embed, no_embed_class=no_embed_class, keep=keep)
 
 
+def patch_embed_packed(
+    patches: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    grids: List[Tuple[int, int]],
+    cls_token: Optional[Tensor] = None,
+    pos_embed=None,
+    *,
+    ar_preserving: bool = False,
+) -> Tensor:
+    """Patch embedding of a packed (NaFlex) batch: pre-extracted patches [total_patches, features]
+    of images with per-image grids (row-major, back to back) -> tokens [total_tokens, dim], each
+    image's [prefix; patches @ weight^T + bias + its resampled position embedding].
+
+    weight: [dim, features] in the patches' layout; cls_token: [1, prefix, dim] or None (prefix
+    tokens get no position embedding, as in timm's NaFlexEmbeds); pos_embed: None, a learned table
+    [1, h, w, dim] or factorized (pos_embed_y [1, h, dim], pos_embed_x [1, w, dim]), resampled per
+    grid by `vitkern.pos_embed.naflex_pos_embed`. total_tokens = sum(prefix + grid_h * grid_w).
+    """
+    tokens = patches @ weight.t()
+    if bias is not None:
+        tokens = tokens + bias
+    return packed_epilogue(tokens, grids, cls_token, pos_embed, ar_preserving=ar_preserving)
+
+
+def packed_epilogue(tokens: Tensor, grids: List[Tuple[int, int]], cls_token: Optional[Tensor], pos_embed,
+                    *, ar_preserving: bool = False) -> Tensor:
+    """The packed patch embedding's epilogue: projected patches [total_patches, dim] -> tokens
+    [total_tokens, dim], per image its resampled position embedding, then its prefix tokens in front
+    (arguments as in `patch_embed_packed`)."""
+    from vitkern.pos_embed import naflex_pos_embed
+
+    out, start, cache = [], 0, {}
+    for gh, gw in grids:
+        n = gh * gw
+        x = tokens[start:start + n]
+        start += n
+        if pos_embed is not None:
+            if (gh, gw) not in cache:  # images of one size share one resampling
+                cache[(gh, gw)] = naflex_pos_embed(pos_embed, (gh, gw), ar_preserving=ar_preserving)
+            x = x + cache[(gh, gw)].to(x.dtype)
+        if cls_token is not None:
+            x = torch.cat([cls_token[0].to(x.dtype), x])
+        out.append(x)
+    return torch.cat(out)
+
+
 def add_prefix_and_position(
     tokens: Tensor,
     cls_token: Optional[Tensor],

@@ -22,16 +22,17 @@ E = inspect.Parameter.empty
 POS, KW = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
 
 # Issue 2, point 6, verbatim: (name, kind, default) of every parameter; plus the ViT family's keyword
-# options of issue 13 (no_embed_class, q_norm / k_norm, scale), before `backend`.
+# options of issue 13 (no_embed_class, q_norm / k_norm, scale), and the packed (NaFlex) batches of
+# issue 23 (attention's cu_seqlens / max_seqlen, patch_embed's grids), before `backend`.
 SIGNATURES = {
     "patch_embed": [("x", POS, E), ("weight", POS, E), ("bias", POS, E), ("cls_token", POS, None),
                     ("pos_embed", POS, None), ("no_embed_class", KW, False), ("keep", KW, None),
-                    ("backend", KW, "auto")],
+                    ("grids", KW, None), ("pos_embed_ar_preserving", KW, False), ("backend", KW, "auto")],
     "layer_norm": [("x", POS, E), ("weight", POS, E), ("bias", POS, E), ("eps", POS, 1e-6), ("backend", KW, "auto")],
     "ln_linear": [("x", POS, E), ("ln_weight", POS, E), ("ln_bias", POS, E), ("weight", POS, E), ("bias", POS, None),
                   ("eps", KW, 1e-6), ("activation", KW, None), ("backend", KW, "auto")],
     "attention": [("qkv", POS, E), ("num_heads", POS, E), ("scale", KW, None), ("q_norm", KW, None),
-                  ("k_norm", KW, None), ("backend", KW, "auto")],
+                  ("k_norm", KW, None), ("cu_seqlens", KW, None), ("max_seqlen", KW, None), ("backend", KW, "auto")],
     "linear": [("x", POS, E), ("weight", POS, E), ("bias", POS, None), ("activation", KW, None),
                ("residual", KW, None), ("scale", KW, None), ("backend", KW, "auto")],
 }

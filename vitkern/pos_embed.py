@@ -27,7 +27,7 @@ from torch import Tensor
 
 RESAMPLE_MODES = ("bicubic", "bilinear", "jax")
 
-__all__ = ["RESAMPLE_MODES", "resample_pos_embed", "resample_patch_kernel"]
+__all__ = ["RESAMPLE_MODES", "resample_pos_embed", "resample_patch_kernel", "naflex_pos_embed"]
 
 
 def _check_grid(name: str, grid: Sequence[int]) -> Tuple[int, int]:
@@ -115,3 +115,38 @@ def resample_patch_kernel(weight: Tensor, new_size: Tuple[int, int]) -> Tensor:
     solve = solve.to(weight.device)
     flat = weight.detach().to(torch.float64).reshape(dim * chans, old_n)
     return (flat @ solve.T).reshape(dim, chans, new_h, new_w).to(weight.dtype)
+
+
+def naflex_pos_embed(pos_embed, grid: Tuple[int, int], *, ar_preserving: bool = False) -> Tensor:
+    """The position embedding of one image's patch grid in a packed (NaFlex) batch, as timm's
+    NaFlexEmbeds resamples it: [grid_h * grid_w, dim] row-major, in the table's dtype.
+
+    pos_embed: a learned 2-D table [1, h, w, dim] (timm NaFlex's layout), resampled bicubic with
+    antialias, half-pixel centres; or factorized (pos_embed_y [1, h, dim], pos_embed_x [1, w, dim]),
+    each resampled linearly along its axis and summed. Unchanged where the grid matches the table.
+    ar_preserving: resample to a square of the longer side and crop (timm's pos_embed_ar_preserving),
+    so an embedding's position does not stretch with the aspect ratio.
+    Interpolation runs in fp32 (fp64 for fp64 tables).
+    """
+    gh, gw = grid
+    if isinstance(pos_embed, (tuple, list)):
+        pe_y, pe_x = pos_embed
+        work = torch.float64 if pe_y.dtype == torch.float64 else torch.float32
+
+        def axis(table: Tensor, length: int) -> Tensor:  # [1, L, dim] -> [L, dim]
+            if table.shape[1] == length:
+                return table[0]
+            return F.interpolate(table.transpose(1, 2).to(work), size=length, mode="linear",
+                                 align_corners=False)[0].t().to(table.dtype)
+
+        ly, lx = (max(gh, gw),) * 2 if ar_preserving else (gh, gw)
+        ys, xs = axis(pe_y, ly)[:gh], axis(pe_x, lx)[:gw]
+        return (ys[:, None, :] + xs[None, :, :]).reshape(gh * gw, -1)
+    h, w = pos_embed.shape[1:3]
+    if (h, w) == (gh, gw):
+        return pos_embed.reshape(h * w, -1)
+    size = (max(gh, gw),) * 2 if ar_preserving else (gh, gw)
+    work = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    grid_embed = F.interpolate(pos_embed.permute(0, 3, 1, 2).to(work), size=size, mode="bicubic",
+                               align_corners=False, antialias=True)[0, :, :gh, :gw]
+    return grid_embed.flatten(1).t().to(pos_embed.dtype)

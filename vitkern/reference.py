@@ -15,7 +15,7 @@ Parameter names in `vit_forward` are timm's `VisionTransformer` state-dict keys.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -93,6 +93,53 @@ def patch_embed(
     if bias is not None:
         tokens = tokens + bias
     return add_prefix_and_position(tokens, cls_token, pos_embed, no_embed_class=no_embed_class, keep=keep)
+
+
+def patch_embed_packed(
+    patches: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    grids: List[Tuple[int, int]],
+    cls_token: Optional[Tensor] = None,
+    pos_embed=None,
+    *,
+    ar_preserving: bool = False,
+) -> Tensor:
+    """Patch embedding of a packed (NaFlex) batch: pre-extracted patches [total_patches, features]
+    of images with per-image grids (row-major, back to back) -> tokens [total_tokens, dim], each
+    image's [prefix; patches @ weight^T + bias + its resampled position embedding].
+
+    weight: [dim, features] in the patches' layout; cls_token: [1, prefix, dim] or None (prefix
+    tokens get no position embedding, as in timm's NaFlexEmbeds); pos_embed: None, a learned table
+    [1, h, w, dim] or factorized (pos_embed_y [1, h, dim], pos_embed_x [1, w, dim]), resampled per
+    grid by `vitkern.pos_embed.naflex_pos_embed`. total_tokens = sum(prefix + grid_h * grid_w).
+    """
+    tokens = patches @ weight.t()
+    if bias is not None:
+        tokens = tokens + bias
+    return packed_epilogue(tokens, grids, cls_token, pos_embed, ar_preserving=ar_preserving)
+
+
+def packed_epilogue(tokens: Tensor, grids: List[Tuple[int, int]], cls_token: Optional[Tensor], pos_embed,
+                    *, ar_preserving: bool = False) -> Tensor:
+    """The packed patch embedding's epilogue: projected patches [total_patches, dim] -> tokens
+    [total_tokens, dim], per image its resampled position embedding, then its prefix tokens in front
+    (arguments as in `patch_embed_packed`)."""
+    from vitkern.pos_embed import naflex_pos_embed
+
+    out, start, cache = [], 0, {}
+    for gh, gw in grids:
+        n = gh * gw
+        x = tokens[start:start + n]
+        start += n
+        if pos_embed is not None:
+            if (gh, gw) not in cache:  # images of one size share one resampling
+                cache[(gh, gw)] = naflex_pos_embed(pos_embed, (gh, gw), ar_preserving=ar_preserving)
+            x = x + cache[(gh, gw)].to(x.dtype)
+        if cls_token is not None:
+            x = torch.cat([cls_token[0].to(x.dtype), x])
+        out.append(x)
+    return torch.cat(out)
 
 
 def add_prefix_and_position(
@@ -212,6 +259,8 @@ def attention(
     return_probs: bool = False,
     q_norm: Optional[Tuple[Optional[Tensor], Optional[Tensor], float]] = None,
     k_norm: Optional[Tuple[Optional[Tensor], Optional[Tensor], float]] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
     """Multi-head self-attention from the packed QKV projection, with an explicit softmax.
 
@@ -222,12 +271,23 @@ def attention(
     LayerNorm on [batch, heads, tokens, head_dim]).
     Returns out [batch, tokens, dim] (heads concatenated, ready for the output projection), and
     with `return_probs` also the probabilities [batch, heads, tokens, tokens] in fp32 (fp64 for fp64).
+    Packed sequences (NaViT/NaFlex): with cu_seqlens (int32 [num_seqs + 1] offsets) qkv is
+    [total_tokens, 3 * dim] and each sequence attends only to itself; returns [total_tokens, dim]
+    (with `return_probs`, also a list of [heads, len_i, len_i] per sequence). max_seqlen is not
+    needed here (the kernels size their grid with it).
 
     For fp16/bf16 inputs the scores q k^T and the softmax are computed in fp32 (as
     F.scaled_dot_product_attention does): scores rounded to 16 bits would carry an absolute error
     of |logit| * 2^-8 (bf16) into the exponent, and fp16 scores overflow past 65504. Only the
     probabilities are rounded to the input dtype for the P v product, like the fused kernels do.
     """
+    if cu_seqlens is not None:
+        # Packed sequences: each one is its own batch of one (block-diagonal attention, no padding).
+        outs = [attention(qkv[s:e].unsqueeze(0), num_heads, scale=scale, return_probs=return_probs,
+                          q_norm=q_norm, k_norm=k_norm) for s, e in _bounds(cu_seqlens)]
+        if not return_probs:
+            return torch.cat([o[0] for o in outs], dim=0)
+        return torch.cat([o[0][0] for o in outs], dim=0), [o[1][0] for o in outs]
     b, t, three_dim = qkv.shape
     dim = three_dim // 3
     head_dim = dim // num_heads
@@ -243,6 +303,12 @@ def attention(
     out = probs.to(qkv.dtype) @ v  # [b, h, t, d]
     out = out.transpose(1, 2).reshape(b, t, dim)
     return (out, probs) if return_probs else out
+
+
+def _bounds(cu_seqlens: Tensor) -> List[Tuple[int, int]]:
+    """[(start, end)] of each packed sequence from its int32 offsets [num_seqs + 1]."""
+    offsets = cu_seqlens.tolist()
+    return list(zip(offsets[:-1], offsets[1:]))
 
 
 def latent_attention(q: Tensor, kv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> Tensor:

@@ -117,8 +117,21 @@ def ln_linear(
 def attention(
     qkv: Tensor, num_heads: int, *, scale: Optional[float] = None,
     q_norm: Optional[NormArgs] = None, k_norm: Optional[NormArgs] = None,
+    cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
 ) -> Tensor:
-    """qkv [batch, tokens, 3 * dim] (timm's order) -> [batch, tokens, dim], heads concatenated."""
+    """qkv [batch, tokens, 3 * dim] (timm's order) -> [batch, tokens, dim], heads concatenated.
+
+    Packed sequences (cu_seqlens int32 [num_seqs + 1]): qkv [total_tokens, 3 * dim] ->
+    [total_tokens, dim], one SDPA call per sequence on a view of its rows. Not a block-diagonal
+    mask over the whole pack: a mask makes SDPA take its math path (the [total, total] scores, most
+    of them masked), and CPU SDPA has no varlen kernel; per sequence each call is the flash kernel
+    on exactly that image's tokens, and the loop costs one call per image.
+    """
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.tolist()
+        outs = [attention(qkv[s:e].unsqueeze(0), num_heads, scale=scale, q_norm=q_norm, k_norm=k_norm)[0]
+                for s, e in zip(offsets[:-1], offsets[1:])]
+        return torch.cat(outs, dim=0)
     b, t, three_dim = qkv.shape
     dim = three_dim // 3
     head_dim = dim // num_heads

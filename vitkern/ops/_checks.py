@@ -105,6 +105,50 @@ def check_keep(keep: object, batch: int, patches: int, device: torch.device) -> 
     return keep
 
 
+def check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device: torch.device) -> Tuple[Tensor, int]:
+    """Packed-sequence offsets (FlashAttention's varlen convention): cu_seqlens an int32 tensor
+    [num_seqs + 1] on `device`, cu_seqlens[0] == 0, strictly increasing (no zero-length sequence),
+    cu_seqlens[-1] == total (the packed tokens); max_seqlen None (computed) or an int >= every
+    length. Returns (cu_seqlens, max_seqlen).
+
+    The values are read on the host once (num_seqs + 1 ints): the launch grid needs max_seqlen,
+    and a bad offset would otherwise make a kernel read another image's rows silently. Not while
+    torch.compile traces (then max_seqlen must be given)."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (FlashAttention's varlen convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [num_seqs + 1] with at least one sequence, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but qkv is on {device}; both must share a device")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen <= 0):
+        raise ValueError(f"max_seqlen must be None or a positive int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        if max_seqlen is None:
+            raise ValueError("max_seqlen must be given under torch.compile (cu_seqlens cannot be read while tracing)")
+        return cu_seqlens, int(max_seqlen)
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {offsets[0]}")
+    if offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens {total} (qkv.shape[0]), got cu_seqlens[-1] = {offsets[-1]}")
+    lengths = [e - s for s, e in zip(offsets[:-1], offsets[1:])]
+    bad = next((i for i, n in enumerate(lengths) if n <= 0), None)
+    if bad is not None:
+        kind = "a zero-length sequence" if lengths[bad] == 0 else "not sorted"
+        raise ValueError(f"cu_seqlens must be strictly increasing (every sequence at least one token), got "
+                         f"cu_seqlens[{bad}] = {offsets[bad]} and cu_seqlens[{bad + 1}] = {offsets[bad + 1]}: {kind}")
+    longest = max(lengths)
+    if max_seqlen is None:
+        max_seqlen = longest
+    elif longest > max_seqlen:
+        i = lengths.index(longest)
+        raise ValueError(f"max_seqlen = {max_seqlen} but sequence {i} has {longest} tokens "
+                         f"(cu_seqlens[{i}:{i + 2}] = {offsets[i:i + 2]}); max_seqlen must be >= every length")
+    return cu_seqlens, int(max_seqlen)
+
+
 def option_reasons(
     call: Mapping[str, object],
     backend: str,
@@ -115,6 +159,7 @@ def option_reasons(
     max_prefix_tokens: int = 1,
     no_embed_class: bool = False,
     keep: bool = False,
+    varlen: bool = False,
 ) -> List[str]:
     """Why a backend's kernels lack an option of the ViT family that `call` uses (the options ride
     in the call only when set): an activation, LayerScale `scale`, QK-norm, more prefix tokens than
@@ -136,6 +181,8 @@ def option_reasons(
         reasons.append(f"no_embed_class=True (pos_embed without the prefix tokens) is not in the {backend} patch_embed")
     if call.get("keep") is not None and not keep:
         reasons.append(f"keep (PatchDropout's kept patches) is not in the {backend} patch_embed")
+    if call.get("cu_seqlens") is not None and not varlen:
+        reasons.append(f"cu_seqlens (packed variable-length sequences) is not in the {backend} attention kernels")
     return reasons
 
 

@@ -106,6 +106,7 @@ def attention_stats(
     patch_size: PatchSize = 1,
     full: Union[bool, str] = False,
     backend: str = "auto",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> AttentionStats:
     """Statistics of softmax(q k^T * scale) per head, without the [tokens, tokens] matrix unless
     `full`.
@@ -118,13 +119,20 @@ def attention_stats(
     patch_size (pixels per grid step; a number or (height, width)). full: also return the
     probabilities [batch, tokens, tokens] fused over heads: True or "mean" averages them, "max" and
     "min" take the elementwise extreme (attention rollout's head fusions). See `AttentionStats`.
+
+    Packed sequences (cu_seqlens: int32 [num_seqs + 1], as `vitkern.ops.attention` takes them):
+    qkv is [total_tokens, 3 * dim], lse [heads, total_tokens] fp32 or None, grid None or one
+    (grid_h, grid_w) per image; returns a list with one AttentionStats per image (batch 1), each
+    over that image's own tokens only.
     """
     amp = _autocast.amp_dtype(qkv)
     if amp is not None:  # the attention's operands in the autocast dtype, as vitkern.ops.attention reads them
         with _autocast.disabled(qkv):
             return attention_stats(_autocast.cast(qkv, amp), lse, num_heads, scale=scale,
                                    num_prefix_tokens=num_prefix_tokens, grid=grid, patch_size=patch_size, full=full,
-                                   backend=backend)
+                                   backend=backend, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        return _packed_stats(qkv, lse, num_heads, scale, num_prefix_tokens, grid, patch_size, full, backend, cu_seqlens)
     b, t, _ = _check_qkv(qkv, num_heads)
     prefix, grid, patch = _check_options(t, num_prefix_tokens, grid, patch_size)
     full = _full_code(full)
@@ -154,6 +162,7 @@ def attention_with_stats(
     patch_size: PatchSize = 1,
     full: Union[bool, str] = False,
     backend: str = "auto",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, AttentionStats]:
     """`vitkern.ops.attention(qkv, num_heads, scale=scale, backend=backend)` and the statistics of
     its probabilities (`attention_stats`, same options) from the lse that forward saved.
@@ -162,13 +171,21 @@ def attention_with_stats(
     kernel `vitkern.ops.attention` runs on the same backend. With autograd recording (qkv requires
     grad), `out` is `vitkern.ops.attention`'s, differentiable, and the statistics come from a
     second, gradient-free forward.
+    Packed sequences (cu_seqlens): qkv [total_tokens, 3 * dim] -> (out [total_tokens, dim], a list
+    of one AttentionStats per image), as `attention_stats` with cu_seqlens.
     """
     amp = _autocast.amp_dtype(qkv)
     if amp is not None:  # as vitkern.ops.attention under autocast: operands and out in the autocast dtype
         with _autocast.disabled(qkv):
             return attention_with_stats(_autocast.cast(qkv, amp), num_heads, scale=scale,
                                         num_prefix_tokens=num_prefix_tokens, grid=grid, patch_size=patch_size,
-                                        full=full, backend=backend)
+                                        full=full, backend=backend, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        out = _attention(qkv, num_heads, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
+        with torch.no_grad():
+            stats = _packed_stats(qkv.detach(), None, num_heads, scale, num_prefix_tokens, grid, patch_size, full,
+                                  backend, cu_seqlens)
+        return out, stats
     b, t, _ = _check_qkv(qkv, num_heads)
     _check_options(t, num_prefix_tokens, grid, patch_size)
     _full_code(full)
@@ -185,6 +202,36 @@ def attention_with_stats(
     stats = attention_stats(qkv_stats, lse, num_heads, scale=scale, num_prefix_tokens=num_prefix_tokens, grid=grid,
                             patch_size=patch_size, full=full, backend=stats_backend)  # fmt: skip
     return out, stats
+
+
+def _packed_stats(qkv, lse, num_heads, scale, num_prefix_tokens, grid, patch_size, full, backend,
+                  cu_seqlens) -> List[AttentionStats]:
+    """`attention_stats` per image of a packed batch: each image's rows of qkv (and lse) as a batch
+    of one, so every map covers that image's tokens only."""
+    from vitkern.ops._checks import check_cu_seqlens
+
+    check_tensor("qkv", qkv)
+    if qkv.dim() != 2:
+        raise ValueError(f"with cu_seqlens, qkv must be packed [total_tokens, 3 * dim] (2 dims), got shape {tuple(qkv.shape)}")
+    cu_seqlens, _ = check_cu_seqlens(cu_seqlens, None, qkv.shape[0], qkv.device)
+    bounds = reference._bounds(cu_seqlens)
+    if lse is not None:
+        check_tensor("lse", lse, ndim=2)
+        if tuple(lse.shape) != (num_heads, qkv.shape[0]):
+            raise ValueError(f"with cu_seqlens, lse must have shape [heads, total_tokens] = {(num_heads, qkv.shape[0])}, "
+                             f"got {tuple(lse.shape)}")
+    if grid is None:
+        grids = [None] * len(bounds)
+    elif isinstance(grid, (list, tuple)) and len(grid) == len(bounds) and all(isinstance(g, (list, tuple)) for g in grid):
+        grids = list(grid)
+    else:
+        raise ValueError(f"with cu_seqlens, grid must be None or one (grid_h, grid_w) per image ({len(bounds)}), got {grid!r}"[:300])
+    return [
+        attention_stats(qkv[s:e].unsqueeze(0), None if lse is None else lse[:, s:e].unsqueeze(0), num_heads,
+                        scale=scale, num_prefix_tokens=num_prefix_tokens, grid=None if g is None else tuple(g),
+                        patch_size=patch_size, full=full, backend=backend)
+        for (s, e), g in zip(bounds, grids)
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def patch_embed(
     *,
     no_embed_class: bool = False,
     keep: Optional[Tensor] = None,
+    grids=None,
+    pos_embed_ar_preserving: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """[prefix; patches(x) @ W^T + b] + pos_embed, the patch grid flattened row-major.
@@ -38,7 +40,11 @@ def patch_embed(
     with its own position embedding, as `tokens[:, prefix:].gather(1, keep)` of the full result.
     Returns [batch, prefix + patches, dim] in x's dtype ([batch, prefix + kept, dim] with keep);
     under torch.autocast see `_patch_embed_autocast`.
+
+    Packed (NaViT/NaFlex) batches, with `grids`: see `_patch_embed_packed`.
     """
+    if grids is not None:
+        return _patch_embed_packed(x, weight, bias, grids, cls_token, pos_embed, pos_embed_ar_preserving, backend)
     check_tensor("x", x, ndim=4)
     check_tensor("weight", weight, ndim=4)
     dim, chans, ph, pw = weight.shape
@@ -79,6 +85,64 @@ def patch_embed(
         call["keep"] = keep
     impl = dispatch.select("patch_embed", backend, x.device, call)
     return impl.fn(**call)
+
+
+def _patch_embed_packed(patches, weight, bias, grids, cls_token, pos_embed, ar_preserving, backend) -> Tensor:
+    """patch_embed on pre-extracted patches (`vitkern.pack`): patches [total_patches, features];
+    grids: each image's (grid_h, grid_w), a list or an int tensor [num_images, 2], its patches
+    row-major and the images back to back; weight: [dim, features] (a linear projection in the
+    patches' layout, timm NaFlex's proj) or a Conv2d weight [dim, chans, ph, pw] (read in
+    `vitkern.pack`'s channels-last (py, px, c) order); cls_token [1, prefix, dim] or None: each
+    image's prefix tokens (no position embedding on them, as timm's NaFlexEmbeds); pos_embed: None,
+    a learned table [1, h, w, dim] or a factorized pair (pos_embed_y [1, h, dim], pos_embed_x
+    [1, w, dim]), resampled to each image's grid (`vitkern.pos_embed.naflex_pos_embed`).
+    Returns tokens [total_tokens, dim], total_tokens = sum(prefix + grid_h * grid_w): cu_seqlens
+    of the tokens is `Packed.token_cu_seqlens(prefix)`. The projection runs as `vitkern.ops.linear`
+    on `backend`; the per-image epilogue in torch.
+    """
+    import torch
+
+    check_tensor("x", patches, ndim=2)
+    check_tensor("weight", weight)
+    if weight.dim() == 4:
+        weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    if weight.dim() != 2 or weight.shape[1] != patches.shape[1]:
+        raise ValueError(f"weight must be [dim, {patches.shape[1]}] (x's patch features) or a Conv2d weight "
+                         f"[dim, chans, ph, pw] with chans * ph * pw = {patches.shape[1]}, got {tuple(weight.shape)}")
+    dim = weight.shape[0]
+    if isinstance(grids, torch.Tensor):
+        if grids.dim() != 2 or grids.shape[1] != 2 or grids.dtype.is_floating_point:
+            raise ValueError(f"grids must be an int tensor [num_images, 2] of (grid_h, grid_w), got "
+                             f"{grids.dtype} {tuple(grids.shape)}")
+        grids = grids.tolist()
+    if not isinstance(grids, (list, tuple)) or not grids or not all(
+            isinstance(g, (list, tuple)) and len(g) == 2 and all(isinstance(v, int) and v > 0 for v in g) for g in grids):
+        raise ValueError(f"grids must be a non-empty list of (grid_h, grid_w) positive ints, got {grids!r}"[:300])
+    grids = [(int(h), int(w)) for h, w in grids]
+    total = sum(h * w for h, w in grids)
+    if total != patches.shape[0]:
+        raise ValueError(f"grids cover {total} patches but x has {patches.shape[0]} rows (x: [total_patches, features])")
+    check_shape("bias", bias, (dim,))
+    if cls_token is not None:
+        check_tensor("cls_token", cls_token)
+        if cls_token.dim() != 3 or cls_token.shape[0] != 1 or cls_token.shape[2] != dim:
+            raise ValueError(f"cls_token must have shape (1, prefix, {dim}), got {tuple(cls_token.shape)}")
+    if isinstance(pos_embed, (tuple, list)):
+        if len(pos_embed) != 2:
+            raise ValueError(f"a factorized pos_embed must be (pos_embed_y, pos_embed_x), got {len(pos_embed)} tensors")
+        for name, t in zip(("pos_embed_y", "pos_embed_x"), pos_embed):
+            check_tensor(name, t, ndim=3)
+            if t.shape[0] != 1 or t.shape[2] != dim:
+                raise ValueError(f"{name} must have shape (1, length, {dim}), got {tuple(t.shape)}")
+    elif pos_embed is not None:
+        check_tensor("pos_embed", pos_embed)
+        if pos_embed.dim() != 4 or pos_embed.shape[0] != 1 or pos_embed.shape[3] != dim:
+            raise ValueError(f"with grids, pos_embed must be a learned 2-D table (1, h, w, {dim}) or a factorized "
+                             f"pair, got {tuple(pos_embed.shape)}")
+    from vitkern.ops.linear import linear
+
+    tokens = linear(patches, weight, bias, backend=backend)
+    return reference.packed_epilogue(tokens, grids, cls_token, pos_embed, ar_preserving=ar_preserving)
 
 
 def _patch_embed_autocast(amp, x, weight, bias, cls_token, pos_embed, no_embed_class, keep, backend) -> Tensor:

@@ -109,6 +109,26 @@ def test_torch_compile_fullgraph(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_autocast_matches_open_clip():
+    model = _model("openai_quickgelu_layerscale").visual
+    x = _image()
+
+    def call(m, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(t)
+
+    want = run(model, x, call)
+    patched = copy.deepcopy(model)
+    vitkern.apply(patched)
+    got = run(patched, x, call)
+    oracle = run(copy.deepcopy(model).double(), x.double())
+    for name, y_ref in want[0].items():
+        assert got[0][name].dtype == y_ref.dtype, name
+        assert_ratio(got[0][name], y_ref, oracle[0][name], name, floor=1e-2)
+    for name, g in want[2].items():
+        assert got[2][name] is not None and got[2][name].dtype == g.dtype, name
+
+
 def test_revert_and_classes_untouched():
     classes = [nn.Module, nn.LayerNorm, nn.Linear, nn.MultiheadAttention, nn.Sequential, nn.Conv2d, nn.GELU]
     classes += [c for c in vars(oc_transformer).values() if isinstance(c, type) and c.__module__ == oc_transformer.__name__]

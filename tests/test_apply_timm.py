@@ -12,7 +12,6 @@ unsupported model or bad call gets.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
 
 import pytest
@@ -46,6 +45,8 @@ VARIANTS = {
     "options": dict(act_layer="quick_gelu", global_pool="avg", fc_norm=True, class_token=False, pre_norm=True,
                     scale_attn_norm=True, scale_mlp_norm=True, proj_bias=False),
     "distilled": dict(),
+    # the attention-pool head (SigLIP), any image size (patch grid NHWC, position embedding resampled)
+    "map_dynamic_size": dict(global_pool="map", class_token=False, dynamic_img_size=True),
 }
 
 
@@ -77,7 +78,11 @@ def test_matches_timm_eager(variant, monkeypatch):
     assert report.libraries == ["timm"]
     fused = dict(report.fused)
     assert "patch_embed" in fused and "blocks.0" in fused and "blocks.1" in fused and "head" in fused
-    assert report.left == []
+    if variant == "map_dynamic_size":
+        assert "attn_pool" in fused and dict(report.left).keys() == {"attn_pool"}  # its 1-query attention
+        compare(model, _image(1)[:, :, :, :8].repeat(1, 1, 2, 3))  # a 32 x 24 image: a 4 x 3 patch grid
+    else:
+        assert report.left == []
     if variant == "distilled":
         assert "head_dist" in fused
     if variant == "family":
@@ -132,6 +137,21 @@ def test_apply_is_idempotent():
     assert model.blocks[0].forward.__func__ is apply_timm.block_forward
     vitkern.revert(model)
     assert_reverted(model)
+
+
+def test_pickled_patched_model_loads_unpatched_and_applies_again(tmp_path):
+    """A bound method pickles as getattr(module, name): torch.save(model) of a patched model loads
+    with timm's own forwards back, and apply / revert work on it."""
+    model = _model("plain")
+    vitkern.apply(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x = _image()
+    assert_same_results(run(loaded, x), run(model, x))
+    report = vitkern.apply(loaded)
+    assert report and loaded.blocks[0].forward.__func__ is apply_timm.block_forward
+    vitkern.revert(loaded)
+    assert_reverted(loaded)
 
 
 def test_hooks_and_swapped_modules_are_honoured(monkeypatch):
@@ -218,19 +238,17 @@ def test_training_with_dropout_and_gradient_checkpointing():
 
 
 def test_torch_compile_fullgraph(monkeypatch):
-    model = _model("family")
+    model = _model("family", depth=1)
     patched = copy.deepcopy(model)
     vitkern.apply(patched)
     counter = OpCounter(monkeypatch)
     compiled = torch.compile(patched, fullgraph=True, backend="eager")
     x = _image()
     assert_same_results(run(compiled, x), run(model, x))
-    assert counter.counts["ln_linear"] >= 4 and counter.counts["attention"] >= 2  # traced through the fused ops
+    assert counter.counts["ln_linear"] == 2 and counter.counts["attention"] == 1  # traced through the fused ops
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vitkern.ops._autocast") is None,
-                    reason="the ops' torch.autocast support (vitkern/ops/_autocast.py) is not in this tree")
 def test_autocast_matches_timm():
     model = _model("family")
     x = _image()
@@ -249,6 +267,30 @@ def test_autocast_matches_timm():
         assert_ratio(y, y_ref, oracle[0][name], name, floor=1e-2)
     for name, g in want[2].items():
         assert got[2][name] is not None and got[2][name].dtype == g.dtype, name
+
+
+def test_ddp_wrapped_before_or_after_apply(tmp_path):
+    """DistributedDataParallel (one gloo process) around a patched model, and apply on a DDP-wrapped one:
+    the same parameters, so DDP's gradient hooks see every gradient."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = _model("family")
+        x = _image()
+        want = run(model, x)
+        before = copy.deepcopy(model)
+        vitkern.apply(before)
+        after = DDP(copy.deepcopy(model))
+        report = vitkern.apply(after)
+        assert "module.blocks.0" in dict(report.fused)
+        for wrapped in (DDP(before), after):
+            got = run(wrapped, x)
+            got = (got[0], got[1], {k.removeprefix("module."): g for k, g in got[2].items()})
+            assert_same_results(got, want)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_dtype_and_device_moves_after_apply():

@@ -14,7 +14,6 @@ training, PEFT LoRA, hooks, torch.compile(fullgraph=True), the text towers left 
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -135,6 +134,17 @@ def test_dinov2_other_resolution(name, monkeypatch):
     counter = OpCounter(monkeypatch)
     compare(_model(name), _image(1, 24))
     assert counter.counts["patch_embed"] == 1
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model"])
+def test_attention_mask_runs_the_models_attention(name, monkeypatch):
+    """A padding mask: each layer's attention half runs transformers' own attention with it (vitkern's
+    kernels have no mask); the MLP halves stay fused."""
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    counter = OpCounter(monkeypatch)
+    compare(_model(name), _image(), call=lambda m, t: m(pixel_values=t, attention_mask=mask))
+    assert counter.counts["attention"] == 0 and counter.counts["ln_linear"] == 2, counter.counts
 
 
 def test_clip_and_siglip_full_models_keep_their_text_towers():
@@ -260,8 +270,6 @@ def test_unsupported_swiglu_is_reported_and_left():
     assert "encoder.layer.0" in dict(report.fused)  # the attention half still fuses
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vitkern.ops._autocast") is None,
-                    reason="the ops' torch.autocast support (vitkern/ops/_autocast.py) is not in this tree")
 def test_autocast_matches_transformers():
     model = _model("CLIPVisionModel")
     x = _image()

@@ -26,7 +26,7 @@ import functools
 import sys
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,20 @@ from vitkern import fusion, ops
 
 RECORD_ATTR = "_vitkern_apply_record"
 BACKEND_ATTR = "_vitkern_backend"
-_MISSING = object()
+
+
+class _Missing:
+    """The sentinel for "no instance attribute before apply": one object, also across pickling and
+    deepcopy (a record travels with a saved or copied model)."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "<no instance attribute>"
+
+
+_MISSING = _Missing()
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,14 +117,28 @@ class _Record:
         self.report = report
 
 
-def fused_forward(fn: Callable) -> Callable:
-    """Marks `fn` as one of vitkern's fused forwards (plain() accepts a child running one)."""
-    fn._vitkern_fused = True
-    return fn
+def fused_forward(fn: Optional[Callable] = None, *, method: str = "forward") -> Callable:
+    """Marks `fn` as one of vitkern's fused forwards (plain() accepts a child running one), to be
+    bound as the instance's `method`. Its __name__ becomes `method`: a bound method pickles as
+    getattr(module, __name__), so `torch.save(model)` of a patched model stores a reference to the
+    host's method, and the loaded model comes back unpatched instead of failing to load (the
+    qualified name, which tracebacks and profilers show, stays vitkern's)."""
+    def mark(f: Callable) -> Callable:
+        f._vitkern_fused = True
+        f.__name__ = method
+        return f
+
+    return mark(fn) if fn is not None else mark
 
 
 def is_ours(method: Any) -> bool:
     return getattr(getattr(method, "__func__", None), "_vitkern_fused", False)
+
+
+def _is_class_default(module: nn.Module, name: str, value: Any) -> bool:
+    """`value` is the class's own method bound to `module` (what a pickled patched model gets back on
+    unpickling, since a bound method pickles as getattr(module, name)): the same as no attribute."""
+    return getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is getattr(type(module), name, None)
 
 
 class Patcher:
@@ -125,12 +152,15 @@ class Patcher:
     def patch(self, module: nn.Module, fn: Callable, name: str = "forward") -> bool:
         key = (id(module), name)
         if key in self.done:
-            return False
+            return True
         self.done.add(key)
         old = module.__dict__.get(name, _MISSING)
+        if old is not _MISSING and _is_class_default(module, name, old):
+            old = _MISSING
         if old is not _MISSING and not is_ours(old):
             # Someone set this instance's forward already (another patcher, a debugging hook): theirs
-            # would be silently replaced, so this module stays as it is.
+            # would be silently replaced, so this module stays as it is (and `apply_to` reports it).
+            self.done.discard(key)
             return False
         module.__dict__[name] = types.MethodType(fn, module)
         module.__dict__[BACKEND_ATTR] = self.backend
@@ -146,6 +176,8 @@ def revert_record(root: nn.Module) -> bool:
     foreign = []
     for module, name, old in reversed(record.patches):
         current = module.__dict__.get(name, _MISSING)
+        if current is not _MISSING and _is_class_default(module, name, current):
+            current = _MISSING  # an unpickled copy: the method came back as the class's own
         if current is not _MISSING and not is_ours(current):
             foreign.append(f"{type(module).__name__}.{name}")
             continue
@@ -159,6 +191,9 @@ def revert_record(root: nn.Module) -> bool:
                       f"and were left as they are: {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}",
                       stacklevel=3)
     return True
+
+
+FOREIGN = "has an instance-level forward set by other code (not vitkern's): left as it is"
 
 
 def backend_of(module: nn.Module) -> str:
@@ -346,20 +381,8 @@ def run_linear(module: nn.Module, x: Tensor, backend: str, *, activation: Option
     return y if residual is None else residual + y
 
 
-class Found(NamedTuple):
-    """One host model found in the tree: its qualified name and the module."""
-
-    name: str
-    module: nn.Module
-
-
 def qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def named_children_of(module: nn.Module, prefix: str) -> Iterable[Tuple[str, nn.Module]]:
-    for name, child in module.named_modules(prefix=prefix):
-        yield name, child
 
 
 def check_model(model: Any) -> None:
@@ -389,11 +412,3 @@ def warn_empty(model: nn.Module, report: ApplyReport) -> None:
         f"vitkern.apply found nothing it can run in {type(model).__name__}: it supports timm's VisionTransformer "
         f"(and VisionTransformerDistilled), Hugging Face ViT/DeiT/DINOv2 (with registers)/CLIP/SigLIP vision models "
         f"and open_clip's VisionTransformer.{why} The model is unchanged.", stacklevel=3)
-
-
-def sequence_names(names: Sequence[str]) -> str:
-    return ", ".join(names)
-
-
-ReportFn = Callable[[nn.Module, str, Patcher, ApplyReport], None]
-Dispatch = Dict[type, ReportFn]

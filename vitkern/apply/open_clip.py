@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from vitkern import fusion, ops
 from vitkern.apply._core import (
-    ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
+    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
     linear_call, linear_forward, original, own_forward, plain, plain_identity, plain_layer_norm, plain_linear, qualified,
 )
 
@@ -192,7 +192,7 @@ def mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return fusion.run_linear(fc2, h if norm is None else norm(h), backend=backend)
 
 
-@fused_forward
+@fused_forward(method="_embeds")
 def embeds_forward(self: nn.Module, x: Tensor) -> Tensor:
     """VisionTransformer._embeds: conv1 + class embedding + positional embedding as `ops.patch_embed`,
     then patch dropout and ln_pre as open_clip calls them."""
@@ -258,10 +258,12 @@ def _options(block: nn.Module, oc) -> List[str]:
 
 def apply_to(vit: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport) -> None:
     oc = _oc()
-    if fusion.is_plain_patch_conv(vit.conv1) and patcher.patch(vit, embeds_forward, "_embeds"):
-        report.fuse(qualified(prefix, "_embeds"), "conv1 + class + positional embedding in one ops.patch_embed")
-    elif not fusion.is_plain_patch_conv(vit.conv1):
+    if not fusion.is_plain_patch_conv(vit.conv1):
         report.leave(qualified(prefix, "conv1"), "not a patch-cutting Conv2d")
+    elif patcher.patch(vit, embeds_forward, "_embeds"):
+        report.fuse(qualified(prefix, "_embeds"), "conv1 + class + positional embedding in one ops.patch_embed")
+    else:
+        report.leave(qualified(prefix, "_embeds"), FOREIGN.replace("forward", "_embeds"))
     for name in ("ln_pre", "ln_post"):
         m = getattr(vit, name)
         if plain_layer_norm(m) and patcher.patch(m, layer_norm_forward):
@@ -285,7 +287,9 @@ def apply_to(vit: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport)
             report.leave(qualified(bq, "attn"), "; ".join(attn_why) + " -> the attention half runs open_clip's code")
         if mlp_why:
             report.leave(qualified(bq, "mlp"), "; ".join(mlp_why) + " -> the MLP half runs open_clip's code")
-        patcher.patch(block, block_forward)
+        if not patcher.patch(block, block_forward):
+            report.leave(bq, FOREIGN)
+            continue
         if isinstance(block.mlp, nn.Sequential):
             patcher.patch(block.mlp, mlp_forward)
         for name, m in block.named_modules(prefix=bq):

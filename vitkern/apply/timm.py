@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from vitkern import fusion, ops
 from vitkern.apply._core import (
-    ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
+    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
     linear_call, linear_forward, ln_args, no_hooks, original, own_forward, plain, plain_identity, plain_layer_norm,
     plain_linear, qualified, run_linear,
 )
@@ -370,6 +370,8 @@ def apply_to(vit: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport)
             _patch_leaves(pe.norm, qualified(pe_name, "norm"), patcher)
             report.fuse(pe_name, "patch projection on ops.patch_embed (class/register tokens and pos_embed: "
                                  "timm's _pos_embed)")
+        else:
+            report.leave(pe_name, FOREIGN)
     else:
         report.leave(pe_name, f"{type(pe).__name__} with {type(getattr(pe, 'proj', None)).__name__} projection: "
                               "not timm's PatchEmbed cutting patches with a Conv2d (hybrid CNN stem?)")
@@ -402,8 +404,10 @@ def apply_to(vit: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport)
             report.leave(bq, f"{type(block).__name__}: not timm's pre-norm Block (post-norm/parallel blocks are not "
                              "vitkern's block)")
             continue
+        if not patcher.patch(block, block_forward):
+            report.leave(bq, FOREIGN)
+            continue
         attn_why, mlp_why = _attention_why(block, t), _mlp_why(block, t)
-        patcher.patch(block, block_forward)
         if type(block.attn) is t.Attention:
             patcher.patch(block.attn, attention_forward)
         if type(block.mlp) is t.Mlp:

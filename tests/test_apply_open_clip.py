@@ -22,8 +22,8 @@ from open_clip.model import CLIP  # noqa: E402
 
 import vitkern  # noqa: E402
 from apply_utils import (  # noqa: E402
-    OpCounter, assert_classes_untouched, assert_reverted, assert_same_results, class_snapshot, compare, instance_patches,
-    perturb, run,
+    OpCounter, assert_classes_untouched, assert_reverted, assert_same_results, class_snapshot, compare,
+    instance_patches, perturb, run,
 )
 from conftest import INTERPRETING, TRITON_DEVICE, assert_ratio  # noqa: E402
 
@@ -41,7 +41,8 @@ def _model(variant: str = "vit_b_style", head_width: int = 32, **vision) -> CLIP
     torch.manual_seed(0)
     options = {**VARIANTS[variant], **vision}
     quick_gelu = options.pop("quick_gelu", False)
-    vision_cfg = {**dict(layers=2, width=64, head_width=head_width, patch_size=8, image_size=16, mlp_ratio=2), **options}
+    defaults = dict(layers=2, width=64, head_width=head_width, patch_size=8, image_size=16, mlp_ratio=2)
+    vision_cfg = {**defaults, **options}
     return perturb(CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=TEXT, quick_gelu=quick_gelu))
 
 
@@ -131,7 +132,8 @@ def test_autocast_matches_open_clip():
 
 def test_revert_and_classes_untouched():
     classes = [nn.Module, nn.LayerNorm, nn.Linear, nn.MultiheadAttention, nn.Sequential, nn.Conv2d, nn.GELU]
-    classes += [c for c in vars(oc_transformer).values() if isinstance(c, type) and c.__module__ == oc_transformer.__name__]
+    classes += [c for c in vars(oc_transformer).values()
+                if isinstance(c, type) and c.__module__ == oc_transformer.__name__]
     snapshot = class_snapshot(classes)
     model = _model("qk_norm")
     x = _image()

@@ -29,8 +29,8 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 import vitkern  # noqa: E402
 from vitkern.apply import timm as apply_timm  # noqa: E402
 from apply_utils import (  # noqa: E402
-    OpCounter, assert_classes_untouched, assert_reverted, assert_same_results, class_snapshot, compare, instance_patches,
-    perturb, run,
+    OpCounter, assert_classes_untouched, assert_reverted, assert_same_results, class_snapshot, compare,
+    instance_patches, perturb, run,
 )
 from conftest import INTERPRETING, TRITON_DEVICE, assert_ratio  # noqa: E402
 
@@ -326,6 +326,10 @@ def test_bad_calls_say_what_to_do(monkeypatch):
     with pytest.warns(UserWarning, match="found nothing it can run"):
         report = vitkern.apply(nn.Sequential(nn.Linear(4, 4)))
     assert not report and report.fused == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # vitkern's own ViT: said so, no warning
+        report = vitkern.apply(vitkern.ViT(**TINY))
+    assert "vitkern's own ViT" in dict(report.left)["<model>"]
     with torch.device("meta"):
         meta = VisionTransformer(**TINY)
     with pytest.raises(RuntimeError, match="meta device.*Load them first"):

@@ -30,8 +30,8 @@ from transformers import (  # noqa: E402
 import vitkern  # noqa: E402
 from vitkern.apply import transformers as apply_hf  # noqa: E402
 from apply_utils import (  # noqa: E402
-    OpCounter, assert_classes_untouched, assert_reverted, assert_same_results, class_snapshot, compare, instance_patches,
-    perturb, run,
+    OpCounter, assert_classes_untouched, assert_reverted, assert_same_results, class_snapshot, compare,
+    instance_patches, perturb, run,
 )
 from conftest import INTERPRETING, TRITON_DEVICE, assert_ratio  # noqa: E402
 
@@ -66,9 +66,13 @@ BUILD = {
     "SiglipModel": lambda **kw: SiglipModel(SiglipConfig(text_config=dict(TEXT, attn_implementation="eager"),
                                                          vision_config=_vision(**kw), attn_implementation="eager")),
 }
-# The classes whose layers differ (the wrappers add a Linear head or a projection): on the interpreter.
-FAMILIES = ["ViTForImageClassification", "DeiTModel", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel",
-            "SiglipVisionModel"]
+# On the interpreter (3 to 6 s each): one model per family, chosen to contain the others' code. Each
+# runs every module of the classes not listed as a sub-module: ViTModel has ViTForImageClassification's
+# (its classifier is the same fused Linear as the pooler's dense layer); the DeiT teacher model contains
+# DeiTModel; CLIPModel's vision tower is a CLIPVisionModel and its visual_projection is
+# CLIPVisionModelWithProjection's; SiglipModel's vision tower is a SiglipVisionModel.
+FAMILIES = ["ViTModel", "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel",
+            "CLIPModel", "SiglipModel"]
 TOWERS = ("CLIPModel", "SiglipModel")  # CLIPModel / SiglipModel: their vision towers, through get_image_features
 
 
@@ -343,8 +347,8 @@ def test_hf_attention_function_head_mask_and_fallbacks():
     torch.testing.assert_close(out, (probs @ v).transpose(1, 2))
     out, weights = apply_hf.attention_forward(module, q, k, v, None, scaling=0.25)
     assert weights is None
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2),
-                               atol=1e-5, rtol=1e-5)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     # Causal attention (a text model routed through the interface): torch's SDPA, causal.
     out, _ = apply_hf.attention_forward(module, q, k, v, None, scaling=0.25, is_causal=True)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, is_causal=True).transpose(1, 2)

@@ -16,9 +16,11 @@ forwards read the model's own `Parameter`s at every call. Nothing outside the in
 class, and nothing in `torch.nn`, `timm`, `transformers` or `open_clip`, is ever assigned.
 
 `apply` is idempotent (a second call first reverts the first) and `revert` restores every patched
-method (`"forward" not in module.__dict__` again). Call it on the eager model, before
-`torch.compile`, DDP/FSDP or PEFT wrapping, or after any of them (on the wrapped module for a compiled
-one: see the error it raises).
+method (`"forward" not in module.__dict__` again). Call it on the eager model before `torch.compile`
+(a compiled module is refused, saying so); DDP/FSDP or PEFT wrapping may come before or after.
+`torch.save(model)` of a patched model loads back unpatched (apply again after loading);
+`torch.jit.script` and `torch.fx.symbolic_trace` need the unpatched model (`revert` first): the
+fused forwards branch on the modules and dtypes they find at each call.
 
 Note: `vitkern.apply` is this package's `apply` function, re-exported; the package itself is reached
 as `from vitkern.apply import timm` (or `import vitkern.apply.timm` without `as`).
@@ -31,6 +33,7 @@ from typing import Any, List
 from torch import nn
 
 from vitkern import dispatch
+from vitkern.model import ViT
 from vitkern.apply._core import (
     RECORD_ATTR, ApplyReport, Patcher, _Record, check_model, refresh_classes, revert_record, warn_empty,
 )
@@ -74,7 +77,11 @@ def apply(model: nn.Module, *, backend: str = "auto") -> ApplyReport:
             report.libraries.append(library.LIBRARY)
     if record.patches:
         model.__dict__[RECORD_ATTR] = record
-    if not report.fused:
+    own = [name for name, m in model.named_modules() if isinstance(m, ViT)
+           and not any(name == t or name.startswith(t + ".") for t in taken)]
+    for name in own:
+        report.leave(name, "vitkern's own ViT: it runs the fused ops already (its `backend` attribute picks them)")
+    if not report.fused and not own:
         warn_empty(model, report)
     return report
 

@@ -138,7 +138,8 @@ def is_ours(method: Any) -> bool:
 def _is_class_default(module: nn.Module, name: str, value: Any) -> bool:
     """`value` is the class's own method bound to `module` (what a pickled patched model gets back on
     unpickling, since a bound method pickles as getattr(module, name)): the same as no attribute."""
-    return getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is getattr(type(module), name, None)
+    own = getattr(type(module), name, None)
+    return getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is own
 
 
 class Patcher:
@@ -401,7 +402,8 @@ def check_model(model: Any) -> None:
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if meta:
         raise RuntimeError(
-            f"the model's tensors are on the meta device ({len(meta)} of them, e.g. {meta[0]!r}): it has no weights yet. "
+            f"the model's tensors are on the meta device ({len(meta)} of them, e.g. {meta[0]!r}): it has no weights "
+            "yet. "
             "Load them first (from_pretrained, model.to_empty(device=...) + load_state_dict, or "
             "load_state_dict(..., assign=True)), then call vitkern.apply(model)")
 

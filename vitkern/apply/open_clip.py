@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from vitkern import fusion, ops
 from vitkern.apply._core import (
-    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
-    linear_call, linear_forward, original, own_forward, plain, plain_identity, plain_layer_norm, plain_linear, qualified,
+    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout,
+    layer_norm_forward, linear_call, linear_forward, original, own_forward, plain, plain_identity, plain_layer_norm,
+    plain_linear, qualified,
 )
 
 LIBRARY = "open_clip"
@@ -232,7 +233,8 @@ def _block_why(block: nn.Module, oc) -> Tuple[List[str], List[str]]:
     if not isinstance(mlp, nn.Sequential) or getattr(mlp, "c_fc", None) is None or getattr(mlp, "c_proj", None) is None:
         mlp_why.append(f"mlp is {type(mlp).__name__}, not Sequential(c_fc, gelu, c_proj)")
     elif activation_name(getattr(mlp, "gelu", None)) is None:
-        mlp_why.append(f"activation {type(getattr(mlp, 'gelu', None)).__name__}: vitkern fuses GELU, tanh GELU and QuickGELU")
+        act = type(getattr(mlp, "gelu", None)).__name__
+        mlp_why.append(f"activation {act}: vitkern fuses GELU, tanh GELU and QuickGELU")
     for name, why in (("ln_1", attn_why), ("ln_2", mlp_why)):
         if not plain_layer_norm(getattr(block, name)):
             why.append(f"{name} is {type(getattr(block, name)).__name__}, not LayerNorm")

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from vitkern import fusion, ops
 from vitkern.apply._core import (
-    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
-    linear_call, linear_forward, ln_args, no_hooks, original, own_forward, plain, plain_identity, plain_layer_norm,
-    plain_linear, qualified, run_linear,
+    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout,
+    layer_norm_forward, linear_call, linear_forward, ln_args, original, own_forward, plain, plain_identity,
+    plain_layer_norm, plain_linear, qualified,
 )
 
 LIBRARY = "timm"
@@ -214,7 +214,8 @@ def _mlp_half(block: nn.Module, x: Tensor, t, backend: str, global_hooks: bool) 
 
 
 @fused_forward
-def attention_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+def attention_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None,
+                      is_causal: bool = False) -> Tensor:
     """timm Attention: qkv -> attention (QK-norm inside) -> norm -> proj -> proj_drop on the ops."""
     plan = None
     if attn_mask is None and not is_causal and not fusion.global_hooks_registered():
@@ -252,7 +253,8 @@ def patch_embed_forward(self: nn.Module, x: Tensor) -> Tensor:
     """timm PatchEmbed: the projection as `ops.patch_embed` ([batch, patches, dim]), then timm's
     output format and norm."""
     proj = self.proj
-    if x.dim() != 4 or not _patch_conv(proj) or x.shape[1] != proj.in_channels or not dtype_ok(x, proj.weight, proj.bias):
+    if (x.dim() != 4 or not _patch_conv(proj) or x.shape[1] != proj.in_channels
+            or not dtype_ok(x, proj.weight, proj.bias)):
         return original(self)(x)
     _, _, h, w = x.shape
     ph, pw = self.patch_size
@@ -324,7 +326,8 @@ def _attention_why(block: nn.Module, t) -> List[str]:
 def _mlp_why(block: nn.Module, t) -> List[str]:
     mlp = block.mlp
     if type(mlp) is not t.Mlp:
-        gated = " (a gated MLP: vitkern has no SwiGLU/GLU)" if type(mlp).__name__ in ("SwiGLU", "GluMlp", "SwiGLUPacked") else ""
+        is_gated = type(mlp).__name__ in ("SwiGLU", "GluMlp", "SwiGLUPacked")
+        gated = " (a gated MLP: vitkern has no SwiGLU/GLU)" if is_gated else ""
         return [f"mlp is {type(mlp).__name__}{gated}, not timm's Mlp"]
     why = []
     if activation_name(mlp.act) is None:

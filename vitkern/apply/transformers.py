@@ -54,9 +54,9 @@ from torch import Tensor, nn
 
 from vitkern import fusion, ops
 from vitkern.apply._core import (
-    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout, layer_norm_forward,
-    linear_call, linear_forward, no_hooks, original, own_forward, plain, plain_identity, plain_layer_norm, plain_linear,
-    qualified, run_linear,
+    FOREIGN, ApplyReport, Patcher, activation_name, backend_of, dtype_ok, fused_forward, inactive_dropout,
+    layer_norm_forward, linear_call, linear_forward, original, own_forward, plain, plain_identity, plain_layer_norm,
+    plain_linear, qualified, run_linear,
 )
 
 LIBRARY = "transformers"
@@ -125,7 +125,8 @@ def _build_families() -> Dict[type, Family]:
             fam, emb, getattr(m, f"{prefix}PatchEmbeddings", None) if patch else None,
             getattr(m, f"{prefix}EncoderLayer", None) or getattr(m, f"{prefix}Layer"),
             getattr(m, f"{prefix}Attention"), getattr(m, f"{prefix}MLP"), style,
-            getattr(m, f"{prefix}LayerScale", None) if ls else None, getattr(m, f"{prefix}DropPath", None) if ls else None,
+            getattr(m, f"{prefix}LayerScale", None) if ls else None,
+            getattr(m, f"{prefix}DropPath", None) if ls else None,
         )
         for cls in (f.embeddings, f.layer, f.attention, f.mlp):
             out[cls] = f
@@ -243,7 +244,8 @@ def _ls(module: Optional[nn.Module], fam: Family) -> Tuple[bool, Optional[Tensor
 def _drop_path_inactive(module: Optional[nn.Module], fam: Family) -> bool:
     if module is None or plain_identity(module):
         return True
-    return fam.drop_path is not None and plain(module, (fam.drop_path,)) and (module.drop_prob == 0.0 or not module.training)
+    return (fam.drop_path is not None and plain(module, (fam.drop_path,))
+            and (module.drop_prob == 0.0 or not module.training))
 
 
 def _branch_parts(layer: nn.Module, fam: Family, half: int):
@@ -262,7 +264,8 @@ def _finish(layer: nn.Module, fam: Family, half: int, x: Tensor, h: Tensor, out_
     dropout / drop path are the identity in this call; else the GEMM fused and the rest as modules."""
     dropout, ls, drop_path = _branch_parts(layer, fam, half)
     ok, gamma = _ls(ls, fam)
-    if out_call is not None and ok and inactive_dropout(dropout, layer.training) and _drop_path_inactive(drop_path, fam):
+    identity_branch = inactive_dropout(dropout, layer.training) and _drop_path_inactive(drop_path, fam)
+    if out_call is not None and ok and identity_branch:
         return fusion.run_linear(out_call, h, residual=x, scale=gamma, backend=backend)
     y = fusion.run_linear(out_call, h, backend=backend) if out_call is not None else out_module(h)
     if fam.style == "vit":
@@ -320,7 +323,8 @@ def _mlp_half(layer: nn.Module, fam: Family, x: Tensor, backend: str, global_hoo
 
 
 @fused_forward
-def layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
+def layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                  **kwargs: Any) -> Tensor:
     """An encoder layer (ViTLayer, DeiTLayer, Dinov2Layer, CLIPEncoderLayer, SiglipEncoderLayer) on the
     fused ops: see the module docstring."""
     fam = _families()[type(self)]
@@ -407,7 +411,8 @@ def vit_embeddings_forward(self: nn.Module, pixel_values: Tensor, bool_masked_po
         _, _, h, w = pixel_values.shape
         prefix = self.cls_token if fam.name == "vit" else torch.cat((self.cls_token, self.distillation_token), dim=1)
         if interpolate_pos_encoding:
-            pos = self.interpolate_pos_encoding(_stand_in(self.position_embeddings, prefix.shape[1] + _grid(conv, h, w)), h, w)
+            tokens = prefix.shape[1] + _grid(conv, h, w)
+            pos = self.interpolate_pos_encoding(_stand_in(self.position_embeddings, tokens), h, w)
         elif (h, w) == tuple(self.image_size):
             pos = self.position_embeddings
         else:
@@ -420,7 +425,8 @@ def vit_embeddings_forward(self: nn.Module, pixel_values: Tensor, bool_masked_po
 
 
 @fused_forward
-def dinov2_embeddings_forward(self: nn.Module, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None) -> Tensor:
+def dinov2_embeddings_forward(self: nn.Module, pixel_values: Tensor,
+                              bool_masked_pos: Optional[Tensor] = None) -> Tensor:
     """DINOv2 (with registers) embeddings: positions always through the model's interpolation (the
     stored ones at the trained size), registers as prefix tokens without a position."""
     fam = _families()[type(self)]
@@ -528,8 +534,10 @@ def apply_to(root: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport
                 report.leave(name, FOREIGN)
             elif _projection(module, fam) is not None:
                 patched_units.append(name)
-                extra = " (registers after the class token)" if getattr(module, "register_tokens", None) is not None else ""
-                report.fuse(name, f"patch projection + prefix tokens + position embedding in one ops.patch_embed{extra}")
+                registers = getattr(module, "register_tokens", None) is not None
+                extra = " (registers after the class token)" if registers else ""
+                report.fuse(name, "patch projection + prefix tokens + position embedding in one "
+                                  f"ops.patch_embed{extra}")
             else:
                 report.leave(name, "the patch projection is not a plain patch-cutting Conv2d (hooked, swapped or "
                                    "overlapping): the model's own embedding code runs (checked again per call)")
@@ -544,13 +552,15 @@ def apply_to(root: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport
                 report.leave(qualified(name, _LAYER_NAMES[fam.style][1]), "; ".join(attn_why))
             else:
                 ls = " + LayerScale" if fam.style == "dinov2" else ""
-                parts.append(f"LN1+QKV ln_linear (q/k/v weights concatenated per call), attention, out_proj{ls}+residual linear")
+                parts.append("LN1+QKV ln_linear (q/k/v weights concatenated per call), attention, "
+                             f"out_proj{ls}+residual linear")
             if mlp_why:
                 report.leave(qualified(name, _LAYER_NAMES[fam.style][3]), "; ".join(mlp_why) + " -> the MLP half runs "
                              "transformers' code")
             else:
                 ls = " + LayerScale" if fam.style == "dinov2" else ""
-                parts.append(f"LN2+fc1+{activation_name(getattr(module, 'mlp').activation_fn)} ln_linear, fc2{ls}+residual linear")
+                act = activation_name(getattr(module, "mlp").activation_fn)
+                parts.append(f"LN2+fc1+{act} ln_linear, fc2{ls}+residual linear")
             if parts:
                 report.fuse(name, "; ".join(parts))
         elif fam is not None and cls is fam.attention:

@@ -338,6 +338,10 @@ def test_bad_calls_say_what_to_do(monkeypatch):
         vitkern.apply(torch.compile(_model("plain")))
     with pytest.raises(ValueError, match="backend must be one of"):
         vitkern.apply(_model("plain"), backend="tpu")
+    monkeypatch.setattr(vitkern.dispatch, "backend_unavailable_reasons", lambda b: ["no such device here"])
+    with pytest.raises(vitkern.BackendUnavailableError, match="no such device here"):
+        vitkern.apply(_model("plain"), backend="triton")
+    monkeypatch.undo()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(RuntimeError, match="before compiling"):
         vitkern.apply(_model("plain"))

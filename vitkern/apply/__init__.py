@@ -61,6 +61,10 @@ def apply(model: nn.Module, *, backend: str = "auto") -> ApplyReport:
     check_model(model)
     if backend not in ("auto",) + dispatch.BACKENDS:  # raise here, not at the first forward
         raise ValueError(f"backend must be one of {('auto',) + dispatch.BACKENDS}, got {backend!r}")
+    unavailable = dispatch.backend_unavailable_reasons(backend) if backend != "auto" else []
+    if unavailable:
+        raise dispatch.BackendUnavailableError(
+            f"backend={backend!r} cannot run in this process:\n  - " + "\n  - ".join(unavailable))
     revert(model)  # idempotent: a second apply starts from the original forwards
     refresh_classes()
     report = ApplyReport(backend)

@@ -516,7 +516,7 @@ def apply_to(root: nn.Module, prefix: str, patcher: Patcher, report: ApplyReport
     patched_units: List[str] = []  # layers and embeddings: their leaves are not listed one by one
     mha: List[str] = []
     for name, module in root.named_modules(prefix=prefix):
-        if _inside(name, text) or _inside(name, mha):
+        if _inside(name, text) or _inside(name, mha) or name.rpartition(".")[2] == "text_projection":
             continue
         cls = type(module)
         if cls.__name__ in _TEXT_TOWERS and _is_hf(module):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vitkern import ops
+from vitkern.apply import ApplyReport, apply, register_hf_attention, revert
 from vitkern.config import TIMM_TAGS, VARIANTS, ViTConfig, get_config, pretrained_cfg, split_model_name
 from vitkern.dispatch import BackendUnavailableError, auto_backends, available_backends
 from vitkern.features import FeatureBackbone, FeatureInfo
@@ -127,5 +128,6 @@ del _name
 __all__ = [
     "ViT", "ViTConfig", "VARIANTS", "create_model", "list_models", "list_pretrained", "pretrained_cfg",
     "available_backends", "auto_backends", "BackendUnavailableError", "ops", "from_timm", "load_hf", "load_jax_npz",
-    "resample_pos_embed", "FeatureBackbone", "FeatureInfo", "Packed", "pack", "unpack", *sorted(VARIANTS),
+    "resample_pos_embed", "FeatureBackbone", "FeatureInfo", "Packed", "pack", "unpack", "apply", "revert",
+    "register_hf_attention", "ApplyReport", *sorted(VARIANTS),
 ]

@@ -3,9 +3,11 @@ patch prediction and the Triton backend. Tiny models and a handful of steps: sec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,10 +16,10 @@ from conftest import INTERPRETING, TRITON_DEVICE
 import vitkern
 from vitkern.train import checkpoint as ckpt
 from vitkern.train.cli import main
-from vitkern.train.loop import train
+from vitkern.train.loop import NothingToDo, train
 from vitkern.train.metrics import read_metrics
 from vitkern.train.mpp import MaskedPatchPrediction, corruption_plan, mpp_targets
-from vitkern.train.recipes import preset
+from vitkern.train.recipes import RecipeNote, preset
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -341,3 +343,159 @@ def test_named_model_normalizes_with_its_pretrained_cfg():
     assert _named_pretrained_cfg("deit_small_patch16_224")["mean"] == (0.485, 0.456, 0.406)
     assert _named_pretrained_cfg("vit_base_patch16_224")["std"] == (0.5, 0.5, 0.5)
     assert _named_pretrained_cfg(None) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Runs never lose or hide data: every refused command leaves the files on disk as they were
+
+
+def tree_state(root):
+    """{relative path: sha256 of the file, or "dir"} of everything under `root`."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            state[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                state[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return state
+
+
+@pytest.fixture
+def run_copy(full_run, tmp_path):
+    """A private copy of the finished 6-step run (checkpoints at steps 3 and 6)."""
+    recipe, _ = full_run
+    out = tmp_path / "run"
+    shutil.copytree(recipe.out, out)
+    return recipe, str(out)
+
+
+def _damage(path, how):
+    if how == "missing":
+        os.remove(path)
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+@pytest.mark.parametrize("name", ["train_state.pt", "model.safetensors", "rng_rank0.pt"])
+def test_damaged_newest_checkpoint_is_named_and_the_previous_one_offered(run_copy, name, how):
+    _, out = run_copy
+    newest, previous = (os.path.join(out, "checkpoints", f"step_000000{s}") for s in (6, 3))
+    _damage(os.path.join(newest, name), how)
+    before = tree_state(out)
+    with pytest.raises(ValueError) as info:
+        train(tiny(out, steps=9, resume=True, drop_rate=0.2))
+    message = str(info.value)
+    assert message.startswith("--resume: checkpoint") and name in message and newest in message, message
+    assert ("missing" if how == "missing" else "truncated") in message, message
+    assert f"--resume-from {previous}" in message, message
+    assert tree_state(out) == before
+
+
+def test_resume_from_the_previous_checkpoint_replays_the_run_and_keeps_the_damaged_one(full_run, run_copy):
+    recipe, out = run_copy
+    newest = os.path.join(out, "checkpoints", "step_0000006")
+    _damage(os.path.join(newest, "model.safetensors"), "truncated")
+    damaged = tree_state(newest)
+    train(tiny(out, steps=6, drop_rate=0.2, resume_from=os.path.join(out, "checkpoints", "step_0000003")))
+    # Steps 4-6 replayed from step 3 exactly as the uninterrupted run did them.
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(recipe.out)]
+    a = ckpt.load_safetensors(os.path.join(recipe.out, "checkpoints", "step_0000006", "model.safetensors"))
+    b = ckpt.load_safetensors(os.path.join(newest, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert tree_state(newest + ".abandoned") == damaged  # set aside, not deleted
+    with pytest.raises(ValueError, match="--resume-from .* is not a checkpoint of --out"):
+        train(tiny(out, steps=9, resume_from=str(recipe.out)))
+
+
+def test_unusable_out_is_refused_before_model_and_data(tmp_path, monkeypatch):
+    import vitkern.train.loop as loop
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the data was built before --out was checked")
+
+    monkeypatch.setattr(loop, "build_datasets", must_not_build)
+    (tmp_path / "a_file").write_text("not a directory")
+    before = tree_state(tmp_path)
+    cases = [(tmp_path / "a_file", "is an existing file"), (tmp_path / "a_file" / "run", "is below .*a_file.*a file"),
+             ("/proc/vitkern-no-such-dir/run", "is not writable")]  # /proc takes no new entries, even from root
+    for out, why in cases:
+        with pytest.raises(ValueError, match=f"^--out .*{why}"):
+            train(tiny(out, steps=1, warmup_steps=1))
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        before = tree_state(tmp_path)
+        with pytest.raises(ValueError, match="^--out .* is not writable"):
+            train(tiny(locked / "run", steps=1, warmup_steps=1))
+    assert tree_state(tmp_path) == before
+
+
+def test_resume_of_a_finished_run_says_so_and_writes_nothing(run_copy, capsys):
+    _, out = run_copy
+    before = tree_state(out)
+    with pytest.raises(NothingToDo, match="step 6, where this run ends .*the run is done") as info:
+        train(tiny(out, steps=6, resume=True, drop_rate=0.2))
+    assert info.value.finished
+    with pytest.raises(NothingToDo, match="step 6, past where this run ends \\(--steps 5\\)") as info:
+        train(tiny(out, steps=5, resume=True, drop_rate=0.2))
+    assert not info.value.finished
+    flags = ["--img-size", "16", "--patch-size", "8", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
+             "--global-batch", "16", "--warmup-steps", "2", "--drop-rate", "0.2", "--backend", "eager", "--device",
+             "cpu", "--threads", "1", "--no-progress", "--out", out, "--resume"]
+    assert main(flags + ["--steps", "6"]) == 0
+    assert "the run is done" in capsys.readouterr().err
+    assert main(flags + ["--steps", "4"]) == 2
+    assert "past where this run ends" in capsys.readouterr().err
+    assert tree_state(out) == before
+
+
+def test_out_with_an_earlier_run_needs_resume_or_overwrite(run_copy):
+    _, out = run_copy
+    before = tree_state(out)
+    with pytest.raises(ValueError, match="^--out .* holds an earlier run \\(checkpoints/step_0000003, .*"
+                                         "pass --resume to continue it, --overwrite to replace it"):
+        train(tiny(out, steps=3))
+    with pytest.raises(ValueError, match="--overwrite .* --resume .* pass one of them"):
+        tiny(out, steps=3, resume=True, overwrite=True)
+    assert tree_state(out) == before
+    summary = train(tiny(out, steps=3, overwrite=True))
+    # Only this run's outputs remain: its own checkpoint (not pruned by the earlier run's step 6),
+    # its 3 metric rows, a summary pointing at its checkpoint.
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(out)] == ["step_0000003"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert summary["checkpoint"] == ckpt.step_dir(out, 3)
+
+
+def test_short_run_caps_the_recipes_warmup_unless_it_was_given(capsys):
+    with pytest.warns(RecipeNote, match="warm-up \\(50 steps\\) is longer than --steps 24: --warmup-steps capped to 24"):
+        recipe = preset("digits").replace(steps=24)
+    assert (recipe.steps, recipe.warmup_steps) == (24, 24)
+    with pytest.raises(ValueError, match="--warmup-steps \\(30\\) must not exceed --steps \\(24\\)"):
+        preset("digits").replace(steps=24, warmup_steps=30)
+    assert main(["--preset", "digits", "--steps", "24", "--print-recipe"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["warmup_steps"] == 24
+    assert "note: the recipe's warm-up (50 steps) is longer than --steps 24" in captured.err
+
+
+def test_checkpoint_killed_mid_save_leaves_the_previous_one_newest(tmp_path, monkeypatch):
+    """A save that fails after writing part of its files (disk full, a kill) must leave no step_*
+    directory behind: the previous checkpoint stays the newest and complete."""
+    out = str(tmp_path)
+    ckpt.save(out, 1, rank=0, weights={"w": torch.ones(2)}, extra_weights=None, train_state={"step": 1}, meta={})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_safetensors", disk_full)  # after rng_rank0.pt, before the rest
+    with pytest.raises(OSError):
+        ckpt.save(out, 2, rank=0, weights={"w": torch.ones(2)}, extra_weights=None, train_state={"step": 2}, meta={})
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(out)] == ["step_0000001"]
+    assert sorted(os.listdir(ckpt.latest_checkpoint(out))) == ["meta.json", "model.safetensors", "rng_rank0.pt",
+                                                               "train_state.pt"]

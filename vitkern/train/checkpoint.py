@@ -12,7 +12,9 @@ A checkpoint is a directory `OUT/checkpoints/step_NNNNNNN/`:
 
 All ranks write into `.step_NNNNNNN.tmp/`, then rank 0 renames it to `step_NNNNNNN/` (os.replace of
 a directory is atomic on POSIX), so a directory named step_* is always complete: a run killed
-while saving leaves the previous checkpoint as the newest one.
+while saving leaves the previous checkpoint as the newest one. A file damaged later (a disk that
+filled up, a copy cut short) is found by `problems` before `--resume` reads anything: it names the
+file, and the loop offers the previous checkpoint that has none (`--resume-from`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import struct
+import zipfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -51,6 +55,73 @@ def list_checkpoints(out: str) -> List[str]:
 def latest_checkpoint(out: str) -> Optional[str]:
     found = list_checkpoints(out)
     return found[-1] if found else None
+
+
+def step_of(path: str) -> Optional[int]:
+    """The step of a checkpoint directory `.../step_NNNNNNN`, None for any other path."""
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def _safetensors_problem(path: str) -> Optional[str]:
+    """Why the safetensors file at `path` is incomplete, or None. Reads the header only: an 8-byte
+    little-endian length, a JSON table whose data_offsets end where the file must end."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"is truncated ({size} bytes, shorter than its 8-byte header length)"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"is truncated ({size} bytes; its header alone needs {8 + n})"
+            table = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        return f"is unreadable ({type(exc).__name__}: {exc})"
+    end = max((v["data_offsets"][1] for k, v in table.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"is truncated ({size} bytes; its header describes {8 + n + end})"
+    return None
+
+
+def _torch_file_problem(path: str) -> Optional[str]:
+    """Why the torch.save file at `path` is incomplete, or None: torch.save writes a zip archive,
+    whose central directory (at the end of the file) is the first thing a truncation destroys.
+    Only the directory is read (train_state.pt holds the optimizer state: twice the weights)."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        return f"is truncated or unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def problems(path: str, *, rank: int, weights: bool, mpp: bool) -> List[str]:
+    """What is missing or damaged in checkpoint directory `path` for `rank` to resume from it,
+    each "FILE is ..." (empty when it is complete). weights: model.safetensors is needed (not for
+    a sharded FSDP2 checkpoint: the loop checks its dcp/); mpp: mpp.safetensors is needed. rng_rank{R}.pt
+    is needed when the checkpoint was saved by at least rank + 1 ranks (meta.json's world_size)."""
+    found: List[str] = []
+    world = 1
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            world = int(json.load(f).get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # meta.json is for humans; without it, rank 0's RNG file is still required
+    needed = ["train_state.pt"] + (["model.safetensors"] if weights else []) + (["mpp.safetensors"] if mpp else [])
+    if rank < world:
+        needed.append(f"rng_rank{rank}.pt")
+    for name in needed:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            found.append(f"{name} is missing")
+        elif name.endswith(".safetensors"):
+            why = _safetensors_problem(file)
+            found += [f"{name} {why}"] if why else []
+        elif name.endswith(".pt"):
+            why = _torch_file_problem(file)
+            found += [f"{name} {why}"] if why else []
+    return found
 
 
 def rng_state() -> Dict[str, Any]:
@@ -123,14 +194,35 @@ def save(out: str, step: int, *, rank: int, weights: Optional[Dict[str, torch.Te
     return final
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is missing or cannot be read; the message names the file and the
+    checkpoint directory."""
+
+
+def _read(path: str, name: str, load):
+    """load(file) for checkpoint file `name`, any failure re-raised as DamagedCheckpoint naming it
+    (a damage `problems` cannot see, inside a well-formed archive, still gets a clear message)."""
+    file = os.path.join(path, name)
+    try:
+        return load(file)
+    except Exception as exc:  # torch.load / safetensors raise RuntimeError, pickle and zip errors alike
+        raise DamagedCheckpoint(f"{name} in checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
 def load_train_state(path: str) -> Dict[str, Any]:
     # weights_only=False: the state holds numpy/python RNG states, written by this module.
-    return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+    return _read(path, "train_state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False))
+
+
+def load_weights(path: str, name: str = "model.safetensors") -> Dict[str, torch.Tensor]:
+    return _read(path, name, load_safetensors)
 
 
 def load_rng(path: str, rank: int) -> Optional[Dict[str, Any]]:
-    f = os.path.join(path, f"rng_rank{rank}.pt")
-    return torch.load(f, map_location="cpu", weights_only=False) if os.path.exists(f) else None
+    name = f"rng_rank{rank}.pt"
+    if not os.path.exists(os.path.join(path, name)):
+        return None
+    return _read(path, name, lambda f: torch.load(f, map_location="cpu", weights_only=False))
 
 
 def weights_file(path: str, arg: str) -> str:

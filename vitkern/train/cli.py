@@ -17,10 +17,11 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from typing import Any, Dict, List, Optional
 
 from vitkern.train.recipes import (AMP_DTYPES, BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe,
-                                   preset)
+                                   RecipeNote, preset)
 
 CHOICES = dict(objective=OBJECTIVES, optimizer=OPTIMIZERS, schedule=SCHEDULES, parallel=PARALLEL,
                precision=PRECISIONS, backend=BACKENDS, device=("auto", "cpu", "cuda"), amp=AMP_DTYPES)
@@ -32,6 +33,9 @@ HELP = {
     "steps": "the schedule's total number of optimizer steps",
     "stop_at": "end after this step with a checkpoint, as a kill would (to test --resume)",
     "resume": "continue from the newest checkpoint in --out",
+    "resume_from": "continue from this checkpoint of --out (e.g. the one before a damaged newest one; newer ones "
+                   "are renamed *.abandoned)",
+    "overwrite": "replace the outputs of an earlier run in --out (without it, such an --out is refused)",
     "out": "the run's directory: metrics.csv, summary.json, curves.png, checkpoints/",
     "global_batch": "images per optimizer step, over all ranks and accumulation steps",
     "grad_accum": "micro-batches per optimizer step on each rank",
@@ -103,17 +107,27 @@ def recipe_from_args(argv: Optional[List[str]] = None) -> Recipe:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        recipe = recipe_from_args(argv)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", RecipeNote)
+            recipe = recipe_from_args(argv)
     except (ValueError, TypeError) as exc:
         print(f"python -m vitkern.train: error: {exc}", file=sys.stderr)
         return 2
+    for note in notes:
+        if issubclass(note.category, RecipeNote):
+            print(f"python -m vitkern.train: note: {note.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     if "--print-recipe" in argv:
         print(json.dumps(recipe.to_dict(), indent=2))
         return 0
-    from vitkern.train.loop import train
+    from vitkern.train.loop import NothingToDo, train
 
     try:
         summary = train(recipe)
+    except NothingToDo as exc:  # a finished run asked again is no error; a --steps below its step is
+        print(f"python -m vitkern.train: {exc}", file=sys.stderr)
+        return 0 if exc.finished else 2
     except ValueError as exc:  # bad input: the message names the flag
         print(f"python -m vitkern.train: error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,9 @@ import contextlib
 import math
 import os
 import resource
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -99,6 +102,70 @@ def setup_distributed(recipe: Recipe) -> DistEnv:
     else:
         raise ValueError(f"--device must be auto, cpu or cuda, got {recipe.device!r}")
     return DistEnv(rank, world, device, owns)
+
+
+# --------------------------------------------------------------------------------------------
+# The run directory
+
+# What a run writes in --out besides checkpoints/: a second run there without --resume would
+# overwrite these (and its --keep pruning would mix its checkpoints with the first run's).
+RUN_OUTPUTS = ("metrics.csv", "metrics.jsonl", "summary.json", "curves.png")
+
+
+class NothingToDo(ValueError):
+    """--resume of a checkpoint already at (finished) or past (not finished) the step this run ends
+    at: nothing is trained and nothing is written."""
+
+    def __init__(self, message: str, finished: bool) -> None:
+        super().__init__(message)
+        self.finished = finished
+
+
+def previous_outputs(out: str) -> List[str]:
+    """The outputs of an earlier run in `out` (checkpoints first), relative to `out`."""
+    if not os.path.isdir(out):
+        return []
+    found = [os.path.relpath(p, out) for p in ckpt.list_checkpoints(out)]
+    return found + [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out, name))]
+
+
+def check_out(recipe: Recipe) -> None:
+    """Raise ValueError naming --out when the run could not write there (an existing file, a path
+    below a file, a directory it cannot write), or would overwrite an earlier run's outputs without
+    --resume or --overwrite. Creates nothing: the model and the data are built only after it."""
+    out = recipe.out
+    if not isinstance(out, str) or not out:
+        raise ValueError(f"--out must be a directory path, got {out!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file; the run needs a directory there")
+    nearest = os.path.abspath(out)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise ValueError(f"--out {out!r} is below {nearest!r}, which is a file, not a directory")
+    try:  # permission bits say nothing for root, or on a read-only mount: try it
+        fd, probe = tempfile.mkstemp(prefix=".vitkern-write-test-", dir=nearest)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out!r} is not writable: cannot create a file in {nearest!r} "
+                         f"({exc.strerror or exc})") from None
+    previous = previous_outputs(out)
+    if previous and not (recipe.resume or recipe.resume_from or recipe.overwrite):
+        shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise ValueError(f"--out {out!r} holds an earlier run ({shown}): pass --resume to continue it, --overwrite "
+                         "to replace it, or another --out")
+
+
+def _set_aside(path: str) -> str:
+    """Rename checkpoint `path` to `path.abandoned` (or .abandoned2, ...): out of list_checkpoints,
+    kept on disk."""
+    n, target = 1, path + ".abandoned"
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.abandoned{n}"
+    os.replace(path, target)
+    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,14 +349,16 @@ class Trainer:
         # step whose gradients overflow is skipped, as with timm's --amp.
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp) if recipe.amp else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        if recipe.resume and recipe.init:
+        if (recipe.resume or recipe.resume_from) and recipe.init:
             raise ValueError("--resume and --init: a resumed run restores its own weights; drop --init")
-        self.resume_from = None
-        if recipe.resume:
-            self.resume_from = ckpt.latest_checkpoint(recipe.out)
-            if self.resume_from is None:
-                raise ValueError(f"--resume: no checkpoint in --out {recipe.out!r} (expected "
-                                 f"{ckpt.checkpoint_root(recipe.out)}/step_NNNNNNN/)")
+        check_out(recipe)
+        # The checkpoint is chosen and its files checked (the small ones read) before anything is
+        # built: a damaged one fails at once, naming the file.
+        self.resume_from: Optional[str] = None
+        self._resume_state: Optional[Tuple[Dict[str, Any], Optional[Dict[str, Any]]]] = None
+        if recipe.resume or recipe.resume_from:
+            self.resume_from = self._pick_checkpoint()
+            self._resume_state = self._open_checkpoint(self.resume_from)
 
         # Data, normalized as the model expects: --mean/--std, else a named model's pretrained_cfg
         # (timm's default tag: e.g. ImageNet's statistics for DeiT), else the paper's 0.5/0.5.
@@ -434,12 +503,80 @@ class Trainer:
         return ckpt.save(r.out, self.step, rank=rank, weights=weights, extra_weights=extra, train_state=train_state,
                          meta=meta, dcp_state=dcp_state, keep=r.keep)
 
+    # -- resuming ---------------------------------------------------------------------------
+    @property
+    def _resume_flag(self) -> str:
+        return "--resume-from" if self.r.resume_from else "--resume"
+
+    def _pick_checkpoint(self) -> str:
+        """The checkpoint to resume: --resume-from's (one of --out's), else --out's newest."""
+        out = self.r.out
+        found = ckpt.list_checkpoints(out)
+        if self.r.resume_from is not None:
+            want = os.path.realpath(self.r.resume_from)
+            for path in found:
+                if os.path.realpath(path) == want:
+                    return path
+            names = ", ".join(os.path.basename(p) for p in found) or "none"
+            raise ValueError(f"--resume-from {self.r.resume_from!r} is not a checkpoint of --out {out!r} (its "
+                             f"checkpoints: {names}); to start from other weights use --init")
+        if not found:
+            raise ValueError(f"--resume: no checkpoint in --out {out!r} (expected "
+                             f"{ckpt.checkpoint_root(out)}/step_NNNNNNN/)")
+        return found[-1]
+
+    def _problems(self, path: str) -> List[str]:
+        return ckpt.problems(path, rank=self.env.rank, weights=self.r.parallel != "fsdp",
+                             mpp=self.r.objective == "mpp" and self.r.parallel != "fsdp")
+
+    def _damaged(self, path: str, what: str) -> ValueError:
+        """The error for a damaged checkpoint: what is wrong, and the newest earlier checkpoint
+        without problems to resume from instead."""
+        step = ckpt.step_of(path)
+        earlier = [p for p in reversed(ckpt.list_checkpoints(self.r.out)) if (ckpt.step_of(p) or 0) < (step or 0)]
+        fallback = next((p for p in earlier if not self._problems(p)), None)
+        if fallback is not None:
+            hint = (f"the previous complete checkpoint is {fallback!r}: continue from it with --resume-from {fallback} "
+                    f"(the newer checkpoints are then renamed *.abandoned, not deleted)")
+        else:
+            hint = "no earlier complete checkpoint is left in --out"
+        return ckpt.DamagedCheckpoint(f"{self._resume_flag}: checkpoint {path!r} is damaged: {what}; {hint}")
+
+    def _open_checkpoint(self, path: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+        """(train state, this rank's RNG state) of checkpoint `path`, after checking every file
+        this rank will read."""
+        found = self._problems(path)
+        if found:
+            raise self._damaged(path, "; ".join(found))
+        try:
+            return ckpt.load_train_state(path), ckpt.load_rng(path, self.env.rank)
+        except ckpt.DamagedCheckpoint as exc:
+            raise self._damaged(path, str(exc)) from None
+
     def _load(self, path: str) -> None:
-        state = ckpt.load_train_state(path)
-        ckpt.check_same_model(state["model"], model_signature(self.vit), "--resume", f"in {path!r}")
+        state, rng = self._resume_state
+        flag = self._resume_flag
+        ckpt.check_same_model(state["model"], model_signature(self.vit), flag, f"in {path!r}")
         if state["objective"] != self.r.objective:
-            raise ValueError(f"--resume: the checkpoint in {path!r} was trained with --objective {state['objective']}, "
+            raise ValueError(f"{flag}: the checkpoint in {path!r} was trained with --objective {state['objective']}, "
                              f"this run asks for {self.r.objective}")
+        saved, end = int(state["step"]), self.r.stop_at or self.r.steps
+        if saved >= end:
+            # Training nothing and then writing a summary would replace the finished run's numbers
+            # with a NaN loss: refuse before anything is written.
+            ends = f"--steps {self.r.steps}" + (f" --stop-at {self.r.stop_at}" if self.r.stop_at else "")
+            if saved == end:
+                msg = f"{flag}: checkpoint {path!r} is at step {saved}, where this run ends ({ends}): the run is done"
+            else:
+                msg = f"{flag}: checkpoint {path!r} is at step {saved}, past where this run ends ({ends})"
+            raise NothingToDo(msg + "; nothing to train, nothing written (pass a larger --steps to continue)",
+                              finished=saved == end)
+        try:
+            self._load_state(path, state, rng)
+        except ckpt.DamagedCheckpoint as exc:
+            raise self._damaged(path, str(exc)) from None
+
+    def _load_state(self, path: str, state: Dict[str, Any], rng: Optional[Dict[str, Any]]) -> None:
         if self.r.parallel == "fsdp":
             if not os.path.isdir(os.path.join(path, "dcp")):
                 raise ValueError(f"--resume: {path!r} has no dcp/ state (saved without --parallel fsdp)")
@@ -454,12 +591,14 @@ class Trainer:
         else:
             if "optimizer" not in state:
                 raise ValueError(f"--resume: {path!r} holds sharded (FSDP2) state; resume it with --parallel fsdp")
-            sd = ckpt.load_safetensors(os.path.join(path, "model.safetensors"))
-            extra_path = os.path.join(path, "mpp.safetensors")
-            if os.path.exists(extra_path):
+            sd = ckpt.load_weights(path)
+            if os.path.exists(os.path.join(path, "mpp.safetensors")):
                 sd = {f"vit.{k}": v for k, v in sd.items()}
-                sd.update(ckpt.load_safetensors(extra_path))
+                sd.update(ckpt.load_weights(path, "mpp.safetensors"))
             target = self.masters.masters if self.masters else list(self.net.named_parameters())
+            absent = [name for name, _ in target if name not in sd]
+            if absent:
+                raise ckpt.DamagedCheckpoint(f"model.safetensors in checkpoint {path!r} lacks {absent[:4]}")
             with torch.no_grad():
                 for name, p in target:
                     p.copy_(sd[name])
@@ -468,7 +607,6 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        rng = ckpt.load_rng(path, self.env.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)
 
@@ -559,6 +697,7 @@ class Trainer:
         is_main = env.rank == 0
         if is_main:
             os.makedirs(r.out, exist_ok=True)
+            self._prepare_out()
         env.barrier()
         log = MetricsLog(r.out, self.step) if is_main else None
         end = r.stop_at or r.steps
@@ -604,6 +743,23 @@ class Trainer:
             summary = self._summary(log, loss, rates, skipped_total, time.perf_counter() - t_start)
         env.barrier()
         return summary
+
+    def _prepare_out(self) -> None:
+        """Rank 0, once the run is going: --overwrite removes the earlier run's outputs (only
+        those: other files in --out stay); resuming from a checkpoint older than --out's newest
+        sets the newer ones aside (they are another history now, and would stay "newest")."""
+        out = self.r.out
+        if self.r.overwrite:
+            shutil.rmtree(ckpt.checkpoint_root(out), ignore_errors=True)
+            for name in RUN_OUTPUTS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+        if self.resume_from is not None:
+            step = ckpt.step_of(self.resume_from)
+            for path in ckpt.list_checkpoints(out):
+                if (ckpt.step_of(path) or 0) > step:
+                    moved = _set_aside(path)
+                    print(f"vitkern.train: {path} is newer than the resumed checkpoint: renamed {moved}", file=sys.stderr)
 
     def _summary(self, log: MetricsLog, loss: float, rates: List[float], skipped: int, wall: float) -> Dict[str, Any]:
         r = self.r

@@ -32,6 +32,7 @@ per micro-batch), so `lr` and the step-indexed schedule mean the same on 1 or 64
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -101,6 +102,8 @@ class Recipe:
     seed: int = 0
     stop_at: Optional[int] = None
     resume: bool = False
+    resume_from: Optional[str] = None  # a checkpoint directory of `out` to resume from (implies resume)
+    overwrite: bool = False  # replace a previous run's outputs in `out` (refused without it)
     save_every: int = 200
     keep: int = 2  # checkpoints kept in out/checkpoints (the newest ones)
     eval_every: int = 100
@@ -118,6 +121,14 @@ class Recipe:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown recipe fields: {sorted(unknown)}")
+        steps = overrides.get("steps")
+        if "warmup_steps" not in overrides and isinstance(steps, int) and 0 < steps < self.warmup_steps:
+            # A short run of a long recipe (a smoke test of --preset digits --steps 24): the recipe's
+            # warm-up cannot fit, and nobody asked for it explicitly, so it is shortened to the run.
+            warnings.warn(RecipeNote(f"the recipe's warm-up ({self.warmup_steps} steps) is longer than --steps "
+                                     f"{steps}: --warmup-steps capped to {steps} (pass --warmup-steps to choose)"),
+                          stacklevel=2)
+            overrides = {**overrides, "warmup_steps": steps}
         recipe = dataclasses.replace(self, **overrides)
         recipe.validate()
         return recipe
@@ -165,6 +176,13 @@ class Recipe:
             raise ValueError(f"--stop-at must be in [1, --steps={self.steps}], got {self.stop_at!r}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --steps ({self.steps})")
+        if self.overwrite and (self.resume or self.resume_from):
+            raise ValueError("--overwrite replaces --out's previous run, --resume continues it: pass one of them")
+
+
+class RecipeNote(UserWarning):
+    """A setting the recipe changed by itself (e.g. a warm-up capped to a short run); the CLI prints
+    it as a note."""
 
 
 def _flag(name: str) -> str:

@@ -356,6 +356,119 @@ def test_global_module_hook_sees_timms_calls():
 
 
 # --------------------------------------------------------------------------------------------
+# The plan is never stale: settings changed after a forward, a model pickled into a new process
+
+
+def _unfused(model, x):
+    """model.forward_features(x) with every sub-module called (a global hook turns fusion off): the oracle."""
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        torch.manual_seed(1)
+        return model.forward_features(x)
+    finally:
+        handle.remove()
+
+
+def _set(path, value):
+    """A mutation: model.<path> = value (path dotted from the model)."""
+    def apply(model):
+        *parents, leaf = path.split(".")
+        owner = model
+        for name in parents:
+            owner = getattr(owner, name)
+        setattr(owner, leaf, value() if callable(value) else value)
+    return apply
+
+
+# (id, ViT options, train mode, mutation): every setting of a fused module the fused path uses.
+SETTING_CHANGES = [
+    ("gelu-to-tanh", {}, False, _set("blocks.0.mlp.act.approximate", "tanh")),
+    ("tanh-to-gelu", {"act_layer": "gelu_tanh"}, False, _set("blocks.1.mlp.act.approximate", "none")),
+    ("norm1-eps", {}, False, _set("blocks.0.norm1.eps", 0.5)),
+    ("norm2-eps", {}, False, _set("blocks.1.norm2.eps", 0.5)),
+    ("q-norm-eps", {"qk_norm": True}, False, _set("blocks.0.attn.q_norm.eps", 0.5)),
+    ("norm1-weight-none", {}, False, _set("blocks.0.norm1.weight", None)),
+    ("scale", {}, False, _set("blocks.0.attn.scale", 0.9)),
+    ("layer-scale-gamma", {"init_values": 1e-5}, False, _set("blocks.0.ls2.gamma", lambda: nn.Parameter(torch.ones(32)))),
+    ("fc1-weight", {}, False, _set("blocks.0.mlp.fc1.weight", lambda: nn.Parameter(torch.randn(64, 32)))),
+    ("proj-drop-p", {}, True, _set("blocks.0.attn.proj_drop.p", 0.5)),
+    ("mlp-drop1-p", {}, True, _set("blocks.1.mlp.drop1.p", 0.5)),
+    ("mlp-drop2-p", {}, True, _set("blocks.1.mlp.drop2.p", 0.5)),
+    ("drop-path", {}, True, _set("blocks.0.drop_path2.drop_prob", 0.5)),
+    ("attn-drop", {}, True, _set("blocks.0.attn.attn_drop", 0.5)),
+    ("train-mode", {"proj_drop_rate": 0.5}, False, lambda model: model.train()),
+]
+
+
+@pytest.mark.parametrize("options,train,mutate", [c[1:] for c in SETTING_CHANGES], ids=[c[0] for c in SETTING_CHANGES])
+def test_fused_path_follows_a_setting_changed_after_a_forward(options, train, mutate):
+    # Features, not logits: the head starts at zero, which would hide any change in the blocks. And
+    # unit-scale weights: with timm's init (std 0.02) every pre-activation is so small that tanh and
+    # erf GELU agree to 1e-6, below the rounding bound.
+    model = vitkern.ViT(**{**TINY, **options}, mlp_ratio=2.0, backend="eager").train(train)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.5) + (p.dim() == 1))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.forward_features(x)  # the plan is cached now
+        assert all(blk._plan is not None for blk in model.blocks)
+        mutate(model)
+        torch.manual_seed(1)
+        fused = model.forward_features(x)
+        want = _unfused(model, x)
+    # The two paths differ only in rounding: fp32 GEMMs of at most K = 64 terms, each term's error
+    # bounded by K eps relative to the output's magnitude.
+    bound = 64 * torch.finfo(torch.float32).eps * max(1.0, want.abs().max().item())
+    assert _max_diff(fused, want) <= bound
+
+
+_LOAD_IN_NEW_PROCESS = r"""
+import sys
+import torch
+from torch.utils.hooks import RemovableHandle
+import vitkern
+from vitkern import fusion
+
+path, next_id, swaps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = torch.load(path, weights_only=False)
+# Counters restart in every process: this one's may land exactly where the saving process's were.
+fusion._SWAPS[0] = swaps
+RemovableHandle.next_id = next_id - 1
+fired = []
+model.blocks[0].mlp.fc1.register_forward_hook(lambda module, args, out: fired.append(tuple(out.shape)))
+with torch.no_grad():
+    model(torch.randn(1, 3, 32, 32))
+print("fired", len(fired))
+"""
+
+
+def test_model_pickled_with_a_plan_fires_a_hook_registered_in_a_new_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils.hooks import RemovableHandle
+
+    from vitkern import fusion
+
+    model = vitkern.ViT(**TINY, backend="eager").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.register_forward_hook(lambda *args: None).remove()
+        model(x)  # a fused plan, cached under this process's counters
+    assert all(blk._plan is not None for blk in model.blocks)
+    next_id, swaps = RemovableHandle.next_id, fusion._SWAPS[0]
+    torch.save(model, tmp_path / "model.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", _LOAD_IN_NEW_PROCESS, str(tmp_path / "model.pt"), str(next_id),
+                           str(swaps)], capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fired 1" in done.stdout, done.stdout
+
+
+# --------------------------------------------------------------------------------------------
 # torch.fx, empty batch, torch.compile
 
 

@@ -22,7 +22,17 @@ call against `plan_key()` and the classes of the fused modules:
   call anyway, so a removed hook brings the fused path back);
 * module swaps: `Block`, `Attention` and `Mlp` count assignments and deletions of sub-modules
   (`WatchesSwaps`), which is how PEFT, `merge_and_unload` and hand surgery replace a layer;
-* parametrizations change a module's class, which the per-call class check sees.
+* parametrizations change a module's class, which the per-call class check sees;
+* pickling (`torch.save(model)`, `copy.deepcopy`) drops the plan (`Block.__getstate__`), and the
+  key holds a token unique to this process (`_PROCESS`): counters restart in a new process, so a
+  plan made elsewhere could otherwise meet a key equal to its own and skip a hook registered there.
+
+The plan holds decisions about classes and hooks only, never a module's configuration: every
+setting the fused path uses (LayerNorm eps and affine tensors, GELU's `approximate`, Dropout p,
+DropPath's drop_prob, the training flag, LayerScale's gamma, Attention's scale, heads and
+attn_drop, the linears' tensors) is read from the module on each call, so changing one after a
+forward changes the next forward exactly as it would in timm (tests/test_dropin_surgery.py
+mutates each of them).
 
 Per call that is one tuple comparison and eleven `type()` checks per block (the six fused leaves,
 the activation, LayerScale and QK-norm slots), instead of reading four
@@ -98,14 +108,23 @@ def _activate(x: Tensor, activation: Optional[str]) -> Tensor:
     return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+_GELU_EPILOGUES = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
 def activation_of(module: object) -> Optional[str]:
     """The epilogue activation a plain activation module computes ("gelu", "gelu_tanh",
     "quick_gelu"), or None when it is anything else (then it is called as a module)."""
-    if is_plain(module, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
-    if is_plain(module, QuickGELU):
-        return "quick_gelu"
+    if is_plain(module, nn.GELU) or is_plain(module, QuickGELU):
+        return epilogue_activation(module)
     return None
+
+
+def epilogue_activation(module: object) -> Optional[str]:
+    """`activation_of` for a module whose class and hooks a plan has already checked: read on every
+    call, since GELU's `approximate` can change after the plan was made."""
+    if type(module) is nn.GELU:
+        return _GELU_EPILOGUES.get(module.approximate)
+    return "quick_gelu" if type(module) is QuickGELU else None
 
 
 def is_plain_dropout(module: object) -> bool:
@@ -118,9 +137,22 @@ def is_plain_dropout(module: object) -> bool:
 _SWAPS = [0]  # bumped by every sub-module assignment or deletion in a WatchesSwaps module
 
 
-def plan_key() -> Tuple[int, int]:
-    """Changes whenever a hook is registered anywhere or a sub-module of a block is swapped."""
-    return (RemovableHandle.next_id, _SWAPS[0])
+class _ProcessToken:
+    """Equal only to itself: a plan key made in another process (or unpickled) never matches."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (_ProcessToken, ())  # unpickled as a new token, equal to nothing of this process
+
+
+_PROCESS = _ProcessToken()
+
+
+def plan_key() -> Tuple[object, int, int]:
+    """Changes whenever a hook is registered anywhere or a sub-module of a block is swapped; never
+    equal to a key made in another process."""
+    return (_PROCESS, RemovableHandle.next_id, _SWAPS[0])
 
 
 class WatchesSwaps:

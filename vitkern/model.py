@@ -465,7 +465,7 @@ class _BlockPlan(NamedTuple):
     """What a Block may fuse (see vitkern.fusion): valid while `key` equals fusion.plan_key() and the
     fused leaf modules still have the classes in `types`."""
 
-    key: Tuple[int, int]
+    key: Tuple[object, int, int]
     leaves: Tuple[nn.Module, ...]
     types: Tuple[type, ...]
     attn: bool  # LN1 + QKV, attention, proj + residual as fused ops
@@ -474,7 +474,7 @@ class _BlockPlan(NamedTuple):
     mlp: bool  # LN2 + fc1 + activation, fc2 + residual as fused ops
     fc1: Optional[str]
     fc2: Optional[str]
-    act: Optional[str]  # the fc1 epilogue's activation (fusion.activation_of)
+    act: Optional[str]  # the activation when the plan was made; calls read the module's current one
 
 
 class Block(fusion.WatchesSwaps, nn.Module):
@@ -519,6 +519,12 @@ class Block(fusion.WatchesSwaps, nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
         self._plan: Optional[_BlockPlan] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A plan is valid in the process that made it (see vitkern.fusion): never pickled.
+        state = super().__getstate__()
+        state["_plan"] = None
+        return state
 
     def _residual_branch_is_identity(self, dropout: nn.Dropout, drop_path: DropPath) -> bool:
         return not self.training or (dropout.p == 0.0 and drop_path.drop_prob == 0.0)
@@ -586,8 +592,9 @@ class Block(fusion.WatchesSwaps, nn.Module):
         if plan.mlp:
             fc1_call = fusion.linear_call(mlp.fc1, plan.fc1)
             fc2_call = fusion.linear_call(mlp.fc2, plan.fc2)
-            if fc1_call is not None and fc2_call is not None:
-                h = mlp.drop1(fusion.run_ln_linear(self.norm2, fc1_call, x, activation=plan.act, backend=backend))
+            act = fusion.epilogue_activation(mlp.act)  # per call: GELU's `approximate` may have changed
+            if fc1_call is not None and fc2_call is not None and act is not None:
+                h = mlp.drop1(fusion.run_ln_linear(self.norm2, fc1_call, x, activation=act, backend=backend))
                 if self._residual_branch_is_identity(mlp.drop2, self.drop_path2):
                     return fusion.run_linear(fc2_call, h, residual=x, scale=_gamma(self.ls2), backend=backend)
                 return x + self.drop_path2(self.ls2(mlp.drop2(fusion.run_linear(fc2_call, h, backend=backend))))

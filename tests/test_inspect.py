@@ -22,6 +22,7 @@ from conftest import TRITON_DEVICE, assert_close
 
 import vitkern
 from vitkern import dispatch, inspect
+from vitkern.model import capture_requests
 
 timm = pytest.importorskip("timm")
 
@@ -146,12 +147,11 @@ def test_capture_leaves_outputs_and_model_unchanged(pair):
         logits, layers = vm.forward_attention(x, full=True)
     assert torch.equal(plain, captured) and torch.equal(plain, logits)
     assert all(s.distance.shape == (2, 2) for s in cap.layers) and all(s.full.shape == (2, 17, 17) for s in layers)
-    assert all(blk.attn.capture_request is None for blk in vm.blocks)
-    assert not vm._forward_pre_hooks
+    assert not capture_requests() and not vm._forward_pre_hooks
     with pytest.raises(RuntimeError, match="boom"):
         with inspect.capture(vm):
             raise RuntimeError("boom")
-    assert all(blk.attn.capture_request is None for blk in vm.blocks) and not vm._forward_pre_hooks
+    assert not capture_requests() and not vm._forward_pre_hooks
 
 
 def test_attention_extract_matches_timms(pair):
@@ -209,6 +209,59 @@ def test_errors(pair):
     with pytest.raises(ValueError, match="needs a class token"):
         inspect.attention_maps(no_cls, x)
     assert inspect.mean_attention_distance(no_cls, x).shape == (1, 2)  # every token is a patch
+
+
+def test_cls_maps_need_a_class_token_not_just_prefix_tokens(pair):
+    """Register tokens without a class token (num_prefix_tokens > 0): row 0 is register 0, whose
+    rows kind='cls' used to return silently."""
+    _, _, x = pair
+    regs = vitkern.ViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, class_token=False, reg_tokens=2,
+                       global_pool="avg", num_classes=3).eval()
+    assert regs.num_prefix_tokens == 2
+    with pytest.raises(ValueError, match="kind='cls' needs a class token"):
+        inspect.attention_maps(regs, x)
+    with pytest.raises(ValueError, match="kind='cls' needs a class token"):
+        inspect.AttentionExtract(regs, kind="cls")
+    assert inspect.attention_maps(regs, x, kind="full")[0].shape == (2, 18, 18)
+
+
+def test_capture_is_per_thread(pair):
+    """A forward and a capture of the same model in another thread while this thread's capture is
+    open: each capture sees only its own thread's forwards (the other thread's forward used to reset
+    this capture's layers and write its own statistics there, and a second capture was refused)."""
+    import threading
+
+    _, vm, x = pair
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        want, want2 = inspect.attention_maps(vm, x), inspect.attention_maps(vm, x2)
+        plain2 = vm(x2)
+    inside, done, results = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        inside.wait(60)
+        try:
+            with torch.no_grad():
+                results["plain"] = vm(x2)
+                results["maps"] = inspect.attention_maps(vm, x2)
+        except BaseException as exc:  # reported below, in the test's thread
+            results["error"] = exc
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with torch.no_grad(), inspect.capture(vm) as cap:
+        vm(x)
+        inside.set()
+        done.wait(60)
+    thread.join(60)
+    assert "error" not in results, repr(results.get("error"))
+    assert torch.equal(results["plain"], plain2)
+    for layer in range(len(vm.blocks)):
+        assert torch.equal(cap.layers[layer].prefix_probs[:, :, 0], want[layer])
+        assert torch.equal(results["maps"][layer], want2[layer])
+    assert not capture_requests() and not vm._forward_pre_hooks
 
 
 def test_cli_quick_runs_and_its_pngs_open(tmp_path):

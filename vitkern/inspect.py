@@ -38,12 +38,14 @@ import json
 import math
 import os
 import sys
+import threading
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from vitkern.model import capture_requests
 from vitkern.ops.attention_stats import AttentionStats, attention_with_stats
 
 __all__ = [
@@ -65,6 +67,12 @@ def _check_model(model: object) -> nn.Module:
         if not hasattr(getattr(blk, "attn", None), "core"):
             raise TypeError(f"model.blocks[{i}].attn is not a vitkern Attention (no .core); inspect needs vitkern's modules")
     return model
+
+
+def _has_class_token(model: nn.Module) -> bool:
+    """Row 0 is a class token only when the model has one: without it, prefix row 0 is a register
+    token (num_prefix_tokens counts those too)."""
+    return getattr(model, "cls_token", None) is not None
 
 
 def _layer_indices(depth: int, layers: Optional[Sequence[int]]) -> List[int]:
@@ -118,6 +126,7 @@ class Capture:
         self.patch_size = tuple(float(p) for p in model.patch_embed.patch_size)
         self.layers: List[Optional[AttentionStats]] = [None] * len(model.blocks)
         self._image_hw: Optional[Tuple[int, int]] = None
+        self._thread = threading.get_ident()  # forwards of the model in other threads are not this capture's
 
     def _grid_for(self, tokens: int) -> Optional[Tuple[int, int]]:
         """The patch grid behind `tokens` tokens: the model's own, or the one of the image the last
@@ -134,6 +143,8 @@ class Capture:
         return None
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if threading.get_ident() != self._thread:
+            return
         self.layers = [None] * len(self.model.blocks)
         x = args[0] if args else None
         self._image_hw = tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
@@ -154,18 +165,18 @@ def capture(model: nn.Module, *, full=False, distance: bool = True, layers: Opti
         raise ValueError(f"full must be False, True or one of {HEAD_FUSIONS}, got {full!r}")
     cap = Capture(model, full=full, distance=bool(distance), layers=layers)
     attns = [model.blocks[i].attn for i in cap.indices]
-    for attn in attns:
-        if getattr(attn, "capture_request", None) is not None:
-            raise RuntimeError("this model is already inside vitkern.inspect.capture (captures do not nest)")
+    requests = capture_requests()  # this thread's: other threads run the model as if no capture were open
+    if any(attn in requests for attn in attns):
+        raise RuntimeError("this model is already inside vitkern.inspect.capture in this thread (captures do not nest)")
     handle = model.register_forward_pre_hook(cap._before_forward)
     try:
         for i, attn in zip(cap.indices, attns):
-            attn.capture_request = _Request(cap, i)
+            requests[attn] = _Request(cap, i)
         yield cap
     finally:
         handle.remove()
         for attn in attns:
-            attn.capture_request = None
+            requests.pop(attn, None)
 
 
 def forward_attention(model: nn.Module, x: Tensor, *, full=False, distance: bool = True,
@@ -199,7 +210,7 @@ def attention_maps(model: nn.Module, images: Tensor, *, kind: str = "cls", layer
     _check_model(model)
     if kind not in ("cls", "full"):
         raise ValueError(f"kind must be 'cls' or 'full', got {kind!r}")
-    if kind == "cls" and int(getattr(model, "num_prefix_tokens", 0)) == 0:
+    if kind == "cls" and not _has_class_token(model):
         raise ValueError("kind='cls' needs a class token, and this model has none (class_token=False); use kind='full'")
     stats = _run(model, images, full=kind == "full", distance=False, layers=layers)
     return [s.full if kind == "full" else s.prefix_probs[:, :, 0] for s in stats]
@@ -312,6 +323,8 @@ class AttentionExtract(nn.Module):
         _check_model(model)
         if kind not in ("cls", "full") or head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"kind must be 'cls' or 'full' and head_fusion one of {HEAD_FUSIONS}, got {kind!r}, {head_fusion!r}")
+        if kind == "cls" and not _has_class_token(model):
+            raise ValueError("kind='cls' needs a class token, and this model has none (class_token=False); use kind='full'")
         self.model = model.eval()
         self.kind, self.head_fusion = kind, head_fusion
         self.indices = _layer_indices(len(model.blocks), layers)
@@ -656,7 +669,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     size = tuple(model.patch_embed.img_size)
     grid = tuple(model.patch_embed.grid_size)
     prefix = int(model.num_prefix_tokens)
-    if prefix == 0:
+    if not _has_class_token(model):
         raise SystemExit("vitkern.inspect: the model has no class token; its class-token maps do not exist")
     images = _images(args)
     size_note = f"{size[0]}x{size[1]} px"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections import OrderedDict
 from inspect import Parameter
 from inspect import signature as inspect_signature
@@ -295,6 +296,20 @@ def _probe_backbone(backbone: nn.Module, in_chans: int, img_size: Tuple[int, int
     return out.shape[1], (out.shape[2], out.shape[3])
 
 
+# vitkern.inspect.capture's requests, per thread ({Attention: request}): a capture in one thread
+# neither sees nor alters a forward of the same model in another thread.
+_CAPTURES = threading.local()
+
+
+def capture_requests() -> Dict[nn.Module, Callable[[nn.Module, Tensor], Tensor]]:
+    """This thread's {Attention module: request} (filled and emptied by vitkern.inspect.capture):
+    `Attention.core` calls request(attn, qkv) in place of its attention."""
+    requests = getattr(_CAPTURES, "requests", None)
+    if requests is None:
+        requests = _CAPTURES.requests = {}
+    return requests
+
+
 class Attention(fusion.WatchesSwaps, nn.Module):
     """Multi-head self-attention with timm's parameters and sub-modules: `qkv` Linear(dim, 3 dim),
     `q_norm`, `k_norm` (LayerNorm(head_dim) with qk_norm, else Identity), `norm` (Identity),
@@ -344,7 +359,8 @@ class Attention(fusion.WatchesSwaps, nn.Module):
     def core(self, qkv: Tensor) -> Tensor:
         """Packed qkv [batch, tokens, 3 dim] (before q_norm / k_norm) -> [batch, tokens, dim],
         before the output projection. Plain QK-norm LayerNorms run inside the attention op."""
-        request = getattr(self, "capture_request", None)
+        requests = getattr(_CAPTURES, "requests", None)
+        request = requests.get(self) if requests else None
         norms = self.qk_norm_args()
         if request is not None or norms is None or (self.training and self.attn_drop > 0):
             qkv = self._normalized_qk(qkv)

@@ -188,10 +188,33 @@ def test_from_timm_hybrid_copies_backbone():
         assert _max_diff(model(x), tm(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(img_size=48, num_classes=7)], ids=["same", "resampled-newhead"])
+def test_from_timm_of_a_meta_model_is_a_meta_model(kwargs):
+    """timm's test_model_default_cfgs_non_std builds models on the meta device: converting one gives
+    a meta vitkern model of the same shapes (it used to fail copying out of every meta tensor)."""
+    with torch.device("meta"):
+        tm = _tiny_timm(class_token=True, reg_tokens=2, init_values=1e-5)
+    model = from_timm(tm, **kwargs)
+    assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"meta"}
+    real = from_timm(_tiny_timm(class_token=True, reg_tokens=2, init_values=1e-5), **kwargs)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    out = model(torch.empty(2, 3, *model.patch_embed.img_size, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, kwargs.get("num_classes", 5))
+
+
 # --------------------------------------------------------------------------------------------
 # load_hf
 
 transformers = pytest.importorskip("transformers")
+
+
+def test_load_hf_strict_refuses_weights_the_model_has_no_place_for():
+    """Strict loading names the keys the model lacks instead of dropping them: here the HF pooler
+    (-> pre_logits.fc) into a model built without representation_size."""
+    hf = transformers.ViTModel(_hf_config()).eval()
+    config = load_hf(hf).config.replace(representation_size=None)
+    with pytest.raises(ValueError, match="not in the vitkern model: pre_logits.fc.weight, pre_logits.fc.bias"):
+        load_hf(hf.state_dict(), config=config)
 
 
 def _hf_config(**kwargs):

@@ -79,8 +79,8 @@ def _match_source(model: nn.Module, like: Optional[Tensor], training: bool) -> n
     return model.train(training)
 
 
-def _build(config: ViTConfig, hybrid_backbone: Optional[nn.Module] = None) -> ViT:
-    return ViT(hybrid_backbone=hybrid_backbone, **vars(config))
+def _build(config: ViTConfig, hybrid_backbone: Optional[nn.Module] = None, device: Optional[str] = None) -> ViT:
+    return ViT(hybrid_backbone=hybrid_backbone, device=device, **vars(config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +369,12 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
     old_grid = tuple(timm_model.patch_embed.grid_size)
     config = config.replace(**overrides) if overrides else config
     state = dict(timm_model.state_dict())
-    model = _build(config, copy.deepcopy(backbone) if backbone is not None else None)
+    like = next(timm_model.parameters(), None)
+    # A timm model on the meta device (built to read its architecture; timm's own tests do) has
+    # shapes and no data: the conversion is a meta vitkern model, checked key by key and shape by
+    # shape like any other, with nothing to copy.
+    on_meta = like is not None and like.is_meta
+    model = _build(config, copy.deepcopy(backbone) if backbone is not None else None, "meta" if on_meta else None)
     new_grid = tuple(model.patch_embed.grid_size)
     if new_grid != old_grid:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_grid, old_grid, model._pos_prefix)
@@ -383,7 +388,6 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
     model.distilled_training = bool(getattr(timm_model, "distilled_training", False))
     # The checkpoint's preprocessing (mean, std, crop_pct, ...): timm.data.resolve_data_config reads it.
     model.pretrained_cfg = copy.deepcopy(dict(getattr(timm_model, "pretrained_cfg", None) or {}))
-    like = next(timm_model.parameters(), None)
     return _match_source(model, like, timm_model.training)
 
 

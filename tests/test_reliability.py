@@ -225,3 +225,24 @@ def test_triton_gemms_with_strides_past_int32_over_block():
         f"exit status {proc.returncode} (a negative status is the signal that killed it, -11 SIGSEGV)\n"
         f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     )
+
+
+# ------------------------------------------------------------ option tensors on another device (19)
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_option_tensors_on_another_device_are_refused_by_name(backend):
+    """PatchDropout's `keep` and the QK-norm tensors are checked apart from the main inputs: one on
+    the meta device with CPU inputs is refused naming it, before any backend runs."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 3, 16, 16, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+    keep = torch.zeros(2, 2, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="keep is on meta but x is on cpu"):
+        ops.patch_embed(x, weight, None, keep=keep, backend=backend)
+    qkv = torch.randn(2, 5, 3 * 8, generator=g)  # 2 heads of 4
+    for name in ("q_norm", "k_norm"):
+        for part, norm in (("weight", (torch.ones(4, device="meta"), None, 1e-6)),
+                           ("bias", (None, torch.zeros(4, device="meta"), 1e-6))):
+            with pytest.raises(TypeError, match=f"{name}'s {part} is torch.float32 on meta; it must match qkv: "
+                                                "torch.float32 on cpu"):
+                ops.attention(qkv, 2, **{name: norm}, backend=backend)

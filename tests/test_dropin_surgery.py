@@ -271,7 +271,9 @@ def test_pre_hook_and_backward_hook_change_results_as_in_timm():
         vk(x)
     grads = {}
     for which, model in (("timm", tm), ("vitkern", vk)):
-        model.blocks[1].norm2.register_forward_pre_hook(lambda m, args: (args[0] * 1.5,))
+        # tanh, not a scale or shift: LayerNorm's output does not change under those, so a skipped
+        # pre-hook on a norm would go unseen.
+        model.blocks[1].norm2.register_forward_pre_hook(lambda m, args: (args[0].tanh(),))
         model.blocks[0].attn.proj.register_forward_hook(lambda m, args, out: out.tanh())
         model.blocks[0].mlp.fc1.register_full_backward_hook(
             lambda m, gin, gout, which=which: grads.__setitem__(which, gout[0].detach().clone()))

@@ -167,6 +167,16 @@ def test_checkpoint_from_another_model(full_run, tmp_path):
         train(tiny(tmp_path / "fresh", resume=True))
 
 
+def test_init_refuses_weights_the_model_has_no_place_for(full_run, tmp_path):
+    recipe, _ = full_run
+    state = ckpt.load_safetensors(os.path.join(recipe.out, "checkpoints", "step_0000006", "model.safetensors"))
+    state["blocks.9.mlp.fc1.weight"] = torch.zeros(2, 2)  # a deeper model's layer
+    ckpt.save_safetensors(state, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(ValueError, match=r"--init: .* from another model: missing \[\], "
+                                         r"unexpected \['blocks\.9\.mlp\.fc1\.weight'\]"):
+        train(tiny(tmp_path / "out", steps=1, warmup_steps=1, init=str(tmp_path / "deeper.safetensors")))
+
+
 def test_cli_reports_bad_flags(capsys):
     assert main(["--steps", "0"]) == 2
     assert "--steps must be a positive int, got 0" in capsys.readouterr().err

@@ -57,7 +57,7 @@ HEAD_FUSIONS = ("mean", "max", "min")
 
 
 # --------------------------------------------------------------------------------------------
-# Capture: a per-module request that Attention.core consults
+# Capture: per-thread requests that Attention.core consults (vitkern.model.capture_requests)
 
 
 def _check_model(model: object) -> nn.Module:

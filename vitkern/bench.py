@@ -581,7 +581,9 @@ def _split(text: Optional[str], default: Sequence[Any], cast: Callable[[str], An
         except ValueError:
             raise SystemExit(f"--{name}: cannot read {tok!r}")
         if allowed is not None and val not in allowed:
-            raise SystemExit(f"--{name}: {tok!r} is not one of {', '.join(map(str, allowed))}")
+            from vitkern.config import unknown_name
+
+            raise SystemExit(f"--{name}: {unknown_name(name.rstrip('s'), tok, map(str, allowed))}")
         items.append(val)
     return items
 

@@ -171,7 +171,9 @@ def arch_of(model_or_name: Any) -> Arch:
 
     if isinstance(model_or_name, str):
         if model_or_name not in VARIANTS:
-            raise ValueError(f"model_or_name: unknown model name {model_or_name!r}; known: {sorted(VARIANTS)}")
+            from vitkern.config import unknown_name
+
+            raise ValueError(f"model_or_name: {unknown_name('model', model_or_name, VARIANTS)}")
         return _arch_from_config(VARIANTS[model_or_name], model_or_name)
     if isinstance(model_or_name, ViTConfig):
         return _arch_from_config(model_or_name, "")

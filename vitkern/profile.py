@@ -300,7 +300,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args.quick = True
     model = args.model or (bench.QUICK_MODEL if args.quick else "vit_base_patch16_224")
     if model not in VARIANTS:
-        raise SystemExit(f"--model: unknown model {model!r}; known: {', '.join(sorted(VARIANTS))}")
+        from vitkern.config import unknown_name
+
+        raise SystemExit(f"--model: {unknown_name('model', model, VARIANTS)}")
     batch = args.batch or (bench.QUICK_BATCH if args.quick else 256)
     if batch <= 0:
         raise SystemExit(f"--batch must be positive, got {batch}")

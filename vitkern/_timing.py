@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from vitkern import _threads
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,6 +62,10 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # CPU threads of torch's ops and why that many (vitkern._threads): on a shared CPU the
+        # count decides the numbers more than the code does
+        "threads": torch.get_num_threads(),
+        "threads_policy": _threads.last_choice(),
     }
     # versions from package metadata: importing transformers alone can take seconds
     from importlib import metadata

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from vitkern import _timing, cost
+from vitkern import _threads, _timing, cost
 
 SCHEMA = "vitkern.bench/1"
 
@@ -564,6 +564,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--progress", choices=("auto", "plain"), default="auto",
                    help="auto: tqdm when installed; plain: one line per case (for logs)")
     p.add_argument("--target-ms", type=float, help="timed milliseconds per case (default 500 on GPU); fewer = faster run")
+    _threads.add_argument(p)
     args = p.parse_args(argv)
     return args
 
@@ -612,6 +613,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from vitkern.config import VARIANTS
 
+    _threads.configure(args.threads, who="vitkern.bench")
     if args.device:
         device = torch.device(args.device)
     else:

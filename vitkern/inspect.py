@@ -359,7 +359,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="--bench: images per forward (default 256)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="--bench: model and input dtype on a GPU (the CPU runs float32)")
-    return p.parse_args(argv)
+    from vitkern import _threads
+    from vitkern.config import VARIANTS, unknown_name
+
+    _threads.add_argument(p)
+    args = p.parse_args(argv)
+    if args.model.partition(".")[0] not in VARIANTS:
+        p.error(unknown_name("model", args.model, VARIANTS))
+    return args
 
 
 BENCH_VARIANTS = (
@@ -646,6 +653,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     matplotlib.use("Agg")
     args = _parse_args(argv)
+    from vitkern import _threads
+
+    _threads.configure(args.threads, who="vitkern.inspect")
     model, weights, mean, std = _load_model(args)
     if args.bench:  # timing does not depend on the weights
         return _bench_main(args, model)

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from vitkern import _timing, bench, cost
+from vitkern import _threads, _timing, bench, cost
 
 SCHEMA = "vitkern.profile/1"
 
@@ -286,6 +286,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available, cpu with --quick)")
     p.add_argument("--iters", type=int, default=None, help="profiled steps (default 3, 1 with --quick)")
     p.add_argument("--out", default="profile-out", help="folder for profile.md/json/png and trace.json")
+    _threads.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -293,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from vitkern.config import VARIANTS
 
+    _threads.configure(args.threads, who="vitkern.profile")
     if not args.quick and not args.device and not torch.cuda.is_available() and not (args.model or args.batch):
         # B/16 at batch 256 would take minutes per step on a CPU
         print("vitkern.profile: no CUDA device, profiling the CPU smoke configuration (--quick); "

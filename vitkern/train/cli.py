@@ -19,6 +19,7 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional
 
+from vitkern import _threads
 from vitkern.train.recipes import (BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe,
                                    preset)
 
@@ -52,7 +53,7 @@ HELP = {
     "progress": "show a progress bar on rank 0",
     "compile": "torch.compile the model",
     "grad_checkpointing": "recompute block activations in the backward",
-    "threads": "CPU threads per rank (small models on a busy CPU train faster with 1)",
+    "threads": "CPU threads per rank (default: the physical cores other processes leave free, vitkern/_threads.py)",
 }
 
 
@@ -109,6 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from vitkern.train.loop import train
 
+    _threads.configure(recipe.threads, who="vitkern.train")  # the one thread policy of every command
     try:
         summary = train(recipe)
     except ValueError as exc:  # bad input: the message names the flag

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitkern import _threads
+from vitkern import _threads, audit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +84,68 @@ def test_unknown_model_name_suggests_close_matches():
         cost.arch_of("vit_smal_patch16_224")
     with pytest.raises(SystemExit, match="did you mean vit_tiny_patch16_224"):
         profile.main(["--quick", "--model", "vit_tiny_patch16_22"])
+
+
+
+# --------------------------------------------------------------------------------------------
+# The audit: progress, failing rows only, the failing configs named last, a retry of a flaky compile
+
+
+def _row(**kw):
+    base = dict(module="m", kernel="k", config="c", dtype="bf16", arch=90, gemm_like=True, shared=1024, registers=100,
+                spill_stores=0, spill_loads=0, mma="wgmma")
+    base.update(kw)
+    row = audit.Row(**base)
+    row.problems = audit.problems(row)
+    return row
+
+
+def test_audit_prints_failing_rows_and_names_them_last(monkeypatch, capsys, tmp_path):
+    rows = [_row(kernel=f"ok{i}") for i in range(50)] + [_row(kernel="bad", config="BLOCK=64 w8", arch=80,
+                                                             mma="mma.sync", spill_stores=8, spill_loads=8)]
+    monkeypatch.setattr(audit, "_interpreting", lambda: False)
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: (rows, [], []))
+    out_json = tmp_path / "a.json"
+    assert audit.main(["--json", str(out_json)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert "ok7" not in captured.out  # passing rows only with --all
+    assert lines[-2].startswith("51 compiled kernel configs, 1 failing")
+    assert lines[-1] == "FAIL m.bad [BLOCK=64 w8] bf16 sm_80: spills 8 B stores / 8 B loads"
+    assert "compile processes" in captured.err or "process" in captured.err
+    assert len(json.loads(out_json.read_text())["rows"]) == 51  # the JSON has every row
+    assert audit.main(["--all"]) == 1
+    assert "ok7" in capsys.readouterr().out
+
+
+def test_audit_progress_and_transient_failure_retried(monkeypatch):
+    calls = []
+
+    def worker(job):
+        calls.append(job)
+        first = calls.count(job) == 1
+        if job[0] == "flaky" and first:
+            return _row(module="flaky", error="CalledProcessError: ptxas died with <Signals.SIGKILL: 9>")
+        if job[0] == "broken":
+            return _row(module="broken", error="CompilationError: boom")
+        return _row(module=job[0])
+
+    spec = type("Spec", (), {"not_on": ()})()
+    monkeypatch.setattr(audit, "_interpreting", lambda: False)
+    monkeypatch.setattr(audit, "_worker", worker)
+    monkeypatch.setattr(audit, "load_specs", lambda modules: ([(m, 0, spec) for m in ("a", "flaky", "broken")], [], []))
+    seen = []
+    rows, _, _ = audit.run_audit(None, (90,), jobs=1, progress=lambda done, total, row: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    by_module = {r.module: r for r in rows}
+    assert by_module["flaky"].ok and "retry passed" in by_module["flaky"].note  # the machine's, not the kernel's
+    assert not by_module["broken"].ok and by_module["broken"].error == "CompilationError: boom"  # repeats: the kernel's
+    assert calls.count(("broken", 0, 90)) == 2 and calls.count(("a", 0, 90)) == 1
+
+
+def test_audit_row_of_a_dead_worker_names_the_config():
+    from vitkern.kernels.triton import layer_norm
+
+    row = audit._job_row(("layer_norm", 0, 80), RuntimeError("A process in the process pool was terminated abruptly"))
+    assert row.config == layer_norm.AUDIT_SPECS[0].label and not row.ok
+    assert "worker failed" in audit.failure_line(row)

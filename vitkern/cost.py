@@ -32,6 +32,7 @@ Units: FLOPs and bytes are plain counts (not giga), times are seconds, rates are
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -113,6 +114,14 @@ def measured_device(name: str, peak_flops: Dict[str, float], bandwidth: float) -
     """A device entry from measured rates (a large GEMM's FLOP/s per dtype, a large copy's
     bytes read + written per second), e.g. from a benchmark record's `device.measured`."""
     return Device(name, dict(peak_flops), float(bandwidth), source="measured")
+
+
+def is_matrix_product(op_name: str) -> bool:
+    """Whether a PyTorch operator (as the profiler names it: "aten::addmm") is a matrix product,
+    the work model FLOPs count. torch's profiler also gives FLOPs to elementwise operators
+    (aten::add, aten::mul), which are not."""
+    return re.fullmatch(r"aten::(mm|addmm|bmm|baddbmm|addbmm|_addmm_activation|_scaled_mm|"
+                        r"conv[123]d|convolution|_convolution|mkldnn_convolution|cudnn_convolution)", op_name) is not None
 
 
 # --------------------------------------------------------------------------------------------

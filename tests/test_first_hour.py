@@ -86,6 +86,30 @@ def test_unknown_model_name_suggests_close_matches():
         profile.main(["--quick", "--model", "vit_tiny_patch16_22"])
 
 
+def test_inspect_without_network_fails_fast_in_one_line(monkeypatch, tmp_path):
+    """No network: one line saying the weights could not be fetched and how to pass a file, within
+    seconds (timm's hub loader retried for 55 s, then a 55-line traceback)."""
+    pytest.importorskip("timm")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    from vitkern import inspect
+
+    monkeypatch.setattr(inspect, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored afterwards: the CLI sets it
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            inspect.main(["--timm", "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "--out", str(tmp_path / "o"),
+                          "--threads", str(before)])
+    finally:
+        torch.set_num_threads(before)
+    message = str(exc.value.code)
+    assert "\n" not in message
+    assert "could not fetch the weights of --timm vit_tiny_patch16_224.augreg_in21k_ft_in1k" in message
+    assert "--model vit_tiny_patch16_224 --checkpoint FILE" in message
+
 
 # --------------------------------------------------------------------------------------------
 # The audit: progress, failing rows only, the failing configs named last, a retry of a flaky compile

@@ -68,6 +68,43 @@ def test_available_cores_respects_affinity():
 
 
 # --------------------------------------------------------------------------------------------
+# Every command answers --help with its usage and exit status 0
+
+
+def _mains():
+    from vitkern import bench, cost, demo, inspect, profile
+    from vitkern.train import cli
+
+    return {"bench": bench.main, "profile": profile.main, "audit": audit.main, "inspect": inspect.main,
+            "demo": demo.main, "cost": cost.main, "train": cli.main}
+
+
+@pytest.mark.parametrize("command", ["bench", "profile", "audit", "inspect", "demo", "cost", "train"])
+def test_every_cli_help_exits_0_with_usage(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _mains()[command](["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m vitkern.{command}"), out[:200]
+    if command in ("bench", "profile", "inspect", "demo", "train"):
+        assert "--threads" in out
+
+
+def test_cost_help_through_python_m():
+    # `python -m vitkern.cost --help` printed the cost table instead of its usage.
+    proc = subprocess.run([sys.executable, "-m", "vitkern.cost", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m vitkern.cost"), proc.stdout[:300]
+    assert "| model |" not in proc.stdout
+
+
+def test_gpu_suite_help():
+    proc = subprocess.run([sys.executable, "scripts/gpu_suite.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-500:]
+
+
+# --------------------------------------------------------------------------------------------
 # One-line errors
 
 

@@ -210,3 +210,25 @@ def test_audit_row_of_a_dead_worker_names_the_config():
     row = audit._job_row(("layer_norm", 0, 80), RuntimeError("A process in the process pool was terminated abruptly"))
     assert row.config == layer_norm.AUDIT_SPECS[0].label and not row.ok
     assert "worker failed" in audit.failure_line(row)
+
+
+# --------------------------------------------------------------------------------------------
+# Makefile and .gitignore
+
+
+def test_gitignore_has_the_default_output_folders():
+    entries = (ROOT / ".gitignore").read_text().split()
+    for folder in ("runs", "inspect_out", "bench-out", "profile-out"):
+        assert f"/{folder}/" in entries or f"{folder}/" in entries, folder
+
+
+def test_make_help_lists_every_target():
+    if not __import__("shutil").which("make"):
+        pytest.skip("make is not installed")
+    proc = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert {"demo", "test", "bench", "audit", "train", "gpu", "gpu-more", "gpu-sweep", "gpu-plan", "help"} <= listed
+    # `make` alone is `make help`, not an install
+    proc = subprocess.run(["make", "-n"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "pip install" not in proc.stdout

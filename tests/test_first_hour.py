@@ -213,6 +213,36 @@ def test_audit_row_of_a_dead_worker_names_the_config():
 
 
 # --------------------------------------------------------------------------------------------
+# The bench chart's title fits the figure (it lost "SMOKE RUN" at the left edge)
+
+
+def test_bench_chart_title_fits(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from vitkern import bench
+
+    results = [{"status": "ok", "mode": mode, "provider": p, "model": "vit_tiny_patch16_224", "img_size": 64,
+                "batch": 2, "img_per_s": 100.0 * (i + 1), "speedup_vs_timm_eager": 1.0 + i}
+               for mode in ("infer", "train") for i, p in enumerate(("timm-eager", "vitkern-auto"))]
+    record = {"results": results, "settings": {"smoke_run": True, "dtype": "fp32"},
+              "environment": {"device": "cpu (x86_64 AMD EPYC 9654 96-Core Processor, 1 threads)",
+                              "torch": "2.14.1+cu130", "git_commit": "ddbafc9fd1+dirty"}}
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    assert bench.plot(record, str(tmp_path / "b.png")) is None
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [fig._suptitle] + [ax.title for ax in fig.axes]
+    assert fig._suptitle.get_text().startswith("SMOKE RUN, not a measurement\n")
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1, (text.get_text(), extent, box)
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------
 # Makefile and .gitignore
 
 

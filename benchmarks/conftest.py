@@ -12,7 +12,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _benchcommon import _BUDGET, DEVICE, DTYPE, GRID, TARGET_MS  # noqa: E402
-from vitkern import _timing, bench  # noqa: E402
+from vitkern import _threads, _timing, bench  # noqa: E402
+
+# The thread count of every command (vitkern/_threads.py), chosen before anything is measured and
+# reported in the header and in each record: on a shared CPU it decides the numbers.
+THREADS = _threads.configure(who="vitkern benchmarks", flag="", quiet=True)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +28,8 @@ def device() -> torch.device:
 def env_info() -> Dict[str, Any]:
     """Device name, torch/triton/CUDA versions and git commit, once per session."""
     env = _timing.environment(DEVICE)
-    return {k: env.get(k) for k in ("device", "torch", "triton", "cuda", "git_commit", "timm", "transformers")}
+    return {k: env.get(k) for k in ("device", "torch", "triton", "cuda", "git_commit", "timm", "transformers", "threads",
+                                    "threads_policy")}
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +49,14 @@ def baselines() -> Dict[Tuple, float]:
 
 
 def pytest_report_header(config):
-    return (f"vitkern benchmarks on {_timing.device_name(DEVICE)} ({str(DTYPE).replace('torch.', '')}), "
-            f"grid {GRID if DEVICE.type == 'cuda' else 'cpu-small'}, budget {_BUDGET or 'none'} s")
+    return [f"vitkern benchmarks on {_timing.device_name(DEVICE)} ({str(DTYPE).replace('torch.', '')}), "
+            f"grid {GRID if DEVICE.type == 'cuda' else 'cpu-small'}, budget {_BUDGET or 'none'} s",
+            _threads.describe("threads", THREADS, _threads.last_choice() or "", flag="")]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch_threads"] = THREADS
+    machine_info["torch_threads_policy"] = _threads.last_choice()
 
 
 def pytest_configure(config):

@@ -69,6 +69,14 @@ def assert_ratio(actual: torch.Tensor, eager_lowp: torch.Tensor, oracle: torch.T
     assert err <= RATIO * base + floor, f"{name}: kernel error {err:.3e} > {RATIO} x eager error {base:.3e} (+{floor:g})"
 
 
+def assert_max_diff(actual: torch.Tensor, expected: torch.Tensor, bound: float, name: str = "") -> None:
+    """max |actual - expected| <= bound (in float64). Fails with one line naming the error and the
+    bound: an `assert` on the tensors themselves makes pytest print their reprs, and those of the
+    models that produced them, in its explanation."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= bound, f"{name + ': ' if name else ''}max |difference| {err:.3e} > bound {bound:g}"
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so any element a kernel forgets to write fails the comparison."""
     return t.fill_(float("nan"))

@@ -32,7 +32,7 @@ def _clean_env():
 def test_audit_cli_all_kernel_files(tmp_path):
     out = tmp_path / "audit.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "vitkern.audit", "--one-per-kernel", "--json", str(out)],
+        [sys.executable, "-m", "vitkern.audit", "--one-per-kernel", "--all", "--json", str(out)],
         cwd=ROOT,
         env=_clean_env(),
         capture_output=True,
@@ -62,7 +62,10 @@ def test_audit_cli_all_kernel_files(tmp_path):
         assert any(m == module and a == 90 for m, _, a in audited), module
     assert ("layer_norm", "_layer_norm_bwd_kernel", 90) in audited
     assert ("patch_embed", "_patch_embed_fwd_kernel", 90) in audited
-    assert "_layer_norm_fwd_kernel" in proc.stdout and "sm_90" in proc.stdout
+    assert "_layer_norm_fwd_kernel" in proc.stdout and "sm_90" in proc.stdout  # --all: the table of every row
+    # progress on stderr while it compiles; the summary is the last line of a passing audit
+    assert f"{len(rows)}/{len(rows)} compiled" in proc.stderr or "vitkern.audit" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"{len(rows)} compiled kernel configs, 0 failing")
 
 
 def _row(**kw):

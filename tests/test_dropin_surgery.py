@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import vitkern
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, assert_max_diff
 from vitkern import dispatch
 from vitkern.model import Attention, Block, Mlp
 
@@ -109,7 +109,7 @@ def test_unmodified_model_runs_only_fused_ops_and_caches_its_plan(monkeypatch):
     assert log.modules == {"Linear": 1}, dict(log.modules)  # the head, as in timm
     assert [blk._plan for blk in vk.blocks] == plans and all(a is b for a, b in zip((blk._plan for blk in vk.blocks), plans))
     with torch.no_grad():
-        assert _max_diff(out, tm(x)) <= TOL
+        assert_max_diff(out, tm(x), TOL)
 
 
 def test_cached_plan_is_cheaper_than_deciding_per_call():
@@ -163,7 +163,7 @@ def test_peft_lora_matches_timm_and_stays_fused(backend, monkeypatch):
     log.clear()
     theirs = pt(x)
     assert log.modules["peft.Linear"] == 4 * depth  # timm's: called as modules
-    assert _max_diff(ours.cpu(), theirs) <= TOL
+    assert_max_diff(ours.cpu(), theirs, TOL)
     ours.square().sum().backward()
     theirs.square().sum().backward()
     lora_grads = {n: p.grad for n, p in pt.named_parameters() if p.requires_grad}
@@ -171,7 +171,7 @@ def test_peft_lora_matches_timm_and_stays_fused(backend, monkeypatch):
     for name, p in pv.named_parameters():
         if name in lora_grads:
             assert p.grad is not None, name
-            assert _max_diff(p.grad.cpu(), lora_grads[name]) <= TOL, name
+            assert_max_diff(p.grad.cpu(), lora_grads[name], TOL, name)
         else:
             assert p.grad is None, f"{name} is frozen by PEFT"
 
@@ -185,7 +185,7 @@ def test_peft_lora_matches_timm_and_stays_fused(backend, monkeypatch):
                              "layer_norm": 1}
     assert dict(log.modules) == {"Linear": 1}
     with torch.no_grad():
-        assert _max_diff(ours.cpu(), merged_t(x)) <= TOL
+        assert_max_diff(ours.cpu(), merged_t(x), TOL)
 
 
 def test_lora_states_peft_can_switch(monkeypatch):
@@ -193,14 +193,14 @@ def test_lora_states_peft_can_switch(monkeypatch):
     pt, pv, x = _lora_pair("cpu")
     with torch.no_grad():
         with pt.disable_adapter(), pv.disable_adapter():
-            assert _max_diff(pv(x), pt(x)) <= TOL
+            assert_max_diff(pv(x), pt(x), TOL)
         for model in (pt, pv):
             torch.manual_seed(1)
             model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["mlp.fc1"], init_lora_weights=False))
         pv.load_state_dict(pt.state_dict())
         for model in (pt, pv):
             model.base_model.set_adapter(["default", "second"])
-        assert _max_diff(pv(x), pt(x)) <= TOL
+        assert_max_diff(pv(x), pt(x), TOL)
         for model in (pt, pv):
             torch.manual_seed(2)
             model.add_adapter("dropped", peft.LoraConfig(r=2, target_modules=["attn.qkv"], lora_dropout=0.5))
@@ -208,7 +208,7 @@ def test_lora_states_peft_can_switch(monkeypatch):
         pv.load_state_dict(pt.state_dict())
         pt.eval()
         pv.eval()  # dropout inactive: still fused; in training PEFT's own forward runs
-        assert _max_diff(pv(x), pt(x)) <= TOL
+        assert_max_diff(pv(x), pt(x), TOL)
         log = _OpLog(monkeypatch)
         pv.train()
         torch.manual_seed(3)
@@ -238,12 +238,12 @@ def test_forward_hooks_fire_with_timms_tensors(monkeypatch):
                 seen[which][name] = (args[0].detach().clone(), out.detach().clone())
             handles.append(model.get_submodule(name).register_forward_hook(hook))
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= TOL
+        assert_max_diff(vk(x), tm(x), TOL)
     assert sorted(seen["vitkern"]) == sorted(seen["timm"]) == sorted(HOOKED)
     for name in HOOKED:
         for what, ours, theirs in zip(("input", "output"), seen["vitkern"][name], seen["timm"][name]):
             assert ours.shape == theirs.shape, f"{name} {what}: {tuple(ours.shape)} vs {tuple(theirs.shape)}"
-            assert _max_diff(ours, theirs) <= TOL, f"{name} {what}"
+            assert_max_diff(ours, theirs, TOL, f"{name} {what}")
     for handle in handles:
         handle.remove()
     log = _OpLog(monkeypatch)
@@ -259,9 +259,9 @@ def test_patch_embed_hook_under_dynamic_img_size_sees_timms_nhwc_tokens():
     for which, model in (("timm", tm), ("vitkern", vk)):
         model.patch_embed.register_forward_hook(lambda m, a, out, which=which: seen.__setitem__(which, out))
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= TOL
+        assert_max_diff(vk(x), tm(x), TOL)
     assert seen["vitkern"].shape == seen["timm"].shape == (2, 4, 5, 32)
-    assert _max_diff(seen["vitkern"], seen["timm"]) <= TOL
+    assert_max_diff(seen["vitkern"], seen["timm"], TOL)
 
 
 def test_pre_hook_and_backward_hook_change_results_as_in_timm():
@@ -278,10 +278,10 @@ def test_pre_hook_and_backward_hook_change_results_as_in_timm():
         model.blocks[0].mlp.fc1.register_full_backward_hook(
             lambda m, gin, gout, which=which: grads.__setitem__(which, gout[0].detach().clone()))
     ours, theirs = vk(x), tm(x)
-    assert _max_diff(ours, theirs) <= TOL
+    assert_max_diff(ours, theirs, TOL)
     ours.square().sum().backward()
     theirs.square().sum().backward()
-    assert _max_diff(grads["vitkern"], grads["timm"]) <= TOL
+    assert_max_diff(grads["vitkern"], grads["timm"], TOL)
     for (name, p), q in zip(vk.named_parameters(), tm.parameters()):
         assert _grad_close(p.grad, q.grad), name
 
@@ -313,7 +313,7 @@ def test_swapped_mlp_and_modules_are_called():
         vk.load_state_dict(tm.state_dict())
         ours, theirs = vk(x), tm(x)
     assert vk.blocks[1].mlp.calls == 1
-    assert _max_diff(ours, theirs) <= TOL
+    assert_max_diff(ours, theirs, TOL)
 
 
 def test_parametrized_weight_and_subclass_are_honoured():
@@ -336,7 +336,7 @@ def test_parametrized_weight_and_subclass_are_honoured():
             norm = MyLayerNorm(32, eps=1e-6)
             norm.load_state_dict(model.blocks[1].norm1.state_dict())
             model.blocks[1].norm1 = norm
-        assert _max_diff(vk(x), tm(x)) <= TOL
+        assert_max_diff(vk(x), tm(x), TOL)
 
 
 def test_global_module_hook_sees_timms_calls():
@@ -488,7 +488,7 @@ def test_create_feature_extractor_matches_timm_forward_and_backward():
     ours = fe(x)
     assert sorted(ours) == ["b0", "b1"]
     for key in ours:
-        assert _max_diff(ours[key], theirs[key]) <= TOL, key
+        assert_max_diff(ours[key], theirs[key], TOL, key)
     ours["b1"].square().sum().backward()
     theirs["b1"].square().sum().backward()
     for (name, p), (tname, q) in zip(vk.named_parameters(), tm.named_parameters()):
@@ -532,8 +532,8 @@ def test_compile_fullgraph_with_lora_and_hooks():
     torch._dynamo.reset()
     compiled = torch.compile(vk, backend="eager", fullgraph=True)
     with torch.no_grad():
-        assert _max_diff(compiled(x), expected) <= 1e-6
+        assert_max_diff(compiled(x), expected, 1e-6)
         seen = []
         vk.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: seen.append(out))
-        assert _max_diff(compiled(x), expected) <= 1e-6
+        assert_max_diff(compiled(x), expected, 1e-6)
     assert len(seen) == 1, "a hook registered after compiling fires (dynamo guards on the hooks)"

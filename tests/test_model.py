@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import vitkern
+from conftest import assert_max_diff
 from vitkern import BackendUnavailableError, dispatch, reference
 
 timm = pytest.importorskip("timm")
@@ -62,7 +63,7 @@ def test_named_variant_matches_timm(name, global_pool, num_classes):
     width = num_classes or tm.embed_dim
     assert sum(p.numel() for p in vk.parameters()) == sum(p.numel() for p in tm.parameters())
     assert ours.shape == theirs.shape == (batch, width)
-    assert _max_diff(ours, theirs) <= 1e-5
+    assert_max_diff(ours, theirs, 1e-5)
 
 
 def test_forward_features_and_head_match_timm():
@@ -71,22 +72,22 @@ def test_forward_features_and_head_match_timm():
     with torch.no_grad():
         feats = vk.forward_features(x)
         assert feats.shape == (2, 197, 192)
-        assert _max_diff(feats, tm.forward_features(x)) <= 1e-5
-        assert _max_diff(vk.forward_head(feats, pre_logits=True), tm.forward_head(feats, pre_logits=True)) <= 1e-5
-        assert _max_diff(vk.forward_head(feats), tm.forward_head(feats)) <= 1e-5
+        assert_max_diff(feats, tm.forward_features(x), 1e-5)
+        assert_max_diff(vk.forward_head(feats, pre_logits=True), tm.forward_head(feats, pre_logits=True), 1e-5)
+        assert_max_diff(vk.forward_head(feats), tm.forward_head(feats), 1e-5)
 
 
 def test_dynamic_img_size_non_square_matches_timm():
     tm, vk = _pair("vit_tiny_patch16_224", dynamic_img_size=True)
     x = torch.randn(1, 3, 224, 288)
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= 1e-5
+        assert_max_diff(vk(x), tm(x), 1e-5)
         # The resampled position embedding itself equals timm's resample_abs_pos_embed.
         pos = vk._pos_embed_for((14, 18))
-        assert _max_diff(pos, resample_abs_pos_embed(tm.pos_embed, [14, 18], [14, 14], num_prefix_tokens=1)) <= 1e-6
+        assert_max_diff(pos, resample_abs_pos_embed(tm.pos_embed, [14, 18], [14, 14], num_prefix_tokens=1), 1e-6)
         # The built size still takes the stored embedding as is.
         x = torch.randn(1, 3, 224, 224)
-        assert _max_diff(vk(x), tm(x)) <= 1e-5
+        assert_max_diff(vk(x), tm(x), 1e-5)
 
 
 def test_dynamic_img_pad_pads_like_timm():
@@ -96,7 +97,7 @@ def test_dynamic_img_pad_pads_like_timm():
     vk.load_state_dict(tm.state_dict())
     x = torch.randn(2, 3, 30, 38)  # neither side a multiple of 8: padded to 32 x 40
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= 1e-5
+        assert_max_diff(vk(x), tm(x), 1e-5)
 
 
 def test_dynamic_img_pad_state_dict_shapes_match_timm_for_indivisible_img_size():
@@ -108,7 +109,7 @@ def test_dynamic_img_pad_state_dict_shapes_match_timm_for_indivisible_img_size()
     vk.load_state_dict(tm.state_dict())
     x = torch.randn(1, 3, 30, 30)
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= 1e-5
+        assert_max_diff(vk(x), tm(x), 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def test_model_matches_reference_forward_in_float64(global_pool):
     params = dict(vk.state_dict())
     with torch.no_grad():
         expected = reference.vit_forward(x, params, num_heads=2, global_pool=global_pool)
-        assert _max_diff(vk(x), expected) <= 1e-12
+        assert_max_diff(vk(x), expected, 1e-12)
 
 
 def test_init_follows_timm_defaults():
@@ -188,7 +189,7 @@ def test_hybrid_small_cnn_matches_timm_hybrid_embed():
     vk.load_state_dict(tm.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= 1e-5
+        assert_max_diff(vk(x), tm(x), 1e-5)
 
 
 def test_hybrid_matches_timm_r26_s32():
@@ -201,7 +202,7 @@ def test_hybrid_matches_timm_r26_s32():
     vk.load_state_dict(tm.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert _max_diff(vk(x), tm(x)) <= 1e-5
+        assert_max_diff(vk(x), tm(x), 1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_reset_classifier_and_no_weight_decay():
     assert vk.global_pool == "avg"
     vk.load_state_dict(tm.state_dict())
     with torch.no_grad():
-        assert _max_diff(vk.eval()(x), tm.eval()(x)) <= 1e-5
+        assert_max_diff(vk.eval()(x), tm.eval()(x), 1e-5)
     with pytest.raises(ValueError, match="num_classes"):
         vk.reset_classifier(-1)
 

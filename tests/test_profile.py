@@ -35,9 +35,16 @@ def test_quick_writes_tables_trace_png(quick_run):
     rec = json.loads((out / "profile.json").read_text())
     assert rec["schema"] == profile.SCHEMA and rec["config"]["provider"] == "vitkern-eager"
     fams = {r["family"]: r for r in rec["families"]}
-    # the eager path's time is mostly matrix products and elementwise work, each with a floor
+    # the eager path's time is mostly matrix products (with a floor) and elementwise work (none: in the
+    # fused design it lives in the GEMM epilogues, so its time is what fusion removes; not a ratio to 0)
     assert fams["gemm"]["ms"] > 0 and fams["gemm"]["floor_ms"] > 0 and fams["gemm"]["tflops"] > 0
     assert fams["attention"]["ms"] > 0
+    assert fams["elementwise"]["ms"] > 0 and fams["elementwise"]["floor_ms"] is None
+    assert fams["elementwise"]["measured_over_floor"] is None
+    # the floors are this CPU's, measured (not a GPU's datasheet)
+    assert rec["peak"]["source"] == "measured" and rec["peak"]["name"].startswith("cpu")
+    # the matrix-product table holds matrix products only (the profiler also gives aten::add FLOPs)
+    assert rec["gemms"] and all(cost.is_matrix_product(g["name"]) for g in rec["gemms"]), [g["name"] for g in rec["gemms"]]
     # every model FLOP is accounted for in some family (patch embedding folded into gemm here)
     total = sum(r["flops"] for r in rec["families"])
     assert total == pytest.approx(2 * cost.model_flops(bench.QUICK_MODEL, bench.QUICK_IMG))
@@ -83,3 +90,31 @@ def test_bad_arguments_name_the_flag():
         profile.main(["--quick", "--model", "vit_gigantic"])
     with pytest.raises(SystemExit, match="--provider vitkern-triton"):
         profile.main(["--quick", "--provider", "vitkern-triton"])
+
+
+@pytest.mark.parametrize("name,is_gemm", [
+    ("aten::mm", True), ("aten::addmm", True), ("aten::bmm", True), ("aten::baddbmm", True), ("aten::conv2d", True),
+    ("aten::add", False), ("aten::mul", False), ("aten::add_", False), ("aten::addcmul", False), ("aten::matmul", False),
+    ("aten::_softmax", False), ("aten::mean", False),
+])
+def test_matrix_products_are_classified(name, is_gemm):
+    # aten::matmul and aten::linear call aten::mm, which the table counts: listing both would count twice
+    assert cost.is_matrix_product(name) is is_gemm
+
+
+def test_families_without_a_floor_show_none_not_a_ratio_to_zero():
+    kernels = [{"name": "aten::mm", "family": "gemm", "calls": 1, "ms": 2.0},
+               {"name": "aten::add", "family": "elementwise", "calls": 5, "ms": 1.0},
+               {"name": "aten::view", "family": "framework", "calls": 9, "ms": 0.1}]
+    costs = profile.family_costs(bench.QUICK_MODEL, bench.QUICK_IMG, 2, torch.float32, False)
+    peak = cost.measured_device("cpu (test)", {"fp32": 1e13}, 1e12)
+    notes = []
+    rows = {r["family"]: r for r in profile.family_rows(kernels, costs, peak, torch.float32, notes)}
+    assert rows["gemm"]["floor_ms"] > 0 and rows["gemm"]["measured_over_floor"] > 0
+    for fam in ("elementwise", "framework"):
+        assert rows[fam]["floor_ms"] is None and rows[fam]["measured_over_floor"] is None
+    assert "norm" not in rows  # no norm kernel ran: no row of 0 ms against the final LayerNorm's floor
+    assert any("'elementwise' has no floor" in n for n in notes)
+    gemms = [{"pct_of_floor": 150.0}]
+    assert "faster than their floor" in profile.floor_notes(list(rows.values()), gemms)[0]
+    assert profile.floor_notes(list(rows.values()), [{"pct_of_floor": 40.0}]) == []

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkern
+from conftest import assert_max_diff
 from vitkern.weights import from_timm, load_hf, load_jax_npz, resample_pos_embed
 
 timm = pytest.importorskip("timm")
@@ -23,10 +24,6 @@ from timm.layers import resample_abs_pos_embed  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +40,7 @@ def test_resample_pos_embed_matches_timm(old_grid, new_grid, prefix):
     ours = resample_pos_embed(pos, new_grid, old_grid, prefix)
     theirs = resample_abs_pos_embed(pos, list(new_grid), list(old_grid), num_prefix_tokens=prefix)
     assert ours.shape == (1, prefix + new_grid[0] * new_grid[1], dim)
-    assert _max_diff(ours, theirs) <= 1e-6
+    assert_max_diff(ours, theirs, 1e-6)
     # The class token's embedding is carried, not interpolated.
     assert torch.equal(ours[:, :prefix], pos[:, :prefix])
 
@@ -52,7 +49,7 @@ def test_resample_pos_embed_bilinear_and_identity():
     pos = torch.randn(1, 1 + 9, 8)
     ours = resample_pos_embed(pos, (4, 4), (3, 3), 1, mode="bilinear", antialias=False)
     theirs = resample_abs_pos_embed(pos, [4, 4], [3, 3], num_prefix_tokens=1, interpolation="bilinear", antialias=False)
-    assert _max_diff(ours, theirs) <= 1e-6
+    assert_max_diff(ours, theirs, 1e-6)
     assert resample_pos_embed(pos, (3, 3), (3, 3), 1) is pos
 
 
@@ -62,7 +59,7 @@ def test_resample_pos_embed_float64_stays_exact():
     assert out.dtype == torch.float64
     expected = F.interpolate(pos[:, 1:].reshape(1, 4, 4, 4).permute(0, 3, 1, 2), size=(6, 6), mode="bicubic",
                              antialias=True, align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 4)
-    assert _max_diff(out[:, 1:], expected) <= 1e-12
+    assert_max_diff(out[:, 1:], expected, 1e-12)
 
 
 def test_resample_pos_embed_errors():
@@ -112,11 +109,11 @@ def test_from_timm_carries_config_and_weights(kwargs):
     assert list(model.state_dict()) == list(tm.state_dict())
     x = torch.randn(2, 3, *tm.patch_embed.img_size)
     with torch.no_grad():
-        assert _max_diff(model(x), tm(x)) <= 1e-5
+        assert_max_diff(model(x), tm(x), 1e-5)
     if tm.dynamic_img_size:
         x = torch.randn(1, 3, 40, 24)
         with torch.no_grad():
-            assert _max_diff(model(x), tm(x)) <= 1e-5
+            assert_max_diff(model(x), tm(x), 1e-5)
 
 
 def test_from_timm_carries_eps_rates_and_mode():
@@ -141,7 +138,7 @@ def test_from_timm_by_name_and_overrides():
     model = from_timm(tm, img_size=288, num_classes=10, backend="eager").eval()
     assert model.backend == "eager" and model.patch_embed.grid_size == (18, 18)
     expected = resample_abs_pos_embed(tm.pos_embed.detach(), [18, 18], [14, 14], num_prefix_tokens=1)
-    assert _max_diff(model.pos_embed, expected) <= 1e-6
+    assert_max_diff(model.pos_embed, expected, 1e-6)
     assert model.head.weight.shape == (10, 192)
     assert torch.equal(model.blocks[3].attn.qkv.weight, tm.blocks[3].attn.qkv.weight)
     with pytest.raises(ValueError, match=r"cannot override \['embed_dim'\]"):
@@ -185,7 +182,7 @@ def test_from_timm_hybrid_copies_backbone():
     assert model.config.patch_size == (1, 1) and model.patch_embed.grid_size == (2, 2)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert _max_diff(model(x), tm(x)) <= 1e-5
+        assert_max_diff(model(x), tm(x), 1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(img_size=48, num_classes=7)], ids=["same", "resampled-newhead"])
@@ -241,10 +238,10 @@ def test_load_hf_vitmodel_last_hidden_state_and_pooler():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = hf(pixel_values=x)
-        assert _max_diff(model.forward_features(x), out.last_hidden_state) <= 1e-5
+        assert_max_diff(model.forward_features(x), out.last_hidden_state, 1e-5)
         # HF's pooler (dense + tanh on the class token) is the paper's pre-logits head.
-        assert _max_diff(model(x), out.pooler_output) <= 1e-5
-        assert _max_diff(model.forward_head(model.forward_features(x), pre_logits=True), out.pooler_output) <= 1e-5
+        assert_max_diff(model(x), out.pooler_output, 1e-5)
+        assert_max_diff(model.forward_head(model.forward_features(x), pre_logits=True), out.pooler_output, 1e-5)
 
 
 def test_load_hf_classifier_logits_and_no_qkv_bias():
@@ -256,7 +253,7 @@ def test_load_hf_classifier_logits_and_no_qkv_bias():
     assert model.config.qkv_bias is False and model.config.img_size == (32, 40)
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
-        assert _max_diff(model(x), hf(pixel_values=x).logits) <= 1e-5
+        assert_max_diff(model(x), hf(pixel_values=x).logits, 1e-5)
 
 
 def test_load_hf_qkv_fusion_by_hand():
@@ -296,7 +293,7 @@ def test_load_hf_state_dict_with_hub_names_and_config():
             continue
         model = load_hf(legacy, config=config).eval()
         with torch.no_grad():
-            assert _max_diff(model(x), hf(pixel_values=x).logits) <= 1e-5
+            assert_max_diff(model(x), hf(pixel_values=x).logits, 1e-5)
     # A vitkern config works too; another resolution resamples the square grid of a bare state dict
     # (see test_load_hf_resamples_position_embedding); another patch size names the key and both shapes.
     good = load_hf(hf.state_dict(), config=model.config)
@@ -329,7 +326,7 @@ def test_load_hf_resamples_position_embedding():
     hf_pos = hf.embeddings.position_embeddings.detach()  # [1, 1 + 4 * 4, 32]
     expected = resample_pos_embed(hf_pos, (6, 6), (4, 4), 1)
     # timm's resampling, independent of vitkern, agrees with it.
-    assert _max_diff(expected, resample_abs_pos_embed(hf_pos, [6, 6], [4, 4], num_prefix_tokens=1)) <= 1e-6
+    assert_max_diff(expected, resample_abs_pos_embed(hf_pos, [6, 6], [4, 4], num_prefix_tokens=1), 1e-6)
     hf_cfg_48 = transformers.ViTConfig(**{**hf.config.to_dict(), "image_size": 48})
     same = load_hf(hf)
     targets = {
@@ -348,13 +345,13 @@ def test_load_hf_resamples_position_embedding():
         assert torch.equal(model.pos_embed[:, :1], hf_pos[:, :1]), what  # the class token's is carried
         with torch.no_grad():
             out = hf48(pixel_values=x)
-            assert _max_diff(model.forward_features(x), out.last_hidden_state) <= 1e-5, what
-            assert _max_diff(model(x), out.pooler_output) <= 1e-5, what
+            assert_max_diff(model.forward_features(x), out.last_hidden_state, 1e-5, what)
+            assert_max_diff(model(x), out.pooler_output, 1e-5, what)
     # At the checkpoint's own size nothing is resampled, and the outputs are HF's.
     assert torch.equal(same.pos_embed, hf_pos)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _max_diff(same.eval()(x), hf(pixel_values=x).pooler_output) <= 1e-5
+        assert_max_diff(same.eval()(x), hf(pixel_values=x).pooler_output, 1e-5)
 
 
 def test_load_hf_resamples_a_non_square_grid():
@@ -501,7 +498,7 @@ def test_load_jax_npz_places_every_tensor(tmp_path):
     model = model.double().eval()
     pos = torch.from_numpy(a["Transformer/posembed_input/pos_embedding"]).double()
     with torch.no_grad():
-        assert _max_diff(model(x), _jax_forward(a, x, pos)) <= 1e-9
+        assert_max_diff(model(x), _jax_forward(a, x, pos), 1e-9)
 
 
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
@@ -513,10 +510,10 @@ def test_load_jax_npz_resamples_position_embedding(tmp_path, mode):
     grid = pos[:, 1:].reshape(1, 3, 3, D).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(5, 5), mode=mode, align_corners=False).permute(0, 2, 3, 1).reshape(1, 25, D)
     assert torch.equal(model.pos_embed[:, :1], pos[:, :1])
-    assert _max_diff(model.pos_embed[:, 1:], expected) <= 1e-6
+    assert_max_diff(model.pos_embed[:, 1:], expected, 1e-6)
     x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
     with torch.no_grad():
-        assert _max_diff(model.double().eval()(x), _jax_forward(a, x, torch.cat([pos[:, :1], expected], 1).double())) <= 1e-9
+        assert_max_diff(model.double().eval()(x), _jax_forward(a, x, torch.cat([pos[:, :1], expected], 1).double()), 1e-9)
 
 
 def test_load_jax_npz_errors(tmp_path):
@@ -608,7 +605,7 @@ def test_from_timm_odd_mlp_width(dim, hidden):
     assert model.config.mlp_hidden_dim == hidden and model.blocks[0].mlp.fc1.out_features == hidden
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _max_diff(model(x), tm(x)) <= 1e-5
+        assert_max_diff(model(x), tm(x), 1e-5)
 
 
 @pytest.mark.parametrize("dim,hidden", ODD_MLP)
@@ -620,4 +617,4 @@ def test_load_hf_odd_mlp_width(dim, hidden):
     assert model.blocks[0].mlp.fc1.out_features == hidden
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert _max_diff(model.forward_features(x), hf(pixel_values=x).last_hidden_state) <= 1e-5
+        assert_max_diff(model.forward_features(x), hf(pixel_values=x).last_hidden_state, 1e-5)

@@ -10,12 +10,20 @@ aligned (torch allocations are), an int typed "i32:16" (Triton's AOT notation) a
 16, and a unit stride is best given as a constexpr 1 (the JIT turns ints equal to 1 into
 constants). Without these, loads look unaligned and the audit reports a pessimistic kernel.
 
-The table has one row per (spec, arch). The exit status is non-zero when any row fails: a
+The audit has one row per (spec, arch). The exit status is non-zero when any row fails: a
 compile error, a spill, shared memory above the arch's per-block limit, or a `gemm_like`
-fp16/bf16 spec that does not use wgmma on sm_90. `--json PATH` writes the rows.
+fp16/bf16 spec that does not use wgmma on sm_90. A progress bar runs on stderr while it
+compiles; then it prints the failing rows (every row with `--all`) and a summary, and the last
+lines of a failing audit name each failing config and its reason. `--json PATH` writes every row.
+
+A compile that raises is retried once, alone, before it counts as failing: the compiler is
+deterministic, so a second failure is the kernel's, while a first failure that does not repeat
+came from the machine (a ptxas or worker process killed or refused under memory or process
+pressure) and is reported as a note, not a failure. Compile processes default to the cores this
+process may use (affinity, cgroup quota, SMT siblings once: vitkern/_threads.py).
 
 Usage: python -m vitkern.audit [--arch 80 90] [--module layer_norm ...] [--one-per-kernel]
-                               [--jobs N] [--json PATH]
+                               [--jobs N] [--json PATH] [--all]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ARCHS = (80, 90)
@@ -58,6 +67,7 @@ class Row:
     mma: str = "-"
     error: str = ""
     problems: List[str] = dataclasses.field(default_factory=list)
+    note: str = ""  # e.g. a first compile failure that did not repeat on the retry
 
     @property
     def spill_bytes(self) -> Optional[int]:
@@ -229,16 +239,40 @@ def _worker(job):
     return audit_one(*job)
 
 
+def _job_row(job, exc: BaseException) -> Row:
+    """The row of a job whose worker process died (or could not start) before returning one."""
+    module, index, arch = job
+    spec = importlib.import_module(f"{KERNEL_PACKAGE}.{module}").AUDIT_SPECS[index]
+    row = Row(module, spec.name, spec.label, spec.dtype, arch, spec.gemm_like)
+    row.error = f"worker failed: {type(exc).__name__}: {exc}".strip()
+    row.problems = problems(row)
+    return row
+
+
+def default_jobs() -> Tuple[int, str]:
+    """Compile processes: one per core this process may use (its affinity and cgroup quota, SMT
+    siblings once: vitkern._threads.available_cores), not os.cpu_count(). Separate processes do
+    not wait on each other as a thread team does, so a busy machine needs no fewer of them."""
+    from vitkern import _threads
+
+    cores = _threads.available_cores()
+    return cores, f"{cores} core{'s' * (cores != 1)} available; --jobs N to choose"
+
+
 def run_audit(
     modules: Optional[Sequence[str]] = None,
     archs: Sequence[int] = ARCHS,
     quick: bool = False,
     jobs: Optional[int] = None,
+    progress: Optional[Any] = None,
 ) -> Tuple[List[Row], List[str], List[str]]:
     """Audit every spec (or one per kernel and dtype with `quick`) for each arch.
 
-    Returns (rows, modules without AUDIT_SPECS, import errors). Must run with TRITON_INTERPRET
-    unset (the interpreter replaces @triton.jit kernels with uncompilable stand-ins)."""
+    Returns (rows, modules without AUDIT_SPECS, import errors), rows in spec order. Must run with
+    TRITON_INTERPRET unset (the interpreter replaces @triton.jit kernels with uncompilable
+    stand-ins). `progress(done, total, row)` is called as each row finishes. A row whose compile
+    raised (or whose worker died) is compiled once more in this process: only a failure that
+    repeats counts; one that does not is kept as the row's `note`."""
     if _interpreting():
         raise RuntimeError("vitkern.audit compiles real kernels: run it with TRITON_INTERPRET unset")
     specs, missing, errors = load_specs(modules)
@@ -247,15 +281,44 @@ def run_audit(
     # A config excluded from an arch (`_common.not_on`: it never runs there) is not compiled for it.
     work = [(module, index, arch) for module, index, spec in specs for arch in archs
             if arch not in getattr(spec, "not_on", ())]
-    jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
-    if jobs == 1 or len(work) <= 1:
-        rows = [_worker(job) for job in work]
+    jobs = max(1, min(len(work), jobs or default_jobs()[0]))
+    rows: List[Optional[Row]] = [None] * len(work)
+    done = 0
+
+    def finished(i: int, row: Row) -> None:
+        nonlocal done
+        rows[i] = row
+        done += 1
+        if progress is not None:
+            progress(done, len(work), row)
+
+    if jobs == 1:
+        for i, job in enumerate(work):
+            finished(i, _worker(job))
     else:
         # fork: the workers inherit the imported kernel modules instead of importing them again.
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            rows = list(pool.map(_worker, work))
-    return rows, missing, errors
+            futures = {pool.submit(_worker, job): i for i, job in enumerate(work)}
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    row = future.result()
+                except Exception as exc:  # a worker killed (e.g. out of memory): retried below
+                    row = _job_row(work[i], exc)
+                finished(i, row)
+    for i, row in enumerate(rows):
+        if isinstance(row, Row) and row.error:
+            again = _worker(work[i])
+            if not again.error:
+                again.note = f"first compile failed, the retry passed (not the kernel's: the machine's): {row.error}"
+            rows[i] = again
+    return [r for r in rows if r is not None], missing, errors
+
+
+def failure_line(r: Row) -> str:
+    """'FAIL attention._attention_fwd_kernel [BLOCK_M=128 ...] bf16 sm_90: spills 8 B stores / 8 B loads'."""
+    return f"FAIL {r.module}.{r.kernel} [{r.config}] {r.dtype} sm_{r.arch}: {'; '.join(r.problems)}"
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -300,8 +363,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS, help="compute capabilities")
     parser.add_argument("--module", nargs="+", default=None, help="kernel files to audit (default: all)")
     parser.add_argument("--one-per-kernel", action="store_true", help="one config per kernel (its first bf16 one)")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the table as JSON")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="parallel compile processes (default: one per available core)")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write every row as JSON")
+    parser.add_argument("--all", action="store_true", help="print every row (default: the failing rows only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
 
     if _interpreting():
@@ -310,18 +376,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cmd = [sys.executable, "-m", "vitkern.audit", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env).returncode
 
-    rows, missing, errors = run_audit(args.module, args.arch, args.one_per_kernel, args.jobs)
-    print(format_table(rows))
+    jobs, why = (args.jobs, "--jobs") if args.jobs else default_jobs()
+    print(f"vitkern.audit: compiling for {', '.join(f'sm_{a}' for a in args.arch)} with {jobs} process"
+          f"{'es' * (jobs != 1)} ({why})", file=sys.stderr, flush=True)
+    bar, started, last = None, time.monotonic(), [0.0]
+
+    def progress(done: int, total: int, row: Row) -> None:
+        nonlocal bar
+        label = f"{row.module}.{row.kernel} sm_{row.arch}" + ("" if row.ok else " FAIL")
+        if sys.stderr.isatty():
+            if bar is None:
+                from vitkern._timing import Progress
+
+                bar = Progress(total, desc="vitkern.audit")
+            bar.update(label)
+            return
+        # A log gets a line every 10 % or 30 s, with the time left at the rate so far.
+        now = time.monotonic()
+        step = max(1, total // 10)
+        if done == total or done % step == 0 or now - last[0] >= 30:
+            last[0] = now
+            left = (now - started) / done * (total - done)
+            print(f"vitkern.audit: {done}/{total} compiled, {now - started:.0f} s, about {left:.0f} s left ({label})",
+                  file=sys.stderr, flush=True)
+
+    rows, missing, errors = run_audit(args.module, args.arch, args.one_per_kernel, jobs,
+                                      progress=None if args.no_progress else progress)
+    if bar is not None:
+        bar.close()
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows)} compiled kernel configs, {len(failed)} failing", end="")
+    shown = rows if args.all else failed
+    if shown:
+        print(format_table(shown))
+        print()
+    # Rows compiled again after a transient failure: one line per cause (a dead worker takes
+    # every pending row with it).
+    noted: Dict[str, List[Row]] = {}
+    for r in rows:
+        if r.note:
+            noted.setdefault(r.note, []).append(r)
+    for note, same in noted.items():
+        names = ", ".join(f"{r.module}.{r.kernel} [{r.config}] {r.dtype} sm_{r.arch}" for r in same[:2])
+        more = f" and {len(same) - 2} more" if len(same) > 2 else ""
+        print(f"note: {names}{more}: {note}")
+    summary = f"{len(rows)} compiled kernel configs, {len(failed)} failing"
     if missing:
-        print(f"; kernel files without AUDIT_SPECS: {', '.join(missing)}", end="")
-    print()
-    for error in errors:
-        print(f"FAIL: {error}")
+        summary += f"; kernel files without AUDIT_SPECS: {', '.join(missing)}"
+    if not args.all and rows:
+        summary += " (--all prints every row" + (", --json PATH writes them" if not args.json else "") + ")"
+    print(summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(to_json(rows, missing, errors), f, indent=1)
+    # The last lines of a failing audit name every failing config and why.
+    for r in failed:
+        print(failure_line(r))
+    for error in errors:
+        print(f"FAIL: {error}")
     return 1 if failed or errors else 0
 
 

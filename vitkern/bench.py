@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from vitkern import _timing, cost
+from vitkern import _threads, _timing, cost
 
 SCHEMA = "vitkern.bench/1"
 
@@ -414,6 +414,22 @@ def tpu_markdown(rows: Sequence[Dict[str, Any]], peak: cost.Device) -> str:
     return "\n".join(lines)
 
 
+def chart_title(record: Dict[str, Any], width_in: float, fontsize: float = 11.0) -> str:
+    """The chart's title, wrapped to the figure's width (a centred one-liner wider than the figure
+    loses both ends: "SMOKE RUN" first). A smoke run's warning is a line of its own."""
+    import textwrap
+
+    env, settings = record["environment"], record["settings"]
+    text = (f"vitkern bench on {env['device']} ({settings['dtype']}), torch {env['torch']}, "
+            f"commit {env['git_commit']}")
+    # characters per line: the width in points over an average glyph (~0.6 em of DejaVu Sans)
+    per_line = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    lines = textwrap.wrap(text, per_line)
+    if settings.get("smoke_run"):
+        lines.insert(0, "SMOKE RUN, not a measurement")
+    return "\n".join(lines)
+
+
 def plot(record: Dict[str, Any], path: str) -> Optional[str]:
     """Bar chart of img/s per case and provider (log scale), one panel per mode, speedups vs
     timm eager on the bars. Returns None on success, else why no PNG was written."""
@@ -472,10 +488,7 @@ def plot(record: Dict[str, Any], path: str) -> Optional[str]:
                      "throughput; bar labels = speedup vs timm eager in this run", fontsize=10)
         ax.grid(axis="y", which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
-    env = record["environment"]
-    smoke = "SMOKE RUN, not a measurement: " if record["settings"].get("smoke_run") else ""
-    fig.suptitle(f"{smoke}vitkern bench on {env['device']} ({record['settings']['dtype']}), "
-                 f"torch {env['torch']}, commit {env['git_commit']}", fontsize=11)
+    fig.suptitle(chart_title(record, fig.get_figwidth()), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -571,6 +584,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precisions", help="with --compare: comma-separated, from fp32,bf16-autocast,fp16-autocast "
                                         "(default: fp32,bf16-autocast)")
     p.add_argument("--rounds", type=int, default=5, help="with --compare: timed rounds per case (default 5)")
+    _threads.add_argument(p)
     args = p.parse_args(argv)
     return args
 
@@ -615,7 +629,9 @@ def _split(text: Optional[str], default: Sequence[Any], cast: Callable[[str], An
         except ValueError:
             raise SystemExit(f"--{name}: cannot read {tok!r}")
         if allowed is not None and val not in allowed:
-            raise SystemExit(f"--{name}: {tok!r} is not one of {', '.join(map(str, allowed))}")
+            from vitkern.config import unknown_name
+
+            raise SystemExit(f"--{name}: {unknown_name(name.rstrip('s'), tok, map(str, allowed))}")
         items.append(val)
     return items
 
@@ -642,6 +658,7 @@ def _install_sigterm_stop() -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    _threads.configure(args.threads, who="vitkern.bench")
     if args.compare:
         return compare_main(args)
     from vitkern.config import VARIANTS

@@ -10,8 +10,9 @@ so that a user can swap ``timm.create_model(name)`` for ``vitkern.create_model(n
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 BACKENDS = ("auto", "eager", "triton", "cuda", "torch")
 GLOBAL_POOLS = ("token", "avg", "map", "")
@@ -503,6 +504,16 @@ TIMM_TAGS: Dict[str, Dict[str, Dict[str, Any]]] = {
 }
 
 
+def unknown_name(what: str, name: str, known: Iterable[str]) -> str:
+    """"unknown model name 'vit_bse_patch16_224'; did you mean vit_base_patch16_224? (49 known:
+    vitkern.list_models())": the close matches (difflib) instead of every known name."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    where = " vitkern.list_models()" if what == "model" else ": " + ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+    return f"unknown {what} name {name!r}{hint} ({len(known)} known:{where})"
+
+
 def split_model_name(name: str) -> Tuple[str, Optional[str]]:
     """A model name split into (architecture, pretrained tag or None), as timm splits
     "vit_base_patch16_224.augreg2_in21k_ft_in1k". Raises ValueError for an unknown name or tag."""
@@ -510,7 +521,7 @@ def split_model_name(name: str) -> Tuple[str, Optional[str]]:
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     arch, _, tag = name.partition(".")
     if arch not in TIMM_ARCHS:
-        raise ValueError(f"unknown model name {arch!r}; known: {sorted(TIMM_ARCHS)}")
+        raise ValueError(unknown_name("model", arch, TIMM_ARCHS))
     if tag and tag not in TIMM_TAGS[arch]:
         raise ValueError(f"unknown pretrained tag {tag!r} of {arch}; known: {list(TIMM_TAGS[arch])}")
     return arch, (tag or None)

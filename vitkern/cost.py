@@ -32,6 +32,7 @@ Units: FLOPs and bytes are plain counts (not giga), times are seconds, rates are
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -115,6 +116,14 @@ def measured_device(name: str, peak_flops: Dict[str, float], bandwidth: float) -
     return Device(name, dict(peak_flops), float(bandwidth), source="measured")
 
 
+def is_matrix_product(op_name: str) -> bool:
+    """Whether a PyTorch operator (as the profiler names it: "aten::addmm") is a matrix product,
+    the work model FLOPs count. torch's profiler also gives FLOPs to elementwise operators
+    (aten::add, aten::mul), which are not."""
+    return re.fullmatch(r"aten::(mm|addmm|bmm|baddbmm|addbmm|_addmm_activation|_scaled_mm|"
+                        r"conv[123]d|convolution|_convolution|mkldnn_convolution|cudnn_convolution)", op_name) is not None
+
+
 # --------------------------------------------------------------------------------------------
 # Architecture: what the counts need, from a config, a name, or a model
 
@@ -171,7 +180,9 @@ def arch_of(model_or_name: Any) -> Arch:
 
     if isinstance(model_or_name, str):
         if model_or_name not in VARIANTS:
-            raise ValueError(f"model_or_name: unknown model name {model_or_name!r}; known: {sorted(VARIANTS)}")
+            from vitkern.config import unknown_name
+
+            raise ValueError(f"model_or_name: {unknown_name('model', model_or_name, VARIANTS)}")
         return _arch_from_config(VARIANTS[model_or_name], model_or_name)
     if isinstance(model_or_name, ViTConfig):
         return _arch_from_config(model_or_name, "")
@@ -576,7 +587,39 @@ def op_table_markdown(model_or_name: Any, batch: int, device: str = "H100 SXM", 
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover - a quick look at the numbers
-    print(summary_table())
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m vitkern.cost`: the FLOPs / bytes / floor table of the big models, or of one model's
+    ops with --model, and the paper's pre-training runs with their implied MFU."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vitkern.cost", description=(
+        "FLOPs, fewest bytes and roofline floors of ViTs (no GPU, nothing measured): by default the summary "
+        "of B/16, L/16, H/14 at 224 and B/16 at 384, and the paper's Table 2 runs with their implied MFU."))
+    p.add_argument("--model", help="one model's table, op by op (a name of vitkern.list_models())")
+    p.add_argument("--batch", type=int, default=256, help="images per step (default 256)")
+    p.add_argument("--device", default="H100 SXM", choices=sorted(DEVICES), help="datasheet peaks (default H100 SXM)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "tf32", "fp32"))
+    p.add_argument("--train", action="store_true", help="--model: a training step (forward, backward, AdamW)")
+    args = p.parse_args(argv)
+    if args.batch <= 0:
+        p.error(f"--batch must be positive, got {args.batch}")
+    if args.model:
+        from vitkern.config import VARIANTS, unknown_name
+
+        if args.model not in VARIANTS:
+            p.error(unknown_name("model", args.model, VARIANTS))
+        print(f"{args.model}, batch {args.batch}, {args.dtype} on {args.device}"
+              f"{', training step' if args.train else ', forward'}:")
+        print(op_table_markdown(args.model, args.batch, args.device, args.dtype, training=args.train))
+        return 0
+    print(summary_table(batch=args.batch, device=args.device, dtype=args.dtype))
+    print()
     for run in PAPER_TABLE2:
         print(f"{run.label}: {run.train_flops / 1e18:.0f} exaFLOPs, implied MFU {run.implied_mfu:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

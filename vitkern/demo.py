@@ -13,7 +13,6 @@ larger and the dtype bf16. Nothing is downloaded; weights are random.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import vitkern
-from vitkern import dispatch
+from vitkern import _threads, dispatch
 
 
 def _line(text: str = "") -> None:
@@ -211,33 +210,26 @@ def _run(model: vitkern.ViT, backend: str, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def _busy_cpu_note(device: torch.device) -> Optional[str]:
-    """On a CPU already busier than its core count, use one intra-op thread: oversubscribed
-    threads wait on each other at every op and run up to 10x slower than one thread."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
-        return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load <= cores or torch.get_num_threads() == 1:
-        return None
-    torch.set_num_threads(1)
-    return f"note: the CPU is busy (load {load:.1f} on {cores} cores): measuring with 1 thread"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitkern.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_base_patch16_224", choices=vitkern.list_models())
+    parser.add_argument("--model", default="vit_base_patch16_224", help="a name of vitkern.list_models()")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--throughput-models", default="vit_tiny_patch16_224,vit_base_patch16_224",
                         help="comma-separated model names for the throughput table")
+    _threads.add_argument(parser)
     args = parser.parse_args(argv)
+    if args.model not in vitkern.list_models():
+        from vitkern.config import unknown_name
+
+        parser.error(unknown_name("model", args.model, vitkern.list_models()))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    busy = _busy_cpu_note(device)
+    threads, why = _threads.choose(args.threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     started = time.perf_counter()
     _line(f"vitkern demo: {_versions()}")
     _line(f"device: {_device_name(device)}")
-    if busy:
-        _line(busy)
+    _line(f"  {_threads.describe('CPU threads', threads, why)}")
     backends = show_backends()
     model = show_model(args.model)
     show_parity(args.model, model, device, backends)

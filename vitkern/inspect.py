@@ -372,7 +372,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="--bench: images per forward (default 256)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="--bench: model and input dtype on a GPU (the CPU runs float32)")
-    return p.parse_args(argv)
+    from vitkern import _threads
+    from vitkern.config import VARIANTS, unknown_name
+
+    _threads.add_argument(p)
+    args = p.parse_args(argv)
+    if args.model.partition(".")[0] not in VARIANTS:
+        p.error(unknown_name("model", args.model, VARIANTS))
+    return args
 
 
 BENCH_VARIANTS = (
@@ -427,6 +434,58 @@ def _bench_main(args: argparse.Namespace, model: nn.Module) -> int:
     return 0
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (HF_ENDPOINT's host) accepts a connection within `timeout` s.
+    Behind a proxy the proxy decides: True, and the download's own errors speak."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _timm_pretrained(name: str) -> nn.Module:
+    """timm.create_model(name, pretrained=True), failing in seconds and in one line without network:
+    with the Hub unreachable it reads timm's local cache only (HF_HUB_OFFLINE), and any download
+    stalls out after 20 s instead of hub's retries (a 55-second, 55-line traceback before)."""
+    import socket
+
+    import timm
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline and not _hub_reachable():
+        offline = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:  # read at import: set it where the library looks too
+            import huggingface_hub.constants as hub_constants
+
+            hub_constants.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20.0)
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line that says what to do
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        if isinstance(exc, RuntimeError) and first.startswith(("Unknown model", "Invalid pretrained tag")):
+            raise SystemExit(f"vitkern.inspect: --timm {name}: {first}") from None
+        why = ("no network connection to the Hugging Face Hub, and no copy in the local cache" if offline
+               else f"{type(exc).__name__}: {first}")
+        arch = name.partition(".")[0]
+        raise SystemExit(
+            f"vitkern.inspect: could not fetch the weights of --timm {name} ({why}); fetch them where there is "
+            f"network and pass the file: --model {arch} --checkpoint FILE (.safetensors, .pth or .npz)") from None
+    finally:
+        socket.setdefaulttimeout(before)
+
+
 def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, str, Tuple[float, float, float], Tuple[float, float, float]]:
     """(model in eval mode, a description of its weights, normalization mean, std)."""
     import vitkern
@@ -438,7 +497,7 @@ def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, str, Tuple[float, 
     if args.timm:
         import timm
 
-        tm = timm.create_model(args.timm, pretrained=True)
+        tm = _timm_pretrained(args.timm)
         cfg = timm.data.resolve_data_config({}, model=tm)
         return vitkern.from_timm(tm, backend=args.backend).eval(), f"timm:{args.timm}", tuple(cfg["mean"]), tuple(cfg["std"])
     if args.hf:
@@ -659,6 +718,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     matplotlib.use("Agg")
     args = _parse_args(argv)
+    from vitkern import _threads
+
+    _threads.configure(args.threads, who="vitkern.inspect")
     model, weights, mean, std = _load_model(args)
     if args.bench:  # timing does not depend on the weights
         return _bench_main(args, model)

@@ -17,9 +17,12 @@ Runs a few steps of one model / batch / provider / mode under `torch.profiler` a
 
 Op families and their floors. Kernels are mapped to families by name patterns (`FAMILY_PATTERNS`,
 first match wins). The floor of `gemm` is every Linear layer's FLOPs and the bytes of the fused
-ops (LayerNorm, bias, GELU and residual folded in), so the separate `norm` and `elementwise`
-kernels of an unfused implementation have a floor of zero (final LayerNorm excepted): their
-time is what fusion removes. All times are milliseconds per step.
+ops (LayerNorm, bias, GELU and residual folded in), so the separate `elementwise` kernels of an
+unfused implementation have no floor of their own (shown as "-", never as a ratio to zero):
+their time is what fusion removes. Floors are those of the device that ran: a GPU's datasheet
+peak, or on a CPU (or an unknown GPU) its measured GEMM rate and copy bandwidth. The matrix
+product table lists matrix products only (`cost.is_matrix_product`), each against its own
+floor. All times are milliseconds per step.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from vitkern import _timing, bench, cost
+from vitkern import _threads, _timing, bench, cost
 
 SCHEMA = "vitkern.profile/1"
 
@@ -136,7 +139,8 @@ def gemm_rows(prof: Any, device: torch.device, iters: int, peak: cost.Device, dt
     elem = cost.dtype_bytes(dtype)
     for evt in prof.key_averages(group_by_input_shape=True):
         flops = float(getattr(evt, "flops", 0) or 0)
-        if flops <= 0 or evt.count == 0:
+        # the profiler gives FLOPs to aten::add and aten::mul too: only matrix products belong here
+        if flops <= 0 or evt.count == 0 or not cost.is_matrix_product(evt.key):
             continue
         us = _time_attr(evt, ("self_device_time_total", "self_cuda_time_total")) if device.type == "cuda" else \
             _time_attr(evt, ("self_cpu_time_total",))
@@ -154,9 +158,24 @@ def gemm_rows(prof: Any, device: torch.device, iters: int, peak: cost.Device, dt
     return rows
 
 
+def floor_notes(families: Sequence[Dict[str, Any]], gemms: Sequence[Dict[str, Any]]) -> List[str]:
+    """A note when a measurement beat its floor: the ceilings it was computed from were measured
+    low (a busy machine while they were measured), so no row should be read against them."""
+    fast = [g for g in gemms if g["pct_of_floor"] > 100.0] + \
+        [r for r in families if r.get("measured_over_floor") is not None and r["measured_over_floor"] < 1.0]
+    if not fast:
+        return []
+    return [f"{len(fast)} row(s) ran faster than their floor: the device ceilings were measured low (was the "
+            "machine busy while they were measured?), so the floors of this run are not reliable"]
+
+
 # A family whose kernels no pattern recognised hands its work to the family that ran it: the
-# eager path embeds patches with a plain matmul and computes LayerNorm from elementwise ops.
-FOLD_INTO = {"patch_embed": "gemm", "norm": "elementwise"}
+# eager path embeds patches with a plain matmul. (Its LayerNorms run as elementwise operators,
+# which have no floor: the final LayerNorm's is then left out, with a note.)
+FOLD_INTO = {"patch_embed": "gemm"}
+# Families with no floor: in vitkern's fused design their work happens inside the GEMM and
+# attention kernels (elementwise), or is no arithmetic at all (framework), or is unknown (other).
+NO_FLOOR = ("elementwise", "framework", "other")
 
 
 def family_rows(kernels: Sequence[Dict[str, Any]], costs: Dict[str, Dict[str, float]], peak: cost.Device,
@@ -172,14 +191,20 @@ def family_rows(kernels: Sequence[Dict[str, Any]], costs: Dict[str, Dict[str, fl
             if notes is not None:
                 notes.append(f"no kernel matched '{src}': its FLOPs and bytes are counted under '{dst}', "
                              "the family whose kernels ran it")
+    if measured["norm"] == 0 and costs["norm"]["bytes"] and notes is not None:
+        notes.append("no kernel matched 'norm' (the LayerNorms ran as elementwise operators): the final "
+                     "LayerNorm's floor is left out, like every elementwise floor")
+    if measured["elementwise"] and notes is not None:
+        notes.append("'elementwise' has no floor: in vitkern's fused design this work happens inside the GEMM and "
+                     "attention kernels (their floors count its bytes), so its time here is what fusion removes")
     rows = []
     total = sum(measured.values()) or 1.0
     for fam in FAMILIES:
         ms = measured[fam]
-        c = costs[fam]
-        floor_ms = max(c["flops"] / peak.peak(dtype), c["bytes"] / peak.bandwidth) * 1e3
-        if ms == 0 and floor_ms == 0:
+        if ms == 0:
             continue
+        c = costs[fam]
+        floor_ms = None if fam in NO_FLOOR else max(c["flops"] / peak.peak(dtype), c["bytes"] / peak.bandwidth) * 1e3
         rows.append({
             "family": fam, "ms": ms, "pct": 100.0 * ms / total, "kernels": sum(1 for k in kernels if k["family"] == fam),
             "flops": c["flops"], "bytes": c["bytes"], "floor_ms": floor_ms,
@@ -209,7 +234,7 @@ def render_markdown(record: Dict[str, Any], top: int = 40) -> str:
     for r in record["families"]:
         lines.append(
             f"| {r['family']} | {r['ms']:.3f} | {r['pct']:.1f} | {r['kernels']} | {r['flops'] / 1e9:.1f} | {r['bytes'] / 1e9:.3f} | "
-            f"{bench._fmt(r['tflops'], '.3g')} | {bench._fmt(r['gbps'], ',.4g')} | {r['floor_ms']:.3f} | "
+            f"{bench._fmt(r['tflops'], '.3g')} | {bench._fmt(r['gbps'], ',.4g')} | {bench._fmt(r['floor_ms'], '.3f')} | "
             f"{bench._fmt(r['measured_over_floor'], '.2f')}{'x' if r['measured_over_floor'] else ''} |")
     fam = {r["family"]: r for r in record["families"]}
     lines += ["", f"## Kernels (top {top} by time)" if record["device_type"] == "cuda" else f"## Operators by self CPU time (top {top})",
@@ -252,11 +277,13 @@ def plot(record: Dict[str, Any], path: str) -> Optional[str]:
     ys = list(range(len(rows)))[::-1]
     h = 0.38
     ax.barh([y + h / 2 for y in ys], [r["ms"] for r in rows], h, label="measured", color="#d62728")
-    ax.barh([y - h / 2 for y in ys], [r["floor_ms"] for r in rows], h, label="roofline floor (vitkern.cost)", color="#7f7f7f")
-    xmax = max(max(r["ms"], r["floor_ms"]) for r in rows)
+    ax.barh([y - h / 2 for y in ys], [r["floor_ms"] or 0.0 for r in rows], h, label="roofline floor (vitkern.cost)",
+            color="#7f7f7f")
+    xmax = max(max(r["ms"], r["floor_ms"] or 0.0) for r in rows)
     for y, r in zip(ys, rows):
         ax.text(r["ms"] + xmax * 0.01, y + h / 2, f"{r['ms']:,.4g} ms ({r['pct']:.0f}%)", va="center", fontsize=8)
-        ax.text(r["floor_ms"] + xmax * 0.01, y - h / 2, f"{r['floor_ms']:,.3g} ms", va="center", fontsize=8, color="#555555")
+        floor = "no floor" if r["floor_ms"] is None else f"{r['floor_ms']:,.3g} ms"
+        ax.text((r["floor_ms"] or 0.0) + xmax * 0.01, y - h / 2, floor, va="center", fontsize=8, color="#555555")
     ax.set_yticks(ys)
     ax.set_yticklabels([r["family"] for r in rows])
     ax.set_xlim(0, xmax * 1.3)
@@ -286,6 +313,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available, cpu with --quick)")
     p.add_argument("--iters", type=int, default=None, help="profiled steps (default 3, 1 with --quick)")
     p.add_argument("--out", default="profile-out", help="folder for profile.md/json/png and trace.json")
+    _threads.add_argument(p)
     return p.parse_args(argv)
 
 
@@ -293,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from vitkern.config import VARIANTS
 
+    _threads.configure(args.threads, who="vitkern.profile")
     if not args.quick and not args.device and not torch.cuda.is_available() and not (args.model or args.batch):
         # B/16 at batch 256 would take minutes per step on a CPU
         print("vitkern.profile: no CUDA device, profiling the CPU smoke configuration (--quick); "
@@ -300,7 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args.quick = True
     model = args.model or (bench.QUICK_MODEL if args.quick else "vit_base_patch16_224")
     if model not in VARIANTS:
-        raise SystemExit(f"--model: unknown model {model!r}; known: {', '.join(sorted(VARIANTS))}")
+        from vitkern.config import unknown_name
+
+        raise SystemExit(f"--model: {unknown_name('model', model, VARIANTS)}")
     batch = args.batch or (bench.QUICK_BATCH if args.quick else 256)
     if batch <= 0:
         raise SystemExit(f"--batch must be positive, got {batch}")
@@ -360,7 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     families = family_rows(kernels, costs, settings.peak, dtype, notes)
     if device.type != "cuda":
         notes.append("CPU: rows are operators by self CPU time (there are no GPU kernels), profiler overhead "
-                     "included; floors use this CPU's measured GEMM rate and copy bandwidth")
+                     f"included; floors use this CPU's measured GEMM rate and copy bandwidth, with "
+                     f"{torch.get_num_threads()} thread(s)")
+    gemms = gemm_rows(prof, device, iters, settings.peak, dtype)
+    notes += floor_notes(families, gemms)
     other = sum(k["ms"] for k in kernels if k["family"] == "other")
     if other:
         notes.append(f"{other:.3f} ms/step in kernels no family pattern matched ('other'): see the kernel table")
@@ -370,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "config": {"model": model, "img_size": img, "batch": batch, "provider": provider, "mode": args.mode,
                    "dtype": cost.dtype_name(dtype), "iters": iters, "warmup": warmup},
         "peak": settings.peak.to_dict(), "step_ms": step_ms, "kernel_ms": sum(k["ms"] for k in kernels),
-        "families": families, "kernels": kernels, "gemms": gemm_rows(prof, device, iters, settings.peak, dtype),
+        "families": families, "kernels": kernels, "gemms": gemms,
         "family_patterns": dict(FAMILY_PATTERNS),
         "files": {"trace": "trace.json", "markdown": "profile.md", "png": "profile.png"}, "notes": notes,
     }

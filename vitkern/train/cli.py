@@ -20,8 +20,9 @@ import typing
 import warnings
 from typing import Any, Dict, List, Optional
 
-from vitkern.train.recipes import (AMP_DTYPES, BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES, Recipe,
-                                   RecipeNote, preset)
+from vitkern import _threads
+from vitkern.train.recipes import (AMP_DTYPES, BACKENDS, OBJECTIVES, OPTIMIZERS, PARALLEL, PRECISIONS, PRESETS, SCHEDULES,
+                                   Recipe, RecipeNote, preset)
 
 CHOICES = dict(objective=OBJECTIVES, optimizer=OPTIMIZERS, schedule=SCHEDULES, parallel=PARALLEL,
                precision=PRECISIONS, backend=BACKENDS, device=("auto", "cpu", "cuda"), amp=AMP_DTYPES)
@@ -59,7 +60,7 @@ HELP = {
     "progress": "show a progress bar on rank 0",
     "compile": "torch.compile the model",
     "grad_checkpointing": "recompute block activations in the backward",
-    "threads": "CPU threads per rank (small models on a busy CPU train faster with 1)",
+    "threads": "CPU threads per rank (default: the physical cores other processes leave free, vitkern/_threads.py)",
 }
 
 
@@ -123,6 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from vitkern.train.loop import NothingToDo, train
 
+    _threads.configure(recipe.threads, who="vitkern.train")  # the one thread policy of every command
     try:
         summary = train(recipe)
     except NothingToDo as exc:  # a finished run asked again is no error; a --steps below its step is

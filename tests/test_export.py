@@ -41,9 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # 16 x 16 images in 8 x 8 patches: 4 patch tokens, so the interpreted kernels stay quick at batch 17.
 TINY = dict(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 # Every family option that one model can hold at once: LayerScale, tanh GELU, QK-norm, register
-# tokens with no_embed_class, pre-norm; the second adds QuickGELU and the distillation token.
+# tokens with no_embed_class, pre-norm; the second QuickGELU, the distillation token and QK-norm again
+# (through ONNX's Attention operator).
 FAMILY = dict(init_values=0.5, act_layer="gelu_tanh", qk_norm=True, reg_tokens=2, no_embed_class=True, pre_norm=True)
-FAMILY2 = dict(act_layer="quick_gelu", distilled=True)
+FAMILY2 = dict(act_layer="quick_gelu", distilled=True, qk_norm=True)
 OPTIONS = {"plain": {}, "family": FAMILY, "family2": FAMILY2}
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["eager", "triton"]
@@ -62,7 +63,7 @@ def _model(backend: str = "eager", device: str = "cpu", dtype: torch.dtype = tor
     """A tiny ViT in eval mode, its parameters moved off their initial values (zero biases and
     tokens, LayerScale's constant) so every one of them changes the output."""
     torch.manual_seed(0)
-    model = vitkern.ViT(**TINY, backend="eager", **options)
+    model = vitkern.ViT(**{**TINY, **options}, backend="eager")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -138,37 +139,28 @@ def test_dynamic_shapes_follow_the_model():
         vke.dynamic_shapes(fixed, torch.randn(3, 32, 32))
 
 
-def test_export_of_a_hooked_model_records_what_runs_or_refuses_by_name():
+def test_export_of_a_hooked_and_operated_model_records_what_runs_or_refuses_by_name():
+    """A forward hook (block 0's fc1) and hand surgery (block 1's fc1 wrapped in a Sequential) make
+    those blocks run unfused; the program records what runs, and hooks="error" refuses, naming the hook."""
     model = _model()
     handle = model.blocks[0].mlp.fc1.register_forward_hook(lambda module, args, out: out * 2.0)
+    model.blocks[1].mlp.fc1 = nn.Sequential(model.blocks[1].mlp.fc1)
     x = _images(3)
     with pytest.warns(UserWarning, match=r"blocks\.0\.mlp\.fc1 forward hook"):
         program = vke.export(model, _images(2)).module()
     with torch.no_grad():
         hooked = model(x)
-        _close(program(x), hooked, 1e-5, "hooked model")
+        _close(program(x), hooked, 1e-5, "hooked and operated model")
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1 forward hook .*<lambda>"):
         vke.export(model, _images(2), hooks="error")
     handle.remove()
+    assert vke.hooks_of(model) == []
     with torch.no_grad():
         assert not torch.allclose(model(x), hooked)  # the hook mattered
 
 
-def test_export_after_surgery_records_the_unfused_block():
-    """A swapped sub-module (hand surgery) makes its block run unfused; the program is what runs."""
-    model = _model("eager", DEVICE)
-    fc1 = model.blocks[1].mlp.fc1
-    model.blocks[1].mlp.fc1 = nn.Sequential(fc1)
-    x = _images(3, device=DEVICE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no hooks: nothing to warn about
-        program = vke.export(model, _images(2, device=DEVICE)).module()
-    with torch.no_grad():
-        _close(program(x), model(x), 1e-5, "swapped fc1")
-
-
-def test_load_program_says_what_is_missing(tmp_path):
-    with pytest.raises(Exception):
+def test_load_program_of_a_missing_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
         vke.load_program(tmp_path / "missing.pt2")
 
 
@@ -284,7 +276,7 @@ def _onnx_run(path: Path, x: torch.Tensor):
 
 @pytest.mark.parametrize("backend,options,opset", [
     ("triton", "family", 18),   # MatMul + Softmax attention, Gelu's formula, QK-norm, LayerScale, registers
-    ("triton", "family2", 23),  # ONNX's Attention operator and Gelu; QuickGELU, distillation token
+    ("triton", "family2", 23),  # ONNX's Attention operator (QK-norm before it); QuickGELU, distillation token
 ])
 def test_onnx_runs_in_onnxruntime_and_matches(backend, options, opset, tmp_path):
     pytest.importorskip("onnxscript")
@@ -306,6 +298,37 @@ def test_onnx_runs_in_onnxruntime_and_matches(backend, options, opset, tmp_path)
     for batch in (1, 5):
         x = _images(batch)
         _close(_onnx_run(path, x), _expected(model, x), 1e-4, f"ONNX Runtime, batch {batch}")
+
+
+def test_cuda_backend_exports_and_translates_to_onnx_on_the_emulator(monkeypatch, tmp_path):
+    """backend="cuda" on tests/cuda_emu's CPU build of csrc/ (the ops are torch.ops.vitkern_emu.cuda_*,
+    fp16 as on a GPU): one program takes batch 1, 3 and 17 and survives save/load, and its ONNX file
+    (the cuda_* ops translated) runs in ONNX Runtime in fp16 with at most twice eager fp16's error
+    against float64."""
+    pytest.importorskip("onnxscript")
+    from test_cuda_ops import _use_emulated_extension
+
+    _use_emulated_extension(monkeypatch)
+    model = _model("eager", **FAMILY, num_heads=1)  # head_dim 64: csrc/attention.cu's instantiations are 64, 80, 128
+    oracle = copy.deepcopy(model).double()
+    model.backend = "cuda"
+    model = model.half()
+    program = vke.export(model, _images(2, dtype=torch.float16))
+    assert {"vitkern_emu::cuda_attention_fwd", "vitkern_emu::cuda_ln_linear_fwd", "vitkern_emu::cuda_linear_fwd",
+            "vitkern_emu::cuda_patch_embed_fwd"} <= set(vke.program_ops(program))
+    loaded = vke.load_program(vke.save(program, tmp_path / "vit_cuda.pt2")).module()
+    for batch in (1, 3, 17):
+        x = _images(batch, dtype=torch.float16)
+        with torch.no_grad():
+            _close(loaded(x), model(x), 0.0, f"cuda backend program, batch {batch}")
+    path = vke.onnx(program, None, tmp_path / "vit_cuda.onnx")
+    for batch in (1, 5):
+        x = _images(batch, dtype=torch.float16)
+        with torch.no_grad():
+            exact, eager_fp16 = oracle(x.double()), model(x)
+        onnx_err = (_onnx_run(path, x).double() - exact).abs().max().item()
+        eager_err = (eager_fp16.double() - exact).abs().max().item()
+        assert onnx_err <= 2 * eager_err + 1e-3, (batch, onnx_err, eager_err)
 
 
 def test_onnx_refuses_an_opset_too_old_by_name(tmp_path):

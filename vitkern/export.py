@@ -45,6 +45,7 @@ never part of an inference program).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -377,8 +378,13 @@ def load(path: Union[str, os.PathLike], *, device_index: int = -1, run_single_th
         if reasons:
             raise RuntimeError(f"the package {os.fspath(path)!r} calls the CUDA extension's ops {', '.join(cuda_ops)}, "
                                "which are not available here: " + "; ".join(reasons))
-    return torch._inductor.aoti_load_package(os.fspath(path), run_single_threaded=run_single_threaded,
-                                             device_index=device_index)
+    loader = torch._inductor.aoti_load_package
+    options = {"run_single_threaded": run_single_threaded, "device_index": device_index}
+    accepted = inspect.signature(loader).parameters  # both options are newer than torch 2.6
+    dropped = [k for k, v in options.items() if k not in accepted and v != {"run_single_threaded": False, "device_index": -1}[k]]
+    if dropped:
+        raise RuntimeError(f"this torch ({torch.__version__}) cannot load a package with {', '.join(dropped)}")
+    return loader(os.fspath(path), **{k: v for k, v in options.items() if k in accepted})
 
 
 # --------------------------------------------------------------------------------------------

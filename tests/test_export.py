@@ -484,6 +484,8 @@ def test_gpu_capture_without_warmup_raises_instead_of_autotuning(monkeypatch):
     _common.clear_table_cache()
     model = vitkern.create_model("vit_tiny_patch16_224", depth=1, backend="triton").to("cuda", torch.float16).eval()
     x = torch.randn(7, 3, 224, 224, device="cuda", dtype=torch.float16)  # a batch nothing else tunes
+    with torch.no_grad(), _common.force_config("*", 0):
+        model(x)  # every kernel compiled (one config, nothing tuned): the capture then fails at the first tuning
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(Exception) as info:
         with torch.no_grad(), torch.cuda.graph(graph):

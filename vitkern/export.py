@@ -235,8 +235,14 @@ def _python_only_ops(ops: Sequence[str]) -> List[str]:
     interpreted Triton ops (TRITON_INTERPRET=1 registers them as opaque custom_ops)."""
     from torch._library import triton as library_triton
 
-    triton_ops = set(getattr(library_triton, "triton_ops_to_kernels", {}) or {})
-    return [name for name in ops if not name.split("::", 1)[1].startswith("cuda_") and name not in triton_ops]
+    registry = getattr(library_triton, "triton_ops_to_kernels", None)  # torch's record of its triton_ops
+    out = []
+    for name in ops:
+        if name.split("::", 1)[1].startswith("cuda_"):
+            continue  # C++ ops: called through the dispatcher, see the module doc
+        if (name not in registry) if registry is not None else dispatch.triton_interpret():
+            out.append(name)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,8 +277,8 @@ def aoti_package(model: Union[nn.Module, "torch.export.ExportedProgram"], exampl
     python_only = _python_only_ops(ops)
     if python_only:
         raise ValueError(
-            f"cannot package {', '.join(python_only)}: under TRITON_INTERPRET=1 the Triton ops are Python custom ops "
-            "(interpreted kernels), which an AOTInductor package cannot hold. Package the CPU path "
+            f"cannot package {', '.join(python_only)}: they are Python custom ops (under TRITON_INTERPRET=1 the Triton "
+            "ops run interpreted kernels), which an AOTInductor package cannot hold. Package the CPU path "
             "(backend='eager', or 'auto' on the CPU), or build the package on a GPU, where the Triton kernels are compiled "
             "into it")
     device = _program_device(program)

@@ -176,6 +176,9 @@ def export(model: nn.Module, example: Tensor, *, dynamic_batch: bool = True, dyn
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        warnings.warn("exporting a model in training mode: the program records what training runs (dropout, "
+                      "stochastic depth, PatchDropout); call model.eval() first for inference", stacklevel=2)
     _check_hooks(model, hooks)
     example = _batch_of_two(example) if dynamic_batch else example
     shapes = dynamic_shapes(model, example, batch=dynamic_batch, image_size=dynamic_image_size)

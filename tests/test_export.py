@@ -276,13 +276,16 @@ def _onnx_run(path: Path, x: torch.Tensor):
 
 @pytest.mark.parametrize("backend,options,opset", [
     ("triton", "family", 18),   # MatMul + Softmax attention, Gelu's formula, QK-norm, LayerScale, registers
-    ("triton", "family2", 23),  # ONNX's Attention operator (QK-norm before it); QuickGELU, distillation token
+    ("triton", "family2", 23),  # ONNX's Attention operator (QK-norm before it); QuickGELU, distillation token;
+                                # dynamic image size (the position embedding resampled in the file)
 ])
 def test_onnx_runs_in_onnxruntime_and_matches(backend, options, opset, tmp_path):
     pytest.importorskip("onnxscript")
     _skip_unless(backend)
     onnx = pytest.importorskip("onnx")
-    model = _model(backend, "cpu", **OPTIONS[options]) if backend == "eager" or INTERPRETING else None
+    dynamic = options == "family2"
+    model = (_model(backend, "cpu", dynamic_img_size=dynamic, **OPTIONS[options])
+             if backend == "eager" or INTERPRETING else None)
     if model is None:
         pytest.skip("the Triton backend runs on the CPU only in the interpreter")
     path = vke.onnx(model, _images(2), tmp_path / "vit.onnx", opset=opset)
@@ -295,9 +298,9 @@ def test_onnx_runs_in_onnxruntime_and_matches(backend, options, opset, tmp_path)
         assert "Attention" in kinds and "Softmax" not in kinds, kinds
     if options == "family2":
         assert "Sigmoid" in kinds  # QuickGELU
-    for batch in (1, 5):
-        x = _images(batch)
-        _close(_onnx_run(path, x), _expected(model, x), 1e-4, f"ONNX Runtime, batch {batch}")
+    for batch, size in ((1, (16, 16)), (5, (24, 40) if dynamic else (16, 16))):
+        x = _images(batch, size)
+        _close(_onnx_run(path, x), _expected(model, x), 1e-4, f"ONNX Runtime, batch {batch}, image {size}")
 
 
 def test_cuda_backend_exports_and_translates_to_onnx_on_the_emulator(monkeypatch, tmp_path):

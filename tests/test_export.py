@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 import zipfile
 from pathlib import Path
 

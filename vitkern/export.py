@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import logging
 import math
 import os
 import warnings
@@ -60,10 +59,9 @@ from torch import Tensor, nn
 import vitkern.ops  # noqa: F401  registers torch.ops.vitkern.* (fused backends), before any program loads
 from vitkern import dispatch
 
-logger = logging.getLogger("vitkern.export")
-
 __all__ = [
-    "dynamic_shapes", "export", "save", "load_program", "hooks_of", "aoti_package", "load", "package_metadata",
+    "dynamic_shapes", "export", "save", "load_program", "hooks_of", "program_ops", "aoti_package", "load",
+    "package_metadata",
     "onnx", "onnx_translations", "ONNX_MIN_OPSET", "ONNX_ATTENTION_OPSET", "cuda_graph", "CudaGraphModule",
 ]
 

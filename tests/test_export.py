@@ -359,8 +359,8 @@ LAUNCH_PATH_FILES = sorted((ROOT / "vitkern" / "ops").glob("*.py")) + sorted((RO
     ROOT / "vitkern" / "dispatch.py", ROOT / "vitkern" / "fusion.py", ROOT / "vitkern" / "model.py",
     ROOT / "vitkern" / "reference.py", ROOT / "vitkern" / "pos_embed.py"]
 HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero", "synchronize", "is_nonzero"}
-# Calls that read device values on the host but never on a launch path: model construction
-# (stochastic-depth rates from a CPU linspace) and the tuning / audit tools.
+# Calls that read values on the host but never on a launch path: model construction (stochastic-depth
+# rates from a CPU linspace).
 ALLOWED = {("model.py", "__init__", "item")}
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::item")
 

@@ -359,9 +359,12 @@ LAUNCH_PATH_FILES = sorted((ROOT / "vitkern" / "ops").glob("*.py")) + sorted((RO
     ROOT / "vitkern" / "dispatch.py", ROOT / "vitkern" / "fusion.py", ROOT / "vitkern" / "model.py",
     ROOT / "vitkern" / "reference.py", ROOT / "vitkern" / "pos_embed.py"]
 HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero", "synchronize", "is_nonzero"}
-# Calls that read values on the host but never on a launch path: model construction (stochastic-depth
-# rates from a CPU linspace).
-ALLOWED = {("model.py", "__init__", "item")}
+# Calls that read values on the host, known and kept off the dense ViT's launch path: model construction
+# (stochastic-depth rates from a CPU linspace), and the packed-sequence paths (issue 23), which read
+# cu_seqlens and a grids tensor on the host to validate them: an eager packed batch cannot be captured
+# in a CUDA graph (under torch.compile, with max_seqlen given, cu_seqlens is not read).
+ALLOWED = {("model.py", "__init__", "item"), ("_checks.py", "check_cu_seqlens", "tolist"),
+           ("patch_embed.py", "_patch_embed_packed", "tolist"), ("reference.py", "_bounds", "tolist")}
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::item")
 
 

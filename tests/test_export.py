@@ -93,7 +93,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str)
 # ------------------------------------------------------------------------------------------ torch.export
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_export_round_trip_with_dynamic_batch(backend, tmp_path):
     """One program (the family options included) takes batch 1, 3 and 17, saved and loaded."""
     _skip_unless(backend)
@@ -177,7 +177,7 @@ def cpu_package(tmp_path_factory):
     """One AOTInductor package of the tiny model's CPU path (dynamic batch) per session, with the
     inputs and outputs a fresh process compares against."""
     work = tmp_path_factory.mktemp("aoti")
-    model = _model("eager")
+    model = _model("auto")  # the CPU path: the torch backend (SDPA, addmm, F.layer_norm)
     path = vke.aoti_package(model, _images(2), work / "vit_cpu.pt2")
     inputs = {batch: _images(batch) for batch in (1, 3, 17)}
     with torch.no_grad():

@@ -199,11 +199,14 @@ class Settings:
     max_iters: int = 50
     cuda_graph_batch1: bool = True
     smoke_run: bool = False  # --quick: checks that everything runs; its times are not a measurement
+    # --cuda-graphs: batch-1 inference is also timed without the graph (`without_cuda_graph`)
+    compare_cuda_graphs: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "peak": self.peak.to_dict(),
                 "warmup": self.warmup, "target_ms": self.target_ms, "min_iters": self.min_iters,
-                "max_iters": self.max_iters, "cuda_graph_batch1": self.cuda_graph_batch1, "smoke_run": self.smoke_run}
+                "max_iters": self.max_iters, "cuda_graph_batch1": self.cuda_graph_batch1, "smoke_run": self.smoke_run,
+                "compare_cuda_graphs": self.compare_cuda_graphs}
 
 
 def default_settings(device: torch.device, dtype: Optional[torch.dtype] = None, *, quick: bool = False,
@@ -251,8 +254,12 @@ def run_case(case: Case, settings: Settings, *, baselines: Optional[Dict[Tuple, 
         step = make_step(net, forward, case.mode, x, y, dev)
         _timing.reset_peak_memory(dev)
         method = ""
-        if (dev.type == "cuda" and case.mode == "infer" and case.batch == 1 and settings.cuda_graph_batch1
-                and case.provider != "timm-compile"):  # max-autotune already replays CUDA graphs
+        graphable = dev.type == "cuda" and case.mode == "infer" and case.batch == 1 and case.provider != "timm-compile"
+        if graphable and settings.compare_cuda_graphs:  # the same step launched kernel by kernel, first
+            plain = _timing.measure(step, dev, warmup=settings.warmup, target_ms=settings.target_ms,
+                                    min_iters=settings.min_iters, max_iters=settings.max_iters)
+            result["without_cuda_graph"] = {"ms": plain.median_ms, "timing": plain.to_dict()}
+        if graphable and settings.cuda_graph_batch1:  # max-autotune (timm-compile) already replays CUDA graphs
             try:
                 step = _timing.cuda_graph(step)
                 method = "cuda-graph+cuda-events"
@@ -361,6 +368,25 @@ def markdown_table(results: Sequence[Dict[str, Any]]) -> str:
             f"{speedup} | {status} |"
         )
     return "\n".join(lines)
+
+
+def cuda_graph_markdown(results: Sequence[Dict[str, Any]]) -> str:
+    """`--cuda-graphs`: per batch-1 inference case, the median latency launched kernel by kernel and
+    replayed as one CUDA graph (empty when no case has both)."""
+    lines = []
+    for r in results:
+        plain = r.get("without_cuda_graph")
+        if not plain or r["status"] != "ok":
+            continue
+        graphed = (r.get("timing") or {}).get("method", "").startswith("cuda-graph")
+        lines.append(f"| {SHORT.get(r['model'], r['model'])} | {r['provider']} | {plain['ms']:.3f} | "
+                     f"{_fmt(r['ms'] if graphed else None, '.3f')} | "
+                     f"{(plain['ms'] / r['ms']) if graphed else float('nan'):.2f}x | "
+                     f"{'-' if graphed else r.get('cuda_graph_error', 'not captured')} |")
+    if not lines:
+        return ""
+    return "\n".join(["| model | provider | ms without graph | ms CUDA graph | graph speedup | capture error |",
+                      "|---|---|---|---|---|---|"] + lines)
 
 
 def best_training_mfu(results: Sequence[Dict[str, Any]], providers: Sequence[str]) -> Dict[str, Dict[str, Any]]:
@@ -549,6 +575,9 @@ def render_markdown(record: Dict[str, Any], peak: cost.Device) -> str:
         "",
         tpu_markdown(record["tpu_table"], peak),
     ]
+    graphs = cuda_graph_markdown(record["results"])
+    if graphs:
+        parts += ["", "## Batch-1 latency with and without CUDA graphs (`--cuda-graphs`)", "", graphs]
     if record["notes"]:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in record["notes"]]
     return "\n".join(parts) + "\n"
@@ -585,6 +614,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                         "(default: fp32,bf16-autocast)")
     p.add_argument("--rounds", type=int, default=5, help="with --compare: timed rounds per case (default 5)")
     _threads.add_argument(p)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="batch-1 inference on a GPU: report the latency without and with a CUDA graph (by default "
+                        "only the graph replay is timed)")
     args = p.parse_args(argv)
     return args
 
@@ -691,6 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if args.target_ms < 0:
             raise SystemExit(f"--target-ms must be >= 0, got {args.target_ms}")
         settings.target_ms = args.target_ms
+    settings.compare_cuda_graphs = bool(args.cuda_graphs)
     cases = plan(models, batches, modes, providers, img_size)
     record: Dict[str, Any] = {
         "schema": SCHEMA, "argv": sys.argv[1:] if argv is None else list(argv),
@@ -698,6 +731,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "measured_ceilings": ceilings, "providers": {p: PROVIDER_DOC[p] for p in providers},
         "results": [], "notes": [],
     }
+    if args.cuda_graphs and (device.type != "cuda" or 1 not in batches or "infer" not in modes):
+        record["notes"].append("--cuda-graphs: CUDA graphs are captured for batch-1 inference on a GPU only; "
+                               "no case of this run has both timings")
     if device.type != "cuda":
         record["notes"].append(_timing.PEAK_MEMORY_CPU_NOTE)
         record["notes"].append("CPU run: MFU is against this CPU's measured GEMM rate, so the TPUv3-core-day "

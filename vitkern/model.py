@@ -40,7 +40,7 @@ from vitkern import dispatch, fusion, ops, reference
 from vitkern.config import ViTConfig, to_2tuple
 from vitkern.dispatch import BackendUnavailableError
 from vitkern.features import Indices, take_indices
-from vitkern.pos_embed import resample_patch_kernel, resample_pos_embed
+from vitkern.pos_embed import resample_patch_kernel, resample_pos_embed, same_grid
 
 
 class DropPath(nn.Module):
@@ -233,7 +233,7 @@ def _position_embedding(
 
 
 def _pos_embed_for_grid(pos_embed, grid, grid_size, num_prefix_tokens, dynamic_img_size) -> Tensor:
-    if tuple(grid) == tuple(grid_size):
+    if same_grid(grid, grid_size):
         return pos_embed
     if not dynamic_img_size:
         raise ValueError(f"the patch grid {tuple(grid)} differs from the model's {tuple(grid_size)}")

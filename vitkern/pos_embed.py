@@ -24,6 +24,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 RESAMPLE_MODES = ("bicubic", "bilinear", "jax")
 
@@ -31,10 +32,20 @@ __all__ = ["RESAMPLE_MODES", "resample_pos_embed", "resample_patch_kernel", "naf
 
 
 def _check_grid(name: str, grid: Sequence[int]) -> Tuple[int, int]:
+    # A torch.SymInt is a grid size under torch.export with a dynamic image size: kept symbolic
+    # (int() would specialize the exported program to the example's grid).
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid)):
+            or any(isinstance(g, bool) or not isinstance(g, (int, torch.SymInt)) for g in grid)
+            or any(isinstance(g, int) and g <= 0 for g in grid)):
         raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {grid!r}")
-    return int(grid[0]), int(grid[1])
+    return tuple(g if isinstance(g, torch.SymInt) else int(g) for g in grid)  # type: ignore[return-value]
+
+
+def same_grid(a: Sequence[int], b: Sequence[int]) -> bool:
+    """True when the grids are known to be equal without specializing a symbolic size: under
+    torch.export with a dynamic image size an unknown grid counts as different (the resampling to
+    an equal grid is then the identity, up to float rounding of the interpolation weights)."""
+    return statically_known_true(a[0] == b[0]) and statically_known_true(a[1] == b[1])
 
 
 def resample_pos_embed(
@@ -72,7 +83,7 @@ def resample_pos_embed(
             f"pos_embed has {pos_embed.shape[1]} tokens but old_grid {(old_h, old_w)} with "
             f"{num_prefix_tokens} prefix tokens needs {expected}"
         )
-    if (new_h, new_w) == (old_h, old_w):
+    if same_grid((new_h, new_w), (old_h, old_w)):
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]

@@ -547,6 +547,7 @@ class Tuned:
                 self._autotuners[tuner_key] = at
         if len(pool) <= 1:
             return at, None
+        check_not_tuning_in_capture(self.name, at, args, kwargs, first, source, len(pool))
         seen = len(at.cache)
 
         def after() -> None:
@@ -575,6 +576,54 @@ class Tuned:
         if path:
             with open(path, "a") as f:  # one short line per result: appends from several processes stay whole
                 f.write(json.dumps(result) + "\n")
+
+
+# -- CUDA graphs: no autotuning inside a capture ------------------------------------------------
+
+
+def autotuner_key(at: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+    """The key Triton's `Autotuner.run` caches a launch's tuned config under (the `key` arguments'
+    values, then the dtypes of the tensor arguments: triton 3.2 to 3.8), or None when it cannot be
+    formed (another Triton)."""
+    try:
+        named = {**dict(zip(at.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in at.arg_names}
+        key = [named[k] for k in at.keys if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        return tuple(key)
+    except (AttributeError, TypeError):
+        return None
+
+
+def would_autotune(at: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    """True when launching the autotuner `at` with these arguments benchmarks its configs first
+    (more than one config, none cached for this key)."""
+    if len(getattr(at, "configs", ())) <= 1:
+        return False
+    key = autotuner_key(at, args, kwargs)
+    return key is None or key not in getattr(at, "cache", {})
+
+
+def stream_capturing(tensor: Optional[torch.Tensor]) -> bool:
+    """True while the current CUDA stream of `tensor`'s device is being captured into a CUDA graph
+    (False off a GPU, and for fake tensors under tracing)."""
+    if tensor is None or tensor.device.type != "cuda" or _is_fake_or_meta(tensor):
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
+def check_not_tuning_in_capture(name: str, at: Any, args: Sequence[Any], kwargs: Dict[str, Any],
+                                first: Optional[torch.Tensor], source: str, configs: int) -> None:
+    """Raise instead of autotuning inside a CUDA graph capture: the autotuner's benchmark
+    synchronizes the device and times launches, which a capture forbids (and would record). The
+    configs must be decided before capture: by the device's tuning table, or by running the same
+    shapes once (a warm-up; `vitkern.export.cuda_graph` does both)."""
+    if stream_capturing(first) and would_autotune(at, args, kwargs):
+        raise RuntimeError(
+            f"vitkern: Triton kernel {name} would autotune {configs} configs ({source}) inside a CUDA graph "
+            "capture, which cannot synchronize or benchmark. Run the model once at these shapes before capturing "
+            "(a warm-up decides the configs), or give this device a tuning table "
+            "(vitkern/kernels/triton/configs/README.md)")
 
 
 def not_on(config: triton.Config, *archs: int) -> triton.Config:

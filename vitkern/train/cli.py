@@ -56,6 +56,9 @@ HELP = {
     "compile": "torch.compile the model",
     "grad_checkpointing": "recompute block activations in the backward",
     "threads": "CPU threads per rank (small models on a busy CPU train faster with 1)",
+    "naflex": "train a NaFlexViT on packed batches of random-size images (vitkern.train.naflex)",
+    "token_budget": "--naflex: tokens (patches + prefix) per packed step",
+    "naflex_max_patches": "--naflex: the largest patch grid of an image (timm's padded length)",
 }
 
 

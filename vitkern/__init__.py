@@ -21,7 +21,8 @@ from vitkern.config import TIMM_TAGS, VARIANTS, ViTConfig, get_config, pretraine
 from vitkern.dispatch import BackendUnavailableError, auto_backends, available_backends
 from vitkern.features import FeatureBackbone, FeatureInfo
 from vitkern.model import ViT
-from vitkern.packing import Packed, pack, unpack
+from vitkern.naflex import NaFlexViT
+from vitkern.packing import Packed, SeqLens, pack, unpack
 from vitkern.pos_embed import resample_pos_embed
 from vitkern.weights import from_timm, load_hf, load_jax_npz
 
@@ -128,6 +129,6 @@ del _name
 __all__ = [
     "ViT", "ViTConfig", "VARIANTS", "create_model", "list_models", "list_pretrained", "pretrained_cfg",
     "available_backends", "auto_backends", "BackendUnavailableError", "ops", "from_timm", "load_hf", "load_jax_npz",
-    "resample_pos_embed", "FeatureBackbone", "FeatureInfo", "Packed", "pack", "unpack", "apply", "revert",
-    "register_hf_attention", "ApplyReport", *sorted(VARIANTS),
+    "resample_pos_embed", "FeatureBackbone", "FeatureInfo", "Packed", "SeqLens", "pack", "unpack", "NaFlexViT",
+    "apply", "revert", "register_hf_attention", "ApplyReport", *sorted(VARIANTS),
 ]

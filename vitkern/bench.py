@@ -617,8 +617,59 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="batch-1 inference on a GPU: report the latency without and with a CUDA graph (by default "
                         "only the graph replay is timed)")
+    p.add_argument("--naflex", action="store_true",
+                   help="packed (vitkern) vs padded (timm NaFlex) batches: FLOPs, bytes and the predicted H100 time "
+                        "of ImageNet-like aspect ratios at --naflex-max-patches (cost model, no device needed)")
+    p.add_argument("--naflex-max-patches", type=int, default=256, help="with --naflex: the per-image patch budget")
     args = p.parse_args(argv)
     return args
+
+
+def naflex_rows(model: str = "vit_base_patch16_224", max_patches: int = 256, images: int = 256,
+                device: str = "H100 SXM", dtype: str = "bf16") -> List[Dict[str, Any]]:
+    """`--naflex`: per size distribution and mode, the packed and padded costs (cost.packed_vs_padded)."""
+    patch = cost.arch_of(model).patch_size[0]
+    mixes = {
+        "ImageNet aspect ratios, resized to the budget": cost.imagenet_like_grids(images, patch, max_patches),
+        "ImageNet aspect ratios, native size up to the budget": cost.imagenet_like_grids(images, patch, max_patches,
+                                                                                         native=True),
+    }
+    rows = []
+    for mix, grids in mixes.items():
+        for training in (False, True):
+            r = cost.packed_vs_padded(model, grids, max_patches, device=device, dtype=dtype, training=training)
+            rows.append(dict(r, mix=mix, model=model, mode="train" if training else "infer"))
+    return rows
+
+
+def naflex_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    head = ("| images | mode | tokens packed / padded | TFLOPs packed / padded | GB packed / padded "
+            "| predicted ms packed / padded | packed / padded time |\n|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['images']} x {r['mix']} | {r['mode']} | {r['packed_tokens']:,} / {r['padded_tokens']:,} "
+                     f"| {r['packed_flops'] / 1e12:.2f} / {r['padded_flops'] / 1e12:.2f} "
+                     f"| {r['packed_bytes'] / 1e9:.1f} / {r['padded_bytes'] / 1e9:.1f} "
+                     f"| {1e3 * r['packed_floor_s']:.2f} / {1e3 * r['padded_floor_s']:.2f} | {r['floor_s_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def naflex_main(args: argparse.Namespace) -> Dict[str, Any]:
+    """`--naflex`: the packed-vs-padded table (cost model), printed and written to --out."""
+    model = (args.models or "vit_base_patch16_224").split(",")[0]
+    dtype = args.dtype or "bf16"
+    rows = naflex_rows(model, args.naflex_max_patches, dtype=dtype)
+    table = naflex_markdown(rows)
+    print(f"{model} (1 class token), {args.naflex_max_patches} max patches per image, {dtype}, H100 SXM roofline "
+          "(cost.py); padded = timm's NaFlex batch (every image padded to the budget, masked attention)")
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    record = dict(model=model, max_patches=args.naflex_max_patches, dtype=dtype, rows=rows)
+    with open(os.path.join(args.out, "naflex.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(args.out, "naflex.md"), "w") as f:
+        f.write(table + "\n")
+    return record
 
 
 def compare_main(args: argparse.Namespace) -> Dict[str, Any]:
@@ -693,6 +744,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     _threads.configure(args.threads, who="vitkern.bench")
     if args.compare:
         return compare_main(args)
+    if args.naflex:
+        return naflex_main(args)
     from vitkern.config import VARIANTS
 
     if args.device:

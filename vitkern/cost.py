@@ -392,6 +392,133 @@ def op_costs(model_or_name: Any, batch: int = 1, *, img_size: Any = None, dtype:
     return ops
 
 
+# --------------------------------------------------------------------------------------------
+# Packed (NaViT / NaFlex) batches vs timm's padded NaFlex batches
+
+# ImageNet-1k train images' aspect ratios (width / height), a coarse histogram of the common
+# shapes: 4:3 landscape dominates, then 3:4 portrait, square, 3:2 / 2:3 and wide frames.
+IMAGENET_ASPECT_RATIOS = ((4 / 3, 0.52), (3 / 4, 0.14), (1.0, 0.12), (3 / 2, 0.10), (2 / 3, 0.05),
+                          (16 / 9, 0.04), (5 / 4, 0.03))
+
+
+def imagenet_like_grids(num_images: int, patch_size: int = 16, max_patches: int = 256, *, seed: int = 0,
+                        native: bool = False) -> List[Tuple[int, int]]:
+    """Patch grids of `num_images` images with ImageNet-like aspect ratios, each resized to the
+    largest grid within max_patches (timm's NaFlex transforms, `vitkern.packing.size_for_budget`).
+    native=True: images keep their native size when it fits the budget (short side uniform in
+    [64, 500] pixels, about ImageNet's range) instead of being enlarged to it."""
+    import random
+
+    from vitkern.packing import size_for_budget
+
+    rng = random.Random(seed)
+    ratios, weights = zip(*IMAGENET_ASPECT_RATIOS)
+    grids = []
+    for _ in range(num_images):
+        ratio = rng.choices(ratios, weights)[0]
+        short = rng.uniform(64, 500) if native else 500.0
+        hw = (round(short), round(short * ratio)) if ratio >= 1 else (round(short / ratio), round(short))
+        h, w = size_for_budget(hw, patch_size, max_patches)
+        if native:
+            fit = (-(-hw[0] // patch_size), -(-hw[1] // patch_size))
+            if fit[0] * fit[1] <= max_patches:
+                h, w = fit[0] * patch_size, fit[1] * patch_size
+        grids.append((h // patch_size, w // patch_size))
+    return grids
+
+
+def packed_op_costs(model_or_name: Any, grids: List[Tuple[int, int]], *, padded_patches: Optional[int] = None,
+                    num_prefix_tokens: Optional[int] = None, dtype: Any = "bf16", training: bool = False,
+                    include_head: bool = True) -> List[OpCost]:
+    """The cost of one step over images with these patch grids (gh, gw), as `op_costs`.
+
+    padded_patches=None: vitkern's packed batch: the token-wise ops (GEMMs, norms) run on the
+    sum of the images' tokens T_i = gh * gw + prefix, attention on sum T_i^2 (block-diagonal),
+    weights read once. padded_patches=P: timm's padded NaFlex batch: every image padded to P
+    patches (T = P + prefix tokens each) and attention over all of them, with its additive mask
+    [n, 1, T, T] in the activation dtype read by every layer. num_prefix_tokens: default the
+    model's."""
+    a = arch_of(model_or_name)
+    if num_prefix_tokens is not None:
+        a = Arch(a.img_size, a.patch_size, a.in_chans, a.embed_dim, a.depth, a.num_heads, a.mlp_dim,
+                 a.num_classes, num_prefix_tokens, a.representation_size, a.name)
+    if not grids:
+        raise ValueError("grids must list at least one image's (grid_h, grid_w)")
+    n, p = len(grids), a.num_prefix_tokens
+    counts = [gh * gw for gh, gw in grids]
+    e = dtype_bytes(dtype)
+    # Parameters (the optimizer's work) and the head do not depend on the tokens: the model's own.
+    fixed = {op.family: op for op in op_costs(a, n, dtype=dtype, training=training, include_head=include_head)
+             if op.family in ("head", "optimizer")}
+    if padded_patches is not None:
+        if padded_patches < max(counts):
+            raise ValueError(f"padded_patches must be >= the largest image's {max(counts)} patches, got {padded_patches}")
+        t = padded_patches + p
+        ops = op_costs(_with_tokens(a, t, p), n, dtype=dtype, training=training, include_head=include_head)
+        mask = e * n * t * t * a.depth  # the additive mask, read once per layer (and again in the backward)
+        for op in ops:
+            if op.family == "attention":
+                op.bytes_fused += mask
+                op.bytes_unfused += mask
+                op.bytes_fused_bwd += mask if training else 0.0
+                op.bytes_unfused_bwd += mask if training else 0.0
+        return [fixed.get(op.family, op) for op in ops]
+    total = sum(counts) + n * p
+    squares = sum((c + p) ** 2 for c in counts)
+    # One sequence of all the tokens (n * p of them prefix) gives every token-wise op exactly, the
+    # weights read once; attention is then rescaled from total^2 to sum T_i^2 (block-diagonal).
+    ops = op_costs(_with_tokens(a, total, n * p), 1, dtype=dtype, training=training, include_head=include_head)
+    ratio = squares / total ** 2
+    for i, op in enumerate(ops):
+        if op.family == "attention":
+            op.flops *= ratio
+            op.flops_bwd *= ratio
+            op.elementwise_flops *= ratio
+            probs = e * a.num_heads * (total ** 2 - squares)  # the unfused path's T x T tensors shrink too
+            op.bytes_unfused -= a.depth * 3 * probs
+            op.bytes_unfused_bwd -= a.depth * 4 * probs if training else 0.0
+        elif op.family == "layer_norm":
+            # vitkern normalizes only the pooled class tokens (n rows) with token pooling, else every token.
+            rows = n if p and a.num_classes else total
+            d = a.embed_dim
+            ops[i] = OpCost("final_norm", "layer_norm", 1, flops=0.0,
+                            elementwise_flops=float(rows * d * ELEMENTWISE_FLOPS_PER_ELEMENT["layer_norm"]),
+                            bytes_fused=e * (2 * rows * d + 2 * d), bytes_unfused=e * (2 * total * d + 2 * d),
+                            bytes_fused_bwd=e * (3 * rows * d + 2 * d) if training else 0.0,
+                            bytes_unfused_bwd=e * (3 * total * d + 2 * d) if training else 0.0)
+    return [fixed.get(op.family, op) for op in ops]
+
+
+def _with_tokens(a: "Arch", tokens: int, prefix: int) -> "Arch":
+    """`a` as one image of exactly `tokens` tokens, `prefix` of them prefix (a 1 x N patch grid)."""
+    patches = tokens - prefix
+    return Arch((a.patch_size[0], patches * a.patch_size[1]), a.patch_size, a.in_chans, a.embed_dim, a.depth,
+                a.num_heads, a.mlp_dim, a.num_classes, prefix, a.representation_size, a.name)
+
+
+def packed_vs_padded(model_or_name: Any, grids: List[Tuple[int, int]], padded_patches: int, *,
+                     device: Union["Device", str] = "H100 SXM", dtype: Any = "bf16", training: bool = False,
+                     num_prefix_tokens: Optional[int] = None) -> Dict[str, Any]:
+    """FLOPs, fused bytes and the roofline floor (predicted GPU time) of one step over `grids`,
+    packed (vitkern) and padded to `padded_patches` (timm's NaFlex collator), and their ratios."""
+    dev = DEVICES[device] if isinstance(device, str) else device
+    out: Dict[str, Any] = {"images": len(grids), "patches": sum(h * w for h, w in grids), "padded_patches": padded_patches,
+                           "device": dev.name, "dtype": dtype_name(dtype), "training": training}
+    for kind, pad in (("packed", None), ("padded", padded_patches)):
+        ops = packed_op_costs(model_or_name, grids, padded_patches=pad, dtype=dtype, training=training,
+                              num_prefix_tokens=num_prefix_tokens)
+        out[f"{kind}_flops"] = sum(op.total_flops(training) for op in ops)
+        out[f"{kind}_attention_flops"] = sum(op.total_flops(training) for op in ops if op.family == "attention")
+        out[f"{kind}_bytes"] = sum(op.total_bytes(training) for op in ops)
+        out[f"{kind}_floor_s"] = sum(op.floor_s(dev, dtype, training=training) for op in ops)
+    prefix = arch_of(model_or_name).num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
+    out["packed_tokens"] = out["patches"] + len(grids) * prefix
+    out["padded_tokens"] = len(grids) * (padded_patches + prefix)
+    for what in ("flops", "bytes", "floor_s"):
+        out[f"{what}_ratio"] = out[f"packed_{what}"] / out[f"padded_{what}"]
+    return out
+
+
 def count_params(model_or_name: Any, *, include_head: bool = True) -> int:
     """Number of parameters (the hybrid backbone, if any, not counted)."""
     a = arch_of(model_or_name)

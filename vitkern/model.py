@@ -269,6 +269,17 @@ def _attention_with_dropout(qkv: Tensor, num_heads: int, p: float, scale: float)
     return out.transpose(1, 2).reshape(b, t, -1)
 
 
+def _packed_attention_with_dropout(qkv: Tensor, cu_seqlens: Any, num_heads: int, p: float, scale: float) -> Tensor:
+    """`_attention_with_dropout` on packed sequences, one sequence at a time (training only):
+    qkv [total_tokens, 3 dim] -> [total_tokens, dim]."""
+    lengths = getattr(cu_seqlens, "lengths", None)
+    if lengths is None:
+        offsets = cu_seqlens.tolist()
+        lengths = [e - s for s, e in zip(offsets[:-1], offsets[1:])]
+    return torch.cat([_attention_with_dropout(part[None], num_heads, p, scale)[0]
+                      for part in qkv.split(list(lengths))])
+
+
 for _leaf in ("_drop_path", "_checked_image", "_padded_to_patches", "_position_embedding", "_add_prefix_and_position",
               "_attention_with_dropout", "_patch_dropout", "_draw_keep"):
     torch.fx.wrap(_leaf)
@@ -353,15 +364,22 @@ class Attention(fusion.WatchesSwaps, nn.Module):
         q and k as [batch, heads, tokens, head_dim]), repacked for the op."""
         if fusion.is_plain(self.q_norm, nn.Identity) and fusion.is_plain(self.k_norm, nn.Identity):
             return qkv
+        if qkv.dim() == 2:  # packed [total_tokens, 3 dim]: the norms act on head_dim, any layout
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(1)
+            return torch.stack((self.q_norm(q), self.k_norm(k), v), dim=1).flatten(1)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         return torch.stack((self.q_norm(q), self.k_norm(k), v)).permute(1, 3, 0, 2, 4).flatten(2)
 
-    def core(self, qkv: Tensor) -> Tensor:
+    def core(self, qkv: Tensor, cu_seqlens: Any = None) -> Tensor:
         """Packed qkv [batch, tokens, 3 dim] (before q_norm / k_norm) -> [batch, tokens, dim],
-        before the output projection. Plain QK-norm LayerNorms run inside the attention op."""
+        before the output projection. Plain QK-norm LayerNorms run inside the attention op.
+        With cu_seqlens (a `vitkern.packing.SeqLens` or int32 offsets): packed sequences, qkv
+        [total_tokens, 3 dim] -> [total_tokens, dim], block-diagonal (`ops.attention`)."""
         requests = getattr(_CAPTURES, "requests", None)
         request = requests.get(self) if requests else None
         norms = self.qk_norm_args()
+        if request is not None and cu_seqlens is not None:
+            raise NotImplementedError("vitkern.inspect's attention capture takes [batch, tokens, dim] batches, not packed ones")
         if request is not None or norms is None or (self.training and self.attn_drop > 0):
             qkv = self._normalized_qk(qkv)
             if request is not None:  # set by vitkern.inspect.capture: the same attention, statistics recorded
@@ -370,17 +388,20 @@ class Attention(fusion.WatchesSwaps, nn.Module):
         if self.training and self.attn_drop > 0:
             # Attention dropout is a training-only regularizer the fused kernels do not implement;
             # torch's SDPA applies it on the probabilities exactly as timm does.
+            if cu_seqlens is not None:
+                return _packed_attention_with_dropout(qkv, cu_seqlens, self.num_heads, self.attn_drop, self.scale)
             return _attention_with_dropout(qkv, self.num_heads, self.attn_drop, self.scale)
         q_norm, k_norm = norms
         return ops.attention(qkv, self.num_heads, scale=self.scale, q_norm=q_norm, k_norm=k_norm,
-                             backend=_backend_of(self))
+                             cu_seqlens=cu_seqlens, backend=_backend_of(self))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Any = None) -> Tensor:
         """timm's order: qkv -> q_norm, k_norm -> attention -> norm -> proj -> proj_drop; each
-        sub-module that is not plain (or LoRA for the linears) is called as a module."""
+        sub-module that is not plain (or LoRA for the linears) is called as a module. With
+        cu_seqlens, x is packed [total_tokens, dim] (see `core`)."""
         backend = _backend_of(self)
         qkv = fusion.call_linear(self.qkv, x, backend=backend)
-        a = self.core(qkv)
+        a = self.core(qkv, cu_seqlens)
         if not fusion.is_plain(self.norm, nn.Identity):
             a = self.norm(a)
         return self.proj_drop(fusion.call_linear(self.proj, a, backend=backend))
@@ -585,23 +606,27 @@ class Block(fusion.WatchesSwaps, nn.Module):
             self._plan = plan if plan.attn and plan.mlp else None
         return plan
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Any = None) -> Tensor:
+        """x [batch, tokens, dim], or packed sequences [total_tokens, dim] with cu_seqlens (a
+        `vitkern.packing.SeqLens` or int32 offsets, see `ops.attention`): every op but attention
+        acts per token, so only attention sees the sequences."""
         plan = self._current_plan()
         backend = _backend_of(self)
-        x = self._attention_half(x, plan, backend)
+        x = self._attention_half(x, plan, backend, cu_seqlens)
         return self._mlp_half(x, plan, backend)
 
-    def _attention_half(self, x: Tensor, plan: _BlockPlan, backend: str) -> Tensor:
+    def _attention_half(self, x: Tensor, plan: _BlockPlan, backend: str, cu_seqlens: Any = None) -> Tensor:
         attn = self.attn
         if plan.attn:
             qkv_call = fusion.linear_call(attn.qkv, plan.qkv)
             proj_call = fusion.linear_call(attn.proj, plan.proj)
             if qkv_call is not None and proj_call is not None:
-                a = attn.core(fusion.run_ln_linear(self.norm1, qkv_call, x, backend=backend))
+                a = attn.core(fusion.run_ln_linear(self.norm1, qkv_call, x, backend=backend), cu_seqlens)
                 if self._residual_branch_is_identity(attn.proj_drop, self.drop_path1):
                     return fusion.run_linear(proj_call, a, residual=x, scale=_gamma(self.ls1), backend=backend)
                 return x + self.drop_path1(self.ls1(attn.proj_drop(fusion.run_linear(proj_call, a, backend=backend))))
-        return x + self.drop_path1(self.ls1(attn(fusion.call_norm(self.norm1, x, backend=backend))))
+        h = fusion.call_norm(self.norm1, x, backend=backend)
+        return x + self.drop_path1(self.ls1(attn(h) if cu_seqlens is None else attn(h, cu_seqlens=cu_seqlens)))
 
     def _mlp_half(self, x: Tensor, plan: _BlockPlan, backend: str) -> Tensor:
         mlp = self.mlp

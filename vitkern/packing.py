@@ -54,6 +54,18 @@ class Packed:
     def num_images(self) -> int:
         return self.grids.shape[0]
 
+    @property
+    def grid_list(self) -> List[Tuple[int, int]]:
+        """Each image's (grid_h, grid_w) as host ints, from `sizes` (no device read)."""
+        ph, pw = self.patch_size
+        return [(-(-h // ph), -(-w // pw)) for h, w in self.sizes]
+
+    def token_seqlens(self, num_prefix_tokens: int = 0) -> "SeqLens":
+        """`token_cu_seqlens` as a validated `SeqLens`, built from host ints: the packed model hands
+        it to every layer's attention, which then reads nothing back from the device."""
+        return SeqLens.from_lengths([gh * gw + num_prefix_tokens for gh, gw in self.grid_list],
+                                    self.cu_seqlens.device)
+
     def token_cu_seqlens(self, num_prefix_tokens: int = 0) -> Tuple[Tensor, int]:
         """(cu_seqlens int32 [num_images + 1], max_seqlen) of the token sequences once each image
         gets `num_prefix_tokens` class/register tokens in front of its patches."""
@@ -68,6 +80,53 @@ class Packed:
         dev = patches.device
         return Packed(patches, self.grids.to(dev), self.coords.to(dev), self.cu_seqlens.to(dev), self.max_seqlen,
                       self.patch_size, self.channels, list(self.sizes))
+
+
+@dataclass(frozen=True)
+class SeqLens:
+    """Offsets of packed sequences already known to be valid (FlashAttention's varlen convention),
+    with their host-side lengths: `vitkern.ops.attention(cu_seqlens=SeqLens)` trusts them and skips
+    the host read (one GPU sync) it does to validate a plain int32 tensor, so a packed model
+    validates once per batch, not once per layer.
+
+    cu_seqlens: int32 [num_seqs + 1] on the device; lengths: each sequence's tokens (host ints, all
+    >= 1); max_seqlen: max(lengths); total: sum(lengths). Build with `from_lengths` (valid by
+    construction) or `validated` (checks a device tensor once); do not construct directly.
+    """
+
+    cu_seqlens: Tensor
+    lengths: Tuple[int, ...]
+    max_seqlen: int
+    total: int
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], device: Union[str, torch.device, None] = None) -> "SeqLens":
+        """From host lengths (each a positive int): one host-to-device copy, no device read."""
+        lengths = tuple(lengths)
+        if not lengths or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+            raise ValueError(f"lengths must be a non-empty sequence of positive ints, got {lengths!r}"[:300])
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        cu = torch.tensor(offsets, dtype=torch.int32).to(device if device is not None else "cpu", non_blocking=True)
+        return cls(cu, lengths, max(lengths), offsets[-1])
+
+    @classmethod
+    def validated(cls, cu_seqlens: Tensor, max_seqlen: Optional[int] = None) -> "SeqLens":
+        """From a device tensor, validated once (one host read) as `ops.attention` validates it."""
+        from vitkern.ops._checks import check_cu_seqlens
+
+        if isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1:
+            total = int(cu_seqlens[-1])
+        else:
+            total = -1  # check_cu_seqlens names what is wrong
+        cu, longest = check_cu_seqlens(cu_seqlens, max_seqlen, total, cu_seqlens.device)
+        offsets = cu.tolist()
+        return cls(cu, tuple(e - s for s, e in zip(offsets[:-1], offsets[1:])), longest, total)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.lengths)
 
 
 def _pair(patch_size: PatchSize) -> Tuple[int, int]:
@@ -184,4 +243,4 @@ def unpack(packed: Packed) -> List[Tensor]:
     return out
 
 
-__all__ = ["Packed", "pack", "unpack", "size_for_budget"]
+__all__ = ["Packed", "SeqLens", "pack", "unpack", "size_for_budget"]

@@ -351,7 +351,8 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
     of the EVA / BEiT families, non-LayerNorm norms, activations other than GELU / tanh GELU /
     QuickGELU, ...). The ViT family converts: LayerScale, QK-norm, register tokens, no_embed_class,
     pre_norm, class_token=False, global_pool='map', patch dropout, and timm's
-    VisionTransformerDistilled (DeiT's distillation token).
+    VisionTransformerDistilled (DeiT's distillation token). A timm NaFlexVit converts to a
+    `vitkern.NaFlexViT` (packed batches; see `vitkern.naflex.naflex_from_timm` for its overrides).
     """
     if isinstance(timm_model_or_name, str):
         import timm
@@ -359,6 +360,10 @@ def from_timm(timm_model_or_name: Union[nn.Module, str], **overrides: Any) -> "V
         timm_model = timm.create_model(timm_model_or_name, pretrained=False)
     else:
         timm_model = timm_model_or_name
+    if type(timm_model).__name__ == "NaFlexVit":  # timm's packed-batch model: vitkern.NaFlexViT
+        from vitkern.naflex import naflex_from_timm
+
+        return naflex_from_timm(timm_model, **overrides)
     refused = sorted(set(overrides) - set(_TIMM_OVERRIDABLE))
     if refused:
         raise ValueError(

@@ -40,7 +40,9 @@ def attention(
     tensor [num_seqs + 1] of offsets on qkv's device (0, len_0, len_0 + len_1, ..., total_tokens),
     qkv is [total_tokens, 3 * dim] without padding and each token attends only to the tokens of its
     own sequence (block-diagonal); returns [total_tokens, dim]. max_seqlen: the longest sequence
-    (None: read from cu_seqlens; give it under torch.compile).
+    (None: read from cu_seqlens; give it under torch.compile). cu_seqlens may also be a
+    `vitkern.packing.SeqLens` (validated once when made: no host read here, as a packed model's
+    layers use it); a plain tensor is validated with one host read per call.
     Returns [batch, tokens, dim] in qkv's dtype (softmax statistics in fp32). Under torch.autocast
     qkv and the QK-norm parameters are cast to the autocast dtype (as SDPA's inputs are), and so is
     the result.
@@ -99,7 +101,7 @@ def _attention_varlen(qkv, num_heads, scale, q_norm, k_norm, cu_seqlens, max_seq
     if cu_seqlens is None:
         raise ValueError("max_seqlen was given without cu_seqlens; packed attention needs both (cu_seqlens: int32 offsets)")
     head_dim = _check_heads(qkv, num_heads)
-    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], qkv.device)
+    cu_seqlens, max_seqlen = _trusted_or_checked(cu_seqlens, max_seqlen, qkv)
     if scale is not None:
         scale = float(scale)
     q_norm = check_norm_args("q_norm", q_norm, head_dim, qkv)
@@ -108,6 +110,25 @@ def _attention_varlen(qkv, num_heads, scale, q_norm, k_norm, cu_seqlens, max_seq
     call = dict(qkv=qkv, num_heads=num_heads, scale=scale, **options, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     impl = dispatch.select("attention", backend, qkv.device, call)
     return impl.fn(**call)
+
+
+def _trusted_or_checked(cu_seqlens, max_seqlen, qkv: Tensor) -> Tuple[Tensor, int]:
+    """(cu_seqlens tensor, max_seqlen): a `vitkern.packing.SeqLens` was validated when it was made,
+    so only its host-side total and device are compared (no device read, no GPU sync: a packed
+    model passes one to every layer); a plain tensor is validated with one host read."""
+    from vitkern.packing import SeqLens
+
+    if not isinstance(cu_seqlens, SeqLens):
+        return check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], qkv.device)
+    if cu_seqlens.total != qkv.shape[0]:
+        raise ValueError(f"cu_seqlens covers {cu_seqlens.total} packed tokens but qkv has {qkv.shape[0]} rows "
+                         "(qkv: [total_tokens, 3 * dim])")
+    if cu_seqlens.cu_seqlens.device != qkv.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.cu_seqlens.device} but qkv is on {qkv.device}; both must share a device")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                   or max_seqlen < cu_seqlens.max_seqlen):
+        raise ValueError(f"max_seqlen must be None or an int >= the longest sequence {cu_seqlens.max_seqlen}, got {max_seqlen!r}")
+    return cu_seqlens.cu_seqlens, cu_seqlens.max_seqlen
 
 
 dispatch.register("attention", "eager", reference.attention)

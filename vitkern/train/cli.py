@@ -61,6 +61,9 @@ HELP = {
     "compile": "torch.compile the model",
     "grad_checkpointing": "recompute block activations in the backward",
     "threads": "CPU threads per rank (default: the physical cores other processes leave free, vitkern/_threads.py)",
+    "naflex": "train a NaFlexViT on packed batches of random-size images (vitkern.train.naflex)",
+    "token_budget": "--naflex: tokens (patches + prefix) per packed step",
+    "naflex_max_patches": "--naflex: the largest patch grid of an image (timm's padded length)",
 }
 
 

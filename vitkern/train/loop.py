@@ -812,6 +812,10 @@ def train(recipe: Recipe) -> Dict[str, Any]:
     """Run `recipe` (in this process, or as one rank of a torchrun job). Returns the summary
     (rank 0; {} on other ranks), also written to OUT/summary.json."""
     recipe.validate()
+    if recipe.naflex:  # packed variable-resolution batches: their own single-process loop
+        from vitkern.train.naflex import train_naflex
+
+        return train_naflex(recipe)
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     env = setup_distributed(recipe)

@@ -117,6 +117,11 @@ class Recipe:
     peak_tflops: Optional[float] = None  # per-device peak for MFU; default: datasheet (GPU) or measured (CPU)
     progress: bool = True
 
+    # -- packed variable-resolution batches (vitkern.train.naflex): a NaFlexViT on random-size images
+    naflex: bool = False  # train on packed batches of random-size digits
+    token_budget: int = 512  # tokens (patches + prefix) per packed step
+    naflex_max_patches: int = 36  # the largest patch grid an image is drawn at (and timm's padded length)
+
     def replace(self, **overrides: Any) -> "Recipe":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -174,6 +179,10 @@ class Recipe:
                              f"{self.mpp_random!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise ValueError(f"--stop-at must be in [1, --steps={self.steps}], got {self.stop_at!r}")
+        for name in ("token_budget", "naflex_max_patches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"--{_flag(name)} must be a positive int, got {value!r}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --steps ({self.steps})")
         if self.overwrite and (self.resume or self.resume_from):

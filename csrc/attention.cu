@@ -17,6 +17,13 @@
 //     row with one dominant key recomputes p = 1 exactly; the dQ kernel runs first and computes
 //     delta = rowsum(P * dP) / rowsum(P) from its own P and dP, so dP - delta cancels as in eager
 //     PyTorch instead of leaving a rounding residue of |dO| |v| that a large q or k multiplies.
+// Packed sequences (varlen, NaViT/NaFlex; docs/perf/cuda.md, "Packed sequences"): the same three kernels
+// with cu_seqlens set take qkv [total, 3, heads, head_dim] as a batch of one and run the grid
+// (sequences * heads, ceil(max_seqlen / 64)); each CTA reads its sequence's rows [begin, end) from
+// cu_seqlens (seq_range), starts its tiles at `begin`, bounds its key (query) loop and every mask by
+// `end`, and a CTA whose tile starts past `end` returns at once (zeroing its QK-norm workspace slice).
+// Rows of other images are never staged, so each image's results are bit-identical to running it alone
+// at its offset. lse and delta are [heads, total]. The dense path is the case begin = 0, end = tokens.
 // Shared-memory rows are padded by 8 elements (16 bytes) so the 32-bit fragment reads of a warp
 // fall in 32 distinct banks.
 //
@@ -39,6 +46,8 @@
 //     gy xhat and gy over valid rows (in-thread over the two rows, xor 4, 8, 16 over the warp, then the
 //     4 warps in order) written to a workspace [ctas, 2, head_dim], which norm_param_grad_kernel sums
 //     in a fixed order: deterministic, no atomics.
+#include <limits>
+
 #include "common.cuh"
 #include "vitkern_kernels.h"
 
@@ -327,13 +336,45 @@ __global__ void __launch_bounds__(512) norm_param_grad_kernel(const float* __res
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Grid (batch * heads, ceil(tokens / 64)). Shared: Q [64][ld], K [64][ld], V [64][ld].
+// The rows of one CTA's sequence. Dense (cu_seqlens null): sample b = blockIdx.x / heads, rows
+// [0, tokens) of its own [tokens] block. Packed (varlen): qkv is a batch of one of `tokens` (the
+// total) rows, and sequence s = blockIdx.x / heads owns the rows [cu_seqlens[s], cu_seqlens[s + 1]);
+// every index below is then the dense one with b = 0, so out, dqkv and dout rows are the packed rows
+// and lse, delta are [heads, total]. Every bound is `end` (never `tokens`), every loop starts at
+// `begin`: keys, queries and masks stay inside the sequence, and no tile mixes two images.
+struct SeqRange {
+  int b, begin, end;
+};
+__device__ __forceinline__ SeqRange seq_range(const int* __restrict__ cu_seqlens, int s, int tokens) {
+  if (cu_seqlens == nullptr) return {s, 0, tokens};
+  return {0, cu_seqlens[s], cu_seqlens[s + 1]};
+}
+
+// The sequence's first row read again (volatile: never merged with seq_range's read), for code after a
+// long loop: a load there is cheaper than keeping the row live in a register across the loop, which the
+// dK/dV kernel at head dim 64 does not have at its 168-register (3 CTAs per SM) budget.
+__device__ __forceinline__ int seq_begin_again(const int* cu_seqlens, int s) {
+  return cu_seqlens == nullptr ? 0 : *reinterpret_cast<const volatile int*>(cu_seqlens + s);
+}
+
+// A CTA past its sequence's last row (packed: grid.y covers max_seqlen) has nothing to do, but it
+// still owns its slice [2][D] of a QK-norm workspace, which norm_param_grad_kernel sums: zeros.
+template <int D>
+__device__ __forceinline__ void zero_partial(float* __restrict__ partial) {
+  const int64_t cta = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+  for (int i = threadIdx.x; i < 2 * D; i += kThreads) partial[cta * 2 * D + i] = 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Grid (batch * heads, ceil(tokens / 64)); packed: (sequences * heads, ceil(max_seqlen / 64)).
+// Shared: Q [64][ld], K [64][ld], V [64][ld].
 // The minimum of 1 CTA per SM lifts ptxas's default register target (it otherwise settles at 128
 // for head dim 64 and spills a few bytes); at about 140 registers 3 CTAs still fit on an SM.
 template <typename T, int D, bool QKN>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, T* __restrict__ out,
-                     float* __restrict__ lse, int tokens, int heads, float scale, QkNorm<T> norm) {
+                     float* __restrict__ lse, int tokens, const int* __restrict__ cu_seqlens, int heads, float scale,
+                     QkNorm<T> norm) {
   constexpr int LD = smem_ld<D>();
   constexpr int BN = 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -341,15 +382,18 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
   T* sK = sQ + kTile * LD;
   T* sV = sK + BN * LD;
 
-  const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
-  const int m0 = blockIdx.y * kTile;
+  const int bh = blockIdx.x, h = bh % heads;
+  const SeqRange seq = seq_range(cu_seqlens, bh / heads, tokens);
+  const int b = seq.b, end = seq.end;
+  const int m0 = seq.begin + blockIdx.y * kTile;
+  if (m0 >= end) return;  // packed: this sequence is shorter than max_seqlen (uniform over the CTA)
   const int warp = threadIdx.x / 32, g = lane_g(), t = lane_t();
   const int64_t hd = static_cast<int64_t>(heads) * D;
   const T* q_base = qkv + b * stride_b + h * D;
   const T* k_base = q_base + hd;
   const T* v_base = q_base + 2 * hd;
 
-  stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, kTile, tokens, norm.q_weight, norm.q_bias, norm.q_eps, nullptr);
+  stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, kTile, end, norm.q_weight, norm.q_bias, norm.q_eps, nullptr);
   __syncthreads();
   uint32_t qf[D / 16][4];
 #pragma unroll
@@ -361,10 +405,10 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
   // Running max of scale * q.k (natural-log units) and the thread's partial row sums, rows g and g + 8.
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-  for (int n0 = 0; n0 < tokens; n0 += BN) {
+  for (int n0 = seq.begin; n0 < end; n0 += BN) {
     __syncthreads();  // the previous tile's readers are done
-    stage_qk<T, D, QKN>(sK, LD, k_base, stride_t, n0, BN, tokens, norm.k_weight, norm.k_bias, norm.k_eps, nullptr);
-    stage_rows<T, D>(sV, LD, v_base, stride_t, n0, BN, tokens);
+    stage_qk<T, D, QKN>(sK, LD, k_base, stride_t, n0, BN, end, norm.k_weight, norm.k_bias, norm.k_eps, nullptr);
+    stage_rows<T, D>(sV, LD, v_base, stride_t, n0, BN, end);
     __syncthreads();
     float s[BN / 8][4];
 #pragma unroll
@@ -384,7 +428,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = n0 + j * 8 + 2 * t + (e & 1);
-        s[j][e] = key < tokens ? s[j][e] * scale : -INFINITY;
+        s[j][e] = key < end ? s[j][e] * scale : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
       }
     }
@@ -393,7 +437,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      // Key n0 < tokens is unmasked, so the new max is finite; exp2(-inf) = 0 on the first tile.
+      // Key n0 < end is unmasked, so the new max is finite; exp2(-inf) = 0 on the first tile.
       const float m_new = fmaxf(m_run[r], mx[r]);
       alpha[r] = exp2f((m_run[r] - m_new) * kLog2e);
       m_run[r] = m_new;
@@ -436,7 +480,7 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + g + 8 * r;
-    if (row >= tokens) continue;
+    if (row >= end) continue;
     const float inv = 1.f / l_run[r];
     T* dst = out + (static_cast<int64_t>(b) * tokens + row) * hd + h * D + 2 * t;
 #pragma unroll
@@ -451,14 +495,15 @@ attention_fwd_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride
 // Backward: the dQ kernel first (it writes delta), then dK/dV. Both recompute S and dP with the same
 // fragments and mma order as the forward, so P = exp(scale * q.k - lse) is the forward's.
 
-// dK, dV. Grid (batch * heads, ceil(tokens / 64)); each warp owns 16 keys; query tiles of BM rows.
+// dK, dV. Grid as the forward's; each warp owns 16 keys; query tiles of BM rows.
 // Shared: K [64][ld], V [64][ld], Q [BM][ld], dO [BM][ld], lse [BM], delta [BM].
 // With QKN also (mean, rstd) of the CTA's 64 keys after delta, for the k-norm epilogue.
 template <typename T, int D, int BM, bool QKN>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, const T* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dqkv,
-                          int tokens, int heads, float scale, QkNorm<T> norm) {
+                          int tokens, const int* __restrict__ cu_seqlens, int heads, float scale,
+                          QkNorm<T> norm) {
   constexpr int LD = smem_ld<D>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -469,18 +514,27 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
   float* sDelta = sLse + BM;
   float2* sKStats = reinterpret_cast<float2*>(sDelta + BM);  // QKN only
 
-  const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
-  const int n0 = blockIdx.y * kTile;
+  const int bh = blockIdx.x, h = bh % heads;
+  const SeqRange seq = seq_range(cu_seqlens, bh / heads, tokens);
+  const int b = seq.b, end = seq.end;
+  const int n0 = seq.begin + blockIdx.y * kTile;
+  if (n0 >= end) {  // packed: this sequence is shorter than max_seqlen (uniform over the CTA)
+    if constexpr (QKN) {
+      if (norm.k_weight != nullptr) zero_partial<D>(norm.k_partial);
+    }
+    return;
+  }
   const int warp = threadIdx.x / 32, g = lane_g(), t = lane_t();
   const int64_t hd = static_cast<int64_t>(heads) * D;
   const T* q_base = qkv + b * stride_b + h * D;
   const T* do_base = dout + static_cast<int64_t>(b) * tokens * hd + h * D;
-  const float* lse_row = lse + (static_cast<int64_t>(b) * heads + h) * tokens;
-  const float* delta_row = delta + (static_cast<int64_t>(b) * heads + h) * tokens;
+  // One offset for the rows of lse and delta (their bases stay kernel parameters): a register pair less
+  // across the query loop than two row pointers.
+  const int64_t stat_row = (static_cast<int64_t>(b) * heads + h) * tokens;
 
-  stage_qk<T, D, QKN>(sK, LD, q_base + hd, stride_t, n0, kTile, tokens, norm.k_weight, norm.k_bias, norm.k_eps,
+  stage_qk<T, D, QKN>(sK, LD, q_base + hd, stride_t, n0, kTile, end, norm.k_weight, norm.k_bias, norm.k_eps,
                       sKStats);
-  stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, kTile, tokens);
+  stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, kTile, end);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -488,14 +542,14 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[dn][e] = dv[dn][e] = 0.f;
 
-  for (int m0 = 0; m0 < tokens; m0 += BM) {
+  for (int m0 = seq.begin; m0 < end; m0 += BM) {
     __syncthreads();
-    stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, BM, tokens, norm.q_weight, norm.q_bias, norm.q_eps, nullptr);
-    stage_rows<T, D>(sdO, LD, do_base, hd, m0, BM, tokens);
+    stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, BM, end, norm.q_weight, norm.q_bias, norm.q_eps, nullptr);
+    stage_rows<T, D>(sdO, LD, do_base, hd, m0, BM, end);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       // A query past the end gets lse = +inf, so its P column is exp2(-inf) = 0.
-      sLse[i] = m0 + i < tokens ? lse_row[m0 + i] : INFINITY;
-      sDelta[i] = m0 + i < tokens ? delta_row[m0 + i] : 0.f;
+      sLse[i] = m0 + i < end ? lse[stat_row + m0 + i] : INFINITY;
+      sDelta[i] = m0 + i < end ? delta[stat_row + m0 + i] : 0.f;
     }
     __syncthreads();
     // S^T[key j][query i] = k_j . q_i for this warp's 16 keys and the BM queries.
@@ -545,10 +599,11 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
 
   bool k_norm = false;
   if constexpr (QKN) k_norm = norm.k_weight != nullptr;
+  const int k0 = seq_begin_again(cu_seqlens, bh / heads) + blockIdx.y * kTile;  // n0, not kept across the loop
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int key = n0 + warp * 16 + g + 8 * r;
-    if (key >= tokens) continue;
+    const int key = k0 + warp * 16 + g + 8 * r;
+    if (key >= end) continue;
     T* dst = dqkv + (static_cast<int64_t>(b) * tokens + key) * 3 * hd + h * D + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
@@ -560,14 +615,14 @@ attention_bwd_dkdv_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t s
   if constexpr (QKN) {
     if (k_norm) {
       const int64_t cta = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
-      norm_bwd_epilogue<T, D>(dk, scale, q_base + hd, stride_t, n0, tokens, norm.k_weight, sKStats,
+      norm_bwd_epilogue<T, D>(dk, scale, q_base + hd, stride_t, k0, end, norm.k_weight, sKStats,
                               dqkv + static_cast<int64_t>(b) * tokens * 3 * hd + hd + h * D, 3 * hd,
                               reinterpret_cast<float*>(smem_raw), norm.k_partial + cta * 2 * D);
     }
   }
 }
 
-// dQ, and delta for the dK/dV kernel. Grid (batch * heads, ceil(tokens / 64)); each warp owns 16
+// dQ, and delta for the dK/dV kernel. Grid as the forward's; each warp owns 16
 // queries; key tiles of 64. Two sweeps over the keys: the first sums rowsum(P * dP) and rowsum(P)
 // (their ratio is delta: the P-weighted mean of dP, so a common rounding factor of the recomputed
 // row, from the rounding of lse, cancels from dS), the second forms dS = P * (dP - delta) and dQ.
@@ -578,7 +633,8 @@ template <typename T, int D, bool QKN>
 __global__ void __launch_bounds__(kThreads)
 attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t stride_t, const T* __restrict__ dout,
                         const float* __restrict__ lse, float* __restrict__ delta, T* __restrict__ dqkv,
-                        int tokens, int heads, float scale, QkNorm<T> norm) {
+                        int tokens, const int* __restrict__ cu_seqlens, int heads, float scale,
+                        QkNorm<T> norm) {
   constexpr int LD = smem_ld<D>();
   constexpr int BN = 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -588,8 +644,16 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
   T* sV = sK + BN * LD;
   float2* sQStats = reinterpret_cast<float2*>(sV + BN * LD);  // QKN only
 
-  const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
-  const int m0 = blockIdx.y * kTile;
+  const int bh = blockIdx.x, h = bh % heads;
+  const SeqRange seq = seq_range(cu_seqlens, bh / heads, tokens);
+  const int b = seq.b, end = seq.end;
+  const int m0 = seq.begin + blockIdx.y * kTile;
+  if (m0 >= end) {  // packed: this sequence is shorter than max_seqlen (uniform over the CTA)
+    if constexpr (QKN) {
+      if (norm.q_weight != nullptr) zero_partial<D>(norm.q_partial);
+    }
+    return;
+  }
   const int warp = threadIdx.x / 32, g = lane_g(), t = lane_t();
   const int64_t hd = static_cast<int64_t>(heads) * D;
   const T* q_base = qkv + b * stride_b + h * D;
@@ -597,14 +661,14 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
   const float* lse_row = lse + (static_cast<int64_t>(b) * heads + h) * tokens;
   float* delta_row = delta + (static_cast<int64_t>(b) * heads + h) * tokens;
 
-  stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, kTile, tokens, norm.q_weight, norm.q_bias, norm.q_eps, sQStats);
-  stage_rows<T, D>(sdO, LD, do_base, hd, m0, kTile, tokens);
+  stage_qk<T, D, QKN>(sQ, LD, q_base, stride_t, m0, kTile, end, norm.q_weight, norm.q_bias, norm.q_eps, sQStats);
+  stage_rows<T, D>(sdO, LD, do_base, hd, m0, kTile, end);
   float lse_r[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + g + 8 * r;
     // Rows past the end compute finite garbage (never stored): their q and dO rows are zero.
-    lse_r[r] = row < tokens ? lse_row[row] : 0.f;
+    lse_r[r] = row < end ? lse_row[row] : 0.f;
   }
   float dq[D / 8][4];
 #pragma unroll
@@ -622,14 +686,14 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
         psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 2);
         dl[r] = pdp[r] / psum[r];
         const int row = m0 + warp * 16 + g + 8 * r;
-        if (t == 0 && row < tokens) delta_row[row] = dl[r];
+        if (t == 0 && row < end) delta_row[row] = dl[r];
       }
     }
-    for (int n0 = 0; n0 < tokens; n0 += BN) {
+    for (int n0 = seq.begin; n0 < end; n0 += BN) {
       __syncthreads();
-      stage_qk<T, D, QKN>(sK, LD, q_base + hd, stride_t, n0, BN, tokens, norm.k_weight, norm.k_bias, norm.k_eps,
+      stage_qk<T, D, QKN>(sK, LD, q_base + hd, stride_t, n0, BN, end, norm.k_weight, norm.k_bias, norm.k_eps,
                           nullptr);
-      stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, BN, tokens);
+      stage_rows<T, D>(sV, LD, q_base + 2 * hd, stride_t, n0, BN, end);
       __syncthreads();
       float s[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
@@ -655,7 +719,7 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + j * 8 + 2 * t + (e & 1);
-          const float pv = key < tokens ? exp2f((s[j][e] * scale - lse_r[e >> 1]) * kLog2e) : 0.f;
+          const float pv = key < end ? exp2f((s[j][e] * scale - lse_r[e >> 1]) * kLog2e) : 0.f;
           if (sweep == 0) {
             pdp[e >> 1] += pv * dp[j][e];
             psum[e >> 1] += pv;
@@ -682,7 +746,7 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
   if constexpr (QKN) {
     if (norm.q_weight != nullptr) {
       const int64_t cta = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
-      norm_bwd_epilogue<T, D>(dq, scale, q_base, stride_t, m0, tokens, norm.q_weight, sQStats,
+      norm_bwd_epilogue<T, D>(dq, scale, q_base, stride_t, m0, end, norm.q_weight, sQStats,
                               dqkv + static_cast<int64_t>(b) * tokens * 3 * hd + h * D, 3 * hd,
                               reinterpret_cast<float*>(smem_raw), norm.q_partial + cta * 2 * D);
       return;
@@ -691,7 +755,7 @@ attention_bwd_dq_kernel(const T* __restrict__ qkv, int64_t stride_b, int64_t str
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + g + 8 * r;
-    if (row >= tokens) continue;
+    if (row >= end) continue;
     T* dst = dqkv + (static_cast<int64_t>(b) * tokens + row) * 3 * hd + h * D + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
@@ -703,14 +767,16 @@ template <int D> constexpr int dkdv_bm() { return D > 80 ? 32 : 64; }
 
 template <typename T, int D, bool QKN>
 cudaError_t launch_fwd(const void* qkv, int64_t sb, int64_t st, void* out, float* lse, int batch, int tokens,
-                       int heads, float scale, const QkNorm<T>& norm, cudaStream_t stream) {
+                       const int* cu_seqlens, int grid_rows, int heads, float scale, const QkNorm<T>& norm,
+                       cudaStream_t stream) {
   constexpr int LD = smem_ld<D>();
   const size_t smem = size_t(3) * kTile * LD * sizeof(T);
   auto kernel = attention_fwd_kernel<T, D, QKN>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (e != cudaSuccess) return e;
-  const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(tokens, kTile));
-  kernel<<<grid, kThreads, smem, stream>>>((const T*)qkv, sb, st, (T*)out, lse, tokens, heads, scale, norm);
+  const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(grid_rows, kTile));
+  kernel<<<grid, kThreads, smem, stream>>>((const T*)qkv, sb, st, (T*)out, lse, tokens, cu_seqlens, heads, scale,
+                                           norm);
   return cudaGetLastError();
 }
 
@@ -719,18 +785,19 @@ cudaError_t launch_fwd(const void* qkv, int64_t sb, int64_t st, void* out, float
 // norm_param_grad_kernel reduces into dweight, dbias (dq_w ... dk_b: [D] in T, set for a normalized side).
 template <typename T, int D, bool QKN>
 cudaError_t launch_bwd(const void* qkv, int64_t sb, int64_t st, const void* dout, const float* lse, float* delta,
-                       void* dqkv, int batch, int tokens, int heads, float scale, const QkNorm<T>& norm,
-                       void* dq_w, void* dq_b, void* dk_w, void* dk_b, cudaStream_t stream) {
+                       void* dqkv, int batch, int tokens, const int* cu_seqlens, int grid_rows, int heads,
+                       float scale, const QkNorm<T>& norm, void* dq_w, void* dq_b, void* dk_w, void* dk_b,
+                       cudaStream_t stream) {
   constexpr int LD = smem_ld<D>();
   constexpr int BM = dkdv_bm<D>();
-  const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(tokens, kTile));
+  const dim3 grid(unsigned(batch) * unsigned(heads), ceil_div(grid_rows, kTile));
   const size_t stats = QKN ? kTile * sizeof(float2) : 0;  // (mean, rstd) of the CTA's own 64 rows
   const size_t smem_q = size_t(4) * kTile * LD * sizeof(T) + stats;
   auto q = attention_bwd_dq_kernel<T, D, QKN>;
   cudaError_t e = cudaFuncSetAttribute(q, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_q));
   if (e != cudaSuccess) return e;
-  q<<<grid, kThreads, smem_q, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
-                                        scale, norm);
+  q<<<grid, kThreads, smem_q, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens,
+                                        cu_seqlens, heads, scale, norm);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const size_t smem_kv =
@@ -738,8 +805,8 @@ cudaError_t launch_bwd(const void* qkv, int64_t sb, int64_t st, const void* dout
   auto kv = attention_bwd_dkdv_kernel<T, D, BM, QKN>;
   e = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_kv));
   if (e != cudaSuccess) return e;
-  kv<<<grid, kThreads, smem_kv, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens, heads,
-                                          scale, norm);
+  kv<<<grid, kThreads, smem_kv, stream>>>((const T*)qkv, sb, st, (const T*)dout, lse, delta, (T*)dqkv, tokens,
+                                          cu_seqlens, heads, scale, norm);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   if constexpr (QKN) {
@@ -788,13 +855,16 @@ int64_t vk_attention_norm_partial_rows(int batch, int tokens, int heads) {
 namespace {
 
 // The launch checks shared by the entry points, then the typed launch (QKN when a side is normalized).
+// Dense: cu_seqlens null, grid_rows = tokens. Packed: batch = the number of sequences, tokens = the total
+// (qkv a batch of one), cu_seqlens [batch + 1] on the device and grid_rows = max_seqlen (>= every length).
 cudaError_t attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
-                          int batch, int tokens, int heads, int head_dim, float scale, const void* q_weight,
-                          const void* q_bias, float q_eps, const void* k_weight, const void* k_bias, float k_eps,
-                          cudaStream_t stream) {
+                          int batch, int tokens, const int* cu_seqlens, int grid_rows, int heads, int head_dim,
+                          float scale, const void* q_weight, const void* q_bias, float q_eps, const void* k_weight,
+                          const void* k_bias, float k_eps, cudaStream_t stream) {
   if (batch <= 0 || tokens <= 0 || heads <= 0) return batch == 0 || tokens == 0 ? cudaSuccess : cudaErrorInvalidValue;
   // 16-byte staging copies need every row start 16-byte aligned.
-  if (!vk::aligned16(qkv) || stride_b % 8 || stride_t % 8 || tokens > 65535 * vk::kTile) return cudaErrorInvalidValue;
+  if (!vk::aligned16(qkv) || stride_b % 8 || stride_t % 8 || grid_rows <= 0 || grid_rows > 65535 * vk::kTile)
+    return cudaErrorInvalidValue;
   // A normalized side needs its weight and bias.
   if ((q_weight != nullptr) != (q_bias != nullptr) || (k_weight != nullptr) != (k_bias != nullptr))
     return cudaErrorInvalidValue;
@@ -802,19 +872,23 @@ cudaError_t attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t 
     const vk::QkNorm<T> norm{(const T*)q_weight, (const T*)q_bias, (const T*)k_weight, (const T*)k_bias, q_eps, k_eps,
                              nullptr, nullptr};
     if (q_weight == nullptr && k_weight == nullptr)
-      return vk::launch_fwd<T, D, false>(qkv, stride_b, stride_t, out, lse, batch, tokens, heads, scale, norm, stream);
-    return vk::launch_fwd<T, D, true>(qkv, stride_b, stride_t, out, lse, batch, tokens, heads, scale, norm, stream);
+      return vk::launch_fwd<T, D, false>(qkv, stride_b, stride_t, out, lse, batch, tokens, cu_seqlens, grid_rows, heads,
+                                         scale, norm, stream);
+    return vk::launch_fwd<T, D, true>(qkv, stride_b, stride_t, out, lse, batch, tokens, cu_seqlens, grid_rows, heads,
+                                      scale, norm, stream);
   }));
   return cudaSuccess;
 }
 
 cudaError_t attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* dout,
-                          const float* lse, float* delta, void* dqkv, int batch, int tokens, int heads, int head_dim,
-                          float scale, const void* q_weight, const void* q_bias, float q_eps, const void* k_weight,
-                          const void* k_bias, float k_eps, void* dq_weight, void* dq_bias, void* dk_weight,
-                          void* dk_bias, float* q_partial, float* k_partial, cudaStream_t stream) {
+                          const float* lse, float* delta, void* dqkv, int batch, int tokens, const int* cu_seqlens,
+                          int grid_rows, int heads, int head_dim, float scale, const void* q_weight,
+                          const void* q_bias, float q_eps, const void* k_weight, const void* k_bias, float k_eps,
+                          void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias, float* q_partial,
+                          float* k_partial, cudaStream_t stream) {
   if (batch <= 0 || tokens <= 0 || heads <= 0) return batch == 0 || tokens == 0 ? cudaSuccess : cudaErrorInvalidValue;
-  if (!vk::aligned16(qkv) || !vk::aligned16(dout) || stride_b % 8 || stride_t % 8 || tokens > 65535 * vk::kTile)
+  if (!vk::aligned16(qkv) || !vk::aligned16(dout) || stride_b % 8 || stride_t % 8 || grid_rows <= 0 ||
+      grid_rows > 65535 * vk::kTile)
     return cudaErrorInvalidValue;
   const bool qn = q_weight != nullptr, kn = k_weight != nullptr;
   if (qn != (q_bias != nullptr) || kn != (k_bias != nullptr)) return cudaErrorInvalidValue;
@@ -824,20 +898,26 @@ cudaError_t attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t 
     const vk::QkNorm<T> norm{(const T*)q_weight, (const T*)q_bias, (const T*)k_weight, (const T*)k_bias, q_eps, k_eps,
                              q_partial, k_partial};
     if (!qn && !kn)
-      return vk::launch_bwd<T, D, false>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, scale,
-                                         norm, nullptr, nullptr, nullptr, nullptr, stream);
-    return vk::launch_bwd<T, D, true>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, scale,
-                                      norm, dq_weight, dq_bias, dk_weight, dk_bias, stream);
+      return vk::launch_bwd<T, D, false>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, cu_seqlens,
+                                         grid_rows, heads, scale, norm, nullptr, nullptr, nullptr, nullptr, stream);
+    return vk::launch_bwd<T, D, true>(qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, cu_seqlens,
+                                      grid_rows, heads, scale, norm, dq_weight, dq_bias, dk_weight, dk_bias, stream);
   }));
   return cudaSuccess;
+}
+
+// Packed row indices are ints: a tile start begin + 64 blockIdx.y and a loop's last n0 + 64 stay below
+// total + max_seqlen + 64, which must not overflow.
+bool varlen_rows_fit(int total, int max_seqlen) {
+  return int64_t(total) + max_seqlen + vk::kTile <= int64_t(std::numeric_limits<int>::max());
 }
 
 }  // namespace
 
 cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out, float* lse,
                              int batch, int tokens, int heads, int head_dim, float scale, cudaStream_t stream) {
-  return attention_fwd(dtype, qkv, stride_b, stride_t, out, lse, batch, tokens, heads, head_dim, scale, nullptr,
-                       nullptr, 0.f, nullptr, nullptr, 0.f, stream);
+  return attention_fwd(dtype, qkv, stride_b, stride_t, out, lse, batch, tokens, nullptr, tokens, heads, head_dim,
+                       scale, nullptr, nullptr, 0.f, nullptr, nullptr, 0.f, stream);
 }
 
 // `out` is not read (kept in the entry point's signature for csrc/bindings.cpp): the dQ kernel recomputes
@@ -845,17 +925,17 @@ cudaError_t vk_attention_fwd(int dtype, const void* qkv, int64_t stride_b, int64
 cudaError_t vk_attention_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, const void* out,
                              const void* dout, const float* lse, float* delta, void* dqkv, int batch, int tokens,
                              int heads, int head_dim, float scale, cudaStream_t stream) {
-  return attention_bwd(dtype, qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, head_dim, scale,
-                       nullptr, nullptr, 0.f, nullptr, nullptr, 0.f, nullptr, nullptr, nullptr, nullptr, nullptr,
-                       nullptr, stream);
+  return attention_bwd(dtype, qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, nullptr, tokens, heads,
+                       head_dim, scale, nullptr, nullptr, 0.f, nullptr, nullptr, 0.f, nullptr, nullptr, nullptr,
+                       nullptr, nullptr, nullptr, stream);
 }
 
 cudaError_t vk_attention_qknorm_fwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t, void* out,
                                     float* lse, int batch, int tokens, int heads, int head_dim, float scale,
                                     const void* q_weight, const void* q_bias, float q_eps, const void* k_weight,
                                     const void* k_bias, float k_eps, cudaStream_t stream) {
-  return attention_fwd(dtype, qkv, stride_b, stride_t, out, lse, batch, tokens, heads, head_dim, scale, q_weight,
-                       q_bias, q_eps, k_weight, k_bias, k_eps, stream);
+  return attention_fwd(dtype, qkv, stride_b, stride_t, out, lse, batch, tokens, nullptr, tokens, heads, head_dim,
+                       scale, q_weight, q_bias, q_eps, k_weight, k_bias, k_eps, stream);
 }
 
 cudaError_t vk_attention_qknorm_bwd(int dtype, const void* qkv, int64_t stride_b, int64_t stride_t,
@@ -864,7 +944,30 @@ cudaError_t vk_attention_qknorm_bwd(int dtype, const void* qkv, int64_t stride_b
                                     const void* q_bias, float q_eps, const void* k_weight, const void* k_bias,
                                     float k_eps, void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias,
                                     float* q_partial, float* k_partial, cudaStream_t stream) {
-  return attention_bwd(dtype, qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, heads, head_dim, scale,
-                       q_weight, q_bias, q_eps, k_weight, k_bias, k_eps, dq_weight, dq_bias, dk_weight, dk_bias,
-                       q_partial, k_partial, stream);
+  return attention_bwd(dtype, qkv, stride_b, stride_t, dout, lse, delta, dqkv, batch, tokens, nullptr, tokens, heads,
+                       head_dim, scale, q_weight, q_bias, q_eps, k_weight, k_bias, k_eps, dq_weight, dq_bias,
+                       dk_weight, dk_bias, q_partial, k_partial, stream);
+}
+
+cudaError_t vk_attention_varlen_fwd(int dtype, const void* qkv, int64_t stride_t, void* out, float* lse,
+                                    const int* cu_seqlens, int num_seqs, int total, int max_seqlen, int heads,
+                                    int head_dim, float scale, const void* q_weight, const void* q_bias, float q_eps,
+                                    const void* k_weight, const void* k_bias, float k_eps, cudaStream_t stream) {
+  if (num_seqs > 0 && cu_seqlens == nullptr) return cudaErrorInvalidValue;
+  if (!varlen_rows_fit(total, max_seqlen)) return cudaErrorInvalidValue;
+  return attention_fwd(dtype, qkv, 0, stride_t, out, lse, num_seqs, total, cu_seqlens, max_seqlen, heads, head_dim,
+                       scale, q_weight, q_bias, q_eps, k_weight, k_bias, k_eps, stream);
+}
+
+cudaError_t vk_attention_varlen_bwd(int dtype, const void* qkv, int64_t stride_t, const void* dout, const float* lse,
+                                    float* delta, void* dqkv, const int* cu_seqlens, int num_seqs, int total,
+                                    int max_seqlen, int heads, int head_dim, float scale, const void* q_weight,
+                                    const void* q_bias, float q_eps, const void* k_weight, const void* k_bias,
+                                    float k_eps, void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias,
+                                    float* q_partial, float* k_partial, cudaStream_t stream) {
+  if (num_seqs > 0 && cu_seqlens == nullptr) return cudaErrorInvalidValue;
+  if (!varlen_rows_fit(total, max_seqlen)) return cudaErrorInvalidValue;
+  return attention_bwd(dtype, qkv, 0, stride_t, dout, lse, delta, dqkv, num_seqs, total, cu_seqlens, max_seqlen, heads,
+                       head_dim, scale, q_weight, q_bias, q_eps, k_weight, k_bias, k_eps, dq_weight, dq_bias,
+                       dk_weight, dk_bias, q_partial, k_partial, stream);
 }

@@ -31,6 +31,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "vitkern_kernels.h"
 
@@ -329,25 +330,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_linear_bwd(const Tensor& d
 
 // ---------------------------------------------------------------------------------------------- attention
 
-void check_qkv(const char* op, const Tensor& qkv, int64_t num_heads) {
+// qkv [batch, tokens, 3 * dim] (dense) or, packed (with cu_seqlens), [total_tokens, 3 * dim].
+void check_qkv(const char* op, const Tensor& qkv, int64_t num_heads, bool packed) {
   TORCH_CHECK(on_kernel_device(qkv), "vitkern::", op, ": qkv must be ", kDeviceKind, ", got device ", qkv.device());
   TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, "vitkern::", op,
               ": qkv must be float16 or bfloat16, got ", qkv.scalar_type());
-  TORCH_CHECK(qkv.dim() == 3, "vitkern::", op, ": qkv must be [batch, tokens, 3 * dim], got shape ", qkv.sizes());
-  TORCH_CHECK(num_heads > 0 && qkv.size(2) % (3 * num_heads) == 0, "vitkern::", op,
-              ": qkv's last dim must be 3 * num_heads * head_dim with num_heads = ", num_heads, ", got ",
-              qkv.size(2));
-  const int64_t head_dim = qkv.size(2) / (3 * num_heads);
+  if (packed) {
+    TORCH_CHECK(qkv.dim() == 2, "vitkern::", op, ": with cu_seqlens, qkv must be packed [total_tokens, 3 * dim], got shape ",
+                qkv.sizes());
+  } else {
+    TORCH_CHECK(qkv.dim() == 3, "vitkern::", op, ": qkv must be [batch, tokens, 3 * dim], got shape ", qkv.sizes());
+  }
+  const int64_t last = qkv.size(-1);
+  TORCH_CHECK(num_heads > 0 && last % (3 * num_heads) == 0, "vitkern::", op,
+              ": qkv's last dim must be 3 * num_heads * head_dim with num_heads = ", num_heads, ", got ", last);
+  const int64_t head_dim = last / (3 * num_heads);
   // Compared as int64 first: a head_dim past 2^31 must not wrap onto a supported one.
   TORCH_CHECK(head_dim <= 128 && vk_attention_supports_head_dim(int(head_dim)), "vitkern::", op,
               ": head_dim must be 64, 80 or 128, got ", head_dim);
-  TORCH_CHECK(qkv.stride(2) == 1, "vitkern::", op, ": qkv's last dim must be contiguous, got strides ",
+  TORCH_CHECK(qkv.stride(-1) == 1, "vitkern::", op, ": qkv's last dim must be contiguous, got strides ",
               qkv.strides());
-  TORCH_CHECK(qkv.stride(0) % 8 == 0 && qkv.stride(1) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0,
-              "vitkern::", op, ": qkv rows must start 16-byte aligned (strides multiples of 8), got strides ",
-              qkv.strides());
-  TORCH_CHECK(qkv.size(1) <= 65535 * 64, "vitkern::", op, ": at most ", 65535 * 64, " tokens, got ", qkv.size(1));
+  const bool rows_aligned = packed ? qkv.stride(0) % 8 == 0 : qkv.stride(0) % 8 == 0 && qkv.stride(1) % 8 == 0;
+  TORCH_CHECK(rows_aligned && reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0, "vitkern::", op,
+              ": qkv rows must start 16-byte aligned (strides multiples of 8), got strides ", qkv.strides());
+  if (!packed) {
+    TORCH_CHECK(qkv.size(1) <= 65535 * 64, "vitkern::", op, ": at most ", 65535 * 64, " tokens, got ", qkv.size(1));
+  }
 }
 
 struct AttentionSizes {
@@ -359,6 +367,32 @@ AttentionSizes attention_sizes(const char* op, int64_t batch, int64_t tokens, in
   to_int(op, "batch * num_heads (the kernels' grid.x)", batch * heads);
   return {to_int(op, "batch", batch), to_int(op, "tokens", tokens), to_int(op, "num_heads", heads),
           to_int(op, "head_dim", head_dim)};
+}
+
+// The packed-sequence arguments (FlashAttention's varlen convention). cu_seqlens: int32 [num_seqs + 1] on
+// qkv's device, contiguous; its values (0, ..., total, strictly increasing, max_seqlen >= every length) are
+// not read here (that would synchronize with the device): vitkern.ops.attention checks them
+// (vitkern/ops/_checks.py, check_cu_seqlens) before it calls the op. max_seqlen sizes the grid.
+// Returns the number of sequences (0: dense, no cu_seqlens).
+int check_varlen(const char* op, const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen, const Tensor& qkv,
+                 int64_t num_heads) {
+  if (!cu_seqlens.has_value()) {
+    TORCH_CHECK(max_seqlen == 0, "vitkern::", op, ": max_seqlen = ", max_seqlen,
+                " was given without cu_seqlens (dense attention takes max_seqlen = 0)");
+    return 0;
+  }
+  const Tensor& cu = *cu_seqlens;
+  TORCH_CHECK(on_kernel_device(cu) && cu.device() == qkv.device(), "vitkern::", op, ": cu_seqlens must be on ",
+              qkv.device(), " (like qkv), got ", cu.device());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "vitkern::", op, ": cu_seqlens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2 && cu.is_contiguous(), "vitkern::", op,
+              ": cu_seqlens must be contiguous 1-D [num_seqs + 1] with at least one sequence, got shape ", cu.sizes());
+  TORCH_CHECK(max_seqlen > 0 && max_seqlen <= 65535 * 64, "vitkern::", op, ": max_seqlen must be in [1, ",
+              65535 * 64, "] with cu_seqlens (the grid covers max_seqlen rows per sequence), got ", max_seqlen);
+  const int64_t num_seqs = cu.size(0) - 1;
+  to_int(op, "num_seqs * num_heads (the kernels' grid.x)", num_seqs * num_heads);
+  to_int(op, "total_tokens + max_seqlen + 64 (the packed kernels' int row indices)", qkv.size(0) + max_seqlen + 64);
+  return to_int(op, "num_seqs", num_seqs);
 }
 
 // QK-norm arguments of one side (q or k): weight and bias [head_dim] in qkv's dtype, both given (that side is
@@ -385,17 +419,35 @@ NormSide check_norm_side(const char* op, const char* side, const std::optional<T
   return {weight->data_ptr(), bias->data_ptr(), static_cast<float>(eps)};
 }
 
+// Dense: qkv [batch, tokens, 3 * dim] -> out [batch, tokens, dim], lse [batch, heads, tokens]. Packed (cu_seqlens
+// given, with max_seqlen): qkv [total, 3 * dim] -> out [total, dim], lse [heads, total].
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, double scale,
                                          const std::optional<Tensor>& q_weight, const std::optional<Tensor>& q_bias,
                                          double q_eps, const std::optional<Tensor>& k_weight,
-                                         const std::optional<Tensor>& k_bias, double k_eps) {
+                                         const std::optional<Tensor>& k_bias, double k_eps,
+                                         const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen) {
   const char* op = "cuda_attention_fwd";
-  check_qkv(op, qkv, num_heads);
-  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
-  const AttentionSizes sizes = attention_sizes(op, batch, tokens, num_heads, head_dim);
+  const bool packed = cu_seqlens.has_value();
+  check_qkv(op, qkv, num_heads, packed);
+  const int num_seqs = check_varlen(op, cu_seqlens, max_seqlen, qkv, num_heads);
+  const int64_t dim = qkv.size(-1) / 3, head_dim = dim / num_heads;
   const NormSide qn = check_norm_side(op, "q", q_weight, q_bias, q_eps, qkv, head_dim);
   const NormSide kn = check_norm_side(op, "k", k_weight, k_bias, k_eps, qkv, head_dim);
   VK_DEVICE_GUARD(qkv);
+  if (packed) {
+    const int64_t total = qkv.size(0);
+    const AttentionSizes sizes = attention_sizes(op, num_seqs, total, num_heads, head_dim);
+    Tensor out = new_output({total, dim}, qkv.options());
+    Tensor lse = new_output({num_heads, total}, qkv.options().dtype(at::kFloat));
+    check_cuda(op, vk_attention_varlen_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), out.data_ptr(),
+                                           lse.data_ptr<float>(), cu_seqlens->data_ptr<int>(), sizes.batch,
+                                           sizes.tokens, int(max_seqlen), sizes.heads, sizes.head_dim,
+                                           static_cast<float>(scale), qn.weight, qn.bias, qn.eps, kn.weight, kn.bias,
+                                           kn.eps, stream()));
+    return {out, lse};
+  }
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1);
+  const AttentionSizes sizes = attention_sizes(op, batch, tokens, num_heads, head_dim);
   Tensor out = new_output({batch, tokens, dim}, qkv.options());
   Tensor lse = new_output({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
   check_cuda(op, vk_attention_qknorm_fwd(dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1),
@@ -406,42 +458,64 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv, int64_t num_heads, d
 }
 
 // Returns dqkv and the QK-norm gradients (dq_weight, dq_bias, dk_weight, dk_bias: [head_dim], empty for a
-// side that is not normalized).
+// side that is not normalized). Packed (cu_seqlens): dout, out [total, dim], lse [heads, total].
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& qkv, const Tensor& out, const Tensor& lse, int64_t num_heads, double scale,
     const std::optional<Tensor>& q_weight, const std::optional<Tensor>& q_bias, double q_eps,
-    const std::optional<Tensor>& k_weight, const std::optional<Tensor>& k_bias, double k_eps) {
+    const std::optional<Tensor>& k_weight, const std::optional<Tensor>& k_bias, double k_eps,
+    const std::optional<Tensor>& cu_seqlens, int64_t max_seqlen) {
   const char* op = "cuda_attention_bwd";
-  check_qkv(op, qkv, num_heads);
-  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3, head_dim = dim / num_heads;
-  const AttentionSizes sizes = attention_sizes(op, batch, tokens, num_heads, head_dim);
-  check_input(op, "dout", dout, qkv, 3);
-  check_shape(op, "dout", dout, {batch, tokens, dim});
-  check_input(op, "out", out, qkv, 3);
-  check_shape(op, "out", out, {batch, tokens, dim});
-  check_stats(op, "lse", lse, qkv, {batch, num_heads, tokens});
+  const bool packed = cu_seqlens.has_value();
+  check_qkv(op, qkv, num_heads, packed);
+  const int num_seqs = check_varlen(op, cu_seqlens, max_seqlen, qkv, num_heads);
+  const int64_t dim = qkv.size(-1) / 3, head_dim = dim / num_heads;
+  // Packed: the batch of one of `total` rows whose grid is (num_seqs * heads, ceil(max_seqlen / 64)).
+  const int64_t batch = packed ? 1 : qkv.size(0), tokens = packed ? qkv.size(0) : qkv.size(1);
+  const AttentionSizes sizes = attention_sizes(op, packed ? num_seqs : batch, tokens, num_heads, head_dim);
+  const std::vector<int64_t> rows = packed ? std::vector<int64_t>{tokens, dim} : std::vector<int64_t>{batch, tokens, dim};
+  check_input(op, "dout", dout, qkv, qkv.dim());
+  check_shape(op, "dout", dout, rows);
+  check_input(op, "out", out, qkv, qkv.dim());
+  check_shape(op, "out", out, rows);
+  const std::vector<int64_t> stats =
+      packed ? std::vector<int64_t>{num_heads, tokens} : std::vector<int64_t>{batch, num_heads, tokens};
+  check_stats(op, "lse", lse, qkv, stats);
   const NormSide qn = check_norm_side(op, "q", q_weight, q_bias, q_eps, qkv, head_dim);
   const NormSide kn = check_norm_side(op, "k", k_weight, k_bias, k_eps, qkv, head_dim);
   VK_DEVICE_GUARD(qkv);
-  Tensor dqkv = new_output({batch, tokens, 3 * dim}, qkv.options());
-  Tensor delta = at::empty({batch, num_heads, tokens}, qkv.options().dtype(at::kFloat));
-  // A normalized side's weight/bias gradients, and the fp32 per-CTA partial sums they are reduced from.
-  const int64_t partial_floats = vk_attention_norm_partial_rows(sizes.batch, sizes.tokens, sizes.heads) * 2 * head_dim;
+  Tensor dqkv = new_output(packed ? std::vector<int64_t>{tokens, 3 * dim} : std::vector<int64_t>{batch, tokens, 3 * dim},
+                           qkv.options());
+  Tensor delta = at::empty(stats, qkv.options().dtype(at::kFloat));
+  // A normalized side's weight/bias gradients, and the fp32 per-CTA partial sums they are reduced from
+  // (poisoned like an output: a CTA that leaves its slice unwritten, e.g. one past a packed sequence's
+  // end, makes the gradients NaN in the tests).
+  const int64_t partial_floats =
+      vk_attention_norm_partial_rows(sizes.batch, packed ? int(max_seqlen) : sizes.tokens, sizes.heads) * 2 * head_dim;
   auto grads = [&](const NormSide& side) {
     const int64_t n = side.on() ? head_dim : 0;
     return std::make_tuple(new_output({n}, qkv.options()), new_output({n}, qkv.options()),
-                           at::empty({side.on() ? partial_floats : 0}, qkv.options().dtype(at::kFloat)));
+                           new_output({side.on() ? partial_floats : 0}, qkv.options().dtype(at::kFloat)));
   };
   auto [dqw, dqb, q_partial] = grads(qn);
   auto [dkw, dkb, k_partial] = grads(kn);
   auto ptr = [](Tensor& t, bool on) { return on ? t.data_ptr() : nullptr; };
-  check_cuda(op, vk_attention_qknorm_bwd(
-                     dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), dout.data_ptr(),
-                     lse.data_ptr<float>(), delta.data_ptr<float>(), dqkv.data_ptr(), sizes.batch, sizes.tokens,
-                     sizes.heads, sizes.head_dim, static_cast<float>(scale), qn.weight, qn.bias, qn.eps, kn.weight,
-                     kn.bias, kn.eps, ptr(dqw, qn.on()), ptr(dqb, qn.on()), ptr(dkw, kn.on()), ptr(dkb, kn.on()),
-                     static_cast<float*>(ptr(q_partial, qn.on())), static_cast<float*>(ptr(k_partial, kn.on())),
-                     stream()));
+  float* qp = static_cast<float*>(ptr(q_partial, qn.on()));
+  float* kp = static_cast<float*>(ptr(k_partial, kn.on()));
+  if (packed) {
+    check_cuda(op, vk_attention_varlen_bwd(
+                       dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), dout.data_ptr(), lse.data_ptr<float>(),
+                       delta.data_ptr<float>(), dqkv.data_ptr(), cu_seqlens->data_ptr<int>(), sizes.batch,
+                       sizes.tokens, int(max_seqlen), sizes.heads, sizes.head_dim, static_cast<float>(scale),
+                       qn.weight, qn.bias, qn.eps, kn.weight, kn.bias, kn.eps, ptr(dqw, qn.on()), ptr(dqb, qn.on()),
+                       ptr(dkw, kn.on()), ptr(dkb, kn.on()), qp, kp, stream()));
+  } else {
+    check_cuda(op, vk_attention_qknorm_bwd(
+                       dtype_code(qkv), qkv.data_ptr(), qkv.stride(0), qkv.stride(1), dout.data_ptr(),
+                       lse.data_ptr<float>(), delta.data_ptr<float>(), dqkv.data_ptr(), sizes.batch, sizes.tokens,
+                       sizes.heads, sizes.head_dim, static_cast<float>(scale), qn.weight, qn.bias, qn.eps, kn.weight,
+                       kn.bias, kn.eps, ptr(dqw, qn.on()), ptr(dqb, qn.on()), ptr(dkw, kn.on()), ptr(dkb, kn.on()),
+                       qp, kp, stream()));
+  }
   return {dqkv, dqw, dqb, dkw, dkb};
 }
 
@@ -587,8 +661,8 @@ TORCH_LIBRARY_FRAGMENT(VK_LIBRARY, m) {
   m.def("cuda_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor preact, Tensor? scale, bool has_bias, int act) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_ln_linear_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor weight, Tensor? bias, float eps, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_ln_linear_bwd(Tensor dout, Tensor x, Tensor ln_weight, Tensor weight, Tensor ln_out, Tensor mean, Tensor rstd, Tensor preact, bool has_bias, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_attention_fwd(Tensor qkv, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0.) -> (Tensor, Tensor)");
-  m.def("cuda_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_attention_fwd(Tensor qkv, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0., Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor)");
+  m.def("cuda_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0., Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? cls_token, Tensor? pos_embed, bool no_embed_class) -> Tensor");
   m.def("cuda_patch_embed_bwd(Tensor dout, Tensor x, Tensor weight, bool has_bias, int n_prefix, bool has_pos, bool no_embed_class, bool needs_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

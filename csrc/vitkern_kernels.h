@@ -85,6 +85,22 @@ cudaError_t vk_attention_qknorm_bwd(int dtype, const void* qkv, int64_t stride_b
                                     const void* q_bias, float q_eps, const void* k_weight, const void* k_bias,
                                     float k_eps, void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias,
                                     float* q_partial, float* k_partial, cudaStream_t stream);
+// Packed sequences (varlen): qkv [total, 3, heads, head_dim] with token stride stride_t (rows 16-byte
+// aligned), cu_seqlens [num_seqs + 1] int32 on the device (0, ..., total, strictly increasing), max_seqlen
+// >= every length (the grid covers max_seqlen rows per sequence; the callers check it); each token attends
+// to its own sequence only. out, dout: [total, heads * head_dim], dqkv [total, 3 * heads * head_dim]
+// contiguous; lse, delta: [heads, total] fp32. QK-norm arguments as above, all null for the plain path; the
+// workspaces hold vk_attention_norm_partial_rows(num_seqs, max_seqlen, heads) * 2 * head_dim floats.
+cudaError_t vk_attention_varlen_fwd(int dtype, const void* qkv, int64_t stride_t, void* out, float* lse,
+                                    const int* cu_seqlens, int num_seqs, int total, int max_seqlen, int heads,
+                                    int head_dim, float scale, const void* q_weight, const void* q_bias, float q_eps,
+                                    const void* k_weight, const void* k_bias, float k_eps, cudaStream_t stream);
+cudaError_t vk_attention_varlen_bwd(int dtype, const void* qkv, int64_t stride_t, const void* dout, const float* lse,
+                                    float* delta, void* dqkv, const int* cu_seqlens, int num_seqs, int total,
+                                    int max_seqlen, int heads, int head_dim, float scale, const void* q_weight,
+                                    const void* q_bias, float q_eps, const void* k_weight, const void* k_bias,
+                                    float k_eps, void* dq_weight, void* dq_bias, void* dk_weight, void* dk_bias,
+                                    float* q_partial, float* k_partial, cudaStream_t stream);
 
 // ---- Patch embedding (patch_embed.cu). x: [batch, chans, H, W] contiguous; patches:
 // [batch * gh * gw, chans * ph * pw]; tokens: [batch, gh * gw, dim]; out: [batch, n_prefix + gh * gw, dim].

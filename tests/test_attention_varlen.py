@@ -138,13 +138,15 @@ def test_varlen_torch_backend_is_auto_on_cpu():
     assert dispatch.select("attention", "auto", qkv.device, call).backend == "torch"
 
 
-def test_varlen_cuda_backend_declines_by_name():
+def test_varlen_cuda_backend_takes_packed_calls():
+    # csrc/attention.cu has the packed kernels (tests/test_cuda_attention_varlen.py): only this call's dtype
+    # and device are declined, never cu_seqlens.
     impl = dispatch.implementations("attention").get("cuda")
     if impl is None or impl.supports is None:
         pytest.skip("no cuda implementation registered")
     qkv, _, _ = _inputs([4, 9], 2, 64, torch.float32)
     reasons = impl.supports(dict(qkv=qkv, num_heads=2, scale=None, cu_seqlens=_cu([4, 9]), max_seqlen=9))
-    assert any("cu_seqlens" in r for r in reasons)
+    assert reasons and not any("cu_seqlens" in r for r in reasons)
 
 
 # --------------------------------------------------------------------------------------------

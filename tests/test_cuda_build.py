@@ -111,7 +111,8 @@ print(json.dumps({{"has": has, "schema": str(torch.ops.vitkern.cuda_attention_fw
     assert all(report["has"].values()), report["has"]
     assert report["schema"] == (
         "vitkern::cuda_attention_fwd(Tensor qkv, int num_heads, float scale, Tensor? q_weight=None, Tensor? q_bias=None, "
-        "float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0.) -> (Tensor, Tensor)"
+        "float q_eps=0., Tensor? k_weight=None, Tensor? k_bias=None, float k_eps=0., Tensor? cu_seqlens=None, "
+        "int max_seqlen=0) -> (Tensor, Tensor)"
     )
 
 
@@ -142,6 +143,10 @@ out["att_fwd"] = shapes(ops.cuda_attention_fwd(m(2, 17, 384), 2, 0.125))
 out["att_bwd"] = shapes(ops.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=f32), 2, 0.125))
 out["att_bwd_qk"] = shapes(ops.cuda_attention_bwd(m(2, 17, 128), m(2, 17, 384), m(2, 17, 128), m(2, 2, 17, dtype=f32), 2, 0.125,
                                                   m(64), m(64), 1e-6, None, None, 0.0))
+cu = m(4, dtype=torch.int32)
+out["att_fwd_varlen"] = shapes(ops.cuda_attention_fwd(m(20, 384), 2, 0.125, None, None, 0.0, None, None, 0.0, cu, 11))
+out["att_bwd_varlen"] = shapes(ops.cuda_attention_bwd(m(20, 128), m(20, 384), m(20, 128), m(2, 20, dtype=f32), 2, 0.125,
+                                                      None, None, 0.0, m(64), m(64), 1e-6, cu, 11))
 out["pe_fwd"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), m(64), m(1, 1, 64), m(1, 7, 64), False))
 out["pe_fwd_reg"] = shapes(ops.cuda_patch_embed_fwd(m(2, 3, 32, 48), m(64, 3, 16, 16), None, m(1, 5, 64), m(1, 6, 64), True))
 out["pe_bwd"] = shapes(ops.cuda_patch_embed_bwd(m(2, 7, 64), m(2, 3, 32, 48), m(64, 3, 16, 16), True, 1, True, False, True))
@@ -164,6 +169,8 @@ print(json.dumps(out))
     assert got["att_fwd"] == [[[2, 17, 128], bf], [[2, 2, 17], f32]]
     assert got["att_bwd"] == [[[2, 17, 384], bf]] + [[[0], bf]] * 4
     assert got["att_bwd_qk"] == [[[2, 17, 384], bf], [[64], bf], [[64], bf], [[0], bf], [[0], bf]]
+    assert got["att_fwd_varlen"] == [[[20, 128], bf], [[2, 20], f32]]
+    assert got["att_bwd_varlen"] == [[[20, 384], bf], [[0], bf], [[0], bf], [[64], bf], [[64], bf]]
     assert got["pe_fwd"] == [[[2, 7, 64], bf]]
     assert got["pe_fwd_reg"] == [[[2, 11, 64], bf]]
     assert got["pe_bwd"] == [[[2, 3, 32, 48], bf], [[64, 3, 16, 16], bf], [[64], bf], [[1, 1, 64], bf], [[1, 7, 64], bf]]

@@ -153,31 +153,40 @@ def _qk_affine(on: bool, weight: Optional[Tensor], bias: Optional[Tensor], qkv: 
 class _AttentionFn(torch.autograd.Function):
     """out [batch, tokens, dim] = attention(qkv [batch, tokens, 3 * dim]); with QK-norm (q_on / k_on) the
     kernels normalize q / k as they load them: q_weight, q_bias ([head_dim] in qkv's dtype, or None for
-    elementwise_affine=False's identity) and q_eps (likewise k). Returns a gradient for every given tensor."""
+    elementwise_affine=False's identity) and q_eps (likewise k). Packed sequences: with cu_seqlens (int32
+    [num_seqs + 1]) and max_seqlen, qkv is [total, 3 * dim] and out [total, dim], block-diagonal; the
+    softmax statistics saved for the backward are then [heads, total]. Returns a gradient for every given
+    tensor."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, num_heads: int, scale: float, q_on: bool, q_weight: Optional[Tensor],
                 q_bias: Optional[Tensor], q_eps: float, k_on: bool, k_weight: Optional[Tensor],
-                k_bias: Optional[Tensor], k_eps: float) -> Tensor:
+                k_bias: Optional[Tensor], k_eps: float, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: int = 0) -> Tensor:
         head_dim = qkv.shape[-1] // 3 // num_heads
         qw, qb = _qk_affine(q_on, q_weight, q_bias, qkv, head_dim)
         kw, kb = _qk_affine(k_on, k_weight, k_bias, qkv, head_dim)
         norm = (qw, qb, float(q_eps), kw, kb, float(k_eps))
-        out, lse = _ops().cuda_attention_fwd(qkv, num_heads, scale, *norm)
-        ctx.save_for_backward(qkv, out, lse, qw, qb, kw, kb)
+        # The dense call keeps the schema's defaults for the packed arguments (the stand-ins of
+        # tests/test_cuda_build.py take the dense signature).
+        packed = (cu_seqlens, int(max_seqlen)) if cu_seqlens is not None else ()
+        out, lse = _ops().cuda_attention_fwd(qkv, num_heads, scale, *norm, *packed)
+        ctx.save_for_backward(qkv, out, lse, qw, qb, kw, kb, cu_seqlens)
         ctx.num_heads, ctx.scale, ctx.eps = num_heads, scale, (float(q_eps), float(k_eps))
+        ctx.max_seqlen = int(max_seqlen)
         ctx.given = (q_weight is not None, q_bias is not None, k_weight is not None, k_bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        qkv, out, lse, qw, qb, kw, kb = ctx.saved_tensors
+        qkv, out, lse, qw, qb, kw, kb, cu_seqlens = ctx.saved_tensors
         (q_eps, k_eps), (has_qw, has_qb, has_kw, has_kb) = ctx.eps, ctx.given
+        packed = (cu_seqlens, ctx.max_seqlen) if cu_seqlens is not None else ()
         dqkv, dqw, dqb, dkw, dkb = _ops().cuda_attention_bwd(
-            dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale, qw, qb, q_eps, kw, kb, k_eps
+            dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale, qw, qb, q_eps, kw, kb, k_eps, *packed
         )
         return (dqkv, None, None, None, dqw if has_qw else None, dqb if has_qb else None, None, None,
-                dkw if has_kw else None, dkb if has_kb else None, None)
+                dkw if has_kw else None, dkb if has_kb else None, None, None, None)
 
 
 class _PatchEmbedFn(torch.autograd.Function):
@@ -242,16 +251,20 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps: float = 1e-6, ac
     return _LnLinearFn.apply(x, ln_weight, ln_bias, weight, bias, float(eps), ACTIVATION_CODES[activation])
 
 
-def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, q_norm=None, k_norm=None) -> Tensor:
+def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, q_norm=None, k_norm=None,
+              cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
     """q_norm, k_norm: None or (weight [head_dim] or None, bias [head_dim] or None, eps), as checked by
-    vitkern.ops.attention: QK-norm inside the kernels."""
+    vitkern.ops.attention: QK-norm inside the kernels. cu_seqlens, max_seqlen: packed sequences, qkv
+    [total, 3 * dim], as checked by vitkern.ops.attention (check_cu_seqlens: the kernels trust the offsets
+    and that max_seqlen >= every length)."""
     if not _READY:
         _ensure_loaded()
     head_dim = qkv.shape[-1] // 3 // num_heads
     qw, qb, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
     kw, kb, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
     return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale),
-                              q_norm is not None, qw, qb, float(q_eps), k_norm is not None, kw, kb, float(k_eps))
+                              q_norm is not None, qw, qb, float(q_eps), k_norm is not None, kw, kb, float(k_eps),
+                              cu_seqlens, int(max_seqlen) if cu_seqlens is not None else 0)
 
 
 def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_class: bool = False,
@@ -308,8 +321,9 @@ def _address(t: Tensor) -> int:
 
 
 def _attention_supports(call) -> List[str]:
-    reasons = _common(call, qk_norm=True)
+    reasons = _common(call, qk_norm=True, varlen=True)
     qkv = call["qkv"]
+    packed = call.get("cu_seqlens") is not None
     heads = call["num_heads"]
     head_dim = qkv.shape[-1] // 3 // heads
     if head_dim not in ATTENTION_HEAD_DIMS:
@@ -318,12 +332,22 @@ def _attention_supports(call) -> List[str]:
     # while compiling only the strides are checked here, and the op checks the address when it runs
     # (csrc/bindings.cpp, check_qkv: a clear error, never a misaligned access).
     misaligned = not torch.compiler.is_compiling() and _address(qkv) % 16 != 0
-    if qkv.stride(-1) != 1 or qkv.stride(0) % 8 or qkv.stride(1) % 8 or misaligned:
+    row_strides = qkv.stride()[:-1]  # packed [total, 3 * dim]: the token stride only
+    if qkv.stride(-1) != 1 or any(s % 8 for s in row_strides) or misaligned:
         reasons.append(
             f"qkv has strides {tuple(qkv.stride())}; the cuda attention needs a contiguous last dim and 16-byte aligned rows "
             "(strides multiples of 8)"
         )
-    if qkv.shape[1] > ATTENTION_MAX_TOKENS:
+    if packed:
+        # The grid covers max_seqlen rows of every sequence (64-row tiles on grid.y); sizes are 32-bit ints.
+        max_seqlen, num_seqs = call["max_seqlen"], call["cu_seqlens"].shape[0] - 1
+        if max_seqlen > ATTENTION_MAX_TOKENS:
+            reasons.append(f"max_seqlen is {max_seqlen}; the cuda attention takes at most {ATTENTION_MAX_TOKENS} "
+                           "tokens per sequence")
+        if qkv.shape[0] >= 2**31 or num_seqs * heads >= 2**31:
+            reasons.append(f"qkv has {qkv.shape[0]} packed tokens in {num_seqs} sequences of {heads} heads; the cuda "
+                           "attention takes the total and num_seqs * num_heads as 32-bit ints")
+    elif qkv.shape[1] > ATTENTION_MAX_TOKENS:
         reasons.append(f"qkv has {qkv.shape[1]} tokens; the cuda attention takes at most {ATTENTION_MAX_TOKENS}")
     return reasons
 
@@ -385,13 +409,17 @@ def _register_fakes() -> None:
                 weight.new_empty(weight.shape), db)
 
     @reg("cuda_attention_fwd")
-    def _(qkv, num_heads, scale, q_weight=None, q_bias=None, q_eps=0.0, k_weight=None, k_bias=None, k_eps=0.0):
+    def _(qkv, num_heads, scale, q_weight=None, q_bias=None, q_eps=0.0, k_weight=None, k_bias=None, k_eps=0.0,
+          cu_seqlens=None, max_seqlen=0):
+        if cu_seqlens is not None:  # packed: qkv [total, 3 * dim] -> out [total, dim], lse [heads, total]
+            total, three_d = qkv.shape
+            return qkv.new_empty((total, three_d // 3)), qkv.new_empty((num_heads, total), dtype=f32)
         b, t, three_d = qkv.shape
         return qkv.new_empty((b, t, three_d // 3)), qkv.new_empty((b, num_heads, t), dtype=f32)
 
     @reg("cuda_attention_bwd")
     def _(dout, qkv, out, lse, num_heads, scale, q_weight=None, q_bias=None, q_eps=0.0, k_weight=None, k_bias=None,
-          k_eps=0.0):
+          k_eps=0.0, cu_seqlens=None, max_seqlen=0):
         head_dim = qkv.shape[-1] // 3 // num_heads
 
         def grad(weight):

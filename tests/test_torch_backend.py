@@ -74,38 +74,60 @@ def test_linear_with_scale_and_residual(dtype, act):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", ["gelu", "gelu_tanh", "residual"])
-def test_onednn_inference_path_matches_and_stays_out_of_autograd(dtype, case, monkeypatch):
-    x, w, b, r = torch.randn(2, 29, 64), torch.randn(96, 64) / 8, torch.randn(96), torch.randn(2, 29, 96)
-    x, w, b, r = (t.to(dtype) for t in (x, w, b, r))
-    act = None if case == "residual" else case
-    res = r if case == "residual" else None
-    calls = []
-    if aten._ONEDNN:
-        real = torch.ops.mkldnn._linear_pointwise
-        monkeypatch.setattr(aten, "_onednn_linear", _counting(aten._onednn_linear, calls))
+@pytest.mark.parametrize("case", ["plain", "gelu", "gelu_tanh", "residual", "scale"])
+def test_onednn_path_inference_and_training(dtype, case):
+    """oneDNN's linear (the CPU path of this backend): inference with its fused epilogues, and
+    training through _OneDNNLinearFn (oneDNN forward, addmm's gradient formulas), each against
+    the float64 oracle; double backward through it works."""
+    if not aten._ONEDNN:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    x, w, b = torch.randn(2, 29, 64), torch.randn(96, 64) / 8, torch.randn(96)
+    r, s = torch.randn(2, 29, 96), torch.rand(96) + 0.5
+    act = case if case.startswith("gelu") else None
+    res = r if case in ("residual", "scale") else None
+    scale = s if case == "scale" else None
+    dy = torch.randn(2, 29, 96)
+    tensors = [t.to(dtype) if t is not None else None for t in (x, w, b, res, scale)]
+    fn = lambda x, w, b, r, s: aten.linear(x, w, b, activation=act, residual=r, scale=s)  # noqa: E731
+    timm_way = lambda x, w, b, r, s: aten._epilogue(aten.activate(F.linear(x, w, b), act), r, s)  # noqa: E731
+    oracle = lambda x, w, b, r, s: reference.linear(x, w, b, activation=act, residual=r, scale=s)  # noqa: E731
+    assert aten._onednn_applies(tensors[0], tensors[1])
     with torch.no_grad():
-        got = aten.linear(x, w, b, activation=act, residual=res)
-    low = _timm_way("linear")(x, w, b, res if res is not None else torch.zeros((), dtype=dtype),
-                              torch.ones((), dtype=dtype), act)
-    ref = reference.linear(x.double(), w.double(), b.double(), activation=act, residual=None if res is None else res.double())
+        got = fn(*tensors)
+    ref, g_ref = _run(oracle, [t.double() if t is not None else None for t in tensors], dy.double())
+    low, g_low = _run(timm_way, tensors, dy)
     assert got.dtype == dtype and got.shape == (2, 29, 96)
-    _ratio_or_close(case, got, low, ref, dtype)
-    if aten._ONEDNN:
-        assert calls and calls[-1] is not None, "oneDNN's fused linear should serve inference on the CPU"
-        assert real is torch.ops.mkldnn._linear_pointwise
-        # With a gradient needed the plain ops run (oneDNN's fused op has no backward).
-        wg = w.clone().requires_grad_()
-        aten.linear(x, wg, b, activation=act, residual=res).float().sum().backward()
-        assert calls[-1] is None and wg.grad is not None
+    _ratio_or_close(f"{case} inference", got, low, ref, dtype)
+    trained, g_got = _run(fn, tensors, dy)
+    _ratio_or_close(f"{case} training", trained, low, ref, dtype)
+    for name, g, lo, r_ in zip(("dx", "dw", "db", "dres", "dscale"), g_got, g_low, g_ref):
+        if r_ is not None:
+            _ratio_or_close(f"{case} {name}", g, lo, r_, dtype)
+    if dtype == torch.float32:  # second order: the backward's GEMMs are differentiable
+        def second_order(f, cast):
+            xg, wg = cast(tensors[0]).requires_grad_(), cast(tensors[1]).requires_grad_()
+            rest = [cast(t) if t is not None else None for t in tensors[2:]]
+            (gx,) = torch.autograd.grad(f(xg, wg, *rest).square().sum(), xg, create_graph=True)
+            gx.square().sum().backward()
+            return wg.grad
+
+        got2 = second_order(fn, lambda t: t.clone())
+        low2 = second_order(timm_way, lambda t: t.clone())
+        ref2 = second_order(oracle, lambda t: t.double())
+        err, base = (got2.double() - ref2).abs().max().item(), (low2.double() - ref2).abs().max().item()
+        floor = 2 * 2.0 ** -24 * ref2.abs().max().item()
+        assert err <= 2 * base + floor, f"{case} double backward: error {err:.3e} > 2 x torch's {base:.3e} + {floor:.3e}"
 
 
-def _counting(fn, calls):
-    def wrapper(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        calls.append(out)
-        return out
-    return wrapper
+def test_onednn_path_stays_out_of_tracing_and_functorch():
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    assert aten._onednn_applies(x, w) == aten._ONEDNN
+    assert not aten._onednn_applies(x.double(), w.double())
+    assert not aten._onednn_applies(x, w.t())  # a transposed weight view: addmm takes it as it is
+    grads = torch.func.grad(lambda w: aten.linear(x, w, activation="gelu").sum())(w)  # functorch: plain ops
+    torch.testing.assert_close(grads, torch.func.grad(lambda w: F.gelu(F.linear(x, w)).sum())(w))
+    compiled = torch.compile(lambda x, w: aten.linear(x, w, activation="gelu"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, w), F.gelu(F.linear(x, w)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

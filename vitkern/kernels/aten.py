@@ -4,11 +4,12 @@ What `auto` runs where no vitkern kernel runs: on the CPU always, and on a GPU f
 backends decline (float64, an option they lack). It calls the ops timm's modules call, so it is
 never slower than timm's eager model:
 
-* linear: `F.linear` (addmm: the bias rides in the BLAS GEMM's C operand), then the activation,
-  and LayerScale + skip connection as one `torch.addcmul` (timm: a multiply, then an add). On the
-  CPU, when no gradient is needed, oneDNN's fused linear (`torch.ops.mkldnn._linear_pointwise`,
-  the op torch.compile's CPU backend emits) writes GEMM + bias + GELU, or GEMM + bias + skip
-  connection, in one pass instead of two (`_onednn_linear`);
+* linear: on the CPU oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's
+  CPU backend emits), whose fp32 GEMM beats the BLAS behind addmm on the CPUs measured
+  (docs/perf/cpu.md); for inference with GEMM + bias + GELU, or GEMM + bias + skip connection, in
+  one pass instead of two; in training through `_OneDNNLinearFn` (addmm's gradient formulas).
+  Elsewhere `F.linear` (addmm: the bias rides in the GEMM's C operand). Then the activation, and
+  LayerScale + skip connection as one `torch.addcmul` (timm: a multiply, then an add);
 * layer_norm / ln_linear: `F.layer_norm` (fp32 statistics for every input dtype), then `F.linear`;
 * attention: `F.scaled_dot_product_attention` on strided views of the packed qkv (on the CPU its
   flash kernel: fp32 softmax statistics, no [tokens, tokens] matrix), QK-norm by `F.layer_norm`;

@@ -27,7 +27,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_close, assert_ratio
+from conftest import assert_close, assert_ratio, seed
 from test_cuda_ops import _d64, _run, dev  # noqa: F401  (dev is the fixture)
 
 import vitkern.ops as ops
@@ -223,7 +223,7 @@ def test_vit_with_the_family_options_on_the_cuda_backend(dev, act):
     import vitkern
 
     dtype = torch.bfloat16
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     kwargs = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=1, num_classes=8, act_layer=act,
                   init_values=0.5, reg_tokens=2, no_embed_class=True)
     eager = vitkern.ViT(**kwargs, backend="eager").to(dev).eval()

@@ -31,7 +31,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, assert_ratio
+from conftest import HAS_CUDA, assert_close, assert_ratio, seed
 
 import vitkern
 import vitkern.ops as ops
@@ -367,7 +367,7 @@ def test_vit_b_batch_4096_attention_and_layer_norm(gpu_dev):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vit_cuda_backend_matches_eager_within_the_ratio_test(dev, dtype):
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     kwargs = dict(img_size=64, patch_size=16, embed_dim=192, depth=3, num_heads=3, num_classes=16)
     eager = vitkern.ViT(**kwargs, backend="eager").to(dev).eval()
     with torch.no_grad():  # non-trivial LayerNorm and bias parameters
@@ -482,7 +482,7 @@ def test_vit_cuda_backend_compiles_fullgraph(monkeypatch):
     the emulator only: whether dynamo traces the Python layer does not depend on the device, and the
     GPU suite's time is better spent on test_torch_compile_traces_the_cuda_ops."""
     dev = _use_emulated_extension(monkeypatch)
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = vitkern.ViT(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=1, num_classes=8,
                         backend="cuda").to(dev).to(torch.bfloat16)
     x = torch.randn(2, 3, 32, 32, device=dev, dtype=torch.bfloat16)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TRITON_DEVICE, seed
+from conftest import TRITON_DEVICE, record_margin, seed
 from vitkern import dispatch, ops, reference
 
 REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -196,3 +196,22 @@ def test_eager_low_precision_matches_sdpa(dtype, logit):
     for what, got, sdpa, ref in (("out", out, sdpa_out, ref_out), ("dqkv", dqkv, sdpa_dqkv, ref_dqkv)):
         err, base = _rel(got, ref), _rel(sdpa, ref)
         assert err <= 2 * base + 1e-4, f"eager {what}: relative error {err:.3e} > 2 x SDPA's {base:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_eager_low_precision_backward_at_large_magnitude(dtype):
+    """|q|, |k|, |v| = 1e4 (issue 19, item 7): dP = dO v^T reaches |dO| |v| sqrt(head_dim) ~ 8e4,
+    past fp16's 65504, while the true gradient is small (every row's softmax is one-hot, so dS = 0
+    and dqkv is dv = P^T dO). The eager backend computes dP in fp32 as the kernels do: finite, and
+    within two roundings of the dtype (the result's, plus the fp32 sums' far smaller error) of
+    the float64 gradient, relative to its largest element."""
+    heads = 2
+    qkv64, dout64 = _case(1, 40, heads, 64, "mag", 1e4, dtype)
+    ref_out, ref_dqkv = _fwd_bwd(lambda x: reference.attention(x, heads), qkv64, dout64)
+    out, dqkv = _fwd_bwd(lambda x: ops.attention(x, heads, backend="eager"), qkv64.to(dtype), dout64.to(dtype))
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all(), "eager: non-finite output or gradient"
+    unit = torch.finfo(dtype).eps / 2  # the unit roundoff: fp16 2^-11, bf16 2^-8
+    for what, got, ref in (("out", out, ref_out), ("dqkv", dqkv, ref_dqkv)):
+        err, bound = _rel(got, ref), 2 * unit
+        record_margin(err, bound, f"eager {what}")
+        assert err <= bound, f"eager {what}: relative error {err:.3e} > {bound:.3e}"

@@ -411,6 +411,26 @@ def test_torch_compile_traces_the_cuda_ops(dev):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+def test_double_backward_and_torch_func_name_the_backend(dev):
+    """Issue 19, item 4: a gradient of a CUDA op's gradient (create_graph=True: gradient penalties,
+    R1) and torch.func transforms raise naming the cuda backend and backend='eager' (torch's own
+    messages named neither), and a first-order backward is untouched."""
+    g = torch.Generator().manual_seed(seed(0))
+    qkv = torch.randn(1, 5, 3 * 64, generator=g).to(dev, torch.bfloat16)
+    x = torch.randn(3, 64, generator=g).to(dev, torch.bfloat16)
+    w, b = torch.randn(64, generator=g).to(dev, torch.bfloat16), torch.randn(64, generator=g).to(dev, torch.bfloat16)
+    cases = [("attention", lambda t: ops.attention(t, 1, backend="cuda"), qkv),
+             ("layer_norm", lambda t: ops.layer_norm(t, w, b, backend="cuda"), x)]
+    for name, fn, t in cases:
+        leaf = t.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match=rf"cuda backend .*{name}.*create_graph=True.*backend='eager'"):
+            torch.autograd.grad(fn(leaf).float().square().sum(), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match=rf"torch.func transforms .*cuda backend of {name}.*backend='eager'"):
+            torch.func.grad(lambda u: fn(u).float().sum())(t)
+        fn(leaf).float().sum().backward()
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
 # ------------------------------------------------------------------------------------------ memcheck
 
 

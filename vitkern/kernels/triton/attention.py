@@ -15,11 +15,12 @@ programs that share a head's K/V run next to each other and hit L2):
                                     s = scale * q.k, p = exp2((s - max) * log2(e)); writes out and
                                     lse = max + log(sum) (the max is never rounded on the way).
     _attention_bwd_dq_kernel        per query block, run first: sweep 1 over all key blocks sums
-                                    delta = rowsum(P * dP) / rowsum(P) and stores it
-                                    [batch, heads, tokens] fp32; sweep 2 accumulates dQ; writes the
-                                    q columns of dqkv.
+                                    delta = rowsum(P * dP) / rowsum(P) and stores it with
+                                    1 / rowsum(P) (each [batch, heads, tokens] fp32); sweep 2
+                                    accumulates dQ from the row-normalized P; writes the q columns
+                                    of dqkv.
     _attention_bwd_dkdv_kernel      per key block: recompute P and dP (query-major, as the forward
-                                    and dQ do) from lse, accumulate dV and dK over all query
+                                    and dQ do) from lse and 1 / rowsum(P), accumulate dV and dK over all query
                                     blocks; writes the k and v columns of dqkv. Separate from dQ
                                     so nothing is atomic: the result is deterministic.
 

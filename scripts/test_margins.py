@@ -24,9 +24,10 @@ import time
 
 
 # Files run without the assertion-pass hook: the hook makes pytest repr every assert's operands,
-# and test_cuda_emulated.py asserts on buffers flanked by PROT_NONE guard pages (a repr reads them:
-# SIGSEGV). Their checks go through conftest's assert_close / assert_ratio, recorded anyway.
-NO_HOOK = ("test_cuda_emulated.py",)
+# and test_cuda_emulated.py (also imported by test_cuda_family_options.py) asserts on buffers
+# flanked by PROT_NONE guard pages (a repr reads them: SIGSEGV). Their checks go through
+# conftest's assert_close / assert_ratio, recorded anyway.
+NO_HOOK = ("test_cuda_emulated.py", "test_cuda_family_options.py")
 
 
 def _run(targets, seed, threads, log, extra, out_dir):

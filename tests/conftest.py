@@ -150,7 +150,7 @@ def pytest_assertion_pass(item, lineno, orig, expl):
 
     first = expl.split("\n", 1)[0]
     m = re.fullmatch(r"(.+?) (<=|<) (.+)", first)
-    if m is None:
+    if m is None or re.search(r" (<=|<|>=|>) ", m.group(3)):  # a range check a < x < b is no error bound
         return
     err, bound = _number(m.group(1)), _number(m.group(3))
     if err is not None and bound is not None and bound > 0:

@@ -153,7 +153,8 @@ def pytest_assertion_pass(item, lineno, orig, expl):
     if m is None or re.search(r" (<=|<|>=|>) ", m.group(3)):  # a range check a < x < b is no error bound
         return
     err, bound = _number(m.group(1)), _number(m.group(3))
-    if err is not None and bound is not None and bound > 0:
+    counts = err is not None and bound is not None and float(err).is_integer() and float(bound).is_integer()
+    if err is not None and bound is not None and bound > 0 and not counts:  # counts (len(x) <= n) bound no error
         record_margin(err, bound, f"line {lineno}: {orig}")
 
 

@@ -8,6 +8,7 @@ kernels run on CPU tensors in the interpreter. Tests import the helpers below wi
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 
@@ -104,6 +105,35 @@ def assert_ratio(actual: torch.Tensor, eager_lowp: torch.Tensor, oracle: torch.T
     base = (eager_lowp.double() - oracle.double()).abs().max().item()
     record_margin(err, RATIO * base + floor, name)
     assert err <= RATIO * base + floor, f"{name}: kernel error {err:.3e} > {RATIO} x eager error {base:.3e} (+{floor:g})"
+
+
+def vit_reductions(model, tokens: int) -> list:
+    """The reduction lengths of one forward of a vitkern ViT `model` over `tokens` tokens, one per
+    rounding stage: the patch GEMM, then per block LN1, QKV, the scores, P v, the projection,
+    LN2, fc1, fc2, and the final LayerNorm (what `parity_bound` sums over)."""
+    c = model.config
+    ph, pw = (c.patch_size, c.patch_size) if isinstance(c.patch_size, int) else c.patch_size
+    dim, hidden, head_dim = c.embed_dim, model.blocks[0].mlp.fc1.out_features, c.embed_dim // c.num_heads
+    block = [dim, dim, head_dim, tokens, dim, dim, dim, hidden]
+    return [c.in_chans * ph * pw] + block * c.depth + [dim]
+
+
+def parity_bound(reference: torch.Tensor, reductions, dtype: torch.dtype = torch.float32) -> float:
+    """The largest max |a - b| of two correct implementations of one forward in `dtype` (vitkern's and
+    timm's or HF's): each stage (a GEMM, a LayerNorm, the softmax's sums) over a reduction of length
+    K adds a random-walk error of u sqrt(K) relative to the magnitude it produces (u = eps / 2, fp32
+    accumulation; LayerNorm keeps every stage's magnitude at the output's), the stages' errors add
+    (not in quadrature: they may correlate), and so do the two implementations':
+    2 u max|reference| sum_k sqrt(K). Derived from the shapes, not fitted to an observed error."""
+    u = torch.finfo(dtype).eps / 2
+    return 2 * u * reference.abs().max().item() * sum(math.sqrt(k) for k in reductions)
+
+
+def assert_parity(ours: torch.Tensor, theirs: torch.Tensor, reductions, name: str = "") -> None:
+    """ours and theirs (two implementations of one fp32 forward) agree within `parity_bound`."""
+    err, bound = (ours.double() - theirs.double()).abs().max().item(), parity_bound(theirs, reductions, ours.dtype)
+    record_margin(err, bound, f"parity {name}".strip())
+    assert err <= bound, f"{name}: max |ours - theirs| = {err:.3e} > {bound:.3e} (2 u max|theirs| sum sqrt(K))"
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

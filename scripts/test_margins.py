@@ -67,7 +67,8 @@ def _function(test: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("targets", nargs="+")
+    ap.add_argument("targets", nargs="*", help="test files or node ids")
+    ap.add_argument("--targets-file", help="more node ids, one a line (parametrized ids may hold spaces)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--jsonl", help="keep the raw records here (appended)")
@@ -76,6 +77,11 @@ def main() -> int:
     ap.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. '--durations=20'")
     ap.add_argument("--out-dir", help="keep each run's pytest output here")
     args = ap.parse_args()
+    if args.targets_file:
+        with open(args.targets_file) as f:
+            args.targets += [line.strip() for line in f if line.strip()]
+    if not args.targets and not args.from_jsonl:
+        ap.error("no targets")
     log = args.jsonl or tempfile.mktemp(suffix=".jsonl")
     failed = 0
     if not args.from_jsonl:

@@ -107,6 +107,35 @@ def assert_ratio(actual: torch.Tensor, eager_lowp: torch.Tensor, oracle: torch.T
     assert err <= RATIO * base + floor, f"{name}: kernel error {err:.3e} > {RATIO} x eager error {base:.3e} (+{floor:g})"
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of one rounding to `dtype` (fp16 2^-11, bf16 2^-8)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def operand_rounding(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
+    """The most that rounding the GEMM operand `a` to `dtype` can move a @ b (batched over leading
+    dims): |fl(a) - a| <= u |a| elementwise, so |fl(a) @ b - a @ b| <= u (|a| @ |b|). For the ratio
+    test's floor where a kernel rounds an operand that eager keeps in fp32 (a proof, not a fit)."""
+    return unit_roundoff(dtype) * (a.double().abs() @ b.double().abs()).max().item()
+
+
+def attention_ds_rounding(qkv: torch.Tensor, dout: torch.Tensor, num_heads: int, dtype: torch.dtype,
+                          scale=None) -> float:
+    """What the fused attention backwards' rounding of dS to `dtype` can add to dqkv: dS = P (dP -
+    rowsum(P dP)) is the 16-bit operand of their dQ = scale dS K and dK = scale dS^T Q products
+    (tensor-core inputs), which eager computes from an fp32 dS. qkv [batch, tokens, 3 * dim] and
+    dout [batch, tokens, dim] as the test fed them; dS is formed in float64 from them."""
+    b, t, three_dim = qkv.shape
+    head_dim = three_dim // 3 // num_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q, k, v = qkv.double().reshape(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    do = dout.double().reshape(b, t, num_heads, head_dim).transpose(1, 2)
+    p = (q @ k.transpose(-1, -2) * scale).softmax(-1)
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    return scale * max(operand_rounding(ds, k, dtype), operand_rounding(ds.transpose(-1, -2), q, dtype))
+
+
 def vit_reductions(model, tokens: int) -> list:
     """The reduction lengths of one forward of a vitkern ViT `model` over `tokens` tokens, one per
     rounding stage: the patch GEMM, then per block LN1, QKV, the scores, P v, the projection,
@@ -125,8 +154,7 @@ def parity_bound(reference: torch.Tensor, reductions, dtype: torch.dtype = torch
     accumulation; LayerNorm keeps every stage's magnitude at the output's), the stages' errors add
     (not in quadrature: they may correlate), and so do the two implementations':
     2 u max|reference| sum_k sqrt(K). Derived from the shapes, not fitted to an observed error."""
-    u = torch.finfo(dtype).eps / 2
-    return 2 * u * reference.abs().max().item() * sum(math.sqrt(k) for k in reductions)
+    return 2 * unit_roundoff(dtype) * reference.abs().max().item() * sum(math.sqrt(k) for k in reductions)
 
 
 def assert_parity(ours: torch.Tensor, theirs: torch.Tensor, reductions, name: str = "") -> None:

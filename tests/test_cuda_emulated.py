@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import pytest
 import torch
 
-from conftest import assert_close, assert_ratio, poison_
+from conftest import assert_close, assert_ratio, attention_ds_rounding, poison_, unit_roundoff
 from cuda_emu import emulator
 from vitkern import reference
 
@@ -289,7 +289,9 @@ def test_attention_fwd_bwd(emu, dtype, batch, tokens, heads, head_dim):
     ref_dqkv = grads(dout)
     q_lp = qkv.clone().requires_grad_()
     reference.attention(q_lp, heads, scale=scale).backward(dout)
-    assert_ratio(dqkv, q_lp.grad, ref_dqkv, name="dqkv", floor=2e-3)
+    # Beyond eager's error: one rounding of the result, and the kernel's 16-bit dS (eager's is fp32).
+    floor = unit_roundoff(dtype) * ref_dqkv.abs().max().item() + attention_ds_rounding(qkv, dout, heads, dtype, scale)
+    assert_ratio(dqkv, q_lp.grad, ref_dqkv, name="dqkv", floor=floor)
 
 
 def test_attention_rejects_what_it_cannot_run(emu):

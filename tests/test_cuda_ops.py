@@ -31,7 +31,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, assert_ratio, seed
+from conftest import HAS_CUDA, assert_close, assert_ratio, attention_ds_rounding, seed, unit_roundoff
 
 import vitkern
 import vitkern.ops as ops
@@ -258,7 +258,9 @@ def test_attention(dev, dtype, batch, tokens, heads, head_dim, strided):
     assert_ratio(y, y_low, y_ref, name="out", floor=1e-3)
     assert dqkv.shape == qkv.shape
     assert_close(dqkv, dqkv_ref, dtype, scale=2 * max(1.0, dqkv_ref.abs().max().item()), name="dqkv")
-    assert_ratio(dqkv, dqkv_low, dqkv_ref, name="dqkv", floor=2e-3)
+    # Beyond eager's error: one rounding of the result, and the kernel's 16-bit dS (eager's is fp32).
+    floor = unit_roundoff(dtype) * dqkv_ref.abs().max().item() + attention_ds_rounding(qkv, dy, heads, dtype)
+    assert_ratio(dqkv, dqkv_low, dqkv_ref, name="dqkv", floor=floor)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -119,21 +119,59 @@ def operand_rounding(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> fl
     return unit_roundoff(dtype) * (a.double().abs() @ b.double().abs()).max().item()
 
 
-def attention_ds_rounding(qkv: torch.Tensor, dout: torch.Tensor, num_heads: int, dtype: torch.dtype,
-                          scale=None) -> float:
-    """What the fused attention backwards' rounding of dS to `dtype` can add to dqkv: dS = P (dP -
-    rowsum(P dP)) is the 16-bit operand of their dQ = scale dS K and dK = scale dS^T Q products
-    (tensor-core inputs), which eager computes from an fp32 dS. qkv [batch, tokens, 3 * dim] and
-    dout [batch, tokens, dim] as the test fed them; dS is formed in float64 from them."""
+def attention_rounding(qkv: torch.Tensor, dout: torch.Tensor, num_heads: int, dtype: torch.dtype,
+                          scale=None, q_norm=None, k_norm=None) -> dict:
+    """{output: the most the fused attention kernels' 16-bit P and dS can add to its error}.
+
+    "out": the forward rounds the probabilities (the unnormalized exp(s - m) of its online softmax,
+    divided by the row sum at the end) to `dtype` for the P V product, which moves out by at most
+    u (P |V|). dS = P (dP - rowsum(P dP)) is the 16-bit operand of their dQ = scale dS K and dK = scale dS^T Q
+    products (tensor-core inputs); eager computes them from an fp32 dS. Per element of dQ (dK) the
+    rounding adds at most e = u scale (|dS| |K|) (operand_rounding's argument), formed in float64 from
+    qkv [batch, tokens, 3 * dim] and dout [batch, tokens, dim] as the test fed them. With QK-norm
+    (q_norm, k_norm: (weight or None, bias or None, eps), as ops.attention takes them) e is the error
+    of the normalized rows' gradient g, which then goes through the LayerNorm's backward: the
+    weight's and bias's gradients are row sums of g xhat and g ("q weight", "q bias", ...), and
+    dx = rstd (g' - mean g' - xhat mean(g' xhat)) with g' = weight g moves by at most
+    rstd max|weight e| (2 + max|xhat|) per row (mean|xhat| <= 1). "dqkv" takes the largest."""
+    from vitkern import reference
+
     b, t, three_dim = qkv.shape
     head_dim = three_dim // 3 // num_heads
     scale = head_dim**-0.5 if scale is None else scale
     q, k, v = qkv.double().reshape(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     do = dout.double().reshape(b, t, num_heads, head_dim).transpose(1, 2)
-    p = (q @ k.transpose(-1, -2) * scale).softmax(-1)
+
+    def normalized(x, norm):
+        if norm is None:
+            return x, None
+        weight, bias, eps = norm
+        mean, rstd = reference.layer_norm_stats(x, eps)
+        xhat = (x - mean[..., None]) * rstd[..., None]
+        w = weight.double() if weight is not None else torch.ones(head_dim, dtype=torch.float64)
+        return xhat * w + (bias.double() if bias is not None else 0.0), (xhat, rstd, w)
+
+    qn, q_info = normalized(q, q_norm)
+    kn, k_info = normalized(k, k_norm)
+    p = (qn @ kn.transpose(-1, -2) * scale).softmax(-1)
     dp = do @ v.transpose(-1, -2)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    return scale * max(operand_rounding(ds, k, dtype), operand_rounding(ds.transpose(-1, -2), q, dtype))
+    ds = (p * (dp - (p * dp).sum(-1, keepdim=True))).abs()
+    u = unit_roundoff(dtype)
+    floors = {"out": u * (p @ v.abs()).max().item()}
+
+    def through_norm(e, info, side):
+        if info is None:
+            return e.max().item()
+        xhat, rstd, w = info
+        floors[f"{side} weight"] = (e * xhat.abs()).sum((0, 1, 2)).max().item()
+        floors[f"{side} bias"] = e.sum((0, 1, 2)).max().item()
+        per_row = rstd[..., None] * (w.abs() * e).amax(-1, keepdim=True) * (2 + xhat.abs().amax(-1, keepdim=True))
+        return per_row.max().item()
+
+    dq = through_norm(u * scale * (ds @ kn.abs()), q_info, "q")
+    dk = through_norm(u * scale * (ds.transpose(-1, -2) @ qn.abs()), k_info, "k")
+    floors["dqkv"] = max(dq, dk)
+    return floors
 
 
 def vit_reductions(model, tokens: int) -> list:

@@ -31,7 +31,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, assert_ratio, attention_ds_rounding, seed, unit_roundoff
+from conftest import HAS_CUDA, assert_close, assert_ratio, attention_rounding, seed, unit_roundoff
 
 import vitkern
 import vitkern.ops as ops
@@ -255,12 +255,13 @@ def test_attention(dev, dtype, batch, tokens, heads, head_dim, strided):
     y_low, (dqkv_low,) = _run(lambda q: reference.attention(q, heads), (qkv,), dy)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, name="out")
-    assert_ratio(y, y_low, y_ref, name="out", floor=1e-3)
+    # Beyond 2x eager's error: one rounding of the result, and what the kernel's 16-bit P and dS
+    # (eager's dS is fp32) can add (conftest.attention_rounding).
+    u, extra = unit_roundoff(dtype), attention_rounding(qkv, dy, heads, dtype)
+    assert_ratio(y, y_low, y_ref, name="out", floor=u * y_ref.abs().max().item() + extra["out"])
     assert dqkv.shape == qkv.shape
     assert_close(dqkv, dqkv_ref, dtype, scale=2 * max(1.0, dqkv_ref.abs().max().item()), name="dqkv")
-    # Beyond eager's error: one rounding of the result, and the kernel's 16-bit dS (eager's is fp32).
-    floor = unit_roundoff(dtype) * dqkv_ref.abs().max().item() + attention_ds_rounding(qkv, dy, heads, dtype)
-    assert_ratio(dqkv, dqkv_low, dqkv_ref, name="dqkv", floor=floor)
+    assert_ratio(dqkv, dqkv_low, dqkv_ref, name="dqkv", floor=u * dqkv_ref.abs().max().item() + extra["dqkv"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -66,6 +66,7 @@ def seed(n: int = 0) -> int:
 # line (scripts/test_margins.py runs the numerics files under several seeds and thread counts and
 # tabulates the worst err / bound per test: docs/perf/test-margins.md). Off by default: no cost.
 _MARGINS = os.environ.get("VITKERN_TEST_MARGINS")
+_ASSERT_CLOSE = torch.testing.assert_close  # torch's own (margins mode wraps the public name)
 
 
 def record_margin(err: float, bound: float, what: str = "") -> None:
@@ -96,7 +97,9 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, name: str = "") -> None:
     """Compare in float64 against the oracle with the table's tolerance for `dtype`."""
     t = tol(dtype, scale)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=t["atol"], rtol=t["rtol"], msg=lambda m: f"{name}: {m}")
+    if _MARGINS:
+        record_margin(*_close_margin(actual, expected, t["atol"], t["rtol"]), f"assert_close {name}".strip())
+    _ASSERT_CLOSE(actual.double(), expected.double(), atol=t["atol"], rtol=t["rtol"], msg=lambda m: f"{name}: {m}")
 
 
 def assert_ratio(actual: torch.Tensor, eager_lowp: torch.Tensor, oracle: torch.Tensor, name: str = "", floor: float = 1e-6) -> None:

@@ -63,10 +63,7 @@ def test_triton_double_backward_names_backend_and_way_out(op):
     name, fn, x = next(c for c in _op_calls("triton", TRITON_DEVICE, torch.float32) if c[0] == op)
     with pytest.raises(RuntimeError, match=rf"triton backend .*{name}.*create_graph=True.*backend='eager'"):
         _gradient_penalty(fn, x)
-    # A first-order backward is untouched.
-    x = x.detach().clone().requires_grad_(True)
-    fn(x).square().sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # (A first-order backward through the guard is what every other Triton test runs.)
 
 
 @needs_triton

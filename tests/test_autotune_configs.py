@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, assert_close, seed
 
 from vitkern import ops
 
@@ -44,7 +44,7 @@ def _design(name: str) -> Iterator[None]:
 
 def _inputs(case: str, device: str, dtype: torch.dtype) -> List[torch.Tensor]:
     """Fresh random leaves for `case` (fixed seed: the reference sees the same values)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed(0))
 
     def r(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
@@ -98,7 +98,7 @@ def run_case(case: str, device: str, dtype: torch.dtype, backend: str = "triton"
         out = _forward(case, leaves, backend)
         if case == "ln_linear_fold":
             return [out]
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed(1))).to(device=device, dtype=dtype)
         grads = torch.autograd.grad(out, leaves, dy)
     return [out, *grads]
 
@@ -116,7 +116,7 @@ def _reference(case: str, dtype: torch.dtype) -> List[torch.Tensor]:
         out = _forward(case, leaves, "eager")
         if case == "ln_linear_fold":
             return [out.detach()]
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).double()
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed(1))).to(dtype).double()
         return [out.detach(), *torch.autograd.grad(out, leaves, dy)]
 
 
@@ -161,7 +161,7 @@ def test_two_fp32_linear_configs_in_the_interpreter():
     def x(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).requires_grad_()
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed(0))
     inputs = [x(70, 48), x(80, 48), x(80)]
     ref = [t.detach().double().requires_grad_() for t in inputs]
     out_ref = ops.linear(*ref, activation="gelu", backend="eager")

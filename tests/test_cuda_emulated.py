@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import pytest
 import torch
 
-from conftest import assert_close, assert_ratio, poison_
+from conftest import assert_close, assert_ratio, attention_rounding, poison_, unit_roundoff
 from cuda_emu import emulator
 from vitkern import reference
 
@@ -283,13 +283,16 @@ def test_attention_fwd_bwd(emu, dtype, batch, tokens, heads, head_dim):
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
     # Low-precision eager PyTorch on the same inputs is the yardstick (DESIGN.md's ratio test).
     eager_out = reference.attention(qkv, heads, scale=scale)
-    assert_ratio(out, eager_out, ref_out, name="out", floor=1e-3)
+    # Beyond 2x eager's error: one rounding of the result, and what the kernel's 16-bit P and dS
+    # (eager's dS is fp32) can add (conftest.attention_rounding).
+    u, extra = unit_roundoff(dtype), attention_rounding(qkv, dout, heads, dtype, scale)
+    assert_ratio(out, eager_out, ref_out, name="out", floor=u * ref_out.abs().max().item() + extra["out"])
     assert_close(out, ref_out, dtype, scale=2, name="out")
     assert_close(lse, ref_lse, torch.float32, scale=50, name="lse")
     ref_dqkv = grads(dout)
     q_lp = qkv.clone().requires_grad_()
     reference.attention(q_lp, heads, scale=scale).backward(dout)
-    assert_ratio(dqkv, q_lp.grad, ref_dqkv, name="dqkv", floor=2e-3)
+    assert_ratio(dqkv, q_lp.grad, ref_dqkv, name="dqkv", floor=u * ref_dqkv.abs().max().item() + extra["dqkv"])
 
 
 def test_attention_rejects_what_it_cannot_run(emu):

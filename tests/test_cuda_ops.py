@@ -31,7 +31,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, assert_ratio
+from conftest import HAS_CUDA, assert_close, assert_ratio, attention_rounding, seed, unit_roundoff
 
 import vitkern
 import vitkern.ops as ops
@@ -255,10 +255,13 @@ def test_attention(dev, dtype, batch, tokens, heads, head_dim, strided):
     y_low, (dqkv_low,) = _run(lambda q: reference.attention(q, heads), (qkv,), dy)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, name="out")
-    assert_ratio(y, y_low, y_ref, name="out", floor=1e-3)
+    # Beyond 2x eager's error: one rounding of the result, and what the kernel's 16-bit P and dS
+    # (eager's dS is fp32) can add (conftest.attention_rounding).
+    u, extra = unit_roundoff(dtype), attention_rounding(qkv, dy, heads, dtype)
+    assert_ratio(y, y_low, y_ref, name="out", floor=u * y_ref.abs().max().item() + extra["out"])
     assert dqkv.shape == qkv.shape
     assert_close(dqkv, dqkv_ref, dtype, scale=2 * max(1.0, dqkv_ref.abs().max().item()), name="dqkv")
-    assert_ratio(dqkv, dqkv_low, dqkv_ref, name="dqkv", floor=2e-3)
+    assert_ratio(dqkv, dqkv_low, dqkv_ref, name="dqkv", floor=u * dqkv_ref.abs().max().item() + extra["dqkv"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -367,7 +370,7 @@ def test_vit_b_batch_4096_attention_and_layer_norm(gpu_dev):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vit_cuda_backend_matches_eager_within_the_ratio_test(dev, dtype):
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     kwargs = dict(img_size=64, patch_size=16, embed_dim=192, depth=3, num_heads=3, num_classes=16)
     eager = vitkern.ViT(**kwargs, backend="eager").to(dev).eval()
     with torch.no_grad():  # non-trivial LayerNorm and bias parameters
@@ -409,6 +412,26 @@ def test_torch_compile_traces_the_cuda_ops(dev):
     expected = f(qkv, w, b)
     got = torch.compile(f, fullgraph=True)(qkv, w, b)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_double_backward_and_torch_func_name_the_backend(dev):
+    """Issue 19, item 4: a gradient of a CUDA op's gradient (create_graph=True: gradient penalties,
+    R1) and torch.func transforms raise naming the cuda backend and backend='eager' (torch's own
+    messages named neither), and a first-order backward is untouched."""
+    g = torch.Generator().manual_seed(seed(0))
+    qkv = torch.randn(1, 5, 3 * 64, generator=g).to(dev, torch.bfloat16)
+    x = torch.randn(3, 64, generator=g).to(dev, torch.bfloat16)
+    w, b = torch.randn(64, generator=g).to(dev, torch.bfloat16), torch.randn(64, generator=g).to(dev, torch.bfloat16)
+    cases = [("attention", lambda t: ops.attention(t, 1, backend="cuda"), qkv),
+             ("layer_norm", lambda t: ops.layer_norm(t, w, b, backend="cuda"), x)]
+    for name, fn, t in cases:
+        leaf = t.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match=rf"cuda backend .*{name}.*create_graph=True.*backend='eager'"):
+            torch.autograd.grad(fn(leaf).float().square().sum(), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match=rf"torch.func transforms .*cuda backend of {name}.*backend='eager'"):
+            torch.func.grad(lambda u: fn(u).float().sum())(t)
+        fn(leaf).float().sum().backward()
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
 # ------------------------------------------------------------------------------------------ memcheck
@@ -482,7 +505,7 @@ def test_vit_cuda_backend_compiles_fullgraph(monkeypatch):
     the emulator only: whether dynamo traces the Python layer does not depend on the device, and the
     GPU suite's time is better spent on test_torch_compile_traces_the_cuda_ops."""
     dev = _use_emulated_extension(monkeypatch)
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = vitkern.ViT(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=1, num_classes=8,
                         backend="cuda").to(dev).to(torch.bfloat16)
     x = torch.randn(2, 3, 32, 32, device=dev, dtype=torch.bfloat16)

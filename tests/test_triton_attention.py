@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import INTERPRETING, TRITON_DEVICE, assert_close, assert_ratio
+from conftest import INTERPRETING, TRITON_DEVICE, assert_close, assert_ratio, attention_rounding
 
 import vitkern  # noqa: F401  (registers the ops)
 from vitkern import dispatch, ops, reference
@@ -81,8 +81,11 @@ def test_forward_backward_matches_fp64_reference(case):
         # The floor covers fp32 rounding where eager's error is exactly 0: at T = 1 eager's softmax
         # backward cancels exactly, while the kernel's dp - delta (two fp32 dot orders) leaves
         # ~1e-7, still 100x below one fp16 ulp at 1.
-        assert_ratio(out, eager_out, ref_out, name="out", floor=1e-5)
-        assert_ratio(grad, eager_grad, ref_grad, name="dqkv", floor=1e-5)
+        # Beyond 2x eager's error: what the kernel's 16-bit P (its online softmax rounds exp(s - m),
+        # eager the normalized P) and dS (eager's is fp32) can add (conftest.attention_rounding).
+        extra = attention_rounding(qkv.cpu(), dout.cpu(), heads, dtype)
+        assert_ratio(out, eager_out, ref_out, name="out", floor=1e-5 + extra["out"])
+        assert_ratio(grad, eager_grad, ref_grad, name="dqkv", floor=1e-5 + extra["dqkv"])
 
 
 def _eager_lowp(qkv, heads, dout, scale=None):

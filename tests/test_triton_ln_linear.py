@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, assert_close, assert_ratio
+from conftest import TRITON_DEVICE, assert_close, assert_ratio, record_margin, unit_roundoff
 
 import vitkern.ops as ops
 from vitkern import reference
@@ -57,12 +57,37 @@ def _check(dtype, lead, d, n, *, bias, activation, strided=False, sum_grad=False
     s_rows = math.sqrt(rows) if dtype != torch.float32 or activation == "gelu" else 1.0
     s_n = math.sqrt(n) if dtype != torch.float32 or activation == "gelu" else 1.0
     names = ("dx", "dln_weight", "dln_bias", "dweight", "dbias")
+    derived = _gemm_grad_bounds(tensors, dy, activation, dtype) if dtype != torch.float32 and dy is not None else {}
     for name, got, ref, scale in zip(names, grads, grads_ref, (s_n, s_rows, s_rows, s_rows, s_rows)):
         if ref is None:
             assert got is None, name
             continue
         assert got.dtype == dtype and got.shape == ref.shape, name
-        assert_close(got, ref, dtype, scale=scale, name=name)
+        if name in derived:
+            err, bound = (got.double() - ref).abs().max().item(), derived[name] + unit_roundoff(dtype) * ref.abs().max().item()
+            record_margin(err, bound, name)
+            assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (the rounded operands' worst case + one rounding)"
+        else:
+            assert_close(got, ref, dtype, scale=scale, name=name)
+
+
+def _gemm_grad_bounds(tensors, dy, activation, dtype):
+    """{dweight, dbias: the most the 16-bit operands of their sums can move them}, in float64.
+
+    dweight = dh^T LN(x) and dbias = colsum(dh) over the rows: the kernels (and eager) round the
+    normalized x to the dtype (|e| <= u |LN(x)|), and with GELU the kernels also round GELU'(pre)
+    and dh = dy GELU'(pre) (|e| <= 2 u |dh|; eager keeps dh in fp32). Through the sums with absolute
+    values: |d dweight| <= e_dh^T |LN(x)| + |dh|^T e_ln (the fp32 accumulation's own error, ~rows
+    u32, is far below). The fixed TOLERANCES x sqrt(rows) bound ran at 0.77 of this error."""
+    x, g, beta, w, b = (t.double() if t is not None else None for t in tensors)
+    u = unit_roundoff(dtype)
+    ln = reference.layer_norm(x, g, beta, EPS).reshape(-1, x.shape[-1])
+    pre = (ln @ w.t() + (b if b is not None else 0)).requires_grad_(True)
+    (a1,) = torch.autograd.grad(reference.activate(pre, activation).sum(), pre)
+    dh = dy.double().reshape(-1, w.shape[0]) * a1
+    e_dh = (2 * u if activation is not None else 0.0) * dh.abs()
+    return {"dweight": (e_dh.t() @ ln.abs() + dh.abs().t() @ (u * ln.abs())).max().item(),
+            "dbias": e_dh.sum(0).max().item()}
 
 
 CASES = [

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, seed
 
 import vitkern
 from vitkern import dispatch, ops
@@ -38,7 +38,7 @@ PARITY = dict(atol=1e-5, rtol=1e-5)
 
 
 def _timm_model(name, overrides, **extra):
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     tm = timm.create_model(name, pretrained=False, depth=2, num_classes=7, **overrides, **extra)
     with torch.no_grad():
         # Off the initialization (LayerScale's 1e-5, zero biases and latent): every parameter matters.
@@ -51,7 +51,7 @@ def _forward_and_grads(model, x):
     x = x.clone().requires_grad_(True)
     out = model(x)
     outs = out if isinstance(out, tuple) else (out,)
-    torch.manual_seed(1)
+    torch.manual_seed(seed(1))
     loss = sum((o * torch.randn_like(o)).sum() for o in outs)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -125,9 +125,9 @@ def test_patch_dropout_draws_the_same_tokens_as_timm():
     from timm.layers import PatchDropout as TimmPatchDropout
 
     x = torch.randn(4, 2 + 16, 8)
-    torch.manual_seed(123)
+    torch.manual_seed(seed(123))
     theirs = TimmPatchDropout(0.5, num_prefix_tokens=2).train()(x)
-    torch.manual_seed(123)
+    torch.manual_seed(seed(123))
     ours = PatchDropout(0.5, num_prefix_tokens=2).train()(x)
     assert torch.equal(ours, theirs)
 
@@ -138,9 +138,9 @@ def test_patch_dropout_in_the_model_as_timms():
     model = vitkern.from_timm(tm, backend="eager")
     assert model.config.patch_drop_rate == 0.5 and isinstance(model.patch_drop, PatchDropout)
     x = torch.randn(2, 3, 64, 64)
-    torch.manual_seed(7)
+    torch.manual_seed(seed(7))
     theirs = tm.forward_features(x)
-    torch.manual_seed(7)
+    torch.manual_seed(seed(7))
     ours = model.forward_features(x)
     assert ours.shape == theirs.shape == (2, 3 + max(1, int(16 * 0.5)), 64)
     torch.testing.assert_close(ours, theirs, **PARITY)
@@ -342,7 +342,7 @@ def test_triton_linear_activation_against_float64(activation, dtype):
     _needs_triton()
     from conftest import TRITON_DEVICE
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     x, w, b = _f64(7, 19), _f64(13, 19) * 0.3, _f64(13)  # odd sizes: every tile edge masked
     x, w, b = (t.detach().to(TRITON_DEVICE).requires_grad_(True) for t in (x, w, b))
 
@@ -357,7 +357,7 @@ def test_triton_linear_layer_scale_against_float64(dtype):
     _needs_triton()
     from conftest import TRITON_DEVICE
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     x, w, b, r, g = (t.detach().to(TRITON_DEVICE).requires_grad_(True)
                      for t in (_f64(3, 5, 19), _f64(13, 19) * 0.3, _f64(13), _f64(3, 5, 13), _f64(13)))
     _check_op_against(lambda x, w, b, r, g: ops.linear(x, w, b, residual=r, scale=g, backend="triton"),
@@ -373,7 +373,7 @@ def test_triton_patch_embed_prefix_tokens_against_float64(prefix, no_embed_class
     _needs_triton()
     from conftest import TRITON_DEVICE
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     dim, patches = 6, 6  # an 8 x 12 image in 4 x 4 patches
     tensors = [_f64(3, 3, 8, 12), _f64(dim, 3, 4, 4) * 0.3, _f64(dim), _f64(1, prefix, dim) if prefix else None,
                _f64(1, patches if no_embed_class else prefix + patches, dim)]
@@ -402,7 +402,7 @@ def test_triton_ln_linear_activation_against_float64(activation, design, monkeyp
     from conftest import TRITON_DEVICE
 
     monkeypatch.setenv("VITKERN_LN_LINEAR_DESIGN", design)
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     x, lw, lb, w, b = (t.detach().to(TRITON_DEVICE).requires_grad_(True)
                        for t in (_f64(2, 5, 24), _f64(24), _f64(24), _f64(11, 24) * 0.3, _f64(11)))
 
@@ -418,7 +418,7 @@ def test_triton_ln_linear_activation_against_float64(activation, design, monkeyp
 def test_triton_model_with_the_family_options_matches_eager():
     _needs_triton()
     for act in ("gelu_tanh", "quick_gelu"):
-        torch.manual_seed(0)
+        torch.manual_seed(seed(0))
         model = vitkern.ViT(img_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=3, act_layer=act,
                             init_values=0.5, reg_tokens=2, no_embed_class=True, backend="eager")
         x = torch.randn(2, 3, 32, 32)

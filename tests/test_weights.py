@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_parity, vit_reductions
+
 import vitkern
 from conftest import assert_max_diff
 from vitkern.weights import from_timm, load_hf, load_jax_npz, resample_pos_embed
@@ -605,7 +607,7 @@ def test_from_timm_odd_mlp_width(dim, hidden):
     assert model.config.mlp_hidden_dim == hidden and model.blocks[0].mlp.fc1.out_features == hidden
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert_max_diff(model(x), tm(x), 1e-5)
+        assert_parity(model(x), tm(x), vit_reductions(model, 17), name="logits")
 
 
 @pytest.mark.parametrize("dim,hidden", ODD_MLP)
@@ -617,4 +619,7 @@ def test_load_hf_odd_mlp_width(dim, hidden):
     assert model.blocks[0].mlp.fc1.out_features == hidden
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert_max_diff(model.forward_features(x), hf(pixel_values=x).last_hidden_state, 1e-5)
+        # The fixed 1e-5 held for 112-488 and failed for 176-240 (1.38e-5) on a fresh clone: the
+        # last hidden state of _randomize_'s weights reaches |5|, where fp32's rounding adds up.
+        assert_parity(model.forward_features(x), hf(pixel_values=x).last_hidden_state, vit_reductions(model, 17),
+                      name="last_hidden_state")

@@ -279,7 +279,10 @@ def attention(
     For fp16/bf16 inputs the scores q k^T and the softmax are computed in fp32 (as
     F.scaled_dot_product_attention does): scores rounded to 16 bits would carry an absolute error
     of |logit| * 2^-8 (bf16) into the exponent, and fp16 scores overflow past 65504. Only the
-    probabilities are rounded to the input dtype for the P v product, like the fused kernels do.
+    probabilities are rounded to the input dtype for the P v product, like the fused kernels do,
+    and that product accumulates in fp32 and rounds once; its backward, dP = dO v^T and
+    dv = P^T dO, runs in fp32 as the kernels' does (an fp16 dP overflowed to inf once
+    |dO| |v| sqrt(head_dim) passed 65504, though dS = P (dP - rowsum(P dP)) is small there).
     """
     if cu_seqlens is not None:
         # Packed sequences: each one is its own batch of one (block-diagonal attention, no padding).
@@ -300,7 +303,7 @@ def attention(
     stats = _stats_dtype(qkv)
     scores = (q.to(stats) @ k.to(stats).transpose(-2, -1)) * scale
     probs = scores.softmax(dim=-1)
-    out = probs.to(qkv.dtype) @ v  # [b, h, t, d]
+    out = (_rounded_to(probs, qkv.dtype) @ v.to(stats)).to(qkv.dtype)  # [b, h, t, d]
     out = out.transpose(1, 2).reshape(b, t, dim)
     return (out, probs) if return_probs else out
 
@@ -311,12 +314,22 @@ def _bounds(cu_seqlens: Tensor) -> List[Tuple[int, int]]:
     return list(zip(offsets[:-1], offsets[1:]))
 
 
+def _rounded_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x's values rounded to `dtype` (kept in x's dtype), with the gradient of the identity: the
+    rounding is what the kernels feed their P v dot, while the gradient stays in x's precision
+    (the fp32 dP the kernels compute). The correction is exact: x and its rounding are within a
+    factor of two of each other (or the rounding is 0), so their difference is an fp32 number."""
+    if dtype == x.dtype:
+        return x
+    return x + (x.to(dtype).to(x.dtype) - x).detach()
+
+
 def latent_attention(q: Tensor, kv: Tensor, num_heads: int, *, scale: Optional[float] = None) -> Tensor:
     """Attention of a few latent queries over tokens (the attention-pool head, global_pool='map').
 
     q: [batch, queries, dim] (the projected latents); kv: [batch, tokens, 2 * dim] in timm's order
-    (2, heads, head_dim) along the last dim. Scores and softmax in fp32 (fp64 for fp64) as in
-    `attention`. Returns [batch, queries, dim], heads concatenated.
+    (2, heads, head_dim) along the last dim. Scores, softmax and the P v product's accumulation and
+    backward in fp32 (fp64 for fp64) as in `attention`. Returns [batch, queries, dim], heads concatenated.
     """
     b, n, dim = q.shape
     t = kv.shape[1]
@@ -326,7 +339,8 @@ def latent_attention(q: Tensor, kv: Tensor, num_heads: int, *, scale: Optional[f
     k, v = kv.reshape(b, t, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, t, d]
     stats = _stats_dtype(q)
     probs = ((qh.to(stats) @ k.to(stats).transpose(-2, -1)) * scale).softmax(dim=-1)
-    return (probs.to(q.dtype) @ v).transpose(1, 2).reshape(b, n, dim)
+    out = (_rounded_to(probs, q.dtype) @ v.to(stats)).to(q.dtype)
+    return out.transpose(1, 2).reshape(b, n, dim)
 
 
 def block(

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from vitkern import dispatch, reference
 from vitkern.kernels import cuda as cuda_kernels
+from vitkern.ops._autograd import first_order, refuse_functorch
 from vitkern.ops._checks import fused_backend_reasons, option_reasons
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -87,6 +88,7 @@ class _LayerNormFn(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @first_order("cuda", "layer_norm")
     def backward(ctx, dy: Tensor):
         x2, w, mean, rstd = ctx.saved_tensors
         dx, dw, db = _ops().cuda_layer_norm_bwd(_flat(dy), x2, w, mean, rstd)
@@ -113,6 +115,7 @@ class _LinearFn(torch.autograd.Function):
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
+    @first_order("cuda", "linear")
     def backward(ctx, dout: Tensor):
         x2, w, preact, g = ctx.saved_tensors
         d2 = _flat(dout)
@@ -136,6 +139,7 @@ class _LnLinearFn(torch.autograd.Function):
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
+    @first_order("cuda", "ln_linear")
     def backward(ctx, dout: Tensor):
         x2, lnw, w, ln_out, mean, rstd, preact = ctx.saved_tensors
         dx, dlnw, dlnb, dw, db = _ops().cuda_ln_linear_bwd(_flat(dout), x2, lnw, w, ln_out, mean, rstd, preact, ctx.has_bias, ctx.act)
@@ -178,6 +182,7 @@ class _AttentionFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("cuda", "attention")
     def backward(ctx, dout: Tensor):
         qkv, out, lse, qw, qb, kw, kb, cu_seqlens = ctx.saved_tensors
         (q_eps, k_eps), (has_qw, has_qb, has_kw, has_kb) = ctx.eps, ctx.given
@@ -212,6 +217,7 @@ class _PatchEmbedFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("cuda", "patch_embed")
     def backward(ctx, dout: Tensor):
         xc, w = ctx.saved_tensors
         has_bias, has_cls, has_pos = ctx.flags
@@ -235,6 +241,7 @@ class _PatchEmbedFn(torch.autograd.Function):
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
     if not _READY:
         _ensure_loaded()
+    refuse_functorch("cuda", "layer_norm")
     return _LayerNormFn.apply(x, weight, bias, float(eps))
 
 
@@ -242,12 +249,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activati
            residual: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     if not _READY:
         _ensure_loaded()
+    refuse_functorch("cuda", "linear")
     return _LinearFn.apply(x, weight, bias, residual, scale, ACTIVATION_CODES[activation])
 
 
 def ln_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps: float = 1e-6, activation: Optional[str] = None) -> Tensor:
     if not _READY:
         _ensure_loaded()
+    refuse_functorch("cuda", "ln_linear")
     return _LnLinearFn.apply(x, ln_weight, ln_bias, weight, bias, float(eps), ACTIVATION_CODES[activation])
 
 
@@ -262,6 +271,7 @@ def attention(qkv: Tensor, num_heads: int, *, scale: Optional[float] = None, q_n
     head_dim = qkv.shape[-1] // 3 // num_heads
     qw, qb, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
     kw, kb, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
+    refuse_functorch("cuda", "attention")
     return _AttentionFn.apply(qkv, int(num_heads), float(head_dim ** -0.5 if scale is None else scale),
                               q_norm is not None, qw, qb, float(q_eps), k_norm is not None, kw, kb, float(k_eps),
                               cu_seqlens, int(max_seqlen) if cu_seqlens is not None else 0)
@@ -271,6 +281,7 @@ def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, no_embed_c
                 keep: Optional[Tensor] = None) -> Tensor:
     if not _READY:
         _ensure_loaded()
+    refuse_functorch("cuda", "patch_embed")
     tokens = _PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed, bool(no_embed_class))
     if keep is None:
         return tokens

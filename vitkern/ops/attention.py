@@ -148,6 +148,7 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import attention as _triton_attention
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
+    from vitkern.ops._autograd import first_order, refuse_functorch
 
     TRITON_MIN_HEAD_DIM = 16  # tl.dot's smallest K
     TRITON_MAX_HEAD_DIM = 128  # q, k, v and the accumulators of one head stay in registers/shared memory
@@ -212,6 +213,7 @@ if dispatch.triton_importable():
             return out
 
         @staticmethod
+        @first_order("triton", "attention")
         def backward(ctx, dout: Tensor):
             qkv, lse, q_weight, q_bias, k_weight, k_bias = ctx.saved_tensors
             q_norm, q_eps, k_norm, k_eps = ctx.flags
@@ -316,6 +318,7 @@ if dispatch.triton_importable():
             qkv = qkv.contiguous()
         q_weight, q_bias, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
         k_weight, k_bias, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
+        refuse_functorch("triton", "attention")
         if cu_seqlens is not None:
             return AttentionVarlenFn.apply(
                 qkv, cu_seqlens, max_seqlen, num_heads, scale,

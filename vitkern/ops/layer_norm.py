@@ -60,6 +60,7 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import layer_norm as _tln
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons
+    from vitkern.ops._autograd import first_order, refuse_functorch
 
     @_common.library_op("vitkern::layer_norm_fwd")
     def _layer_norm_fwd_op(
@@ -89,6 +90,7 @@ if dispatch.triton_importable():
             return y.view(x.shape)
 
         @staticmethod
+        @first_order("triton", "layer_norm")
         def backward(ctx, dy: Tensor):
             x2d, weight, mean, rstd = ctx.saved_tensors
             dx, dweight, dbias = torch.ops.vitkern.layer_norm_bwd(dy.reshape(x2d.shape), x2d, weight, mean, rstd)
@@ -100,6 +102,7 @@ if dispatch.triton_importable():
             )
 
     def _layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+        refuse_functorch("triton", "layer_norm")
         return LayerNormFn.apply(x, weight, bias, eps)
 
     def _layer_norm_triton_reasons(call) -> List[str]:

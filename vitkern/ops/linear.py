@@ -85,6 +85,7 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import linear as _triton_linear
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
+    from vitkern.ops._autograd import first_order, refuse_functorch
 
     # The fc1 epilogue computes all three GELUs and their derivatives (kernels/triton/linear.py).
     TRITON_ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
@@ -125,6 +126,7 @@ if dispatch.triton_importable():
             return y
 
         @staticmethod
+        @first_order("triton", "linear")
         def backward(ctx, dy):
             x2d, weight, dact, scale = ctx.saved_tensors
             need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
@@ -169,6 +171,7 @@ if dispatch.triton_importable():
         residual2d = residual.reshape(-1, n) if residual is not None else None
         tensors = (x, weight, bias, residual, scale)
         save_dact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        refuse_functorch("triton", "linear")
         return LinearFn.apply(x2d, weight, bias, residual2d, activation, save_dact, scale).reshape(*lead, n)
 
     def _linear_triton_reasons(call) -> List[str]:

@@ -72,6 +72,7 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import ln_linear as _triton_ln_linear
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
+    from vitkern.ops._autograd import first_order, refuse_functorch
 
     # The fc1 epilogue computes all three GELUs and their derivatives (kernels/triton/linear.py).
     TRITON_ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu")
@@ -115,6 +116,7 @@ if dispatch.triton_importable():
             return y
 
         @staticmethod
+        @first_order("triton", "ln_linear")
         def backward(ctx, dy):
             x2d, ln_weight, ln_bias, weight, mean, rstd, dact = ctx.saved_tensors
             need = ctx.needs_input_grad
@@ -146,6 +148,7 @@ if dispatch.triton_importable():
             ln_bias = torch.zeros(d, dtype=x.dtype, device=x.device)
         tensors = (x, ln_weight, ln_bias, weight, bias)
         save_dact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        refuse_functorch("triton", "ln_linear")
         y = LnLinearFn.apply(x2d, ln_weight, ln_bias, weight, bias, float(eps), activation, save_dact)
         return y.reshape(*lead, n)
 

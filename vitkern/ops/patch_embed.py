@@ -177,6 +177,7 @@ if dispatch.triton_importable():
     from vitkern.kernels.triton import patch_embed as _tpe
     from vitkern.kernels.triton import _common
     from vitkern.ops._checks import fused_backend_reasons, option_reasons
+    from vitkern.ops._autograd import first_order, refuse_functorch
 
     # The prefix rows are written by their own programs, one row per (image, token): any number
     # works; this bound only keeps a nonsensical prefix (more tokens than an image) off the kernel.
@@ -225,6 +226,7 @@ if dispatch.triton_importable():
             return tokens
 
         @staticmethod
+        @first_order("triton", "patch_embed")
         def backward(ctx, dtokens):
             x, weight, keep = ctx.saved_tensors
             has_bias, has_cls, has_pos = ctx.present
@@ -256,6 +258,7 @@ if dispatch.triton_importable():
         return full
 
     def _patch_embed_triton(x, weight, bias, cls_token=None, pos_embed=None, no_embed_class=False, keep=None):
+        refuse_functorch("triton", "patch_embed")
         return PatchEmbedFn.apply(x, weight, bias, cls_token, pos_embed, no_embed_class, keep)
 
     def _patch_embed_triton_reasons(call) -> List[str]:

@@ -115,6 +115,11 @@ def _is_fake_or_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and (is_fake(value) or value.device.type == "meta")
 
 
+# Serializes interpreted launches (TRITON_INTERPRET=1) across threads; see _Launcher. Reentrant, so
+# a launch made from inside one (none today) could not deadlock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 class _Launcher:
     """`launcher(kernel)[grid](*args)`: the one way every vitkern launcher starts a kernel.
 
@@ -140,7 +145,13 @@ class _Launcher:
             if isinstance(kernel, Tuned):  # the table's config, or an autotuner over the pruned list
                 kernel, after = kernel.resolve(args, kwargs)
             if interpreting():
-                kernel[grid](*args, **kwargs)
+                # The interpreter runs a launch by patching triton.language's functions for its
+                # duration (restored after) and stepping one process-wide builder's program id: a
+                # second thread's launch found them restored mid-kernel ("Did you forget to add
+                # @triton.jit ?") or moved its program ids. One interpreted launch at a time;
+                # compiled launches take no lock.
+                with _INTERPRETER_LOCK:
+                    kernel[grid](*args, **kwargs)
             else:
                 torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
             if after is not None:

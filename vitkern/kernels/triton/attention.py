@@ -15,11 +15,12 @@ programs that share a head's K/V run next to each other and hit L2):
                                     s = scale * q.k, p = exp2((s - max) * log2(e)); writes out and
                                     lse = max + log(sum) (the max is never rounded on the way).
     _attention_bwd_dq_kernel        per query block, run first: sweep 1 over all key blocks sums
-                                    delta = rowsum(P * dP) / rowsum(P) and stores it
-                                    [batch, heads, tokens] fp32; sweep 2 accumulates dQ; writes the
-                                    q columns of dqkv.
+                                    delta = rowsum(P * dP) / rowsum(P) and stores it with
+                                    1 / rowsum(P) (each [batch, heads, tokens] fp32); sweep 2
+                                    accumulates dQ from the row-normalized P; writes the q columns
+                                    of dqkv.
     _attention_bwd_dkdv_kernel      per key block: recompute P and dP (query-major, as the forward
-                                    and dQ do) from lse, accumulate dV and dK over all query
+                                    and dQ do) from lse and 1 / rowsum(P), accumulate dV and dK over all query
                                     blocks; writes the k and v columns of dqkv. Separate from dQ
                                     so nothing is atomic: the result is deterministic.
 
@@ -329,6 +330,7 @@ def _attention_bwd_dq_kernel(
     DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
     LSE,  # [B, H, T] fp32, contiguous
     DELTA,  # [B, H, T] fp32, contiguous; written here, read by the dK/dV kernel
+    RSUM,  # [B, H, T] fp32, contiguous: 1 / (row sum of the recomputed P); written here, read by dK/dV
     DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the q columns
     T,
     H,
@@ -399,15 +401,21 @@ def _attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_sum = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     # Sweep 0 sums delta = rowsum(P * dP) over all keys; sweep 1 uses it: dS = P * (dP - delta).
     # The extra sweep costs two of the kernel's three dots per key block (S and dP again) and
     # replaces a separate pass that read out and dout from memory.
     for sweep in tl.static_range(2):
         if sweep == 1:
-            # The recomputed row sums to 1 only up to the rounding of lse (|lse| ulp, relative:
-            # 6e-5 at a logit of 1000). That common factor cancels from dS only if delta is the
-            # P-weighted mean of dP, so divide by the row's own sum.
-            delta = delta / p_sum
+            # The recomputed row exp(s - lse) sums to 1 only up to the rounding of lse: half an ulp
+            # of |lse| (2^-24 |logit|), a common factor of the whole row of 5e-4 at a logit of 1e4,
+            # where near-tied rows then carried 3.5x plain torch's error into dQ, dK and dV. Both
+            # backward kernels multiply P by the row's reciprocal sum r_sum (stored for dK/dV), so
+            # the P they use is normalized to fp32 rounding, as torch's softmax is; delta is its
+            # P-weighted mean of dP. Only the backward's workspace grows (4 bytes per row), not
+            # what the forward saves.
+            r_sum = 1.0 / p_sum
+            delta = delta * r_sum
         k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
         v_ptrs = k_ptrs + dim
         if HAS_TAIL:
@@ -433,6 +441,8 @@ def _attention_bwd_dq_kernel(
                 dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
             # Zero-filled keys past T would score 0, not -inf: mask them out of P.
             p = tl.where(n_mask[None, :], tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
+            if sweep == 1:
+                p = p * r_sum[:, None]
             if sweep == 0:
                 delta += tl.sum(p * dp, axis=1)
                 p_sum += tl.sum(p, axis=1)
@@ -448,6 +458,7 @@ def _attention_bwd_dq_kernel(
             v_ptrs += BLOCK_N * stride_qkv_t
 
     tl.store(DELTA + stats + offs_m, delta, mask=m_mask)
+    tl.store(RSUM + stats + offs_m, r_sum, mask=m_mask)
     dq = dq * scale
     if HAS_TAIL:
         dq_t = dq_t * scale
@@ -469,6 +480,7 @@ def _attention_bwd_dkdv_kernel(
     DOUT,  # [B, T, H * HEAD_DIM], last dim contiguous
     LSE,  # [B, H, T] fp32, contiguous
     DELTA,  # [B, H, T] fp32, contiguous, from the dQ kernel
+    RSUM,  # [B, H, T] fp32, contiguous, from the dQ kernel: 1 / (row sum of the recomputed P)
     DQKV,  # [B, T, 3 * H * HEAD_DIM], contiguous; this kernel writes the k and v columns
     T,
     H,
@@ -547,6 +559,7 @@ def _attention_bwd_dkdv_kernel(
         do = tl.load(do_ptrs, mask=q_mask, other=0.0)
         lse = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + stats + offs_qm, mask=m_mask, other=0.0)
+        r_sum = tl.load(RSUM + stats + offs_qm, mask=m_mask, other=0.0)
         if Q_NORM:
             # The dQ kernel's statistics of these rows (0 past T: those rows are masked out of P).
             q_mean = tl.load(QSTATS + (stats + offs_qm) * 2, mask=m_mask, other=0.0)
@@ -565,7 +578,8 @@ def _attention_bwd_dkdv_kernel(
             do_t = tl.load(dot_ptrs, mask=qt_mask, other=0.0)
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
-        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+        # Normalized by the dQ kernel's reciprocal row sum, as there (bit for bit the same P).
+        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634) * r_sum[:, None]
         p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
         ds = p * (dp - delta[:, None])
         p_t = tl.trans(p.to(do.dtype))  # [BLOCK_N, BLOCK_M]
@@ -848,6 +862,7 @@ def attention_bwd(
     split = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, HAS_TAIL=has_tail, **_norm_flags(q_norm, k_norm))
     precision = _dot_precision(qkv.dtype)
     delta = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
+    r_sum = _common.empty((b, num_heads, t), dtype=torch.float32, device=qkv.device)
     dqkv = _common.empty((b, t, three_dim), dtype=qkv.dtype, device=qkv.device)
     tier = _tier(qkv.dtype, head_dim)
     qk_norm = q_norm is not None or k_norm is not None
@@ -864,7 +879,7 @@ def attention_bwd(
 
     def args(ws: torch.Tensor) -> tuple:
         return (
-            qkv, dout, lse, delta, dqkv, t, num_heads,
+            qkv, dout, lse, delta, r_sum, dqkv, t, num_heads,
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
             scale, qw, qb, kw, kb, q_eps, k_eps, ws, q_stats,
         )  # fmt: skip
@@ -925,7 +940,7 @@ def _specs() -> List[_common.KernelSpec]:
                 shape = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_DT": bdt, "HAS_TAIL": has_tail}
                 tier = _tier(torch_dtype, head_dim)
                 fwd_sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "scale": "fp32", **params}
-                bwd_sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr, **ints,
+                bwd_sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "RSUM": "*fp32", "DQKV": ptr, **ints,
                            **strides("qkv", "dout", "dqkv"), "scale": "fp32", **params, "DNORM": "*fp32", "QSTATS": "*fp32"}  # fmt: skip
                 for kernel, sig in (("fwd", fwd_sig), ("dkdv", bwd_sig), ("dq", bwd_sig)):
                     fn = _KERNELS[kernel]

@@ -145,9 +145,8 @@ def attention_rounding(qkv: torch.Tensor, dout: torch.Tensor, num_heads: int, dt
     weight's and bias's gradients are row sums of g xhat and g ("q weight", "q bias", ...), and
     dx = rstd (g' - mean g' - xhat mean(g' xhat)) with g' = weight g moves by at most
     rstd max|weight e| (2 + max|xhat|) per row (mean|xhat| <= 1). "dqkv" takes the largest.
-    "scores": the largest first-order fp32 rounding error of a score (exponent units), which every
-    implementation carries; where a row's scores move by up to d, P moves by a factor within
-    exp(+-2 d), so out and the gradients move relatively by about 2 d."""
+    "scores out", "scores dqkv": what the scores' own fp32 rounding, which every implementation
+    carries, can move out and dqkv by (first order; see below; QK-norm's backward not included)."""
     from vitkern import reference
 
     b, t, three_dim = qkv.shape
@@ -171,10 +170,21 @@ def attention_rounding(qkv: torch.Tensor, dout: torch.Tensor, num_heads: int, dt
     dp = do @ v.transpose(-1, -2)
     ds = (p * (dp - (p * dp).sum(-1, keepdim=True))).abs()
     u = unit_roundoff(dtype)
-    floors = {"out": u * (p @ v.abs()).max().item(),
-              # The scores' own fp32 rounding (every backend computes them in fp32), in exponent
-              # units: a dot product's rounding error, to first order, of u32 scale sum |q_i k_i|.
-              "scores": unit_roundoff(torch.float32) * scale * (qn.abs() @ kn.abs().transpose(-1, -2)).max().item()}
+    floors = {"out": u * (p @ v.abs()).max().item()}
+    # The scores' own fp32 rounding, which every implementation carries (all compute them in fp32):
+    # a random walk of head_dim roundings, d_ij = u32 sqrt(head_dim) scale sum_k |q_ik k_jk|. To
+    # first order P moves by dP_ij = P_ij (delta_ij - sum_k P_ik delta_ik), so |dP_ij| <= e_ij =
+    # P_ij ((1 - P_ij) d_ij + sum_{k != j} P_ik d_ik) (0 for a one-hot row), which reaches out = P V,
+    # dV = P^T dO and dS = P (dP - rowsum(P dP)) (then dQ, dK) through their sums.
+    d = unit_roundoff(torch.float32) * math.sqrt(head_dim) * scale * (qn.abs() @ kn.abs().transpose(-1, -2))
+    pd = p * d
+    e_p = p * ((1 - p) * d + pd.sum(-1, keepdim=True) - pd)
+    delta = (p * dp).sum(-1, keepdim=True)
+    e_ds = e_p * (dp - delta).abs() + p * (e_p * dp.abs()).sum(-1, keepdim=True)
+    floors["scores out"] = (e_p @ v.abs()).max().item()
+    floors["scores dqkv"] = max((e_p.transpose(-1, -2) @ do.abs()).max().item(),
+                                scale * (e_ds @ kn.abs()).max().item(),
+                                scale * (e_ds.transpose(-1, -2) @ qn.abs()).max().item())
 
     def through_norm(e, info, side):
         if info is None:

@@ -362,9 +362,12 @@ HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero", "synchronize",
 # Calls that read values on the host, known and kept off the dense ViT's launch path: model construction
 # (stochastic-depth rates from a CPU linspace), and the packed-sequence paths (issue 23), which read
 # cu_seqlens and a grids tensor on the host to validate them: an eager packed batch cannot be captured
-# in a CUDA graph (under torch.compile, with max_seqlen given, cu_seqlens is not read).
+# in a CUDA graph (under torch.compile, with max_seqlen given, cu_seqlens is not read). Packed
+# training with attention dropout splits the batch per sequence from plain int32 offsets (a
+# vitkern.SeqLens carries them on the host and is not read).
 ALLOWED = {("model.py", "__init__", "item"), ("_checks.py", "check_cu_seqlens", "tolist"),
-           ("patch_embed.py", "_patch_embed_packed", "tolist"), ("reference.py", "_bounds", "tolist")}
+           ("patch_embed.py", "_patch_embed_packed", "tolist"), ("reference.py", "_bounds", "tolist"),
+           ("model.py", "_packed_attention_with_dropout", "tolist")}
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::item")
 
 

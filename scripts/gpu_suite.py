@@ -755,6 +755,9 @@ class Suite:
             return stage
         env = dict(self.env, **(extra_env or {}))
         t = time.monotonic()
+        # Until the stage's process ends it counts as cut: a SIGTERM that lands while Popen itself
+        # runs (before the handler below is in place) must still leave a stage the record can show.
+        stage.update(status="cut", rc=None, seconds=0.0, reason="the suite got SIGTERM as this stage started")
         with open(log_path, "w") as f:
             f.write(f"$ {stage['command']}\n")
             f.flush()
@@ -778,6 +781,7 @@ class Suite:
             finally:
                 self._proc = None
         stage.update(status=status, rc=rc, seconds=round(time.monotonic() - t, 1))
+        stage.pop("reason", None)
         stage["log_tail"] = tail(log_path, 3000)
         return stage
 

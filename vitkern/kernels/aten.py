@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from vitkern import reference
 
@@ -77,8 +78,6 @@ def _is_exporting() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting and is_exporting())
 
-
-from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor  # noqa: E402
 
 
 class _OneDNNLinearFn(torch.autograd.Function):

@@ -179,6 +179,73 @@ def test_attention(dtype, qk_norm):
             _ratio_or_close(name, g, lo, r, dtype)
 
 
+def _graph_nodes(t):
+    """The names of the autograd nodes behind t."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_16bit_cpu_kernel_choice(dtype):
+    """docs/perf/cpu.md: fp16 SDPA runs on fp32 copies (torch's fp16 CPU kernel is 2-5x slower);
+    bf16 inference is torch's bf16 kernel itself, bf16 training its forward with the backward on
+    fp32 copies. Each is checked against the kernels it claims to run, bit for bit."""
+    torch.manual_seed(0)
+    b, t, heads, hd = 2, 23, 3, 16
+    qkv, dy = torch.randn(b, t, 3 * heads * hd).to(dtype), torch.randn(b, t, heads * hd).to(dtype)
+
+    def split(x):
+        return x.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge(o):
+        return o.transpose(1, 2).reshape(b, t, heads * hd)
+
+    with torch.no_grad():
+        got = aten.attention(qkv, heads)
+        q, k, v = split(qkv)
+        up = merge(F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype))
+        assert torch.equal(got, up if dtype == torch.float16 else merge(F.scaled_dot_product_attention(q, k, v)))
+    leaf = qkv.clone().requires_grad_()
+    out = aten.attention(leaf, heads)
+    out.backward(dy)
+    if dtype == torch.bfloat16:
+        assert "_Bf16FlashFp32BackwardBackward" in _graph_nodes(out)
+        q, k, v = split(qkv)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+        assert torch.equal(out, merge(o))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dy.float().reshape(b, t, heads, hd).transpose(1, 2), q.float(), k.float(), v.float(), o.float(), lse, 0.0, False)
+        want = torch.stack([g.to(dtype) for g in (dq, dk, dv)]).permute(1, 3, 0, 2, 4).reshape(b, t, 3 * heads * hd)
+        assert torch.equal(leaf.grad, want)
+    else:
+        assert "ToCopyBackward0" in _graph_nodes(out)
+
+
+def test_attention_bf16_cpu_double_backward():
+    """A gradient penalty through the bf16 CPU attention (plain SDPA on the CPU has no second
+    derivative; this path's create_graph backward is fp32 math SDPA): within the ratio test of the
+    oracle's own bf16 computation against float64."""
+    torch.manual_seed(0)
+    b, t, heads, hd = 1, 11, 2, 16
+    qkv = torch.randn(b, t, 3 * heads * hd)
+
+    def penalty(fn, x):
+        x = x.detach().clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(x).float().square().sum(), x, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.float().square().sum(), x)
+        return ggx
+
+    got = penalty(lambda x: aten.attention(x, heads), qkv.bfloat16())
+    low = penalty(lambda x: reference.attention(x, heads), qkv.bfloat16())
+    ref = penalty(lambda x: reference.attention(x, heads), qkv.double())
+    _ratio_or_close("second order", got, low, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_patch_embed_with_prefix_position_and_keep(dtype):
     x, w, bias = torch.randn(2, 3, 24, 16), torch.randn(32, 3, 8, 8) / 14, torch.randn(32)

@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from vitkern import reference
@@ -69,6 +70,11 @@ def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
         return False
     if weight.dtype != x.dtype or not weight.is_contiguous():
         return False
+    return _eager_call(x)
+
+
+def _eager_call(x: Tensor) -> bool:
+    """Not traced (torch.compile, torch.export, fake tensors) and not under a functorch transform."""
     if torch.compiler.is_compiling() or _is_exporting() or isinstance(x, _FakeTensor):
         return False
     return torch._C._functorch.peek_interpreter_stack() is None
@@ -183,8 +189,52 @@ def attention(
         q = F.layer_norm(q, (head_dim,), *q_norm)
     if k_norm is not None:
         k = F.layer_norm(k, (head_dim,), *k_norm)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = _sdpa(q, k, v, scale)
     return out.transpose(1, 2).reshape(b, t, dim)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """SDPA of q, k, v [batch, heads, tokens, head_dim] with the fastest of torch's CPU kernels for
+    their dtype (measured at ViT-S/B shapes, docs/perf/cpu.md). torch's CPU flash kernel is 2-5x
+    slower in fp16 than in fp32, forward and backward: fp16 runs on fp32 copies. In bf16 its forward
+    is the fastest but its backward 10-25% slower than fp32's: training runs the bf16 forward and
+    the backward on fp32 copies (`_Bf16FlashFp32Backward`). The inputs' values are unchanged
+    (16-bit values are exact in fp32); the fp32 kernels keep P in fp32 where the 16-bit ones round
+    it, and each result is rounded to the inputs' dtype once. Traced calls take plain SDPA."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float16, torch.bfloat16) or not _eager_call(q):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.dtype == torch.float16:
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _Bf16FlashFp32Backward.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class _Bf16FlashFp32Backward(torch.autograd.Function):
+    """CPU SDPA of bf16 q, k, v [batch, heads, tokens, head_dim]: torch's bf16 flash forward (out
+    and the fp32 log-sum-exp of each row), torch's fp32 flash backward on fp32 copies of q, k, v, out
+    and dout with that log-sum-exp; the gradients are rounded to bf16, as SDPA's are. With
+    create_graph the backward is fp32 math SDPA differentiated by autograd, so it can be
+    differentiated again (plain SDPA on the CPU cannot: its flash backward has no derivative)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+            with sdpa_kernel(SDPBackend.MATH):  # composite ops (the flash backward has no derivative)
+                out32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=ctx.scale)
+            grads = torch.autograd.grad(out32, (q, k, v), dout.float(), create_graph=True)
+        else:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, scale=ctx.scale)
+        return (*(g.to(q.dtype) for g in grads), None)
 
 
 def patch_embed(

@@ -119,6 +119,41 @@ def test_eager_model_r1_penalty():
     assert grads["blocks.0.attn.qkv.weight"].abs().max() > 0
 
 
+def _same_weights(model, backend):
+    twin = vitkern.ViT(**TINY, backend=backend)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _r1_penalty_grads(model, x, amp):
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    (gx,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_cpu_bf16_autocast_r1_penalty():
+    """The CPU default path under bf16 autocast has a second derivative (timm's, plain SDPA on the
+    CPU, has none: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+    not implemented"): the bf16 attention's create_graph backward is fp32 math SDPA. Its R1 gradients
+    pass the ratio test against the eager backend's under the same autocast, both against float64
+    (largest error / bound 0.52 at seed 0)."""
+    torch.manual_seed(0)
+    model = vitkern.ViT(**TINY, backend="torch")
+    x = torch.randn(2, 3, 16, 16)
+    got = _r1_penalty_grads(model, x, amp=True)
+    eager = _r1_penalty_grads(_same_weights(model, "eager"), x, amp=True)
+    ref = _r1_penalty_grads(_same_weights(model, "eager").double(), x.double(), amp=False)
+    assert got["blocks.0.attn.qkv.weight"].abs().max() > 0
+    for name, r in ref.items():
+        err = (got[name].double() - r).abs().max().item()
+        base = (eager[name].double() - r).abs().max().item()
+        floor = 2 * 2.0 ** -8 * r.abs().max().item()
+        assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x eager's {base:.3e} + {floor:.3e}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Threads under the interpreter (item 6)
 

@@ -119,6 +119,32 @@ def test_triton_backward_probabilities_sum_to_one(draw):
                                   "the backward's P does not sum to 1 per row")
 
 
+@pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not importable here")
+@pytest.mark.parametrize("draw", [0, 1, 2])
+def test_triton_packed_backward_probabilities_sum_to_one(draw):
+    """The packed (varlen) kernels' backward P sums to 1 per row too: per sequence of a pack of
+    three images at logit 1e4 in fp32, sum_j dV_j = sum_i dO_i within the bound of the dense test
+    above, with T each sequence's own length. The packed kernels normalized delta by the row sum
+    but not P until they took the dense kernels' 1 / rowsum(P) (issue 19)."""
+    heads, head_dim, lengths = 2, 64, (40, 23, 57)
+    dim = heads * head_dim
+    cases = [_case(1, t, heads, head_dim, "logit", 1e4, torch.float32, draw=draw + 3 * i) for i, t in enumerate(lengths)]
+    qkv = torch.cat([q[0] for q, _ in cases]).float()
+    dout = torch.cat([d[0] for _, d in cases]).float()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    _, dqkv = _fwd_bwd(lambda x: ops.attention(x, heads, backend="triton", cu_seqlens=cu.to(x.device), max_seqlen=max(lengths)),
+                       qkv.to(TRITON_DEVICE), dout.to(TRITON_DEVICE))
+    dv = dqkv.cpu()[:, 2 * dim:].double()
+    for (start, end) in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        tokens = end - start
+        err = (dv[start:end].sum(0) - dout[start:end].double().sum(0)).abs()  # [dim]: per head and feature
+        bound = (2 * tokens + 3) * unit_roundoff(torch.float32) * dout[start:end].double().abs().sum(0)
+        worst = (err / bound).argmax()
+        record_margin(err[worst].item(), bound[worst].item(), f"packed T={tokens}: sum_j dV_j vs sum_i dO_i")
+        assert (err <= bound).all(), (f"sequence of {tokens}: sum_j dV_j - sum_i dO_i = {err[worst]:.3e} > "
+                                      f"{bound[worst]:.3e}: the packed backward's P does not sum to 1 per row")
+
+
 def _block0_max_logit(model, x):
     """Largest |scale * q.k| in block 0 of `model` (float64 state) on images x, through the reference ops."""
     sd = {k: v.double() for k, v in model.state_dict().items()}

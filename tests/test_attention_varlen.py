@@ -251,3 +251,19 @@ def test_varlen_triton_matches_per_image_dense(lengths, heads, head_dim, dtype, 
 @triton_only
 def test_varlen_triton_images_do_not_interact():
     _assert_isolated([3, 20, 9], 1, 16, torch.float32, "triton", TRITON_DEVICE)
+
+
+def test_packed_configs_share_the_interpreters_score_tile():
+    """The packed kernels' lists (the dense ones but for `_PACKED_CONFIGS`) keep the dense rule: the
+    first config of fwd, dq and dkdv in a tier has one (BLOCK_M, BLOCK_N), so the interpreter's
+    backward recomputes the forward's scores bit for bit (tests/test_triton_attention.py)."""
+    from vitkern.kernels.triton import attention as dense
+    from vitkern.kernels.triton import attention_varlen as packed
+
+    for qk_norm, table in ((False, dense.CONFIGS), (True, dense.CONFIGS_QK_NORM)):
+        for tier in table:
+            if tier == ("fp32", 128):  # no shared tile in the dense lists either (see there)
+                continue
+            lists = packed.packed_configs(tier, qk_norm)
+            tiles = {k: (c[0].kwargs["BLOCK_M"], c[0].kwargs["BLOCK_N"]) for k, c in lists.items()}
+            assert len(set(tiles.values())) == 1, f"tier {tier} qk_norm={qk_norm}: first configs differ: {tiles}"

@@ -129,7 +129,8 @@ def test_configs_excluded_from_an_arch_are_neither_compiled_nor_launched_there(m
     from vitkern.kernels.triton import attention as tri_attention
 
     excluded = [s for s in tri_attention.AUDIT_SPECS if s.not_on]
-    assert {s.not_on for s in excluded} == {(80, 86, 87, 89), (90,)}  # the split tier's QK-norm dK/dV; fp32 d96 dK/dV
+    # The split tier's QK-norm dK/dV, fp32 d96 dK/dV, tier 128's QK-norm dQ and dK/dV, fp32 QK-norm dK/dV.
+    assert {s.not_on for s in excluded} == {(80, 86, 87, 89), (90,)}
     # The audit's work list: each spec for the archs it runs on, every arch for the others.
     calls = []
     monkeypatch.setattr(audit, "_interpreting", lambda: False)
@@ -146,3 +147,19 @@ def test_configs_excluded_from_an_arch_are_neither_compiled_nor_launched_there(m
     for capability, kept in (((8, 0), [configs[1]]), ((8, 9), [configs[1]]), ((9, 0), [configs[0]]), ((10, 0), configs)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert _common.arch_pruner(configs, {}) == kept, capability
+
+
+def test_every_attention_tier_keeps_a_config_on_each_arch():
+    """`not_on` never leaves a kernel of a tier (dense or packed, plain or QK-norm) without a
+    config on sm_80 or sm_90: the autotuner would have nothing to launch there."""
+    from vitkern.kernels.triton import _common
+    from vitkern.kernels.triton import attention as dense
+    from vitkern.kernels.triton import attention_varlen as packed
+
+    for name, lists_of in (("dense", dense.configs), ("packed", packed.packed_configs)):
+        for qk_norm, table in ((False, dense.CONFIGS), (True, dense.CONFIGS_QK_NORM)):
+            for tier in table:
+                for kernel, cfgs in lists_of(tier, qk_norm).items():
+                    for arch in (80, 90):
+                        kept = [c for c in cfgs if arch not in _common.excluded_archs(c)]
+                        assert kept, f"{name} {tier} qk_norm={qk_norm} {kernel}: no config on sm_{arch}"

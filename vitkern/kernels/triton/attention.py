@@ -46,7 +46,7 @@ gradients as fp32 partial sums that the launcher adds up (docs/perf/attention.md
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -658,11 +658,13 @@ CONFIGS = {
         "dq": [_cfg(64, 64, 8, 2)],
     },
     # fp32 operands run exact FMA dots (no tensor cores): small tiles, a correctness path, whose
-    # spills ptxas decides unpredictably with the tile shape (each list is what audits clean).
+    # spills ptxas decides unpredictably with the tile shape (each list is what audits clean). dQ's
+    # 32 x 32 takes 8 warps: with 4 the packed kernel (attention_varlen.py, same lists) spills 8 B
+    # on sm_90.
     ("fp32", 64): {
         "fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
         "dkdv": [_cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2)],
-        "dq": [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 2)],
+        "dq": [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2)],
     },
     # dK/dV 32 x 32 w8 (the tier's shared score tile in the interpreter) spills 8 B at head dim 96
     # on sm_90: it runs on the other archs only, and 32 x 16 w8 (0 spills at head dims 80 and 96 on
@@ -691,6 +693,10 @@ CONFIGS = {
 # tile tried spills at head dim 80 on sm_80 (64 x 16 w4: 8 B), and the 32-row tiles that do not
 # cannot use wgmma on sm_90 (M = 32 dots), so sm_90 runs 64 x 16 w4 and the others 32 x 16 w8
 # (0 spills on both archs at head dims 80 and 96; `_common.not_on`, docs/perf/attention.md).
+# Since the backward normalizes P by its row sum (one more [BLOCK_M] vector live), three tiles
+# spill a little (8-20 B) on one arch and run on the other only: tier 128's dK/dV 64 x 32 (sm_90)
+# and dQ 64 x 16 (sm_80, which runs 32 x 16 w8 instead: its M = 32 dots cannot use wgmma on
+# sm_90), and the fp32 dK/dV 16 x 32 (sm_80).
 CONFIGS_QK_NORM = {
     ("half", 64): {
         "fwd": [_cfg(64, 64, 8, 1), _cfg(64, 32, 8, 1), _cfg(128, 64, 8, 1)],
@@ -704,12 +710,12 @@ CONFIGS_QK_NORM = {
     },
     ("half", 128): {
         "fwd": [_cfg(64, 16, 8, 1), _cfg(64, 64, 8, 1)],
-        "dkdv": [_cfg(64, 16, 8, 1), _cfg(64, 32, 8, 1)],
-        "dq": [_cfg(64, 16, 8, 1)],
+        "dkdv": [_cfg(64, 16, 8, 1), _common.not_on(_cfg(64, 32, 8, 1), 90)],
+        "dq": [_common.not_on(_cfg(64, 16, 8, 1), 80, 86, 87, 89), _common.not_on(_cfg(32, 16, 8, 1), 90)],
     },
     ("fp32", 64): {
         "fwd": [_cfg(32, 32, 8, 1), _cfg(16, 32, 4, 1)],
-        "dkdv": [_cfg(32, 32, 8, 1), _cfg(16, 32, 8, 1)],
+        "dkdv": [_cfg(32, 32, 8, 1), _common.not_on(_cfg(16, 32, 8, 1), 80, 86, 87, 89)],
         "dq": [_cfg(32, 32, 8, 1)],
     },
     ("fp32", 96): {
@@ -921,31 +927,42 @@ def _spec(name, fn, signature, constexprs, **kwargs) -> _common.KernelSpec:
     return _common.KernelSpec(name, fn, signature, constexprs, **kwargs)
 
 
-def _specs() -> List[_common.KernelSpec]:
-    specs: List[_common.KernelSpec] = []
-    ints = {"T": "i32", "H": "i32"}
+def _dense_signatures(ptr: str, params: dict) -> Tuple[dict, dict]:
+    """The forward's and the backward kernels' non-constexpr arguments, typed for the audit."""
 
     def strides(*names: str) -> dict:
         # "i32:16": the strides of contiguous ViT tensors (3D, D, T*3D, T*D) are multiples of 16.
         return {f"stride_{n}_{a}": "i32:16" for n in names for a in ("b", "t")}
 
+    ints = {"T": "i32", "H": "i32"}
+    fwd = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "scale": "fp32", **params}
+    bwd = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "RSUM": "*fp32", "DQKV": ptr, **ints,
+           **strides("qkv", "dout", "dqkv"), "scale": "fp32", **params, "DNORM": "*fp32", "QSTATS": "*fp32"}  # fmt: skip
+    return fwd, bwd
+
+
+def audit_specs(kernels: dict, signatures: Callable[[str, dict], Tuple[dict, dict]],
+                config_lists: Callable[..., Dict[str, List[triton.Config]]] = None) -> List[_common.KernelSpec]:
+    """Every kernel of `kernels` ({"fwd", "dkdv", "dq"}) x config x dtype x head size x QK-norm;
+    `signatures(ptr, qk_norm_params)` types their arguments, `config_lists(tier, qk_norm)` gives the
+    configs (default: `configs`; the packed kernels share this with their own)."""
+    config_lists = config_lists or configs
+    specs: List[_common.KernelSpec] = []
     for qk_norm in (False, True):
         norm = {"Q_NORM": qk_norm, "K_NORM": qk_norm}
         for dtype, torch_dtype in _AUDIT_DTYPES.items():
             ptr = f"*{dtype}"
             precision = _dot_precision(torch_dtype)
             params = {"QW": ptr, "QB": ptr, "KW": ptr, "KB": ptr, "q_eps": "fp32", "k_eps": "fp32"}
+            fwd_sig, bwd_sig = signatures(ptr, params)
             for head_dim in _AUDIT_HEAD_DIMS:
                 bd, bdt, has_tail = head_split(head_dim)
                 shape = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_DT": bdt, "HAS_TAIL": has_tail}
                 tier = _tier(torch_dtype, head_dim)
-                fwd_sig = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, **strides("qkv", "out"), "scale": "fp32", **params}
-                bwd_sig = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "RSUM": "*fp32", "DQKV": ptr, **ints,
-                           **strides("qkv", "dout", "dqkv"), "scale": "fp32", **params, "DNORM": "*fp32", "QSTATS": "*fp32"}  # fmt: skip
                 for kernel, sig in (("fwd", fwd_sig), ("dkdv", bwd_sig), ("dq", bwd_sig)):
-                    fn = _KERNELS[kernel]
+                    fn = kernels[kernel]
                     extra = dict(norm) if kernel == "fwd" else {**norm, "PARTIAL_ROWS": partial_rows(tier, kernel)}
-                    for cfg in configs(tier, qk_norm)[kernel]:
+                    for cfg in config_lists(tier, qk_norm)[kernel]:
                         kw = cfg.kwargs
                         specs.append(_spec(
                             fn.__name__ + ("[qk_norm]" if qk_norm else ""), fn, sig,
@@ -957,6 +974,6 @@ def _specs() -> List[_common.KernelSpec]:
     return specs
 
 
-AUDIT_SPECS: List[_common.KernelSpec] = _specs()
+AUDIT_SPECS: List[_common.KernelSpec] = audit_specs(_KERNELS, _dense_signatures)
 
 __all__ = ["attention_fwd", "attention_bwd", "head_split", "AUDIT_SPECS", "LOG2E"]

@@ -5,7 +5,7 @@ The packed form of `attention.py`'s kernels (same numerics, same helpers, same c
     qkv        [total, 3 * dim]   the images' tokens back to back, no padding; timm's column order
     cu_seqlens [num_seqs + 1]     int32 offsets: sequence i owns rows cu_seqlens[i]:cu_seqlens[i+1]
     out        [total, dim]
-    lse, delta [heads, total]     fp32 (FlashAttention's varlen layout)
+    lse, delta, r_sum [heads, total]  fp32 (FlashAttention's varlen layout; r_sum: 1 / row sum of P)
     dqkv       [total, 3 * dim]
 
 One program per (sequence, row block, head), the row block fastest as in the dense kernels; the
@@ -22,7 +22,7 @@ the bodies below differ only in where a program's rows start and how many there 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -30,8 +30,8 @@ import triton.language as tl
 
 from vitkern.kernels.triton import _common
 from vitkern.kernels.triton.attention import (
-    NormArgs, _dot_precision, _ln_apply, _ln_backward, _ln_rows, _norm_flags, _norm_operands, _tier, configs,
-    head_split, partial_rows,
+    NormArgs, _dot_precision, _ln_apply, _ln_backward, _ln_rows, _norm_flags, _norm_operands, _tier, audit_specs,
+    configs, head_split, partial_rows,
 )  # fmt: skip
 
 
@@ -154,6 +154,7 @@ def _attention_varlen_bwd_dq_kernel(
     DOUT,  # [total, H * HEAD_DIM], last dim contiguous
     LSE,  # [H, total] fp32
     DELTA,  # [H, total] fp32; written here, read by the dK/dV kernel
+    RSUM,  # [H, total] fp32: 1 / (row sum of the recomputed P); written here, read by dK/dV
     DQKV,  # [total, 3 * H * HEAD_DIM], contiguous; this kernel writes the q columns
     CU,  # [num_seqs + 1] int32
     total,
@@ -217,11 +218,14 @@ def _attention_varlen_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Sweep 0: delta = rowsum(P * dP) / rowsum(P); sweep 1: dQ (the dense dQ kernel's scheme).
+    r_sum = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    # Sweep 0 sums delta = rowsum(P * dP) and rowsum(P); sweep 1: dQ with P normalized by the
+    # reciprocal row sum r_sum (stored for dK/dV): the dense dQ kernel's scheme and reasons.
     for sweep in tl.static_range(2):
         if sweep == 1:
-            # Rows past the sequence end have p_sum 0: keep their (never stored) delta finite.
-            delta = delta / tl.where(m_mask, p_sum, 1.0)
+            # Rows past the sequence end have p_sum 0: keep their (never stored) r_sum finite.
+            r_sum = 1.0 / tl.where(m_mask, p_sum, 1.0)
+            delta = delta * r_sum
         k_ptrs = head + dim + offs_n[:, None] * stride_qkv_t + offs_d[None, :]
         v_ptrs = k_ptrs + dim
         if HAS_TAIL:
@@ -247,6 +251,8 @@ def _attention_varlen_bwd_dq_kernel(
                 dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
             p = tl.where(m_mask[:, None] & n_mask[None, :],
                          tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
+            if sweep == 1:
+                p = p * r_sum[:, None]
             if sweep == 0:
                 delta += tl.sum(p * dp, axis=1)
                 p_sum += tl.sum(p, axis=1)
@@ -262,6 +268,7 @@ def _attention_varlen_bwd_dq_kernel(
             v_ptrs += BLOCK_N * stride_qkv_t
 
     tl.store(DELTA + stats + offs_m, delta, mask=m_mask)
+    tl.store(RSUM + stats + offs_m, r_sum, mask=m_mask)
     dq = dq * scale
     if HAS_TAIL:
         dq_t = dq_t * scale
@@ -278,7 +285,7 @@ def _attention_varlen_bwd_dq_kernel(
 
 @triton.jit
 def _attention_varlen_bwd_dkdv_kernel(
-    QKV, DOUT, LSE, DELTA,  # as in the dQ kernel
+    QKV, DOUT, LSE, DELTA, RSUM,  # as in the dQ kernel
     DQKV,  # [total, 3 * H * HEAD_DIM], contiguous; this kernel writes the k and v columns
     CU,
     total,
@@ -353,6 +360,7 @@ def _attention_varlen_bwd_dkdv_kernel(
         do = tl.load(do_ptrs, mask=q_mask, other=0.0)
         lse = tl.load(LSE + stats + offs_qm, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + stats + offs_qm, mask=m_mask, other=0.0)
+        r_sum = tl.load(RSUM + stats + offs_qm, mask=m_mask, other=0.0)
         if Q_NORM:
             q_mean = tl.load(QSTATS + (stats + offs_qm) * 2, mask=m_mask, other=0.0)
             q_rstd = tl.load(QSTATS + (stats + offs_qm) * 2 + 1, mask=m_mask, other=0.0)
@@ -367,7 +375,7 @@ def _attention_varlen_bwd_dkdv_kernel(
             do_t = tl.load(dot_ptrs, mask=qt_mask, other=0.0)
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
-        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634)
+        p = tl.exp2((s * scale - lse[:, None]) * 1.4426950408889634) * r_sum[:, None]  # as the dQ kernel's P
         p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
         ds = p * (dp - delta[:, None])
         p_t = tl.trans(p.to(do.dtype))
@@ -404,12 +412,25 @@ _KERNELS = {"fwd": _attention_varlen_fwd_kernel, "dkdv": _attention_varlen_bwd_d
             "dq": _attention_varlen_bwd_dq_kernel}
 
 
+# Where the packed kernel's registers differ from the dense one's: {(tier, qk_norm, kernel): configs}.
+# The fp32 split tier's dQ 32 x 32 w4 s2 spills 16-44 B at head dims 80 and 96 here (the sequence
+# bounds stay live) where the dense kernel's does not; 32 x 32 w8 s2, the same score tile, is clean
+# on sm_80 and sm_90 at both (and spills 12 B in the dense kernel at 80 on sm_80).
+_PACKED_CONFIGS = {(("fp32", 96), False, "dq"): [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)]}
+
+
+def packed_configs(tier: Tuple[str, int], qk_norm: bool = False) -> dict:
+    """{kernel: configs} of the packed kernels for `tier`: the dense lists, but for `_PACKED_CONFIGS`."""
+    return {kernel: _PACKED_CONFIGS.get((tier, qk_norm, kernel), cfgs) for kernel, cfgs in configs(tier, qk_norm).items()}
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, tier: Tuple[str, int], qk_norm: bool):
-    """The dense kernels' config lists (same tiles, same register budget: the bodies are the same),
-    tuned under their own names; the M bucket is total tokens x heads (the work, not the padding)."""
+    """The dense kernels' config lists (same tiles: the bodies are the same) but for the few tiles
+    whose registers differ (`packed_configs`), tuned under their own names; the M bucket is total
+    tokens x heads (the work, not the padding)."""
     name = f"attention_varlen.{kernel}.{tier[0]}{tier[1]}" + (".qk_norm" if qk_norm else "")
-    return _common.tuned(_KERNELS[kernel], configs(tier, qk_norm)[kernel], key=["HEAD_DIM"], name=name,
+    return _common.tuned(_KERNELS[kernel], packed_configs(tier, qk_norm)[kernel], key=["HEAD_DIM"], name=name,
                          rows=lambda a: a["total"] * a["H"], prune=_common.arch_pruner)
 
 
@@ -461,6 +482,7 @@ def attention_varlen_bwd(
     split = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, HAS_TAIL=has_tail, **_norm_flags(q_norm, k_norm))
     precision = _dot_precision(qkv.dtype)
     delta = _common.empty((num_heads, total), dtype=torch.float32, device=qkv.device)
+    r_sum = _common.empty((num_heads, total), dtype=torch.float32, device=qkv.device)
     dqkv = _common.empty((total, three_dim), dtype=qkv.dtype, device=qkv.device)
     tier = _tier(qkv.dtype, head_dim)
     qk_norm = q_norm is not None or k_norm is not None
@@ -477,7 +499,7 @@ def attention_varlen_bwd(
 
     def args(ws: torch.Tensor) -> tuple:
         return (
-            qkv, dout, lse, delta, dqkv, cu_seqlens, total, max_seqlen, num_heads,
+            qkv, dout, lse, delta, r_sum, dqkv, cu_seqlens, total, max_seqlen, num_heads,
             qkv.stride(0), dout.stride(0), dqkv.stride(0),
             scale, qw, qb, kw, kb, q_eps, k_eps, ws, q_stats,
         )  # fmt: skip
@@ -497,4 +519,22 @@ def attention_varlen_bwd(
     return dqkv, dq_norm, dk_norm
 
 
-__all__ = ["attention_varlen_fwd", "attention_varlen_bwd"]
+# --------------------------------------------------------------------------------------------
+# AOT specs for `python -m vitkern.audit`: the dense kernels' grid (attention.py: every config x
+# dtype x head size 64/80/96/128 x QK-norm) with the packed kernels' arguments. The row strides
+# of contiguous packed tensors (3D, D) are multiples of 16; total and max_seqlen are any ints.
+
+
+def _varlen_signatures(ptr: str, params: dict) -> Tuple[dict, dict]:
+    ints = {"CU": "*i32", "total": "i32", "max_seqlen": "i32", "H": "i32"}
+    fwd = {"QKV": ptr, "OUT": ptr, "LSE": "*fp32", **ints, "stride_qkv_t": "i32:16", "stride_out_t": "i32:16",
+           "scale": "fp32", **params}
+    bwd = {"QKV": ptr, "DOUT": ptr, "LSE": "*fp32", "DELTA": "*fp32", "RSUM": "*fp32", "DQKV": ptr, **ints,
+           "stride_qkv_t": "i32:16", "stride_dout_t": "i32:16", "stride_dqkv_t": "i32:16", "scale": "fp32", **params,
+           "DNORM": "*fp32", "QSTATS": "*fp32"}  # fmt: skip
+    return fwd, bwd
+
+
+AUDIT_SPECS: List[_common.KernelSpec] = audit_specs(_KERNELS, _varlen_signatures, packed_configs)
+
+__all__ = ["attention_varlen_fwd", "attention_varlen_bwd", "AUDIT_SPECS"]

@@ -124,6 +124,18 @@ MUTANTS: List[Mutant] = [
            "dim = three_dim // 3\n    head_dim = dim // num_heads\n    scale = head_dim ** -0.5 if scale is None else scale",
            "dim = three_dim // 3\n    head_dim = dim // num_heads\n    scale = head_dim ** -0.5",
            _k("tests/test_ops.py", "attention"), "the oracle ignores an explicit attention scale"),
+    # -- kernels/aten: the CPU default path
+    Mutant("aten_bf16_scale_dropped", "vitkern/kernels/aten.py",
+           "_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)",
+           "_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)",
+           _k("tests/test_torch_backend.py", "attention"), "bf16 training attention ignores an explicit scale"),
+    Mutant("aten_bf16_backward_in_bf16", "vitkern/kernels/aten.py",
+           "dout.float(), q.float(), k.float(), v.float(), out.float(), lse,", "dout, q, k, v, out, lse,",
+           _k("tests/test_torch_backend.py", "attention"), "the bf16 attention's backward left in bf16"),
+    # -- kernels/triton: the packed attention
+    Mutant("varlen_dkdv_p_unnormalized", "vitkern/kernels/triton/attention_varlen.py",
+           "* 1.4426950408889634) * r_sum[:, None]  # as the dQ kernel's P", "* 1.4426950408889634)  # as the dQ kernel's P",
+           _k("tests/test_attention_numerics.py", "packed"), "the packed dK/dV kernel's P not normalized by its row sum"),
     # -- ops/_checks: validation
     Mutant("checks_keep_device", "vitkern/ops/_checks.py",
            "    if keep.device != device:\n", "    if False:\n",

@@ -148,8 +148,8 @@ def test_ln_linear_and_layer_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_attention(dtype, qk_norm):
+@pytest.mark.parametrize("qk_norm,scale", [(False, None), (True, None), (False, 0.3)])
+def test_attention(dtype, qk_norm, scale):
     b, t, heads, hd = 2, 23, 3, 16
     qkv = torch.randn(b, t, 3 * heads * hd)
     nw, nb = torch.rand(hd) + 0.5, torch.randn(hd)
@@ -157,7 +157,7 @@ def test_attention(dtype, qk_norm):
 
     def call(qkv, nw, nb, fn, **kw):
         norm = (nw, nb, 1e-6) if qk_norm else None
-        return fn(qkv, heads, q_norm=norm, k_norm=norm, **kw)
+        return fn(qkv, heads, q_norm=norm, k_norm=norm, scale=scale, **kw)
 
     tensors = [x.to(dtype) for x in (qkv, nw, nb)]
     got, g_got = _run(lambda *x: call(*x, ops.attention, backend="torch"), tensors, dy)

@@ -13,6 +13,8 @@ never slower than timm's eager model:
 * layer_norm / ln_linear: `F.layer_norm` (fp32 statistics for every input dtype), then `F.linear`;
 * attention: `F.scaled_dot_product_attention` on strided views of the packed qkv (on the CPU its
   flash kernel: fp32 softmax statistics, no [tokens, tokens] matrix), QK-norm by `F.layer_norm`;
+  16-bit inputs on the CPU take torch's fastest kernel for their dtype (`_sdpa`: fp16 on fp32
+  copies, bf16 training with the bf16 forward and the fp32 backward);
 * patch_embed: the strided `F.conv2d` (oneDNN on the CPU), then prefix tokens and position
   embedding exactly as `vitkern.reference.patch_embed` adds them.
 

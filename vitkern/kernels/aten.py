@@ -87,7 +87,6 @@ def _is_exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
-
 class _OneDNNLinearFn(torch.autograd.Function):
     """x W^T + b (+ residual) with oneDNN's GEMM in the forward, torch's (addmm's) gradient formulas
     in the backward: on CPUs where oneDNN's fp32 GEMM beats the BLAS behind addmm (measured on an

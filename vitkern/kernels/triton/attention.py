@@ -942,7 +942,8 @@ def _dense_signatures(ptr: str, params: dict) -> Tuple[dict, dict]:
 
 
 def audit_specs(kernels: dict, signatures: Callable[[str, dict], Tuple[dict, dict]],
-                config_lists: Callable[..., Dict[str, List[triton.Config]]] = None) -> List[_common.KernelSpec]:
+                config_lists: Optional[Callable[..., Dict[str, List[triton.Config]]]] = None,
+                ) -> List[_common.KernelSpec]:
     """Every kernel of `kernels` ({"fwd", "dkdv", "dq"}) x config x dtype x head size x QK-norm;
     `signatures(ptr, qk_norm_params)` types their arguments, `config_lists(tier, qk_norm)` gives the
     configs (default: `configs`; the packed kernels share this with their own)."""

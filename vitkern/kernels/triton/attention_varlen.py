@@ -30,8 +30,8 @@ import triton.language as tl
 
 from vitkern.kernels.triton import _common
 from vitkern.kernels.triton.attention import (
-    NormArgs, _dot_precision, _ln_apply, _ln_backward, _ln_rows, _norm_flags, _norm_operands, _tier, audit_specs,
-    configs, head_split, partial_rows,
+    NormArgs, _cfg, _dot_precision, _ln_apply, _ln_backward, _ln_rows, _norm_flags, _norm_operands, _tier,
+    audit_specs, configs, head_split, partial_rows,
 )  # fmt: skip
 
 
@@ -416,7 +416,7 @@ _KERNELS = {"fwd": _attention_varlen_fwd_kernel, "dkdv": _attention_varlen_bwd_d
 # The fp32 split tier's dQ 32 x 32 w4 s2 spills 16-44 B at head dims 80 and 96 here (the sequence
 # bounds stay live) where the dense kernel's does not; 32 x 32 w8 s2, the same score tile, is clean
 # on sm_80 and sm_90 at both (and spills 12 B in the dense kernel at 80 on sm_80).
-_PACKED_CONFIGS = {(("fp32", 96), False, "dq"): [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)]}
+_PACKED_CONFIGS = {(("fp32", 96), False, "dq"): [_cfg(32, 32, 8, 2)]}
 
 
 def packed_configs(tier: Tuple[str, int], qk_norm: bool = False) -> dict:
